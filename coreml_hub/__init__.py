@@ -1,0 +1,38 @@
+"""coreml-hub: find, pull, verify, convert and run Core ML Stable Diffusion models.
+
+The public Python API. Every name loads its module on first use, so importing
+`coreml_hub` stays cheap (no torch, no coremltools).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "CoremlHubError": "errors",
+    "Variant": "layouts",
+    "RepoFile": "layouts",
+    "find_variants": "layouts",
+    "search_models": "hub",
+    "repo_variants": "hub",
+    "pull": "store",
+    "list_pulled": "store",
+    "remove": "store",
+    "verify": "bundle",
+    "load_model": "mil",
+    "convert": "convert",
+    "generate": "pipeline",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        module = importlib.import_module(f".{_API[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'coreml_hub' has no attribute {name!r}")

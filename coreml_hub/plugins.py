@@ -1,0 +1,114 @@
+"""Plugin discovery: entry points of group `coreml_hub`, loaded lazily and once.
+
+The core never imports a plugin by name. `COREML_HUB_PLUGINS=a,b` restricts loading
+to the named entry points; a plugin that fails to import is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+
+GROUP = "coreml_hub"
+
+pm = pluggy.PluginManager(GROUP)
+pm.add_hookspecs(hookspecs)
+
+_loaded = False
+_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    hooks: tuple[str, ...]
+    version: str | None = None
+    distribution: str | None = None
+    module: str | None = None
+
+
+@dataclass
+class _Failure:
+    name: str
+    error: str
+
+
+_failures: list[_Failure] = []
+_dists: dict[str, tuple[str | None, str | None]] = {}
+
+
+def _allowed() -> set[str] | None:
+    raw = os.environ.get("COREML_HUB_PLUGINS")
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def load_plugins() -> None:
+    """Import every allowed entry point once; later calls return at once."""
+    global _loaded
+    if _loaded:
+        return
+    with _lock:
+        if _loaded:
+            return
+        allowed = _allowed()
+        for ep in metadata.entry_points(group=GROUP):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if pm.has_plugin(ep.name):
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not take the tool down
+                _failures.append(_Failure(ep.name, f"{type(exc).__name__}: {exc}"))
+                print(f"Warning: plugin {ep.name!r} failed to load ({type(exc).__name__}: {exc}); skipped.",
+                      file=sys.stderr)
+                continue
+            pm.register(module, name=ep.name)
+            dist = getattr(ep, "dist", None)
+            _dists[ep.name] = (dist.version if dist else None, dist.metadata["Name"] if dist else None)
+        _loaded = True
+
+
+def failures() -> list[_Failure]:
+    load_plugins()
+    return list(_failures)
+
+
+def list_plugins() -> list[PluginInfo]:
+    """Loaded plugins with the hooks each implements, sorted by name."""
+    load_plugins()
+    infos = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        hooks = tuple(sorted(h.name for h in pm.get_hookcallers(plugin) or []))
+        version, dist = _dists.get(name, (None, None))
+        infos.append(PluginInfo(name=name, hooks=hooks, version=version, distribution=dist,
+                                module=getattr(plugin, "__name__", None)))
+    return sorted(infos, key=lambda p: p.name)
+
+
+def _collect(hook_name: str) -> list[Any]:
+    load_plugins()
+    found: list[Any] = []
+    getattr(pm.hook, hook_name)(register=found.append)
+    return found
+
+
+def get_layouts() -> list[Any]:
+    """Layout objects from every plugin, in registration order."""
+    return _collect("register_layouts")
+
+
+def get_backends() -> dict[str, Any]:
+    """Backends by name."""
+    return {backend.name: backend for backend in _collect("register_backends")}

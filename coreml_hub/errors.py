@@ -94,8 +94,41 @@ class PluginError(CoremlHubError):
     pass
 
 
-def translate(exc: BaseException) -> CoremlHubError | None:
-    """Map an exception from huggingface_hub or the HTTP stack to a typed coreml-hub error."""
+_CONNECTION_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
+                      "RemoteProtocolError", "ReadError", "WriteError", "NetworkError", "ProxyError", "TooManyRedirects"}
+
+
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    """The exception and everything it was raised from, outermost first (no cycles)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 20:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return chain
+
+
+def _endpoint_of(exc: BaseException) -> str:
+    """Scheme and host the failing request went to, else HF_ENDPOINT as set now."""
+    import os
+
+    try:
+        url = getattr(getattr(exc, "request", None), "url", None)
+        if url is not None:
+            text = str(url)
+            scheme, _, rest = text.partition("://")
+            return f"{scheme}://{rest.split('/', 1)[0]}"
+    except Exception:  # pragma: no cover - a request without a readable url
+        pass
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _repo_of(exc: BaseException) -> str | None:
+    repo_id = getattr(exc, "repo_id", None)
+    return repo_id if isinstance(repo_id, str) and repo_id else None
+
+
+def _translate_one(exc: BaseException) -> CoremlHubError | None:
     if isinstance(exc, CoremlHubError):
         return exc
     try:
@@ -103,24 +136,48 @@ def translate(exc: BaseException) -> CoremlHubError | None:
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return None
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    repo = _repo_of(exc)
+    named = f" {repo}" if repo else ""
     if isinstance(exc, hf_errors.GatedRepoError):
-        return GatedRepo(f"The repo is gated and needs an access token: {text}")
+        return GatedRepo(f"The repo{named} is gated and needs an access token with access to it"
+                         f" ({getattr(exc, 'server_message', None) or text}).")
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        return RepoNotFound(f"Repository not found: {text}")
+        return RepoNotFound(f"Repository{named} not found on {_endpoint_of(exc)}." if repo
+                            else f"Repository not found: {text}")
     if isinstance(exc, hf_errors.RevisionNotFoundError):
-        return RevisionNotFound(f"Revision not found: {text}")
+        return RevisionNotFound(f"Revision not found in{named}: {getattr(exc, 'server_message', None) or text}")
+    if isinstance(exc, hf_errors.LocalEntryNotFoundError):
+        return None  # says "not in the local cache"; the reason (offline, refused connection) is its cause
     if isinstance(exc, hf_errors.EntryNotFoundError):
-        return EntryNotFound(f"File not found in the repo: {text}")
+        return EntryNotFound(f"File not found in the repo{named}: {text}")
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
         return OfflineError(f"HF_HUB_OFFLINE is set and this needs the Hub: {text}")
+    if isinstance(exc, hf_errors.HFValidationError):
+        return UsageError(f"Invalid repo id or revision: {text}",
+                          hint="Repo ids look like `org/name`, e.g. apple/coreml-stable-diffusion-v1-5.")
     if isinstance(exc, hf_errors.HfHubHTTPError):
-        return CoremlHubError(f"The Hub answered with an error: {text}")
-    name = type(exc).__name__
-    if name in {"ConnectError", "ConnectTimeout", "ReadTimeout", "RemoteProtocolError", "ReadError"} or isinstance(
-        exc, ConnectionError
-    ):
-        import os
-
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        return EndpointUnreachable(f"Cannot reach {endpoint}: {text}")
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        hint = ("The Hub is having trouble; try again in a moment." if isinstance(status, int) and status >= 500
+                else None)
+        return CoremlHubError(f"The Hub answered with an error: {text}", hint=hint)
+    if type(exc).__name__ in _CONNECTION_ERRORS or isinstance(exc, ConnectionError):
+        return EndpointUnreachable(f"Cannot reach {_endpoint_of(exc)}: {text}")
     return None
+
+
+def translate(exc: BaseException) -> CoremlHubError | None:
+    """Map an exception from huggingface_hub or the HTTP stack to a typed coreml-hub error.
+
+    Looks through the `raise ... from` chain too: huggingface_hub wraps a refused
+    connection into a "cannot find the requested files in the local cache" error.
+    """
+    first: CoremlHubError | None = None
+    for item in _cause_chain(exc):
+        found = _translate_one(item)
+        if found is None:
+            continue
+        if first is None:
+            first = found
+        if type(found) is not CoremlHubError:  # a specific type beats the generic HTTP error
+            return found
+    return first

@@ -112,3 +112,14 @@ def get_layouts() -> list[Any]:
 def get_backends() -> dict[str, Any]:
     """Backends by name."""
     return {backend.name: backend for backend in _collect("register_backends")}
+
+
+def _reset_for_tests() -> None:
+    """Forget every loaded plugin so the next use rediscovers entry points (test isolation only)."""
+    global _loaded
+    with _lock:
+        for plugin in list(pm.get_plugins()):
+            pm.unregister(plugin)
+        _failures.clear()
+        _dists.clear()
+        _loaded = False

@@ -1,0 +1,219 @@
+"""`coreml-hub list` and `coreml-hub show`: what the Hub (or a mirror) offers."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import click
+
+from ..errors import CoremlHubError, NoVariants, UsageError
+from .output import Column, Output, human_count, human_size, relative_time
+
+FILTER_KEYS = ("library", "author", "pipeline_tag", "tag")
+DEFAULT_LIBRARY = "coreml"
+
+
+def parse_filters(raw: tuple[str, ...]) -> dict[str, list[str]]:
+    """`key=value` pairs -> {key: [values]}; a malformed pair is a usage error."""
+    parsed: dict[str, list[str]] = {}
+    for item in raw:
+        key, sep, value = item.partition("=")
+        key, value = key.strip().replace("-", "_"), value.strip()
+        if not sep or not key or not value:
+            raise UsageError(f"Bad filter {item!r}: expected KEY=VALUE.",
+                             hint=f"For example --filter library=coreml; keys: {', '.join(FILTER_KEYS)}.")
+        if key not in FILTER_KEYS:
+            raise UsageError(f"Unknown filter key {key!r} in {item!r}.",
+                             hint=f"Use one of: {', '.join(FILTER_KEYS)} (e.g. --filter tag=stable-diffusion).")
+        parsed.setdefault(key, []).append(value)
+    return parsed
+
+
+def _single(parsed: dict[str, list[str]], key: str, also: str | None = None) -> str | None:
+    values = list(dict.fromkeys(parsed.get(key, []) + ([also] if also else [])))
+    if len(values) > 1:
+        raise UsageError(f"Only one {key} can be searched at a time (got {', '.join(values)}).",
+                         hint=f"Run `coreml-hub list` once per {key}.")
+    return values[0] if values else None
+
+
+def _variant_count(variants: list[str]) -> str:
+    return str(len(variants))
+
+
+LIST_COLUMNS = [
+    Column("repo_id", "REPO"),
+    Column("variants", "VARIANTS", _variant_count),
+    Column("likes", "LIKES", human_count),
+    Column("downloads", "DOWNLOADS", human_count),
+    Column("last_modified", "UPDATED", relative_time),
+]
+
+
+@click.command(
+    "list",
+    epilog="""\b
+Examples:
+  coreml-hub list                                   # Core ML models (library=coreml)
+  coreml-hub list --author apple --sort likes
+  coreml-hub list --filter tag=stable-diffusion-xl --limit 5
+  coreml-hub list --search anything --json
+  coreml-hub list --local                           # models pulled to this machine
+
+\b
+Without --filter, --search or --author the search is limited to library=coreml, so
+the list shows Core ML models; pass any of them to search beyond that.
+Filter keys: library, author, pipeline_tag, tag (repeat --filter to combine).
+VARIANTS counts the runnable forms (attention x format) found in each repo's files.""",
+)
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="library=, author=, pipeline_tag= or tag=; repeatable.")
+@click.option("--search", help="Text the repo id must contain.")
+@click.option("--author", help="Only repos of this user or organization.")
+@click.option("--sort", type=click.Choice(["likes", "downloads", "updated"]), default="downloads", show_default=True)
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--local", is_flag=True, help="List models pulled to this machine instead of searching.")
+@click.option("--json", "json_mode", is_flag=True, help="One JSON record per repo (raw numbers, ISO-8601 dates).")
+@click.option("-q", "--quiet", is_flag=True, help="Print repo ids only.")
+def list_cmd(filters: tuple[str, ...], search: str | None, author: str | None, sort: str, limit: int,
+             local: bool, json_mode: bool, quiet: bool) -> None:
+    """Search the Hub for Core ML diffusion models, with the variants each repo offers."""
+    out = Output(json_mode=json_mode, quiet=quiet)
+    if local:
+        if filters or search or author:
+            raise UsageError("--local lists pulled models and takes no search options.",
+                             hint="Drop --filter/--search/--author, or drop --local to search the Hub.")
+        _list_local(out)
+        return
+    parsed = parse_filters(filters)
+    author = _single(parsed, "author", author)
+    pipeline_tag = _single(parsed, "pipeline_tag")
+    tags = parsed.get("library", []) + parsed.get("tag", [])
+    if not filters and not search and not author:
+        tags = [DEFAULT_LIBRARY]
+
+    from ..hub import search_models
+
+    models = search_models(filter=tags, search=search, author=author, pipeline_tag=pipeline_tag, sort=sort,
+                           limit=limit)
+    rows = [m.to_dict() for m in models]
+    if not rows and not json_mode:
+        out.info("No models found.")
+        return
+    out.table(rows, LIST_COLUMNS)
+
+
+def _list_local(out: Output) -> None:
+    try:
+        from ..store import list_pulled
+    except ImportError as exc:
+        raise CoremlHubError(f"This installation cannot list pulled models: the local store is missing ({exc}).",
+                             hint="Reinstall coreml-hub, or search the Hub with `coreml-hub list`.") from None
+    rows = [_as_record(item) for item in list_pulled()]
+    if not rows and not out.json_mode:
+        out.info("No models pulled yet. Pull one with `coreml-hub pull REPO --variant ID`.")
+        return
+    out.table(rows, [
+        Column("repo_id", "REPO", lambda v: v or "-"),
+        Column("variant", "VARIANT", lambda v: v or "-"),
+        Column("size_bytes", "SIZE", human_size),
+        Column("pulled_at", "PULLED", relative_time),
+    ])
+
+
+def _as_record(item: Any) -> dict[str, Any]:
+    if hasattr(item, "to_dict"):
+        record = dict(item.to_dict())
+    elif is_dataclass(item) and not isinstance(item, type):
+        record = asdict(item)
+    else:
+        record = dict(item)
+    if "variant" not in record and "variant_id" in record:
+        record["variant"] = record["variant_id"]
+    return record
+
+
+def pull_command(repo_id: str, variant_id: str, revision: str | None = None) -> str:
+    """The exact command that pulls one variant."""
+    parts = ["coreml-hub", "pull", repo_id, "--variant", variant_id]
+    if revision:
+        parts += ["--revision", revision]
+    return shlex.join(parts)
+
+
+def _form_sizes(variant: Any) -> dict[str, int]:
+    common = sum(f.size for f in variant.common_files)
+    return {form: common + sum(f.size for f in variant.unet_files[form]) for form in variant.unet_forms}
+
+
+def _unet_cell(variant: Any) -> str:
+    forms = list(variant.unet_forms)
+    if variant.unet_form in forms:
+        forms.remove(variant.unet_form)
+        forms.insert(0, variant.unet_form)
+    return ", ".join(forms) or "-"
+
+
+SHOW_COLUMNS = [
+    Column("id", "VARIANT"),
+    Column("size_bytes", "SIZE", human_size),
+    Column("attention", "ATTENTION"),
+    Column("format", "FORMAT"),
+    Column("resolution", "RESOLUTION", lambda v: v or "-"),
+    Column("tags", "TAGS", lambda v: ",".join(v) or "-"),
+    Column("unet", "UNET"),
+    Column("components", "COMPONENTS", lambda v: ", ".join(v)),
+]
+
+
+@click.command(
+    "show",
+    epilog="""\b
+Examples:
+  coreml-hub show apple/coreml-stable-diffusion-v1-5
+  coreml-hub show apple/coreml-stable-diffusion-xl-base --json
+  coreml-hub show coreml-community/coreml-anything-v3.0 --revision main
+
+\b
+SIZE is what a pull downloads. UNET lists the Unet forms a variant offers,
+the one pulled by default first (full Unet, or UnetChunk1 + UnetChunk2).""",
+)
+@click.argument("repo")
+@click.option("--revision", help="Branch or commit sha (default: main).")
+@click.option("--json", "json_mode", is_flag=True, help="The repo and every variant as JSON.")
+def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
+    """Show a repo's variants: size, components, attention, format, and the command that pulls each."""
+    from ..hub import repo_variants
+
+    snapshot, variants = repo_variants(repo, revision)
+    if not variants:
+        raise NoVariants(f"{snapshot.repo_id} has no Core ML variant coreml-hub recognizes "
+                         f"({len(snapshot.files)} files at {snapshot.sha[:7]}).")
+    out = Output(json_mode=json_mode)
+    records = []
+    for v in variants:
+        record = v.to_dict()
+        record["unet"] = _unet_cell(v)
+        record["unet_form_sizes"] = _form_sizes(v)
+        record["pull_command"] = pull_command(snapshot.repo_id, v.id, revision)
+        records.append(record)
+    if json_mode:
+        doc = snapshot.to_dict()
+        doc.pop("files")
+        doc["file_count"] = len(snapshot.files)
+        doc["variants"] = [{k: r[k] for k in r if k != "unet"} for r in records]
+        out.json(doc)
+        return
+    updated = relative_time(snapshot.last_modified) if snapshot.last_modified else "-"
+    click.echo(f"{snapshot.repo_id} @ {snapshot.revision} (commit {snapshot.sha[:7]}), updated {updated}, "
+               f"{len(variants)} variant{'s' if len(variants) != 1 else ''}")
+    click.echo()
+    out.table(records, SHOW_COLUMNS)
+    click.echo()
+    click.echo("Pull with:")
+    for record in records:
+        click.echo(f"  {record['pull_command']}")
+    if snapshot.gated:
+        out.info(f"Note: {snapshot.repo_id} is gated; pulling it needs HF_TOKEN for an account that was granted access.")

@@ -1,0 +1,48 @@
+"""`coreml-hub serve`: run the read-only Hub mirror."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(
+    "serve",
+    epilog="""\b
+Examples:
+  coreml-hub serve ./mirror --port 8080
+  HF_ENDPOINT=http://127.0.0.1:8080 coreml-hub list --author apple
+  coreml-hub serve ./mirror --port 0 --log-requests requests.jsonl
+
+\b
+ROOT layout:
+  ROOT/<org>/<name>/...              the repo's files, as plain files
+  ROOT/<org>/<name>/.hub.json        optional: likes, downloads, tags, pipeline_tag,
+                                     library_name, lastModified, gated, private
+  ROOT/.tokens                       bearer tokens (one a line) that may read gated
+                                     and private repos; also COREML_HUB_SERVE_TOKENS=a,b
+Files and folders whose name starts with "." are not served.""",
+)
+@click.argument("root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for a LAN mirror).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on; 0 picks a free one.")
+@click.option("--log-requests", "log_requests", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append one JSON line per request (method, path, status, range, bytes, time) to FILE.")
+@click.option("--page-size", default=1000, show_default=True, type=click.IntRange(1, 100000),
+              help="Entries per page in model and file listings (the Hub uses 1000).")
+@click.option("--no-warm", is_flag=True, help="Hash files on first request instead of at startup.")
+def serve_cmd(root: Path, host: str, port: int, log_requests: Path | None, page_size: int, no_warm: bool) -> None:
+    """Serve a folder of repos as a read-only Hugging Face Hub mirror.
+
+    Point any huggingface_hub client (and coreml-hub itself) at it with HF_ENDPOINT.
+    Prints `Serving ROOT at URL` on stdout once it accepts connections.
+    """
+    from ..server import serve
+
+    def announce(server: object) -> None:
+        click.echo(f"Serving {root} at {server.url}")  # type: ignore[attr-defined]
+        click.get_text_stream("stdout").flush()
+
+    serve(root, host, port, log_path=log_requests, page_size=page_size, warm=not no_warm, on_ready=announce)

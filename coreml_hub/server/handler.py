@@ -1,0 +1,408 @@
+"""HTTP routes of the mirror: the subset of the Hub API that huggingface_hub uses to find and fetch models."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timezone
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, unquote, urlencode
+
+from . import api
+from .access import accepted_tokens, bearer
+from .repos import Repo, valid_repo_path
+
+if TYPE_CHECKING:
+    from . import MirrorServer
+
+IDLE_PATH = "/_coreml_hub/idle"  # test barrier: answers once no other request is in flight; never logged
+
+
+class HubError(Exception):
+    """An error answer: status, the Hub's X-Error-Code, a message, optional extra headers."""
+
+    def __init__(self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def _truthy(values: list[str] | None) -> bool:
+    return bool(values) and values[-1].lower() in ("1", "true", "yes", "on")
+
+
+class MirrorHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "coreml-hub-mirror"
+    server: "MirrorServer"
+    timeout = 300  # seconds an idle keep-alive connection may hold a thread
+    disable_nagle_algorithm = True  # headers and body go out as separate writes; do not wait on delayed ACKs
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass  # the JSON request log replaces the stderr access log
+
+    def do_GET(self) -> None:
+        self._dispatch(head=False)
+
+    def do_HEAD(self) -> None:
+        self._dispatch(head=True)
+
+    def do_POST(self) -> None:
+        self._dispatch(head=False)
+
+    def _dispatch(self, head: bool) -> None:
+        raw_path, _, query = self.path.partition("?")
+        if raw_path == IDLE_PATH:
+            self.server.wait_idle()
+            self._send_json({"idle": True}, head=head)
+            return
+        self.server.begin_request()
+        started = time.monotonic()
+        self._sent = 0
+        self._status = 0
+        self._log_extra: dict[str, Any] = {}
+        try:
+            try:
+                self._route(raw_path, parse_qs(query, keep_blank_values=True), head)
+            except HubError as err:
+                self._send_error(err, head)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            except Exception as exc:  # answer 500 rather than drop the connection
+                if self._status:  # headers already went out: the only honest signal left is to hang up
+                    self.close_connection = True
+                else:
+                    self._send_error(HubError(500, None, f"Internal error: {type(exc).__name__}: {exc}"), head)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            self.server.log.write({
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "method": self.command,
+                "path": unquote(raw_path),
+                "query": query,
+                "status": self._status,
+                "range": self.headers.get("Range"),
+                "bytes": self._sent,
+                "duration_ms": round((time.monotonic() - started) * 1000, 3),
+                **self._log_extra,
+            })
+            self.server.end_request()
+
+    def _send_json(self, data: Any, status: int = 200, head: bool = False, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(data, separators=(",", ":")).encode()
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+            self._sent += len(body)
+
+    def _send_error(self, err: HubError, head: bool) -> None:
+        headers = dict(err.headers)
+        if err.code:
+            headers["X-Error-Code"] = err.code
+        headers["X-Error-Message"] = err.message
+        self._send_json({"error": err.message}, status=err.status, head=head, headers=headers)
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _base_url(self) -> str:
+        return f"http://{self.headers.get('Host') or '%s:%d' % self.server.server_address[:2]}"
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def _route(self, raw_path: str, params: dict[str, list[str]], head: bool) -> None:
+        parts = raw_path.strip("/").split("/")
+        if self.command == "POST":
+            body = self._read_body()
+            if len(parts) >= 6 and parts[:2] == ["api", "models"] and parts[4] == "paths-info":
+                self._paths_info(parts, body, head)
+                return
+            raise HubError(404, None, "Not Found")
+        if parts[:2] == ["api", "models"]:
+            if len(parts) == 2:
+                self._list_models(params, head)
+                return
+            if len(parts) >= 4:
+                repo_id = f"{unquote(parts[2])}/{unquote(parts[3])}"
+                rest = parts[4:]
+                if not rest:
+                    self._model_info(repo_id, "main", params, head)
+                    return
+                if rest[0] == "revision" and len(rest) == 2:
+                    self._model_info(repo_id, unquote(rest[1]), params, head)
+                    return
+                if rest[0] == "tree" and len(rest) >= 2:
+                    folder = unquote("/".join(rest[2:]))
+                    self._tree(repo_id, unquote(rest[1]), folder, params, head)
+                    return
+            raise HubError(404, None, "Not Found")
+        if parts[:2] in (["api", "datasets"], ["api", "spaces"]) or parts[:1] in (["datasets"], ["spaces"]):
+            raise HubError(404, "RepoNotFound", "This mirror serves models only.")
+        if len(parts) >= 5 and parts[2] == "resolve" and self.command in ("GET", "HEAD"):
+            repo_id = f"{unquote(parts[0])}/{unquote(parts[1])}"
+            self._resolve(repo_id, unquote(parts[3]), unquote("/".join(parts[4:])), head)
+            return
+        if raw_path in ("", "/"):
+            self._send_json({"mirror": "coreml-hub", "repos": len(self.server.store.repo_ids())}, head=head)
+            return
+        raise HubError(404, None, "Not Found")
+
+    # -- access ----------------------------------------------------------------------------------
+
+    def _token_ok(self) -> bool:
+        token = bearer(self.headers.get("Authorization"))
+        return token is not None and token in accepted_tokens(self.server.store.root)
+
+    def _repo(self, repo_id: str) -> Repo:
+        repo = self.server.store.get(repo_id)
+        if repo is None:
+            raise HubError(404, "RepoNotFound", "Repository not found")
+        if repo.private and not self._token_ok():
+            # the Hub does not reveal that a private repo exists
+            raise HubError(401, "RepoNotFound", "Invalid username or password.")
+        self._log_extra["repo"] = repo_id
+        return repo
+
+    def _check_revision(self, repo: Repo, revision: str) -> str:
+        commit = self.server.store.commit(repo)
+        if revision not in ("main", commit):
+            raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return commit
+
+    def _check_gate(self, repo: Repo) -> None:
+        if not repo.gated:
+            return
+        token = bearer(self.headers.get("Authorization"))
+        if token is None:
+            raise HubError(401, "GatedRepo", f"Access to model {repo.repo_id} is restricted. You must have access "
+                                             "to it and be authenticated to access it. Please log in.")
+        if token not in accepted_tokens(self.server.store.root):
+            raise HubError(403, "GatedRepo", f"Access to model {repo.repo_id} is restricted and you are not in the "
+                                             "authorized list.")
+
+    # -- endpoints -----------------------------------------------------------------------------------
+
+    def _list_models(self, params: dict[str, list[str]], head: bool) -> None:
+        sort = (params.get("sort") or [None])[-1]
+        direction = (params.get("direction") or ["-1"])[-1]
+        gated = params.get("gated")
+        query = api.Query(
+            filters=tuple(f for f in params.get("filter", []) + params.get("filter[]", []) if f),
+            author=(params.get("author") or [None])[-1] or None,
+            search=(params.get("search") or [None])[-1] or None,
+            pipeline_tag=(params.get("pipeline_tag") or [None])[-1] or None,
+            library=tuple(v for v in params.get("library", []) if v),
+            gated=None if not gated else _truthy(gated),
+            sort=sort,
+            descending=direction != "1",
+        )
+        expand = tuple(p for p in params.get("expand", []) + params.get("expand[]", []) if p in api.EXPANDABLE)
+        props = expand or (api.FULL_LIST_PROPS if _truthy(params.get("full")) else api.DEFAULT_LIST_PROPS)
+        if _truthy(params.get("cardData")) and "cardData" not in props:
+            props = props + ("cardData",)
+
+        visible = self._token_ok()
+        repos = [r for r in self.server.store.repos() if (visible or not r.private) and query.matches(r)]
+        repos = query.order(repos)
+        limit = _int_param(params, "limit")
+        if limit is not None:
+            repos = repos[:limit]
+        start = _int_param(params, "cursor") or 0
+        page = repos[start:start + self.server.page_size]
+        headers = {}
+        if start + self.server.page_size < len(repos):
+            headers["Link"] = self._next_link("/api/models", params, start + self.server.page_size)
+        docs = [api.model_document(self.server.store, r, props) for r in page]
+        self._send_json(docs, head=head, headers=headers)
+
+    def _model_info(self, repo_id: str, revision: str, params: dict[str, list[str]], head: bool) -> None:
+        repo = self._repo(repo_id)
+        self._check_revision(repo, revision)
+        expand = tuple(p for p in params.get("expand", []) + params.get("expand[]", []) if p in api.EXPANDABLE)
+        doc = api.model_document(self.server.store, repo, expand or api.INFO_PROPS, blobs=_truthy(params.get("blobs")))
+        self._send_json(doc, head=head)
+
+    def _tree(self, repo_id: str, revision: str, folder: str, params: dict[str, list[str]], head: bool) -> None:
+        repo = self._repo(repo_id)
+        commit = self._check_revision(repo, revision)
+        folder = folder.strip("/")
+        if folder and (not valid_repo_path(folder) or folder not in repo.directories()):
+            raise HubError(404, "EntryNotFound", f"{folder} does not exist on \"{revision}\"",
+                           {"X-Repo-Commit": commit})
+        recursive = _truthy(params.get("recursive"))
+        expand = _truthy(params.get("expand"))
+        items = api.tree_paths(repo, folder, recursive)
+        page_size = min(self.server.page_size, 50) if expand else self.server.page_size
+        start = _int_param(params, "cursor") or 0
+        page = items[start:start + page_size]
+        store = self.server.store
+        docs = []
+        for kind, path in page:
+            if kind == "directory":
+                docs.append(api.folder_entry(store, repo, path, expand=expand, commit=commit,
+                                             last_modified=repo.last_modified))
+            else:
+                entry = repo.entry(path)
+                assert entry is not None
+                docs.append(api.file_entry(store, entry, expand=expand, commit=commit,
+                                           last_modified=repo.last_modified))
+        headers = {"X-Repo-Commit": commit}
+        if start + page_size < len(items):
+            headers["Link"] = self._next_link(self.path.partition("?")[0], params, start + page_size)
+        self._send_json(docs, head=head, headers=headers)
+
+    def _paths_info(self, parts: list[str], body: bytes, head: bool) -> None:
+        repo = self._repo(f"{unquote(parts[2])}/{unquote(parts[3])}")
+        revision = unquote("/".join(parts[5:])) or "main"
+        commit = self._check_revision(repo, revision)
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+        if content_type == "application/json":
+            data = json.loads(body or b"{}")
+            paths = data.get("paths") or []
+            paths = [paths] if isinstance(paths, str) else list(paths)
+            expand = bool(data.get("expand"))
+        else:
+            form = parse_qs(body.decode(), keep_blank_values=True)
+            paths = form.get("paths", []) + form.get("paths[]", [])
+            expand = _truthy(form.get("expand"))
+        directories = set(repo.directories())
+        docs = []
+        for path in paths:
+            path = path.strip("/")
+            if not valid_repo_path(path):
+                continue
+            entry = repo.entry(path)
+            if entry is not None:
+                docs.append(api.file_entry(self.server.store, entry, expand=expand, commit=commit,
+                                           last_modified=repo.last_modified))
+            elif path in directories:
+                docs.append(api.folder_entry(self.server.store, repo, path, expand=expand, commit=commit,
+                                             last_modified=repo.last_modified))
+        self._send_json(docs, head=head, headers={"X-Repo-Commit": commit})
+
+    def _resolve(self, repo_id: str, revision: str, path: str, head: bool) -> None:
+        repo = self._repo(repo_id)
+        commit = self._check_revision(repo, revision)
+        self._check_gate(repo)
+        entry = repo.entry(path) if valid_repo_path(path) else None
+        if entry is None:
+            raise HubError(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
+        self._log_extra["file"] = path
+        digest = self.server.store.digest(entry)
+        size = entry.size
+        headers = {
+            "X-Repo-Commit": commit,
+            "ETag": f'"{digest.etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}",
+        }
+        if digest.sha256 is not None:
+            headers["X-Linked-Etag"] = f'"{digest.sha256}"'
+            headers["X-Linked-Size"] = str(size)
+        start, end = 0, size - 1
+        status = 200
+        byte_range = _parse_range(self.headers.get("Range"), size)
+        if byte_range == "unsatisfiable":
+            raise HubError(416, None, "Requested range not satisfiable", {"Content-Range": f"bytes */{size}"})
+        if byte_range is not None:
+            start, end = byte_range
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        length = max(0, end - start + 1)
+        with open(entry.abs_path, "rb") as f:
+            self._status = status
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            if head or length == 0:
+                return
+            self._stream(f, start, length)
+
+    def _stream(self, f: Any, offset: int, count: int) -> None:
+        """Kernel-side copy from the file to the socket; the file never passes through Python memory."""
+        sent_before = self._sent
+        try:
+            sent = self.connection.sendfile(f, offset, count)
+            self._sent += sent
+        finally:
+            if self._sent - sent_before != count:
+                self.close_connection = True
+
+    def _next_link(self, path: str, params: dict[str, list[str]], cursor: int) -> str:
+        pairs = [(k, v) for k, values in params.items() if k != "cursor" for v in values]
+        pairs.append(("cursor", str(cursor)))
+        return f'<{self._base_url()}{path}?{urlencode(pairs)}>; rel="next"'
+
+
+def _int_param(params: dict[str, list[str]], name: str) -> int | None:
+    values = params.get(name)
+    if not values or not values[-1]:
+        return None
+    try:
+        return max(0, int(values[-1]))
+    except ValueError:
+        raise HubError(400, None, f"Invalid {name}: {values[-1]!r}") from None
+
+
+def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
+    """A single `bytes=` range as (start, end) inclusive; None to send the whole file."""
+    if not header:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None  # other units and multi-range requests: the whole file is a valid answer
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    try:
+        if first == "":
+            suffix = int(last)
+            if suffix <= 0:
+                return "unsatisfiable"
+            return max(0, size - suffix), size - 1
+        start = int(first)
+        end = int(last) if last else size - 1
+    except ValueError:
+        return None
+    if start >= size or end < start:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
+
+
+class _InFlight:
+    """Counts requests being answered, so a barrier can wait until the log holds them all."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._cond = threading.Condition()
+
+    def begin(self) -> None:
+        with self._cond:
+            self._count += 1
+
+    def end(self) -> None:
+        with self._cond:
+            self._count -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._count == 0, timeout=timeout)

@@ -1,0 +1,100 @@
+"""Content ids the way the Hub derives them: git blob sha1 for small files, LFS pointers for large ones.
+
+Hashing a multi-GB bundle takes seconds, so digests are cached by (path, size, mtime_ns):
+a repeated request for an unchanged file costs one `stat`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+# The Hub refuses plain-git files of 10 MB and more.
+LFS_THRESHOLD = 10 * 1024 * 1024
+
+# Patterns from the `.gitattributes` every new Hub repo starts with (matched on the file name).
+LFS_NAME_PATTERNS = (
+    "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
+    "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb",
+    "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "*.tar.*", "*.tar", "*.tflite",
+    "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
+)
+
+_CHUNK = 1 << 20
+
+
+def is_lfs(path: str, size: int) -> bool:
+    """Whether the Hub would store this repo path in LFS."""
+    if size >= LFS_THRESHOLD:
+        return True
+    name = path.rsplit("/", 1)[-1]
+    if path.startswith("saved_model/"):
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in LFS_NAME_PATTERNS)
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The small text file git stores in place of an LFS object."""
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What the Hub reports about one file."""
+
+    blob_id: str  # git blob sha1 of the content, or of the LFS pointer
+    sha256: str | None  # LFS files only
+    pointer_size: int | None  # LFS files only
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 or self.blob_id
+
+
+def digest_file(path: Path, size: int, lfs: bool) -> Digest:
+    """Read the file once and derive its ids."""
+    if lfs:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+        sha = h.hexdigest()
+        pointer = lfs_pointer(sha, size)
+        return Digest(blob_id=git_blob_sha1(pointer), sha256=sha, pointer_size=len(pointer))
+    h = hashlib.sha1(b"blob %d\0" % size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return Digest(blob_id=h.hexdigest(), sha256=None, pointer_size=None)
+
+
+class DigestCache:
+    """Thread-safe memo of file digests; one hashing pass per file version, even under concurrency."""
+
+    def __init__(self) -> None:
+        self._done: dict[tuple[str, int, int, bool], Digest] = {}
+        self._locks: dict[tuple[str, int, int, bool], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, path: Path, size: int, mtime_ns: int, lfs: bool) -> Digest:
+        key = (str(path), size, mtime_ns, lfs)
+        found = self._done.get(key)
+        if found is not None:
+            return found
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            found = self._done.get(key)
+            if found is None:
+                found = digest_file(path, size, lfs)
+                self._done[key] = found
+        with self._guard:
+            self._locks.pop(key, None)
+        return found

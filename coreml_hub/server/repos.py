@@ -1,0 +1,266 @@
+"""A folder of repos as the Hub sees them: `ROOT/<org>/<name>/` plain files plus optional `.hub.json`.
+
+Paths with a component starting with "." (`.hub.json`, `.git`, editor droppings) are not part
+of a repo. The commit sha is a real git commit id over the files' git trees, so it changes
+exactly when the content does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+from .hashing import Digest, DigestCache, is_lfs
+
+META_FILE = ".hub.json"
+TOKENS_FILE = ".tokens"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of a repo on disk."""
+
+    path: str  # posix path inside the repo
+    abs_path: Path
+    size: int
+    mtime_ns: int
+
+    @property
+    def lfs(self) -> bool:
+        return is_lfs(self.path, self.size)
+
+
+@dataclass(frozen=True)
+class Repo:
+    repo_id: str
+    folder: Path
+    entries: tuple[Entry, ...]
+    meta: dict[str, Any] = field(compare=False, hash=False)
+
+    @property
+    def author(self) -> str:
+        return self.repo_id.split("/", 1)[0]
+
+    def entry(self, path: str) -> Entry | None:
+        for item in self.entries:
+            if item.path == path:
+                return item
+        return None
+
+    def directories(self) -> list[str]:
+        dirs: set[str] = set()
+        for item in self.entries:
+            parts = item.path.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                dirs.add("/".join(parts[:i]))
+        return sorted(dirs)
+
+    @property
+    def gated(self) -> bool | str:
+        value = self.meta.get("gated", False)
+        if value is True:
+            return "auto"
+        if isinstance(value, str) and value in ("auto", "manual"):
+            return value
+        return False
+
+    @property
+    def private(self) -> bool:
+        return bool(self.meta.get("private", False))
+
+    @property
+    def library_name(self) -> str | None:
+        return self.meta.get("library_name")
+
+    @property
+    def pipeline_tag(self) -> str | None:
+        return self.meta.get("pipeline_tag")
+
+    @property
+    def tags(self) -> list[str]:
+        """Declared tags plus library and pipeline tag, as the Hub reports them."""
+        out: list[str] = []
+        for tag in [*(self.meta.get("tags") or []), self.library_name, self.pipeline_tag]:
+            if isinstance(tag, str) and tag and tag not in out:
+                out.append(tag)
+        return out
+
+    def count(self, key: str) -> int:
+        try:
+            return int(self.meta.get(key, 0) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    @property
+    def last_modified(self) -> str:
+        declared = self.meta.get("lastModified")
+        if isinstance(declared, str) and declared:
+            return declared
+        newest = max((e.mtime_ns for e in self.entries), default=0)
+        return iso_time(newest)
+
+    @property
+    def created_at(self) -> str:
+        declared = self.meta.get("createdAt")
+        if isinstance(declared, str) and declared:
+            return declared
+        oldest = min((e.mtime_ns for e in self.entries), default=0)
+        return iso_time(oldest)
+
+
+def iso_time(ns: int) -> str:
+    """Hub-style timestamp: `2024-01-31T12:00:00.000Z`."""
+    stamp = datetime.fromtimestamp(ns / 1e9, tz=timezone.utc)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def valid_repo_path(path: str) -> bool:
+    """A repo-relative path that names something a listing could show (no dotfiles, no `..`)."""
+    parts = path.split("/")
+    return bool(path) and all(part and not _hidden(part) and part != ".." for part in parts)
+
+
+class RepoStore:
+    """Reads repos from ROOT on every request (cheap: a walk and stats); caches digests and commits."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.digests = DigestCache()
+        self._commits: dict[tuple[Any, ...], tuple[str, dict[str, str]]] = {}
+        self._commit_lock = threading.Lock()
+        self._bad_meta_warned: set[str] = set()
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def repo_ids(self) -> list[str]:
+        ids = []
+        try:
+            orgs = sorted(os.scandir(self.root), key=lambda d: d.name)
+        except FileNotFoundError:
+            return []
+        for org in orgs:
+            if _hidden(org.name) or not org.is_dir():
+                continue
+            for repo in sorted(os.scandir(org.path), key=lambda d: d.name):
+                if not _hidden(repo.name) and repo.is_dir():
+                    ids.append(f"{org.name}/{repo.name}")
+        return ids
+
+    def get(self, repo_id: str) -> Repo | None:
+        parts = repo_id.split("/")
+        if len(parts) != 2 or not all(p and not _hidden(p) and p != ".." for p in parts):
+            return None
+        folder = self.root / parts[0] / parts[1]
+        if not folder.is_dir():
+            return None
+        return Repo(repo_id=repo_id, folder=folder, entries=tuple(self._walk(folder)), meta=self._meta(folder, repo_id))
+
+    def repos(self) -> Iterable[Repo]:
+        for repo_id in self.repo_ids():
+            repo = self.get(repo_id)
+            if repo is not None:
+                yield repo
+
+    def _walk(self, folder: Path) -> list[Entry]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+            rel_dir = os.path.relpath(dirpath, folder)
+            for name in filenames:
+                if _hidden(name):
+                    continue
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except OSError:  # a dangling link or a file removed while walking
+                    continue
+                rel = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+                found.append(Entry(path=rel, abs_path=Path(full), size=st.st_size, mtime_ns=st.st_mtime_ns))
+        return sorted(found, key=lambda e: e.path)
+
+    def _meta(self, folder: Path, repo_id: str) -> dict[str, Any]:
+        meta_path = folder / META_FILE
+        try:
+            data = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            if repo_id not in self._bad_meta_warned:
+                self._bad_meta_warned.add(repo_id)
+                print(f"Warning: ignoring unreadable {meta_path}: {exc}", file=sys.stderr, flush=True)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    # -- content ids ---------------------------------------------------------------------------
+
+    def digest(self, entry: Entry) -> Digest:
+        return self.digests.get(entry.abs_path, entry.size, entry.mtime_ns, entry.lfs)
+
+    def commit(self, repo: Repo) -> str:
+        return self._commit_and_trees(repo)[0]
+
+    def tree_oid(self, repo: Repo, directory: str) -> str:
+        return self._commit_and_trees(repo)[1][directory]
+
+    def _commit_and_trees(self, repo: Repo) -> tuple[str, dict[str, str]]:
+        key = (repo.repo_id, tuple((e.path, e.size, e.mtime_ns) for e in repo.entries))
+        cached = self._commits.get(key)
+        if cached is not None:
+            return cached
+        blobs = {e.path: self.digest(e).blob_id for e in repo.entries}
+        trees = git_trees(blobs)
+        body = (
+            f"tree {trees['']}\n"
+            "author coreml-hub <mirror@localhost> 0 +0000\n"
+            "committer coreml-hub <mirror@localhost> 0 +0000\n\n"
+            f"Mirror of {repo.repo_id}\n"
+        ).encode()
+        commit = hashlib.sha1(b"commit %d\0" % len(body) + body).hexdigest()
+        with self._commit_lock:
+            self._commits[key] = (commit, trees)
+        return commit, trees
+
+    def warm(self) -> None:
+        """Hash every file of every repo (run in a background thread at startup)."""
+        for repo in self.repos():
+            try:
+                self.commit(repo)
+            except OSError:
+                continue
+
+
+def git_trees(blobs: dict[str, str]) -> dict[str, str]:
+    """Git tree ids for every folder ('' is the root) given each file's blob id."""
+    children: dict[str, dict[str, tuple[str, str]]] = {"": {}}
+    for path in blobs:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            children.setdefault("/".join(parts[:i]), {})
+    for path, blob in blobs.items():
+        parent, _, name = path.rpartition("/")
+        children[parent][name] = ("100644", blob)
+    trees: dict[str, str] = {}
+    for folder in sorted(children, key=lambda p: p.count("/") if p else -1, reverse=True):
+        if folder:
+            parent, _, name = folder.rpartition("/")
+        entries = children[folder]
+        body = b""
+        # git orders tree entries by name, comparing folders as if they ended with "/"
+        for name_, (mode, oid) in sorted(entries.items(), key=lambda kv: kv[0] + ("/" if kv[1][0] == "40000" else "")):
+            body += f"{mode} {name_}".encode() + b"\0" + bytes.fromhex(oid)
+        oid = hashlib.sha1(b"tree %d\0" % len(body) + body).hexdigest()
+        trees[folder] = oid
+        if folder:
+            children[parent][name] = ("40000", oid)
+    return trees

@@ -1,0 +1,99 @@
+"""`coreml-hub serve` as a child process, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+STARTUP_TIMEOUT = 30.0
+
+
+class HubServer:
+    """A running mirror of `root`: `.url`, `.requests()`, `.clear_log()`, `.stop()`, `.start()`."""
+
+    def __init__(self, root: Path, log_path: Path, *, port: int = 0, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.root = Path(root)
+        self.log_path = Path(log_path)
+        self.port = port
+        self.extra_args = tuple(extra_args)
+        self.env = env
+        self.url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> "HubServer":
+        """Start (or restart on the same port and root) and wait until it accepts connections."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self
+        cmd = [sys.executable, "-m", "coreml_hub", "serve", str(self.root), "--port", str(self.port),
+               "--log-requests", str(self.log_path), *self.extra_args]
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.stderr_path = self.log_path.with_name(self.log_path.name + ".stderr")
+        with open(self.stderr_path, "a") as err_file:  # a file, not a pipe: a chatty server never blocks
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        line = ""
+        assert self._proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self._proc.stdout.readline()
+            if line.startswith("Serving ") or not line:
+                break
+        if not line.startswith("Serving "):
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+            err = self.stderr_path.read_text()
+            raise RuntimeError(f"coreml-hub serve did not start: {line!r} {err[-2000:]}")
+        self.url = line.rsplit(" at ", 1)[1].strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._proc = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait_idle(self) -> None:
+        """Return once the server has logged every request it received."""
+        if not self.running:
+            return
+        with urllib.request.urlopen(f"{self.url}/_coreml_hub/idle", timeout=30) as resp:
+            resp.read()
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Every request logged so far (after waiting for those in flight)."""
+        self.wait_idle()
+        if not self.log_path.exists():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def clear_log(self) -> None:
+        self.wait_idle()
+        if self.log_path.exists():
+            with open(self.log_path, "r+") as f:
+                f.truncate(0)
+
+    def __enter__(self) -> "HubServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

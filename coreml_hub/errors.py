@@ -86,6 +86,18 @@ class BackendUnavailable(CoremlHubError):
     default_hint = "Run `coreml-hub plugins` to see the backends and why each is (un)available."
 
 
+class InvalidImage(CoremlHubError):
+    """An input image (e.g. `run --image`) that cannot be read."""
+
+    default_hint = "Pass a PNG or JPEG file."
+
+
+class UnsupportedSize(CoremlHubError):
+    """A size the model cannot make or take (its shapes are fixed at conversion)."""
+
+    default_hint = "Use an image of the model's size, or a variant converted for the size you need."
+
+
 class ConversionError(CoremlHubError):
     pass
 

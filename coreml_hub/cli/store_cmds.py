@@ -1,0 +1,257 @@
+"""`pull`, `ls`, `rm` and `cache`: the local store from the command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import UsageError
+from .output import Column, Output, human_size, relative_time, stderr_is_tty
+
+
+@click.command(
+    "pull",
+    epilog="""\b
+Examples:
+  coreml-hub pull apple/coreml-stable-diffusion-v1-5 --variant split_einsum/compiled
+  coreml-hub pull apple/coreml-stable-diffusion-v1-5:original/packages --chunked
+  coreml-hub pull coreml-community/coreml-anything-v3.0 --variant original/512x768/anything_original_512x768.zip
+  coreml-hub pull apple/coreml-stable-diffusion-2-1-base --dry-run --json
+
+\b
+Default variant (no --variant, several in the repo):
+  macOS with native Core ML: split_einsum attention (Neural Engine), then split_einsum_v2,
+    then original; compiled before packages.
+  elsewhere (portable torch runtime): original attention (fuses into one attention kernel),
+    then split_einsum, then split_einsum_v2; compiled before packages (a compiled variant
+    carries its own tokenizer).
+  Then untagged before tagged, default resolution first, smaller download first.
+The full Unet is fetched unless --chunked is given or the variant only ships chunks.
+Packages variants also get the tokenizer and scheduler config files (never weights) of the
+PyTorch model they were converted from, named by the files or by --model-version.
+
+\b
+An interrupted pull resumes where it stopped. A pulled variant is fetched again only with
+--force. Environment: HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE (answer from the store),
+COREML_HUB_HOME, COREML_HUB_DOWNLOAD_WORKERS (4), COREML_HUB_DOWNLOAD_RETRIES (5),
+COREML_HUB_RETRY_WAIT (first backoff, 1 s).""",
+)
+@click.argument("model")
+@click.option("--variant", "variant", metavar="ID", help="Variant id, or its folder or archive path in the repo.")
+@click.option("--revision", metavar="REV", help="Branch, tag or commit (default: main).")
+@click.option("--force", is_flag=True, help="Download again even if the store holds the variant.")
+@click.option("--dry-run", is_flag=True, help="Print the files and bytes it would fetch; fetch nothing.")
+@click.option("--chunked/--no-chunked", default=None, help="Take the two Unet chunks / the full Unet.")
+@click.option("--model-version", metavar="ORG/NAME", help="PyTorch model to take tokenizer files from (packages).")
+@click.option("--keep-archive", is_flag=True, help="Keep the zip of an archive variant next to its files.")
+@click.option("--json", "json_mode", is_flag=True, help="Print one JSON record.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, print only the path.")
+def pull_cmd(model: str, variant: str | None, revision: str | None, force: bool, dry_run: bool,
+             chunked: bool | None, model_version: str | None, keep_archive: bool, json_mode: bool,
+             quiet: bool) -> None:
+    """Download one variant of MODEL (ORG/NAME[:VARIANT]) into the local store."""
+    from ..pulling import describe_choice, plan_pull
+
+    out = Output(json_mode=json_mode, quiet=quiet)
+    plan = plan_pull(model, variant=variant, revision=revision, force=force, chunked=chunked,
+                     model_version=model_version, keep_archive=keep_archive)
+    choice = describe_choice(plan)
+    if choice and not json_mode:
+        out.info(choice)
+    for warning in plan.warnings:
+        out.warn(warning)
+    if dry_run:
+        _print_plan(out, plan)
+        return
+    if plan.offline:
+        out.info(f"HF_HUB_OFFLINE is set: using {plan.repo}:{plan.variant.id} from the store.")
+    show = not quiet and not json_mode and stderr_is_tty()
+    waited = []
+
+    def on_wait() -> None:
+        waited.append(True)
+        out.info(f"Waiting for another coreml-hub process pulling {plan.repo}:{plan.variant.id}...")
+
+    result = plan.execute(progress=show, on_phase=(out.info if show else (lambda msg: None)), on_wait=on_wait)
+    if json_mode:
+        out.json(result.to_dict())
+        return
+    if result.already_present:
+        out.info(f"{result.repo}:{result.variant} is already pulled ({human_size(result.size)}).")
+    else:
+        out.info(f"Pulled {result.repo}:{result.variant} ({result.files} files, {human_size(result.size)}; "
+                 f"{human_size(result.bytes_downloaded)} downloaded in {result.seconds:.1f} s).")
+    click.echo(str(result.path))
+
+
+def _print_plan(out: Output, plan: object) -> None:
+    from ..pulling import PullPlan
+
+    assert isinstance(plan, PullPlan)
+    if out.json_mode:
+        out.json(plan.to_dict())
+        return
+    rows = [{"path": f.path, "size": f.size, "repo": f.repo,
+             "state": "have" if (plan.up_to_date and not plan.force) else
+             ("partial" if 0 < f.present < f.size else ("have" if f.present == f.size and f.size else "fetch"))}
+            for f in plan.all_files]
+    if not out.quiet:
+        click.echo(f"{plan.repo}:{plan.variant.id} @ {plan.commit[:12]}"
+                   + (f" (Unet: {plan.variant.unet_form})" if plan.variant.unet_form else ""))
+    out.table(rows, [Column("path", "File"), Column("size", "Size", human_size), Column("state", "State"),
+                     Column("repo", "Repo")])
+    if not out.quiet:
+        if plan.up_to_date and not plan.force:
+            click.echo(f"Already pulled: {plan.path}. Nothing to download (use --force to download again).")
+        else:
+            click.echo(f"Would download {human_size(plan.download_bytes)} of {human_size(plan.total_bytes)} "
+                       f"({len(plan.all_files)} files) into {plan.path}.")
+
+
+LS_COLUMNS = [
+    Column("model", "Model"),
+    Column("variant", "Variant"),
+    Column("size_bytes", "Size", human_size),
+    Column("pulled_at", "Pulled", relative_time),
+    Column("status", "Status"),
+]
+
+
+def ls_rows(pulled: list) -> list[dict]:
+    """Rows for `ls` / `list --local`; the commit shows only where one repo has several."""
+    commits: dict[str, set[str]] = {}
+    for p in pulled:
+        commits.setdefault(p.repo, set()).add(p.commit)
+    rows = []
+    for p in pulled:
+        row = p.to_dict()
+        row["model"] = p.repo if len(commits[p.repo]) == 1 else f"{p.repo}@{p.commit[:7]}"
+        if p.unet_form == "chunked":
+            row["variant"] = f"{p.variant} (chunked)"
+        rows.append(row)
+    return rows
+
+
+@click.command(
+    "ls",
+    epilog="""\b
+Examples:
+  coreml-hub ls
+  coreml-hub ls --json
+  coreml-hub ls apple/coreml-stable-diffusion-v1-5""",
+)
+@click.argument("repo", required=False)
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print model ids only.")
+def ls_cmd(repo: str | None, json_mode: bool, quiet: bool) -> None:
+    """List pulled models: MODEL, VARIANT, SIZE, PULLED, STATUS (same as `list --local`)."""
+    from ..store import list_pulled
+
+    out = Output(json_mode=json_mode, quiet=quiet)
+    pulled = list_pulled(repo)
+    if json_mode:
+        out.json([p.to_dict() for p in pulled])
+        return
+    if quiet:
+        for p in pulled:
+            click.echo(f"{p.repo}:{p.variant}")
+        return
+    if not pulled:
+        out.info("Nothing pulled yet. Pull a model with `coreml-hub pull ORG/NAME`.")
+        return
+    out.table(ls_rows(pulled), LS_COLUMNS)
+
+
+@click.command(
+    "rm",
+    epilog="""\b
+Examples:
+  coreml-hub rm apple/coreml-stable-diffusion-v1-5                  # every pulled variant
+  coreml-hub rm apple/coreml-stable-diffusion-v1-5:split_einsum/compiled -y
+  coreml-hub rm apple/coreml-stable-diffusion-v1-5@abc1234 --dry-run   # one commit""",
+)
+@click.argument("model")
+@click.option("--variant", metavar="ID", help="Only this variant.")
+@click.option("--revision", metavar="REV", help="Only the commit this revision or commit prefix names.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed.")
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON.")
+def rm_cmd(model: str, variant: str | None, revision: str | None, yes: bool, dry_run: bool, json_mode: bool) -> None:
+    """Remove pulled variants of MODEL (ORG/NAME[@REVISION][:VARIANT]) from the store."""
+    from ..store import plan_remove, remove
+
+    out = Output(json_mode=json_mode)
+    entries = plan_remove(model, variant=variant, revision=revision)
+    total = sum(p.size for p in entries)
+    if not json_mode:
+        out.table(ls_rows(entries), LS_COLUMNS[:3] + [Column("path", "Path")])
+    if dry_run:
+        result = remove(model, variant=variant, revision=revision, dry_run=True)
+        if json_mode:
+            out.json(result.to_dict())
+        else:
+            click.echo(f"Would remove {len(entries)} variant(s), freeing {human_size(result.bytes_freed)}.")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"Removing {len(entries)} variant(s) ({human_size(total)}) needs confirmation.",
+                             hint="Pass -y to remove without asking, or --dry-run to see what would go.")
+        click.confirm(f"Remove {len(entries)} variant(s), freeing {human_size(total)}?", abort=True, err=True)
+    result = remove(model, variant=variant, revision=revision)
+    if json_mode:
+        out.json(result.to_dict())
+    else:
+        click.echo(f"Removed {len(result.entries)} variant(s), freed {human_size(result.bytes_freed)}.")
+
+
+@click.group("cache", epilog="""\b
+Examples:
+  coreml-hub cache path
+  coreml-hub cache prune --dry-run
+  coreml-hub cache prune""")
+def cache_group() -> None:
+    """Manage the local store (COREML_HUB_HOME, else the user cache dir)."""
+
+
+@cache_group.command("path")
+def cache_path_cmd() -> None:
+    """Print the store's folder."""
+    from ..paths import home
+
+    click.echo(str(home()))
+
+
+@cache_group.command("prune")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed.")
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON.")
+def cache_prune_cmd(dry_run: bool, json_mode: bool) -> None:
+    """Remove interrupted downloads no process is using, refs to removed commits and empty folders.
+
+    Pulled variants are never touched; remove those with `coreml-hub rm`.
+    """
+    from ..paths import home
+    from ..store import prune
+
+    out = Output(json_mode=json_mode)
+    result = prune(dry_run=dry_run)
+    if json_mode:
+        out.json(result.to_dict())
+        return
+    root = home()
+    rows = [{"kind": i.kind, "size_bytes": i.size, "path": _rel(i.path, root)} for i in result.items]
+    if rows:
+        out.table(rows, [Column("kind", "Kind"), Column("size_bytes", "Size", human_size), Column("path", "Path")])
+    for skipped in result.skipped_locked:
+        out.info(f"Skipped {_rel(skipped, root)}: a running pull holds it.")
+    verb = "Would free" if dry_run else "Freed"
+    click.echo(f"{verb} {human_size(result.bytes_freed)} ({len(result.items)} item(s)).")
+
+
+def _rel(path: object, root: object) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(str(path)).relative_to(Path(str(root))).as_posix()
+    except ValueError:
+        return str(path)

@@ -22,3 +22,30 @@ def store_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home = tmp_path / "store"
     monkeypatch.setenv("COREML_HUB_HOME", str(home))
     return home
+
+
+# --- Hub mirror fixtures -------------------------------------------------------------------------
+# `hub_root`: an empty ROOT for `coreml-hub serve`; fill it with
+#   coreml_hub.testing.hubrepo.make_repo(hub_root, "org/name", {path: bytes | str | size}, meta={...}).
+# `hub_server`: `python -m coreml_hub serve ROOT --port 0 --log-requests LOG` as a real subprocess,
+#   with HF_ENDPOINT pointing at it for the test. `.root`, `.url`, `.requests()` (parsed log, after
+#   every in-flight request is logged), `.clear_log()`, `.stop()`, `.start()` (same port and root).
+
+
+@pytest.fixture
+def hub_root(tmp_path: Path) -> Path:
+    root = tmp_path / "hub"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def hub_server(hub_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from coreml_hub.testing.hubserver import HubServer
+
+    server = HubServer(hub_root, tmp_path / "hub-requests.jsonl").start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    try:
+        yield server
+    finally:
+        server.stop()

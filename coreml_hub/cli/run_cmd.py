@@ -1,0 +1,84 @@
+"""`coreml-hub run`: generate images with a Core ML Stable Diffusion model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .output import Output
+
+SCHEDULER_CHOICES = ("pndm", "dpmpp", "euler", "euler_a", "ddim", "lms")
+COMPUTE_UNIT_CHOICES = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
+
+
+@click.command(
+    "run",
+    epilog="""\b
+Examples:
+  coreml-hub run apple/coreml-stable-diffusion-v1-5 "a photo of an astronaut riding a horse"
+  coreml-hub run apple/coreml-stable-diffusion-2-1-base:split_einsum/compiled "a lighthouse" \\
+      --steps 30 --scheduler dpmpp --seed 42 -o out/
+  coreml-hub run apple/coreml-stable-diffusion-v1-5 "oil painting of a cat" \\
+      --image cat.png --strength 0.6
+  coreml-hub run ./converted "a red fox" --num-images 4 --json   # the -o folder of `convert`
+
+\b
+MODEL is a repo id (pulled first when missing, unless --no-pull), REPO:VARIANT,
+a pulled model, or a local folder holding one variant's bundles.
+Backends: `auto` is Core ML on macOS and the portable PyTorch runtime elsewhere.
+Image i of --num-images N uses seed SEED+i; the PNGs record every setting
+(the `parameters` text chunk image tools read). Files are never overwritten.""",
+)
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--negative-prompt", default="", help="What the image should not show.")
+@click.option("--steps", type=int, default=25, show_default=True, help="Denoising steps.")
+@click.option("--guidance-scale", type=float, default=7.5, show_default=True,
+              help="Classifier-free guidance; 1 or less turns it off.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Random seed (default: random).")
+@click.option("--scheduler", type=click.Choice(SCHEDULER_CHOICES), default="pndm", show_default=True)
+@click.option("--image", "init_image", type=click.Path(path_type=Path), default=None,
+              help="Init image for image-to-image.")
+@click.option("--strength", type=float, default=0.75, show_default=True,
+              help="Image-to-image: how much of the init image is replaced (0-1].")
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for the PNGs (default: ./coreml-hub-outputs or $COREML_HUB_OUTPUTS).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "coreml"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+              help="torch backend: where to run (fp16 on GPUs).")
+@click.option("--compute-unit", type=click.Choice(COMPUTE_UNIT_CHOICES, case_sensitive=False), default="ALL",
+              show_default=True, help="coreml backend: which compute units Core ML may use.")
+@click.option("--disable-safety", is_flag=True, help="Skip the model's safety checker.")
+@click.option("--save-every", type=int, default=None, metavar="K", help="Also save a decode every K steps.")
+@click.option("--no-pull", is_flag=True, help="Fail instead of pulling a model that is not pulled yet.")
+@click.option("--json", "json_mode", is_flag=True, help="Print paths, parameters and timings as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image paths.")
+def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int | None,
+            scheduler: str, init_image: Path | None, strength: float, num_images: int, output_dir: Path | None,
+            backend: str, device: str, compute_unit: str, disable_safety: bool, save_every: int | None,
+            no_pull: bool, json_mode: bool, quiet: bool) -> None:
+    """Generate images from PROMPT with MODEL (text-to-image, or image-to-image with --image)."""
+    from ..pipeline.generate import generate
+
+    out = Output(json_mode=json_mode, quiet=quiet)
+
+    def notify(message: str) -> None:
+        if message.startswith("Warning: "):
+            out.warn(message.removeprefix("Warning: "))  # shown even with --quiet
+        else:
+            out.info(message)
+
+    result = generate(
+        model, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
+        scheduler=scheduler, image=init_image, strength=strength, num_images=num_images, output_dir=output_dir,
+        backend=backend, device=device, compute_unit=compute_unit.upper(), disable_safety=disable_safety,
+        save_every=save_every, pull=not no_pull, progress=not quiet and not json_mode, on_message=notify)
+    if json_mode:
+        out.json(result.to_dict())
+        return
+    for saved in result.images:
+        for step_path in saved.intermediates:
+            click.echo(str(step_path))
+        click.echo(str(saved.path))

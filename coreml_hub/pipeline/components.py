@@ -1,0 +1,228 @@
+"""A variant folder's components, loaded through a backend, with one calling convention.
+
+Whatever backend loaded it, a component is called with torch tensors and returns float32
+CPU tensors; inputs are cast to the dtype the model declares. Shapes come from the
+models' own input descriptions.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import BackendUnavailable, CoremlHubError, InvalidBundle
+from ..layouts import COMPILED_NAMES, COMPONENTS
+
+BACKEND_CHOICES = ("auto", "torch", "coreml")
+
+_DTYPE_ALIASES = {
+    "fp16": "float16", "float16": "float16", "half": "float16", "torch.float16": "float16",
+    "fp32": "float32", "float32": "float32", "float": "float32", "torch.float32": "float32",
+    "fp64": "float64", "float64": "float64", "double": "float64",
+    "int32": "int32", "torch.int32": "int32", "int64": "int64", "torch.int64": "int64",
+    "int8": "int8", "uint8": "uint8", "bool": "bool",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: name, static shape, dtype name (`float16`, `float32`, `int32`...)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _dtype_name(dtype: Any) -> str:
+    text = str(getattr(dtype, "name", None) or dtype).lower()
+    text = text.removeprefix("np.").removeprefix("numpy.")
+    return _DTYPE_ALIASES.get(text, text if text in _DTYPE_ALIASES.values() else "float32")
+
+
+def _spec(item: Any, name: str | None = None) -> TensorSpec:
+    if isinstance(item, TensorSpec):
+        return item
+    if isinstance(item, dict):
+        name = item.get("name", name)
+        shape, dtype = item.get("shape"), item.get("dtype", item.get("dataType"))
+    elif isinstance(item, (tuple, list)) and not hasattr(item, "name"):
+        if len(item) == 3:
+            name, shape, dtype = item
+        else:
+            shape, dtype = item
+    else:
+        name = getattr(item, "name", name)
+        shape, dtype = getattr(item, "shape", ()), getattr(item, "dtype", "float32")
+    if isinstance(shape, str):
+        shape = [int(d) for d in shape.strip("[]() ").split(",") if d.strip()]
+    dims = tuple(int(d) if isinstance(d, (int,)) or str(d).lstrip("-").isdigit() else -1 for d in (shape or ()))
+    return TensorSpec(str(name), dims, _dtype_name(dtype))
+
+
+def describe(description: Any) -> dict[str, TensorSpec]:
+    """Normalize a model's input/output description (list or mapping) to name -> TensorSpec."""
+    if description is None:
+        return {}
+    if isinstance(description, dict):
+        return {str(k): _spec(v, str(k)) for k, v in description.items()}
+    specs = [_spec(item) for item in description]
+    return {s.name: s for s in specs}
+
+
+class Component:
+    """One loaded model: `component(inputs)` with torch tensors -> dict of float32 CPU tensors."""
+
+    def __init__(self, name: str, path: Path, model: Any) -> None:
+        self.name = name
+        self.path = path
+        self.model = model
+        self.inputs = describe(getattr(model, "input_description", None))
+        self.outputs = describe(getattr(model, "output_description", None))
+        self._torch_path = hasattr(model, "predict_torch")
+
+    def input_shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.inputs:
+            raise InvalidBundle(f"{self.path.name} has no input {name!r} (it has: {', '.join(self.inputs)}).")
+        return self.inputs[name].shape
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        feed = {}
+        for name, spec in self.inputs.items():
+            if name not in inputs:
+                raise InvalidBundle(f"{self.path.name} needs input {name!r}, which the pipeline does not make.")
+            value = inputs[name]
+            if spec.shape and all(d > 0 for d in spec.shape) and tuple(value.shape) != spec.shape:
+                raise InvalidBundle(f"{self.path.name}: input {name!r} has shape {tuple(value.shape)}, "
+                                    f"the model takes {spec.shape}.")
+            feed[name] = value
+        if self._torch_path:
+            cast = {k: v.to(getattr(torch, self.inputs[k].dtype, torch.float32)) for k, v in feed.items()}
+            raw = self.model.predict_torch(cast)
+            return {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+                    for k, v in raw.items()}
+        arrays = {k: v.detach().cpu().numpy().astype(np.dtype(self.inputs[k].dtype)) for k, v in feed.items()}
+        raw = self.model.predict(arrays)
+        out = {}
+        for k, v in raw.items():
+            array = np.asarray(v)
+            out[k] = torch.from_numpy(array.astype(np.float32) if array.dtype.kind == "f" else array.copy())
+        return out
+
+
+# ---- finding bundles in a folder ---------------------------------------------------------
+
+_PACKAGE_SUFFIXES = sorted(COMPONENTS, key=len, reverse=True)
+
+
+def component_of(bundle: Path) -> str | None:
+    """`TextEncoder.mlmodelc` / `..._text_encoder.mlpackage` / `unet.mlpackage` -> component name."""
+    if bundle.suffix == ".mlmodelc":
+        return COMPILED_NAMES.get(bundle.stem)
+    if bundle.suffix == ".mlpackage":
+        stem = bundle.stem
+        for comp in _PACKAGE_SUFFIXES:
+            if stem == comp or stem.endswith("_" + comp):
+                return comp
+        return COMPILED_NAMES.get(stem)
+    return None
+
+
+def find_components(folder: Path) -> dict[str, Path]:
+    """Component name -> bundle path for the bundles directly inside `folder`."""
+    found: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix in (".mlmodelc", ".mlpackage") and entry.is_dir():
+            comp = component_of(entry)
+            if comp is not None and comp not in found:
+                found[comp] = entry
+    return found
+
+
+def unet_names(found: Iterable[str]) -> tuple[str, ...]:
+    """The Unet form to use: the full Unet when present, else both chunks."""
+    names = set(found)
+    if "unet" in names:
+        return ("unet",)
+    if {"unet_chunk1", "unet_chunk2"} <= names:
+        return ("unet_chunk1", "unet_chunk2")
+    return ()
+
+
+# ---- backends ----------------------------------------------------------------------------
+
+def select_backend(name: str = "auto") -> Any:
+    """The backend object for `--backend NAME`; `auto` is coreml on macOS, torch elsewhere."""
+    from ..plugins import get_backends
+
+    name = (name or "auto").lower()
+    backends = get_backends()
+    if name == "auto":
+        candidates = ["coreml", "torch"] if sys.platform == "darwin" else ["torch"]
+        reasons = []
+        for candidate in candidates:
+            backend = backends.get(candidate)
+            if backend is None:
+                reasons.append(f"{candidate}: not installed")
+                continue
+            ok, reason = backend.available()
+            if ok:
+                return backend
+            reasons.append(f"{candidate}: {reason}")
+        raise BackendUnavailable("No backend can run here (" + "; ".join(reasons) + ").",
+                                 hint="Install PyTorch for the portable runtime, or run on macOS for Core ML.")
+    if name not in backends:
+        known = ", ".join(sorted(backends)) or "none"
+        raise BackendUnavailable(f"No backend named {name!r} is installed (installed: {known}).",
+                                 hint="Run `coreml-hub plugins` to see the backends and why each is (un)available.")
+    backend = backends[name]
+    ok, reason = backend.available()
+    if not ok:
+        other = "torch" if name != "torch" else "coreml"
+        raise BackendUnavailable(f"The {name} backend is not available: {reason}.",
+                                 hint=f"Use --backend {other} or --backend auto; `coreml-hub plugins` lists them.")
+    return backend
+
+
+@dataclass(frozen=True)
+class LoadedComponents:
+    components: dict[str, Component]
+    seconds: float
+    backend: str
+    device: str | None
+
+
+def load_components(folder: Path, names: Iterable[str], backend: Any, *, device: str | None = "auto",
+                     compute_unit: str | None = "ALL", progress: bool = False) -> LoadedComponents:
+    """Load the named components of the variant in `folder` with `backend`."""
+    found = find_components(folder)
+    fmt = "compiled" if any(p.suffix == ".mlmodelc" for p in found.values()) else "packages"
+    if fmt not in getattr(backend, "formats", ("packages", "compiled")):
+        raise BackendUnavailable(f"The {backend.name} backend cannot load {fmt} bundles.",
+                                 hint="Pull the other format of the model, or choose another --backend.")
+    resolved = backend.resolve_device(device) if hasattr(backend, "resolve_device") else device
+    wanted = list(names)
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise InvalidBundle(f"{folder} lacks component(s): {', '.join(missing)}.")
+    loaded: dict[str, Component] = {}
+    start = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(wanted, desc="Loading", unit="model", disable=not progress, file=sys.stderr, leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        try:
+            model = backend.load(found[name], device=resolved, compute_unit=compute_unit)
+        except CoremlHubError:
+            raise
+        except (OSError, ValueError, KeyError) as exc:
+            raise InvalidBundle(f"Cannot load {found[name].name}: {type(exc).__name__}: {exc}") from exc
+        loaded[name] = Component(name, found[name], model)
+    bar.close()
+    return LoadedComponents(loaded, time.perf_counter() - start, backend.name, resolved)

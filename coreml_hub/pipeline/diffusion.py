@@ -1,0 +1,298 @@
+"""The denoising loop over Core ML components, independent of the backend that runs them.
+
+Everything the pipeline needs to know about sizes is read from the components' input
+descriptions: latent size and Unet batch from `sample`, text length and hidden size from
+`encoder_hidden_states` ([B, C, 1, L]), image size from the VAE decoder. Random draws use
+a CPU torch.Generator in the same order diffusers uses, so a seed means the same image
+on every backend and device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import InvalidBundle, UnsupportedSize, UsageError
+from . import images as imaging
+from .components import Component, unet_names
+from .schedulers import make_scheduler
+from .tokenizer import ClipTokenizer
+
+SCALE_SD = 0.18215
+SCALE_SDXL = 0.13025
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes read from the components."""
+
+    unet_batch: int
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    text_length: int
+    hidden_size: int
+    image_height: int
+    image_width: int
+    sdxl: bool
+
+    @property
+    def size(self) -> str:
+        return f"{self.image_width}x{self.image_height}"
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Unet text inputs for the negative (index 0) and positive (index 1) prompts."""
+
+    hidden: tuple[Any, ...]  # each [1, C, 1, L]
+    extras: tuple[dict[str, Any], ...]  # per prompt: SDXL text_embeds / time_ids
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One finished image: float [H, W, 3] in [0, 1], and whether the safety checker flagged it."""
+
+    image: Any
+    seed: int
+    flagged: bool
+
+
+StepCallback = Callable[[int, int, Any], None]  # (step number from 1, total steps, latents)
+
+
+def _first_output(outputs: dict[str, Any], preferred: tuple[str, ...], rank: int | None = None) -> Any:
+    for name in preferred:
+        if name in outputs:
+            return outputs[name]
+    for value in outputs.values():
+        if rank is None or value.dim() == rank:
+            return value
+    raise InvalidBundle(f"Expected an output named {' or '.join(preferred)}.")
+
+
+class StableDiffusion:
+    """Text-to-image and image-to-image over loaded components."""
+
+    def __init__(self, components: dict[str, Component], tokenizers: list[ClipTokenizer],
+                 scheduler_config: dict[str, Any], *, scale_factor: float | None = None,
+                 zero_empty_negative: bool | None = None) -> None:
+        self.components = components
+        self.tokenizers = tokenizers
+        self.scheduler_config = scheduler_config
+        self.unet_parts = [components[n] for n in unet_names(components)]
+        if not self.unet_parts:
+            raise InvalidBundle("The variant has no Unet (neither Unet nor UnetChunk1 + UnetChunk2).")
+        for required in ("text_encoder", "vae_decoder"):
+            if required not in components:
+                raise InvalidBundle(f"The variant has no {required}.")
+        self.geometry = self._read_geometry()
+        if self.geometry.sdxl and ("text_encoder_2" not in components or len(tokenizers) < 2):
+            raise InvalidBundle("This SDXL Unet needs a second text encoder (TextEncoder2) and its tokenizer.")
+        self.scale_factor = scale_factor or (SCALE_SDXL if self.geometry.sdxl else SCALE_SD)
+        self.zero_empty_negative = self.geometry.sdxl if zero_empty_negative is None else zero_empty_negative
+
+    # ---- sizes ------------------------------------------------------------------------
+    def unet_inputs(self) -> dict[str, Any]:
+        """Inputs of the whole Unet: chunk 1's, plus chunk 2's that chunk 1 does not produce."""
+        specs = dict(self.unet_parts[0].inputs)
+        for part in self.unet_parts[1:]:
+            produced = set()
+            for earlier in self.unet_parts[: self.unet_parts.index(part)]:
+                produced |= set(earlier.outputs)
+            for name, spec in part.inputs.items():
+                if name not in produced:
+                    specs.setdefault(name, spec)
+        return specs
+
+    def _read_geometry(self) -> Geometry:
+        specs = self.unet_inputs()
+        for name in ("sample", "timestep", "encoder_hidden_states"):
+            if name not in specs:
+                raise InvalidBundle(f"The Unet has no {name!r} input (inputs: {', '.join(specs)}).")
+        sample = specs["sample"].shape
+        hidden = specs["encoder_hidden_states"].shape
+        if len(sample) != 4 or any(d <= 0 for d in sample) or len(hidden) != 4:
+            raise UnsupportedSize(f"The Unet's input shapes are not fixed 4-D shapes (sample {sample}, "
+                                  f"encoder_hidden_states {hidden}); only fixed-size models can run.",
+                                  hint="Use a variant converted for a fixed resolution.")
+        batch, channels, lh, lw = sample
+        if batch not in (1, 2):
+            raise UnsupportedSize(f"The Unet takes a batch of {batch}; only 1 or 2 are supported.")
+        decoder = self.components["vae_decoder"]
+        z = decoder.input_shape(next(iter(decoder.inputs)))
+        if tuple(z[-2:]) != (lh, lw):
+            raise UnsupportedSize(f"The VAE decoder takes {z[-2]}x{z[-1]} latents but the Unet makes {lh}x{lw}.",
+                                  hint="The components come from different conversions; re-pull the variant.")
+        out = next(iter(decoder.outputs.values()), None)
+        if out is not None and len(out.shape) == 4 and all(d > 0 for d in out.shape):
+            ih, iw = out.shape[2], out.shape[3]
+        else:
+            ih, iw = lh * 8, lw * 8
+        return Geometry(unet_batch=batch, latent_channels=channels, latent_height=lh, latent_width=lw,
+                        text_length=hidden[3], hidden_size=hidden[1], image_height=ih, image_width=iw,
+                        sdxl="time_ids" in specs and "text_embeds" in specs)
+
+    # ---- text -------------------------------------------------------------------------
+    def _encode_one(self, encoder: Component, tokenizer: ClipTokenizer, text: str) -> tuple[Any, Any]:
+        import torch
+
+        length = encoder.input_shape("input_ids")[-1]
+        tokenizer.length = length
+        ids = torch.tensor([tokenizer.encode(text)], dtype=torch.float32)
+        out = encoder({"input_ids": ids})
+        hidden = _first_output(out, ("hidden_embeds", "last_hidden_state"), rank=3)
+        pooled = out.get("pooled_outputs")
+        return hidden, pooled
+
+    def encode_prompt(self, text: str) -> tuple[Any, dict[str, Any]]:
+        """One prompt -> Unet `encoder_hidden_states` [1, C, 1, L] plus SDXL extras."""
+        import torch
+
+        hidden, pooled = self._encode_one(self.components["text_encoder"], self.tokenizers[0], text)
+        extras: dict[str, Any] = {}
+        if self.geometry.sdxl:
+            hidden2, pooled2 = self._encode_one(self.components["text_encoder_2"], self.tokenizers[1], text)
+            hidden = torch.cat([hidden, hidden2], dim=-1)
+            extras["text_embeds"] = pooled2
+            g = self.geometry
+            extras["time_ids"] = torch.tensor(
+                [[g.image_height, g.image_width, 0, 0, g.image_height, g.image_width]], dtype=torch.float32)
+        if hidden.shape[-1] != self.geometry.hidden_size:
+            raise InvalidBundle(f"The text encoder makes {hidden.shape[-1]}-wide states but the Unet takes "
+                                f"{self.geometry.hidden_size}.")
+        return hidden.permute(0, 2, 1).unsqueeze(2), extras
+
+    def condition(self, prompt: str, negative_prompt: str) -> Conditioning:
+        import torch
+
+        cond, cond_extras = self.encode_prompt(prompt)
+        if self.zero_empty_negative and not negative_prompt:
+            uncond = torch.zeros_like(cond)
+            uncond_extras = {k: (torch.zeros_like(v) if k == "text_embeds" else v) for k, v in cond_extras.items()}
+        else:
+            uncond, uncond_extras = self.encode_prompt(negative_prompt)
+        return Conditioning((uncond, cond), (uncond_extras, cond_extras))
+
+    # ---- Unet -------------------------------------------------------------------------
+    def _unet_call(self, feed: dict[str, Any]) -> Any:
+        values = dict(feed)
+        out: dict[str, Any] = {}
+        for part in self.unet_parts:
+            out = part(values)
+            values.update(out)
+        return _first_output(out, ("noise_pred",), rank=4)
+
+    def predict_noise(self, sample: Any, t: Any, cond: Conditioning, which: tuple[int, ...]) -> Any:
+        """Noise predictions for `sample` under each conditioning index in `which`, batched as the Unet takes."""
+        import torch
+
+        batch = self.geometry.unet_batch
+        preds = []
+        for start in range(0, len(which), batch):
+            group = list(which[start:start + batch])
+            padded = group + [group[-1]] * (batch - len(group))
+            feed: dict[str, Any] = {
+                "sample": torch.cat([sample] * batch),
+                "timestep": torch.full((batch,), float(t), dtype=torch.float32),
+                "encoder_hidden_states": torch.cat([cond.hidden[i] for i in padded]),
+            }
+            for key in cond.extras[1]:
+                feed[key] = torch.cat([cond.extras[i][key] for i in padded])
+            preds.append(self._unet_call(feed)[: len(group)])
+        return torch.cat(preds)
+
+    # ---- VAE --------------------------------------------------------------------------
+    def decode(self, latents: Any) -> Any:
+        """Latents -> float numpy [H, W, 3] in [0, 1]."""
+        decoder = self.components["vae_decoder"]
+        out = decoder({next(iter(decoder.inputs)): latents / self.scale_factor})
+        return imaging.tensor_to_unit(_first_output(out, ("image",), rank=4))
+
+    def encode_image(self, image: Any, generator: Any) -> Any:
+        """Init image tensor [1, 3, H, W] -> scaled latents, sampled from the encoder's distribution."""
+        import torch
+
+        encoder = self.components.get("vae_encoder")
+        if encoder is None:
+            raise InvalidBundle("This variant has no VAEEncoder, so it cannot do image-to-image.",
+                                hint="Pull a variant with a VAE encoder (not `no-i2i`), or drop --image.")
+        moments = _first_output(encoder({next(iter(encoder.inputs)): image}), ("latent",), rank=4)
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        return (mean + std * noise) * self.scale_factor
+
+    # ---- the loop ---------------------------------------------------------------------
+    def generate(self, *, prompt: str, negative_prompt: str = "", steps: int = 25, guidance_scale: float = 7.5,
+                 seed: int = 0, scheduler: str = "pndm", init_image: Any = None, strength: float = 0.75,
+                 conditioning: Conditioning | None = None, on_step: StepCallback | None = None,
+                 progress: bool = False, desc: str = "Generating", check_safety: bool = True,
+                 latents: Any = None) -> Generated:
+        """Make one image. `init_image` (PIL, model size) switches to image-to-image."""
+        import torch
+        from tqdm import tqdm
+
+        if steps < 1:
+            raise UsageError("--steps must be at least 1.")
+        g = self.geometry
+        cond = conditioning or self.condition(prompt, negative_prompt)
+        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched.set_timesteps(steps)
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        shape = (1, g.latent_channels, g.latent_height, g.latent_width)
+        timesteps = sched.timesteps
+        if init_image is not None:
+            if not 0.0 < strength <= 1.0:
+                raise UsageError(f"--strength must be in (0, 1], got {strength}.")
+            init = self.encode_image(imaging.image_to_tensor(init_image), generator)
+            keep = min(int(steps * strength), steps)
+            t_start = max(steps - keep, 0)
+            timesteps = sched.timesteps[t_start * sched.order:]
+            if len(timesteps) == 0:
+                raise UsageError(f"--strength {strength} with --steps {steps} leaves no denoising step.",
+                                 hint="Raise --strength or --steps.")
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(t_start * sched.order)
+            noise = torch.randn(init.shape, generator=generator, dtype=torch.float32)
+            current = sched.add_noise(init, noise, timesteps[:1])
+        elif latents is not None:
+            current = latents.to(torch.float32) * sched.init_noise_sigma
+        else:
+            current = torch.randn(shape, generator=generator, dtype=torch.float32) * sched.init_noise_sigma
+
+        step_params = inspect.signature(sched.step).parameters
+        step_kwargs: dict[str, Any] = {}
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
+        if "eta" in step_params:
+            step_kwargs["eta"] = 0.0
+        guided = guidance_scale > 1.0
+        total = len(timesteps)
+        bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True, leave=False)
+        try:
+            for i, t in enumerate(timesteps):
+                model_in = sched.scale_model_input(current, t)
+                if guided:
+                    uncond, text = self.predict_noise(model_in, t, cond, (0, 1)).chunk(2)
+                    noise_pred = uncond + guidance_scale * (text - uncond)
+                else:
+                    noise_pred = self.predict_noise(model_in, t, cond, (1,))
+                current = sched.step(noise_pred, t, current, **step_kwargs).prev_sample
+                bar.update(1)
+                if on_step is not None:
+                    on_step(i + 1, total, current)
+        finally:
+            bar.close()
+        image = self.decode(current)
+        flagged = False
+        if check_safety and "safety_checker" in self.components:
+            from .safety import blacked_out, is_flagged
+
+            flagged = is_flagged(self.components["safety_checker"], image, imaging.unit_to_pil(image))
+            if flagged:
+                image = blacked_out(image)
+        return Generated(image=image, seed=int(seed), flagged=flagged)

@@ -1,0 +1,207 @@
+"""`generate`: resolve a model, load it with a backend, make images, write PNGs."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import UsageError
+from . import images as imaging
+from .components import BACKEND_CHOICES, find_components, load_components, select_backend, unet_names
+from .diffusion import StableDiffusion
+from .png import ImageMetadata, save_png, slug
+from .resolve import ResolvedModel, resolve_model
+from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_config
+from .tokenizer import load_tokenizer
+
+Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    path: Path
+    seed: int
+    flagged: bool
+    seconds: float
+    metadata: ImageMetadata
+    intermediates: tuple[Path, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "seed": self.seed, "nsfw_flagged": self.flagged,
+                "seconds": round(self.seconds, 3), "intermediates": [str(p) for p in self.intermediates],
+                "parameters": self.metadata.to_dict()}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What `run` made and how long it took."""
+
+    model: ResolvedModel
+    backend: str
+    device: str | None
+    size: str
+    load_seconds: float
+    generate_seconds: float
+    steps_per_image: int
+    images: tuple[SavedImage, ...] = field(default_factory=tuple)
+
+    @property
+    def unet_steps_per_second(self) -> float:
+        total = self.steps_per_image * len(self.images)
+        return total / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "backend": self.backend,
+            "device": self.device,
+            "size": self.size,
+            "load_seconds": round(self.load_seconds, 3),
+            "generate_seconds": round(self.generate_seconds, 3),
+            "steps_per_second": round(self.unet_steps_per_second, 3),
+            "images": [i.to_dict() for i in self.images],
+        }
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    pipeline: StableDiffusion
+    model: ResolvedModel
+    backend: str
+    device: str | None
+    load_seconds: float
+
+
+def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
+                  compute_unit: str | None = "ALL", img2img: bool = False, safety: bool = True,
+                  progress: bool = False) -> LoadedPipeline:
+    """Load the components a run needs (the VAE encoder only for image-to-image)."""
+    from ..errors import InvalidBundle
+
+    chosen = select_backend(backend)
+    found = find_components(model.path)
+    unet = unet_names(found)
+    if not unet:
+        raise InvalidBundle(f"{model.path} has no Unet (neither Unet nor both UnetChunk1 and UnetChunk2).",
+                            hint="Re-pull the variant, or run `coreml-hub verify` on the folder.")
+    names = ["text_encoder", *unet, "vae_decoder"]
+    if "text_encoder_2" in found:
+        names.insert(1, "text_encoder_2")
+    if img2img:
+        if "vae_encoder" not in found:
+            raise InvalidBundle(f"{model.path} has no VAEEncoder, so it cannot do image-to-image.",
+                                hint="Drop --image, or use a variant that ships a VAE encoder.")
+        names.append("vae_encoder")
+    if safety and "safety_checker" in found:
+        names.append("safety_checker")
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise InvalidBundle(f"{model.path} lacks component(s): {', '.join(missing)}.",
+                            hint="Re-pull the variant, or run `coreml-hub verify` on the folder.")
+    tokenizers = [load_tokenizer(model.path, 1)]
+    if "text_encoder_2" in names:
+        tokenizers.append(load_tokenizer(model.path, 2, default_pad="!"))
+    loaded = load_components(model.path, names, chosen, device=device, compute_unit=compute_unit,
+                             progress=progress)
+    pipe = StableDiffusion(loaded.components, tokenizers, scheduler_config(model.path))
+    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
+
+
+def _validate(steps: int, guidance_scale: float, num_images: int, strength: float, save_every: int | None,
+              scheduler: str, backend: str) -> None:
+    if steps < 1:
+        raise UsageError("--steps must be at least 1.")
+    if guidance_scale < 0:
+        raise UsageError("--guidance-scale must not be negative.")
+    if num_images < 1:
+        raise UsageError("--num-images must be at least 1.")
+    if not 0.0 < strength <= 1.0:
+        raise UsageError(f"--strength must be in (0, 1], got {strength}.")
+    if save_every is not None and save_every < 1:
+        raise UsageError("--save-every must be at least 1.")
+    if scheduler not in SCHEDULERS:
+        raise UsageError(f"Unknown scheduler {scheduler!r}.", hint=f"Choose one of: {', '.join(SCHEDULERS)}.")
+    if backend not in BACKEND_CHOICES:
+        raise UsageError(f"Unknown backend {backend!r}.", hint=f"Choose one of: {', '.join(BACKEND_CHOICES)}.")
+
+
+def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps: int = 25,
+             guidance_scale: float = 7.5, seed: int | None = None, scheduler: str = DEFAULT_SCHEDULER,
+             image: str | Path | None = None, strength: float = 0.75, num_images: int = 1,
+             output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
+             compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
+             pull: bool = True, progress: bool = False, on_message: Notify | None = None) -> RunResult:
+    """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
+
+    MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
+    Image i uses seed `seed + i`, so each file can be made again on its own.
+    """
+    from .. import paths
+
+    _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend)
+    say = on_message or (lambda _msg: None)
+    init = imaging.open_init_image(image) if image is not None else None
+    resolved = model if isinstance(model, ResolvedModel) else resolve_model(
+        str(model), pull=pull, progress=progress, on_message=say)
+    loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
+                           img2img=init is not None, safety=not disable_safety, progress=progress)
+    pipe = loaded.pipeline
+    g = pipe.geometry
+    say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
+        f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
+    if init is not None:
+        init, resized = imaging.fit_init_image(init, g.image_width, g.image_height)
+        if resized:
+            say(f"Resized the init image to {g.size}, the model's size.")
+    folder = Path(output_dir) if output_dir is not None else paths.outputs_dir()
+    base_seed = secrets.randbelow(2**32) if seed is None else int(seed)
+    cond = pipe.condition(prompt, negative_prompt)
+    saved: list[SavedImage] = []
+    start = time.perf_counter()
+    for index in range(num_images):
+        image_seed = base_seed + index
+        meta = ImageMetadata(
+            prompt=prompt, negative_prompt=negative_prompt, seed=image_seed, steps=steps, scheduler=scheduler,
+            guidance_scale=guidance_scale, width=g.image_width, height=g.image_height, model=resolved.name,
+            variant=resolved.variant, revision=resolved.revision, backend=loaded.backend,
+            strength=strength if init is not None else None,
+            init_image=str(image) if image is not None else None)
+        stem = f"{slug(prompt)}-{image_seed}"
+        intermediates: list[Path] = []
+
+        def on_step(step: int, total: int, latents: Any, _meta: ImageMetadata = meta, _stem: str = stem,
+                    _out: list[Path] = intermediates) -> None:
+            if save_every and step % save_every == 0 and step < total:
+                from dataclasses import replace
+
+                picture = imaging.unit_to_pil(pipe.decode(latents))
+                _out.append(save_png(picture, folder, f"{_stem}-step{step:03d}", replace(_meta, step=step)))
+
+        t0 = time.perf_counter()
+        result = pipe.generate(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
+                               guidance_scale=guidance_scale, seed=image_seed, scheduler=scheduler,
+                               init_image=init, strength=strength, conditioning=cond, on_step=on_step,
+                               progress=progress, desc=f"Image {index + 1}/{num_images}",
+                               check_safety=not disable_safety)
+        if result.flagged:
+            say(f"Warning: the safety checker flagged image {index + 1} (seed {image_seed}); it was replaced by "
+                "a black image. Use --disable-safety to keep such images.")
+        path = save_png(imaging.unit_to_pil(result.image), folder, stem, meta)
+        saved.append(SavedImage(path, image_seed, result.flagged, time.perf_counter() - t0, meta,
+                                tuple(intermediates)))
+    elapsed = time.perf_counter() - start
+    denoise_steps = len(_denoise_count(steps, strength if init is not None else None))
+    result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, loaded.load_seconds, elapsed,
+                           denoise_steps, tuple(saved))
+    say(f"Generated {num_images} image{'s' if num_images != 1 else ''} in {elapsed:.1f} s "
+        f"({result_obj.unet_steps_per_second:.2f} steps/s).")
+    return result_obj
+
+
+def _denoise_count(steps: int, strength: float | None) -> range:
+    if strength is None:
+        return range(steps)
+    return range(min(int(steps * strength), steps))

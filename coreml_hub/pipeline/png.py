@@ -1,0 +1,188 @@
+"""PNG files with generation metadata, written atomically under names that never collide.
+
+Metadata follows the `parameters` text chunk that image tools read (prompt, then a
+`Negative prompt:` line, then `Key: value` pairs), plus one text chunk per field.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .schedulers import SAMPLER_NAMES
+
+SOFTWARE = "coreml-hub"
+
+
+@dataclass(frozen=True)
+class ImageMetadata:
+    """What made one image; enough to make it again."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    scheduler: str
+    guidance_scale: float
+    width: int
+    height: int
+    model: str
+    variant: str | None = None
+    revision: str | None = None
+    backend: str | None = None
+    strength: float | None = None  # image-to-image only
+    init_image: str | None = None
+    step: int | None = None  # intermediate decodes only
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def parameters_text(self) -> str:
+        """The `parameters` chunk: prompt, negative prompt line, then comma-separated settings."""
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        pairs = [
+            ("Steps", str(self.steps)),
+            ("Sampler", SAMPLER_NAMES.get(self.scheduler, self.scheduler)),
+            ("CFG scale", _num(self.guidance_scale)),
+            ("Seed", str(self.seed)),
+            ("Size", f"{self.width}x{self.height}"),
+            ("Model", self.model),
+        ]
+        if self.variant:
+            pairs.append(("Variant", self.variant))
+        if self.revision:
+            pairs.append(("Model hash", self.revision[:10]))
+        if self.strength is not None:
+            pairs.append(("Denoising strength", _num(self.strength)))
+        if self.backend:
+            pairs.append(("Backend", self.backend))
+        if self.step is not None:
+            pairs.append(("Step", str(self.step)))
+        pairs.append(("Version", SOFTWARE))
+        lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "steps": self.steps,
+            "scheduler": self.scheduler,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "model": self.model,
+            "variant": self.variant,
+            "revision": self.revision,
+            "backend": self.backend,
+            "strength": self.strength,
+        }
+        if self.init_image is not None:
+            data["init_image"] = self.init_image
+        if self.step is not None:
+            data["step"] = self.step
+        data.update(self.extra)
+        return data
+
+    def text_chunks(self) -> dict[str, str]:
+        chunks = {"parameters": self.parameters_text(), "Software": SOFTWARE}
+        for key, value in self.to_dict().items():
+            if value is not None:
+                chunks[key] = str(value)
+        return chunks
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+def _quote(value: str) -> str:
+    # A value holding the separators is quoted, as image tools expect.
+    if "," in value or ":" in value or "\n" in value:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return value
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Read a `parameters` chunk back: prompt, negative prompt and each setting."""
+    lines = text.split("\n")
+    settings_line = lines[-1] if len(lines) > 1 else ""
+    body = lines[:-1] if len(lines) > 1 else lines
+    result: dict[str, str] = {}
+    negative = [i for i, line in enumerate(body) if line.startswith("Negative prompt: ")]
+    if negative:
+        cut = negative[0]
+        result["prompt"] = "\n".join(body[:cut])
+        result["negative_prompt"] = "\n".join(body[cut:])[len("Negative prompt: "):]
+    else:
+        result["prompt"] = "\n".join(body)
+        result["negative_prompt"] = ""
+    for match in re.finditer(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', settings_line):
+        key, value = match.group(1).strip(), match.group(2).strip()
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value[1:-1])
+        result[key] = value
+    return result
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A short, filesystem-safe name from a prompt."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (words[:limit].rstrip("-")) or "image"
+
+
+def save_png(image: Any, folder: Path, stem: str, metadata: ImageMetadata) -> Path:
+    """Write `image` (PIL) as `folder/stem.png`, or `stem-1.png`, ...: never overwrites.
+
+    The data goes to a hidden temp file first; the final name appears only when the file
+    is complete (hard link, which fails if the name exists), so an interruption never
+    leaves a partial PNG under a real name.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key, value in metadata.text_chunks().items():
+        info.add_text(key, value)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".png.part", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            image.save(fh, format="PNG", pnginfo=info)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would carry over to the published name
+        return _publish(tmp, folder, stem)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _publish(tmp: Path, folder: Path, stem: str) -> Path:
+    for n in range(0, 100_000):
+        target = folder / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
+        try:
+            os.link(tmp, target)
+            return target
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+                raise
+            # No hard links here: reserve the name exclusively, then move the data over it.
+            try:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                continue
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                target.unlink(missing_ok=True)
+                raise
+            return target
+    raise FileExistsError(f"Could not find a free file name for {stem} in {folder}")

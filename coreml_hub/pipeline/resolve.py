@@ -1,0 +1,110 @@
+"""Turn `run`'s MODEL argument into a variant folder: a local folder, or a pulled (or now pulled) model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import InvalidBundle, ModelNotPulled, UsageError
+from .components import find_components
+
+MAX_SEARCH_DEPTH = 3
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's bundles are, and what to call it in metadata."""
+
+    path: Path
+    name: str
+    repo: str | None = None
+    variant: str | None = None
+    revision: str | None = None
+    pulled_now: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "name": self.name, "repo": self.repo, "variant": self.variant,
+                "revision": self.revision, "pulled_now": self.pulled_now}
+
+
+def _variant_folders(root: Path, depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
+    """Folders under `root` (itself included) that hold Core ML bundles directly."""
+    found: list[Path] = []
+    stack = [(root, 0)]
+    while stack:
+        folder, level = stack.pop()
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        if any(e.suffix in (".mlpackage", ".mlmodelc") for e in entries):
+            if find_components(folder):
+                found.append(folder)
+            continue
+        if level < depth:
+            stack.extend((e, level + 1) for e in reversed(entries) if e.is_dir() and not e.name.startswith("."))
+    return sorted(found)
+
+
+def resolve_local(path: Path) -> ResolvedModel:
+    """A variant folder, a store entry, or a folder (like `convert -o`) holding exactly one variant."""
+    path = path.expanduser().resolve()
+    if path.suffix in (".mlpackage", ".mlmodelc"):
+        raise UsageError(f"{path.name} is a single bundle; `run` needs the folder holding all of a variant's bundles.",
+                         hint=f"Pass {path.parent} instead.")
+    folders = _variant_folders(path)
+    if not folders:
+        raise InvalidBundle(f"No Core ML Stable Diffusion bundles found in {path}.",
+                            hint="Pass a variant folder (holding TextEncoder/Unet/VAEDecoder bundles), "
+                                 "the -o folder of `coreml-hub convert`, or a repo id.")
+    if len(folders) > 1:
+        listing = "\n  ".join(str(f) for f in folders)
+        raise UsageError(f"{path} holds several variants; name one:\n  {listing}",
+                         hint=f"For example: coreml-hub run {folders[0]} \"PROMPT\"")
+    folder = folders[0]
+    repo = variant = revision = None
+    try:
+        from ..store import MANIFEST_NAME, load_entry
+
+        if (folder / MANIFEST_NAME).is_file():
+            entry = load_entry(folder)
+            repo, variant, revision = entry.repo, entry.variant, entry.commit
+    except Exception:  # a local folder needs no store metadata
+        pass
+    if variant is None and folder != path:
+        variant = str(folder.relative_to(path))
+    return ResolvedModel(path=folder, name=repo or folder.name, repo=repo, variant=variant, revision=revision)
+
+
+def looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text) or text.count("/") > 1
+
+
+def resolve_model(text: str, *, pull: bool = True, progress: bool = False,
+                  on_message: Callable[[str], None] | None = None) -> ResolvedModel:
+    """MODEL as `run` takes it: a folder, `REPO`, `REPO:VARIANT`, `REPO@REV[:VARIANT]`."""
+    candidate = Path(text).expanduser()
+    if candidate.exists():
+        return resolve_local(candidate)
+    if looks_like_path(text):
+        raise InvalidBundle(f"No such folder: {text}.",
+                            hint="Pass an existing variant folder, or a repo id such as ORG/NAME[:VARIANT].")
+    from .. import store
+
+    ref = store.parse_ref(text)
+    try:
+        pulled = store.find_pulled(ref, require_ok=True)
+        pulled_now = False
+    except ModelNotPulled as exc:
+        if not pull:
+            raise ModelNotPulled(exc.message, hint=f"Pull it with `coreml-hub pull {ref}` (or drop --no-pull "
+                                                   "to pull it automatically).") from None
+        if on_message:
+            on_message(f"{ref} is not pulled yet; pulling it.")
+        store.pull(str(ref), progress=progress)
+        pulled = store.find_pulled(ref, require_ok=True)
+        pulled_now = True
+    return ResolvedModel(path=Path(pulled.path), name=pulled.repo, repo=pulled.repo, variant=pulled.variant,
+                         revision=pulled.commit, pulled_now=pulled_now)

@@ -1,0 +1,81 @@
+"""The `torch` backend: runs Core ML files with coreml-hub's portable ML Program runtime.
+
+Works wherever PyTorch does: CPU, CUDA, Apple's MPS. On a GPU the weights run in fp16
+(the precision the models were converted in); on the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from coreml_hub.hookspecs import hookimpl
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | None) -> str:
+    """`auto` -> the best device this machine has; an explicit one must exist."""
+    import torch
+
+    from coreml_hub.errors import BackendUnavailable, UsageError
+
+    device = (device or "auto").lower()
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise UsageError(f"Unknown device {device!r}.", hint=f"Choose one of: {', '.join(DEVICES)}.")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailable(
+            "--device cuda was asked for, but PyTorch sees no CUDA GPU "
+            f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA).",
+            hint="Use --device cpu, or install a CUDA build of PyTorch on a machine with an NVIDIA GPU.",
+        )
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BackendUnavailable("--device mps was asked for, but MPS is not available on this machine.",
+                                 hint="Use --device cpu (MPS needs Apple silicon and a PyTorch build with MPS).")
+    return device
+
+
+def default_dtype(device: str) -> str:
+    """fp16 on GPUs, fp32 on the CPU (where fp16 math is slow and less exact)."""
+    return "float32" if device == "cpu" else "float16"
+
+
+class TorchBackend:
+    """Loads components with `coreml_hub.mil.load_model`."""
+
+    name = "torch"
+    formats = ("packages", "compiled")
+    description = "portable ML Program runtime on PyTorch (cpu, cuda, mps)"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import torch  # noqa: F401
+
+            from coreml_hub import mil
+        except Exception as exc:  # any import failure makes the backend unusable
+            return False, f"PyTorch or the runtime could not be imported ({type(exc).__name__}: {exc})"
+        if not hasattr(mil, "load_model"):
+            return False, "this coreml-hub build has no portable runtime"
+        return True, "runs everywhere PyTorch does"
+
+    def resolve_device(self, device: str | None) -> str:
+        return resolve_device(device)
+
+    def load(self, component_path: Path | str, *, device: str | None = "auto", compute_unit: str | None = None,
+             dtype: str | None = None) -> Any:
+        """A Model for one `.mlpackage` / `.mlmodelc`. `compute_unit` is a Core ML notion and is ignored."""
+        from coreml_hub.mil import load_model
+
+        resolved = resolve_device(device)
+        return load_model(Path(component_path), device=resolved, dtype=dtype or default_dtype(resolved))
+
+
+@hookimpl
+def register_backends(register: Any) -> None:
+    register(TorchBackend())

@@ -39,6 +39,9 @@ DTYPES: dict[str, np.dtype] = {
     "uint6": np.dtype(np.uint8),
     "bool": np.dtype(np.bool_),
     "string": np.dtype(object),
+    # 8-bit floats exist only in weight files so far (blob dtype codes 16, 17); raw bits
+    "fp8e4m3fn": np.dtype(np.uint8),
+    "fp8e5m2": np.dtype(np.uint8),
 }
 
 # Input parameters that take a tuple of arguments even when the tuple has one element.
@@ -99,7 +102,14 @@ class DictType:
     value: "ValueType"
 
 
-ValueType = Union[TensorType, ListType, TupleType, DictType]
+@dataclass(frozen=True)
+class StateType:
+    """`state<tensor<...>>`: a function input that ops read and update in place (iOS 18)."""
+
+    wrapped: "ValueType"
+
+
+ValueType = Union[TensorType, ListType, TupleType, DictType, StateType]
 
 
 @dataclass(frozen=True)
@@ -266,7 +276,8 @@ class Program:
 
 def dtype_nbits(dtype: str) -> int:
     """Storage bits per element of a MIL dtype (sub-byte types included)."""
-    special = {"int4": 4, "uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6, "bool": 8, "bf16": 16}
+    special = {"int4": 4, "uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6, "bool": 8, "bf16": 16,
+               "fp8e4m3fn": 8, "fp8e5m2": 8}
     if dtype in special:
         return special[dtype]
     return DTYPES[dtype].itemsize * 8

@@ -37,6 +37,10 @@ class TensorSpec:
 
 
 def _dtype_name(dtype: Any) -> str:
+    if isinstance(dtype, type):  # numpy scalar types such as np.float16
+        import numpy as np
+
+        dtype = np.dtype(dtype).name
     text = str(getattr(dtype, "name", None) or dtype).lower()
     text = text.removeprefix("np.").removeprefix("numpy.")
     return _DTYPE_ALIASES.get(text, text if text in _DTYPE_ALIASES.values() else "float32")

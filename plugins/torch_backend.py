@@ -60,8 +60,10 @@ class TorchBackend:
             from coreml_hub import mil
         except Exception as exc:  # any import failure makes the backend unusable
             return False, f"PyTorch or the runtime could not be imported ({type(exc).__name__}: {exc})"
-        if not hasattr(mil, "load_model"):
-            return False, "this coreml-hub build has no portable runtime"
+        import importlib.util
+
+        if not hasattr(mil, "load_model") or importlib.util.find_spec("coreml_hub.mil.model") is None:
+            return False, "this coreml-hub build has no portable runtime (coreml_hub.mil.model is missing)"
         return True, "runs everywhere PyTorch does"
 
     def resolve_device(self, device: str | None) -> str:

@@ -152,6 +152,34 @@ def _iso(when: datetime | None) -> str | None:
     return when.isoformat().replace("+00:00", "Z") if when is not None else None
 
 
+def _check_reachable() -> None:
+    """Fail at once when nothing listens at the endpoint.
+
+    huggingface_hub retries paginated listings on refused connections for ~25 s; a TCP
+    connect tells in milliseconds. Skipped behind a proxy, where only the proxy can tell.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return
+    import socket
+    from urllib.parse import urlsplit
+
+    where = endpoint()
+    parts = urlsplit(where)
+    if not parts.hostname:
+        raise EndpointUnreachable(f"HF_ENDPOINT is not a URL: {where!r}.",
+                                  hint="Set HF_ENDPOINT to e.g. https://huggingface.co or http://127.0.0.1:8080.")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=10).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise EndpointUnreachable(
+            f"Cannot reach {where}: {reason}.",
+            hint=f"Check your network or HF_ENDPOINT (now {where}); set HF_HUB_OFFLINE=1 to use only pulled models.",
+        ) from None
+
+
 def _require_online(what: str) -> None:
     if offline():
         raise OfflineError(f"HF_HUB_OFFLINE is set, so coreml-hub cannot {what}.")
@@ -256,6 +284,7 @@ def search_models(
 
         raise UsageError(f"Unknown sort {sort!r}.", hint=f"Use one of: {', '.join(sorted(set(SORTS)))}.")
     filters = [filter] if isinstance(filter, str) else list(filter or [])
+    _check_reachable()
     with hub_errors():
         models = list(api().list_models(
             filter=filters or None,

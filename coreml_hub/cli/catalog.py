@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import click
@@ -85,7 +84,7 @@ def list_cmd(filters: tuple[str, ...], search: str | None, author: str | None, s
         if filters or search or author:
             raise UsageError("--local lists pulled models and takes no search options.",
                              hint="Drop --filter/--search/--author, or drop --local to search the Hub.")
-        _list_local(out)
+        _list_local(json_mode, quiet)
         return
     parsed = parse_filters(filters)
     author = _single(parsed, "author", author)
@@ -105,34 +104,14 @@ def list_cmd(filters: tuple[str, ...], search: str | None, author: str | None, s
     out.table(rows, LIST_COLUMNS)
 
 
-def _list_local(out: Output) -> None:
+def _list_local(json_mode: bool, quiet: bool) -> None:
+    """Same output as `coreml-hub ls`: the store owns how pulled models are shown."""
     try:
-        from ..store import list_pulled
+        from .store_cmds import ls_cmd
     except ImportError as exc:
         raise CoremlHubError(f"This installation cannot list pulled models: the local store is missing ({exc}).",
                              hint="Reinstall coreml-hub, or search the Hub with `coreml-hub list`.") from None
-    rows = [_as_record(item) for item in list_pulled()]
-    if not rows and not out.json_mode:
-        out.info("No models pulled yet. Pull one with `coreml-hub pull REPO --variant ID`.")
-        return
-    out.table(rows, [
-        Column("repo_id", "REPO", lambda v: v or "-"),
-        Column("variant", "VARIANT", lambda v: v or "-"),
-        Column("size_bytes", "SIZE", human_size),
-        Column("pulled_at", "PULLED", relative_time),
-    ])
-
-
-def _as_record(item: Any) -> dict[str, Any]:
-    if hasattr(item, "to_dict"):
-        record = dict(item.to_dict())
-    elif is_dataclass(item) and not isinstance(item, type):
-        record = asdict(item)
-    else:
-        record = dict(item)
-    if "variant" not in record and "variant_id" in record:
-        record["variant"] = record["variant_id"]
-    return record
+    click.get_current_context().invoke(ls_cmd, repo=None, json_mode=json_mode, quiet=quiet)
 
 
 def pull_command(repo_id: str, variant_id: str, revision: str | None = None) -> str:
@@ -190,7 +169,7 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
     snapshot, variants = repo_variants(repo, revision)
     if not variants:
         raise NoVariants(f"{snapshot.repo_id} has no Core ML variant coreml-hub recognizes "
-                         f"({len(snapshot.files)} files at {snapshot.sha[:7]}).")
+                         f"({len(snapshot.files)} file{'s' if len(snapshot.files) != 1 else ''} at {snapshot.sha[:7]}).")
     out = Output(json_mode=json_mode)
     records = []
     for v in variants:

@@ -66,3 +66,68 @@ def repo_file_sizes(folder: Path) -> dict[str, int]:
             full = Path(dirpath) / name
             out[full.relative_to(folder).as_posix()] = full.stat().st_size
     return out
+
+
+# --- real Hub layouts (file names as published; small generated content) ---------------------------
+
+# weight.bin size per component, distinct so sizes add up to checkable totals
+WEIGHT_SIZES = {
+    "text_encoder": 1_000, "text_encoder_2": 1_100, "unet": 5_000, "unet_chunk1": 2_600, "unet_chunk2": 2_500,
+    "vae_decoder": 800, "vae_encoder": 700, "safety_checker": 900, "controlnet": 1_200, "refiner": 4_000,
+}
+_COMPILED = {"text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "unet": "Unet",
+             "unet_chunk1": "UnetChunk1", "unet_chunk2": "UnetChunk2", "vae_decoder": "VAEDecoder",
+             "vae_encoder": "VAEEncoder", "safety_checker": "SafetyChecker", "controlnet": "ControlNet"}
+SD_COMPONENTS = ("text_encoder", "unet", "unet_chunk1", "unet_chunk2", "vae_decoder", "vae_encoder")
+TOKENIZER = {"merges.txt": "#version: 0.2\n", "vocab.json": '{"<|endoftext|>": 49407}'}
+
+
+def compiled_bundle(folder: str, component: str) -> dict[str, Content]:
+    """The files of one `.mlmodelc` as Apple's converter writes them."""
+    base = f"{folder}/{_COMPILED[component]}.mlmodelc" if folder else f"{_COMPILED[component]}.mlmodelc"
+    return {
+        f"{base}/model.mil": "program(1.0)\n",
+        f"{base}/coremldata.bin": 120,
+        f"{base}/analytics/coremldata.bin": 60,
+        f"{base}/metadata.json": "[]",
+        f"{base}/weights/weight.bin": WEIGHT_SIZES[component],
+    }
+
+
+def package_bundle(folder: str, model_version: str, component: str) -> dict[str, Content]:
+    """The files of one `.mlpackage` named the way Apple's converter names them."""
+    name = f"Stable_Diffusion_version_{model_version.replace('/', '_')}_{component}.mlpackage"
+    base = f"{folder}/{name}" if folder else name
+    return {
+        f"{base}/Manifest.json": "{}",
+        f"{base}/Data/com.apple.CoreML/model.mlmodel": 300,
+        f"{base}/Data/com.apple.CoreML/weights/weight.bin": WEIGHT_SIZES[component],
+    }
+
+
+def apple_sd_files(model_version: str = "runwayml/stable-diffusion-v1-5", safety_checker: bool = True,
+                   attentions: tuple[str, ...] = ("original", "split_einsum")) -> dict[str, Content]:
+    """apple/coreml-stable-diffusion-{v1-4,v1-5,2-base,2-1-base}: {attention}/{compiled,packages}/."""
+    components = SD_COMPONENTS + (("safety_checker",) if safety_checker else ())
+    files: dict[str, Content] = {"README.md": "# Core ML Stable Diffusion\n"}
+    for attention in attentions:
+        for component in components:
+            files.update(compiled_bundle(f"{attention}/compiled", component))
+            files.update(package_bundle(f"{attention}/packages", model_version, component))
+        files.update({f"{attention}/compiled/{k}": v for k, v in TOKENIZER.items()})
+    return files
+
+
+def apple_sdxl_files(refiner: bool = False) -> dict[str, Content]:
+    """apple/coreml-stable-diffusion-xl-base(-with-refiner): no attention level in the paths."""
+    version = "stabilityai/stable-diffusion-xl-base-1.0"
+    components = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+    files: dict[str, Content] = {"README.md": "# SDXL\n"}
+    for component in components:
+        files.update(compiled_bundle("compiled", component))
+        files.update(package_bundle("packages", version, component))
+    if refiner:
+        files.update(package_bundle("packages", version, "refiner"))
+    files.update({f"compiled/{k}": v for k, v in TOKENIZER.items()})
+    files["coreml-stable-diffusion-xl-base_original_compiled.zip"] = 9_000
+    return files

@@ -81,9 +81,24 @@ _HEADER = struct.Struct("<II")
 
 
 class BlobError(CoremlHubError):
-    """A weight file or one blob in it is missing, truncated or malformed."""
+    """A weight file or one blob in it is missing, truncated or malformed.
+
+    `reason` is the message without the file and offset, for reports that name those apart.
+    """
 
     default_hint = "The weight file is damaged: re-pull the model with `coreml-hub pull ... --force`."
+
+    def __init__(self, message: str, *, hint: str | None = None, path: Path | None = None,
+                 offset: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+        self.offset = offset
+        self.reason = reason if reason is not None else message
+
+
+def _fail(path: Path, offset: int | None, reason: str) -> BlobError:
+    where = f"{path} @ {offset}" if offset is not None else str(path)
+    return BlobError(f"{where}: {reason}", path=path, offset=offset, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -124,47 +139,44 @@ class BlobFile:
             with open(self.path, "rb") as fh:
                 self.size = os.fstat(fh.fileno()).st_size
                 if self.size < HEADER_SIZE:
-                    raise BlobError(
-                        f"{self.path}: {self.size} bytes, too small for a weight file header ({HEADER_SIZE} bytes)."
-                    )
+                    raise _fail(self.path, None, f"{self.size} bytes, too small for a weight file header "
+                                                 f"({HEADER_SIZE} bytes)")
                 self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
-            raise BlobError(f"{self.path}: weight file not found.") from None
+            raise _fail(self.path, None, "weight file not found") from None
         except IsADirectoryError:
-            raise BlobError(f"{self.path}: is a directory, not a weight file.") from None
+            raise _fail(self.path, None, "is a directory, not a weight file") from None
         except PermissionError as exc:
-            raise BlobError(f"{self.path}: cannot read the weight file ({exc.strerror}).",
-                            hint="Check the file's permissions.") from None
+            error = _fail(self.path, None, f"cannot read the weight file ({exc.strerror})")
+            error.hint = "Check the file's permissions."
+            raise error from None
         except OSError as exc:
             if isinstance(exc, BlobError):
                 raise
-            raise BlobError(f"{self.path}: cannot map the weight file ({exc}).") from None
+            raise _fail(self.path, None, f"cannot map the weight file ({exc})") from None
         self.count, self.version = _HEADER.unpack_from(self._mm, 0)
         if self.version != VERSION:
-            raise BlobError(f"{self.path}: weight file version {self.version}, expected {VERSION}.")
+            raise _fail(self.path, None, f"weight file version {self.version}, expected {VERSION}")
 
     # -- metadata -----------------------------------------------------------------
 
     def info(self, offset: int) -> BlobInfo:
         """The checked metadata of the blob at `offset` (the offset a BLOBFILE reference names)."""
-        where = f"{self.path} @ {offset}"
         if offset < HEADER_SIZE:
-            raise BlobError(f"{where}: offset lies inside the {HEADER_SIZE}-byte file header.")
+            raise _fail(self.path, offset, f"offset lies inside the {HEADER_SIZE}-byte file header")
         if offset + METADATA_SIZE > self.size:
-            raise BlobError(f"{where}: offset is past the end of the file ({self.size} bytes).")
+            raise _fail(self.path, offset, f"offset is past the end of the file ({self.size} bytes)")
         sentinel, code, size, data_offset, padding = _METADATA.unpack_from(self._mm, offset)
         if sentinel != SENTINEL:
-            raise BlobError(f"{where}: no blob here (sentinel 0x{sentinel:08X}, expected 0xDEADBEEF).")
+            raise _fail(self.path, offset, f"no blob here (sentinel 0x{sentinel:08X}, expected 0xDEADBEEF)")
         dtype = DTYPE_NAMES.get(code)
         if dtype is None:
-            raise BlobError(f"{where}: unknown blob data type code {code}.")
+            raise _fail(self.path, offset, f"unknown blob data type code {code}")
         if data_offset < offset + METADATA_SIZE or data_offset > self.size:
-            raise BlobError(f"{where}: data offset {data_offset} is outside the file or overlaps the metadata.")
+            raise _fail(self.path, offset, f"data offset {data_offset} is outside the file or overlaps the metadata")
         if size > self.size - data_offset:
-            raise BlobError(
-                f"{where}: blob declares {size} bytes at {data_offset} but the file ends at {self.size} "
-                f"(truncated by {size - (self.size - data_offset)} bytes)."
-            )
+            raise _fail(self.path, offset, f"blob declares {size} bytes at {data_offset} but the file ends at "
+                                           f"{self.size} (short by {size - (self.size - data_offset)} bytes)")
         return BlobInfo(offset=offset, dtype_code=code, dtype=dtype, size=size, data_offset=data_offset,
                         padding_bits=padding)
 
@@ -197,18 +209,16 @@ class BlobFile:
         as the blob stores. Without `shape` a flat array is returned.
         """
         info = self.info(offset)
-        where = f"{self.path} @ {offset}"
         if dtype is not None and dtype != info.dtype:
-            raise BlobError(f"{where}: blob holds {info.dtype}, the program declares {dtype}.")
+            raise _fail(self.path, offset, f"blob holds {info.dtype}, the program declares {dtype}")
         if shape is not None:
             count = 1
             for dim in shape:
                 count *= int(dim)
             expected = packed_size(info.dtype, count)
             if expected != info.size:
-                raise BlobError(
-                    f"{where}: {info.size} bytes of {info.dtype}, but shape {list(shape)} needs {expected} bytes."
-                )
+                raise _fail(self.path, offset, f"{info.size} bytes of {info.dtype}, but shape {list(shape)} "
+                                               f"needs {expected} bytes")
         else:
             count = info.count()
         bits = NBITS[info.dtype]
@@ -241,7 +251,7 @@ _CHUNK = 1 << 22  # bytes unpacked per step, to bound temporaries on big paletti
 def unpack_bits(packed: np.ndarray, bits: int, count: int, signed: bool = False) -> np.ndarray:
     """`count` elements of `bits` bits each from LSB-first packed bytes (uint8, or int8 when signed)."""
     if count * bits > packed.size * 8:
-        raise BlobError(f"{count} elements of {bits} bits need more than the {packed.size} bytes given.")
+        raise BlobError(f"{count} elements of {bits} bits need more than the {packed.size} bytes given")
     out = np.empty(count, dtype=np.uint8)
     if 8 % bits == 0:
         per_byte = 8 // bits
@@ -327,11 +337,11 @@ def resolve_blob_path(path: str, base_dir: str | os.PathLike[str] | None) -> Pat
     prefix = "@model_path/"
     relative = path[len(prefix):] if path.startswith(prefix) else path
     if base_dir is None:
-        raise BlobError(f"Cannot resolve {path!r}: the program was loaded without a model folder.",
+        raise BlobError(f"Cannot resolve {path!r}: the program was loaded without a model folder",
                         hint="Load the program from its bundle (`mil.text.load(path)`), not from a string.")
     parts = Path(relative).parts
     if Path(relative).is_absolute() or ".." in parts:
-        raise BlobError(f"Weight path {path!r} points outside the model folder.")
+        raise BlobError(f"Weight path {path!r} points outside the model folder")
     return Path(base_dir) / relative
 
 
@@ -340,7 +350,7 @@ def read_blob_value(value: "TensorValue") -> np.ndarray:  # noqa: F821 - avoids 
     ref = value.data
     shape = value.type.static_shape
     if shape is None:
-        raise BlobError(f"Constant at {ref.path} @ {ref.offset} has no static shape ({value.type.shape}).")
+        raise BlobError(f"Constant at {ref.path} @ {ref.offset} has no static shape ({value.type.shape})")
     blob = open_blob_file(resolve_blob_path(ref.path, value.base_dir))
     return blob.read(ref.offset, dtype=value.type.dtype, shape=shape)
 

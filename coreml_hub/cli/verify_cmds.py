@@ -1,0 +1,135 @@
+"""`verify` and `inspect`: check a variant or bundle; show what a bundle holds."""
+
+from __future__ import annotations
+
+import click
+
+from .output import Column, Output, human_size, stderr_is_tty
+
+
+@click.command(
+    "verify",
+    epilog="""\b
+Examples:
+  coreml-hub verify apple/coreml-stable-diffusion-v1-5:split_einsum/compiled
+  coreml-hub verify ./my-variant --hashes
+  coreml-hub verify Unet.mlmodelc --json
+
+\b
+TARGET is a pulled model (ORG/NAME[@REV][:VARIANT]), a variant folder, or one bundle
+(.mlmodelc or .mlpackage). Checks: every bundle is complete and well formed (Manifest.json,
+model spec, model.mil, metadata.json, each weight's blob header, dtype and size), the
+components a Stable Diffusion variant needs are present and their shapes agree, and the
+attention the bundles use matches the variant. --hashes also re-hashes every file against
+the manifest recorded when it was pulled.
+Exit status: 0 valid (warnings allowed), 1 problems found, 2 usage error.""",
+)
+@click.argument("target", metavar="TARGET")
+@click.option("--hashes", is_flag=True, help="Also recompute every file's sha256 and compare with the pull manifest.")
+@click.option("--json", "json_mode", is_flag=True, help="Print the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit status tells.")
+def verify_cmd(target: str, hashes: bool, json_mode: bool, quiet: bool) -> None:
+    """Check that a variant or a bundle is complete, well formed and consistent."""
+    from ..bundle import verify
+
+    out = Output(json_mode=json_mode, quiet=quiet)
+    report = verify(target, hashes=hashes, progress=hashes and not quiet and not json_mode and stderr_is_tty())
+    _record_in_store(report)
+    if json_mode:
+        out.json(report.to_dict())
+    elif not quiet:
+        if report.problems:
+            rows = [p.to_dict() for p in report.problems]
+            out.table(rows, [Column("severity", "severity"), Column("path", "path"), Column("message", "problem")])
+            for problem in report.problems:
+                if problem.hint and problem.is_error:
+                    out.info(f"Hint: {problem.hint}")
+                    break
+        summary = f"{len(report.components)} bundle{'s' if len(report.components) != 1 else ''}"
+        if report.attention:
+            summary += f", {report.attention} attention"
+        if report.hashed_files is not None:
+            summary += f", {report.hashed_files} files hashed"
+        if report.ok:
+            warn = f" ({len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''})" if report.warnings else ""
+            out.info(f"Valid: {report.path} ({summary}){warn}.")
+        else:
+            out.info(f"Invalid: {report.path}: {len(report.errors)} error{'s' if len(report.errors) != 1 else ''}, "
+                     f"{len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''} ({summary}).")
+    if not report.ok:
+        raise click.exceptions.Exit(1)
+
+
+def _record_in_store(report: object) -> None:
+    """A verified store entry remembers the result, so `ls` shows it."""
+    from pathlib import Path
+
+    try:
+        from .. import paths, store
+    except ImportError:  # pragma: no cover
+        return
+    path = Path(getattr(report, "path"))
+    if getattr(report, "kind", None) != "variant" or not (path / store.MANIFEST_NAME).is_file():
+        return
+    try:
+        path.resolve().relative_to(paths.models_dir().resolve())
+    except ValueError:
+        return  # a folder outside the store keeps its manifest untouched
+    errors = [f"{p.path}: {p.message}" for p in getattr(report, "errors")]
+    try:
+        store.record_validation(path, store.STATUS_OK if not errors else store.STATUS_INVALID, errors)
+    except (OSError, ValueError):
+        pass
+
+
+@click.command(
+    "inspect",
+    epilog="""\b
+Examples:
+  coreml-hub inspect Unet.mlmodelc
+  coreml-hub inspect Stable_Diffusion_version_runwayml_stable-diffusion-v1-5_text_encoder.mlpackage --json
+  coreml-hub inspect VAEDecoder.mlmodelc --mil > vae_decoder.mil""",
+)
+@click.argument("bundle", metavar="BUNDLE", type=click.Path(exists=True, file_okay=False))
+@click.option("--mil", "mil", is_flag=True, help="Print the whole program as model.mil text instead of the summary.")
+@click.option("--json", "json_mode", is_flag=True, help="Print as JSON (with --mil: the text under \"mil\").")
+def inspect_cmd(bundle: str, mil: bool, json_mode: bool) -> None:
+    """Show a bundle's inputs, outputs, op histogram and weight bytes by dtype."""
+    from ..bundle import inspect_bundle
+
+    out = Output(json_mode=json_mode)
+    info = inspect_bundle(bundle, mil=mil)
+    if json_mode:
+        out.json(info.to_dict())
+        return
+    if mil:
+        click.echo(info.mil)
+        return
+    functions = ", ".join(f"{name}<{opset}>" for name, opset in info.functions)
+    click.echo(f"{info.path}  ({info.format}, program {info.program_version}, {functions}, "
+               f"{human_size(info.size_bytes)} on disk)")
+    for title, ports in (("Inputs", info.inputs), ("Outputs", info.outputs)):
+        click.echo(f"\n{title}:")
+        click.echo(_indent(_ports_table(ports)))
+    click.echo(f"\nOps ({sum(info.ops.values())}):")
+    rows = [{"op": op, "count": n} for op, n in info.ops.items()]
+    click.echo(_indent(_table(rows, [Column("op", "op"), Column("count", "count")])))
+    click.echo(f"\nWeights in files ({info.weight_count} blobs, {human_size(sum(info.weights.values()))}):")
+    rows = [{"dtype": d, "bytes": human_size(b), "exact": b} for d, b in info.weights.items()]
+    click.echo(_indent(_table(rows, [Column("dtype", "dtype"), Column("bytes", "size"), Column("exact", "bytes")])))
+
+
+def _ports_table(ports: tuple) -> str:
+    rows = [{"name": p.name, "dtype": p.dtype, "shape": "?" if p.shape is None else
+             "[" + ", ".join(str(d) for d in p.shape) + "]"} for p in ports]
+    return _table(rows, [Column("name", "name"), Column("dtype", "dtype"), Column("shape", "shape")])
+
+
+def _table(rows: list, columns: list) -> str:
+    from .output import format_table
+
+    return format_table(rows, columns) if rows else "(none)"
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())

@@ -102,6 +102,10 @@ class ConversionError(CoremlHubError):
     pass
 
 
+class UnsupportedArchitecture(ConversionError):
+    default_hint = "coreml-hub converts Stable Diffusion 1.x/2.x and SDXL diffusers pipelines."
+
+
 class PluginError(CoremlHubError):
     pass
 

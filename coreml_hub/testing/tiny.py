@@ -1,0 +1,323 @@
+"""Tiny random-weight Stable Diffusion pipelines, built from configs (nothing is downloaded).
+
+Three styles, structurally like the real models but a few hundred kilobytes each:
+
+- ``sd1``: SD 1.x. CLIP text encoder (quick_gelu), conv proj_in/proj_out, epsilon
+  prediction, PNDM scheduler, the safety checker.
+- ``sd2``: SD 2.x. Wider text context (gelu), linear projections, v-prediction DDIM
+  scheduler, the tokenizer pads with "!", no safety checker.
+- ``sdxl``: SDXL. Two text encoders (the second with a projection), the Unet's
+  ``text_time`` added conditioning (``time_ids`` + ``text_embeds``), VAE scale 0.13025.
+
+Every model is built under a fixed seed, so a style always has the same weights.
+Latents are 8x8 (64x64 pixels): small enough that converting every component takes
+seconds on two cores, large enough for the VAE's three 2x stages.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .tokenizer import EOS, load_clip_tokenizer, write_tokenizer_config, write_tokenizer_files
+
+STYLES = ("sd1", "sd2", "sdxl")
+VOCAB_SIZE = 1000
+LATENT = 8  # latent height and width; pixels are 8x this
+SEED = 20240229
+
+# Model ids the tiny pipelines pretend to be converted from (they name the packages).
+MODEL_VERSIONS = {
+    "sd1": "coreml-hub-test/tiny-sd1",
+    "sd2": "coreml-hub-test/tiny-sd2",
+    "sdxl": "coreml-hub-test/tiny-sdxl",
+}
+
+_TEXT_ENCODER = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": VOCAB_SIZE - 2,
+    "eos_token_id": VOCAB_SIZE - 1,
+    "pad_token_id": 1,
+}
+
+_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": LATENT * 8,
+    "scaling_factor": 0.18215,
+}
+
+_UNET = {
+    "sample_size": LATENT,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "norm_num_groups": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 2,
+}
+
+_SCHEDULER_SD1 = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "trained_betas": None,
+}
+
+_SCHEDULER_SD2 = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+    "trained_betas": None,
+}
+
+_SCHEDULER_SDXL = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+    "trained_betas": None,
+}
+
+
+def _merged(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    out.update(changes)
+    return out
+
+
+def style_config(style: str) -> dict[str, Any]:
+    """The configs one style is built from (plain data: they also key the caches)."""
+    if style == "sd1":
+        return {
+            "style": "sd1",
+            "model_version": MODEL_VERSIONS["sd1"],
+            "pad_token": EOS,
+            "text_encoder": dict(_TEXT_ENCODER),
+            "unet": dict(_UNET),
+            "vae": dict(_VAE),
+            "scheduler": dict(_SCHEDULER_SD1),
+            "safety_checker": {
+                "projection_dim": 16,
+                "vision": {
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 4,
+                    "image_size": 224,
+                    "patch_size": 32,
+                    "hidden_act": "quick_gelu",
+                },
+            },
+        }
+    if style == "sd2":
+        text = _merged(_TEXT_ENCODER, hidden_size=64, intermediate_size=128, hidden_act="gelu", pad_token_id=0)
+        unet = _merged(
+            _UNET, cross_attention_dim=64, attention_head_dim=[2, 4], use_linear_projection=True, upcast_attention=False
+        )
+        return {
+            "style": "sd2",
+            "model_version": MODEL_VERSIONS["sd2"],
+            "pad_token": "!",
+            "text_encoder": text,
+            "unet": unet,
+            "vae": dict(_VAE),
+            "scheduler": dict(_SCHEDULER_SD2),
+            "safety_checker": None,
+        }
+    if style == "sdxl":
+        text_1 = _merged(_TEXT_ENCODER, hidden_act="quick_gelu")
+        text_2 = _merged(
+            _TEXT_ENCODER, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=24, pad_token_id=0
+        )
+        time_dim = 8
+        unet = _merged(
+            _UNET,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            cross_attention_dim=text_1["hidden_size"] + text_2["hidden_size"],
+            attention_head_dim=[2, 4],
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=text_2["projection_dim"] + 6 * time_dim,
+            transformer_layers_per_block=[1, 2],
+        )
+        vae = _merged(_VAE, scaling_factor=0.13025, force_upcast=True)
+        return {
+            "style": "sdxl",
+            "model_version": MODEL_VERSIONS["sdxl"],
+            "pad_token": EOS,
+            "pad_token_2": "!",
+            "text_encoder": text_1,
+            "text_encoder_2": text_2,
+            "unet": unet,
+            "vae": vae,
+            "scheduler": dict(_SCHEDULER_SDXL),
+            "safety_checker": None,
+        }
+    raise ValueError(f"unknown tiny style {style!r}; expected one of {', '.join(STYLES)}")
+
+
+def config_hash(style: str) -> str:
+    return hashlib.sha256(json.dumps(style_config(style), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _seeded(offset: int) -> None:
+    import torch
+
+    torch.manual_seed(SEED + offset)
+
+
+def _text_encoder(cfg: dict[str, Any], offset: int, with_projection: bool = False):  # type: ignore[no-untyped-def]
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    _seeded(offset)
+    config = CLIPTextConfig(**cfg)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _safety_checker(cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    _seeded(5)
+    text = {k: v for k, v in _TEXT_ENCODER.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    config = CLIPConfig(text_config=text, vision_config=cfg["vision"], projection_dim=cfg["projection_dim"])
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        # Random concepts around a threshold near the typical cosine distance, so that
+        # `adjustment` moves images across the line in tests.
+        checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+        checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+        checker.concept_embeds_weights.copy_(0.3 + 0.05 * torch.randn_like(checker.concept_embeds_weights))
+        checker.special_care_embeds_weights.copy_(0.3 + 0.05 * torch.randn_like(checker.special_care_embeds_weights))
+    size = cfg["vision"]["image_size"]
+    extractor = CLIPImageProcessor(
+        crop_size={"height": size, "width": size},
+        size={"shortest_edge": size},
+        do_center_crop=True,
+        do_resize=True,
+        do_normalize=True,
+        do_rescale=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return checker, extractor
+
+
+def _scheduler(cfg: dict[str, Any]):  # type: ignore[no-untyped-def]
+    import diffusers
+
+    params = {k: v for k, v in cfg.items() if k != "_class_name"}
+    return getattr(diffusers, cfg["_class_name"]).from_config(params)
+
+
+def build_pipeline(style: str = "sd1", tokenizer_dir: Path | None = None):  # type: ignore[no-untyped-def]
+    """A fresh diffusers pipeline of `style` with deterministic random weights."""
+    import tempfile
+
+    import diffusers
+
+    cfg = style_config(style)
+    if tokenizer_dir is None:
+        tokenizer_dir = Path(tempfile.mkdtemp(prefix="coreml-hub-tiny-tok-"))
+    write_tokenizer_files(tokenizer_dir, VOCAB_SIZE)
+    tokenizer = load_clip_tokenizer(tokenizer_dir, pad_token=cfg["pad_token"])
+
+    _seeded(1)
+    unet = diffusers.UNet2DConditionModel(**cfg["unet"]).eval()
+    _seeded(2)
+    vae = diffusers.AutoencoderKL(**cfg["vae"]).eval()
+    text_encoder = _text_encoder(cfg["text_encoder"], 3)
+    scheduler = _scheduler(cfg["scheduler"])
+
+    if style == "sdxl":
+        text_encoder_2 = _text_encoder(cfg["text_encoder_2"], 4, with_projection=True)
+        tokenizer_2 = load_clip_tokenizer(tokenizer_dir, pad_token=cfg["pad_token_2"])
+        return diffusers.StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    if cfg["safety_checker"] is not None:
+        safety_checker, feature_extractor = _safety_checker(cfg["safety_checker"])
+        return diffusers.StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            requires_safety_checker=True,
+        )
+    return diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_pipeline(pipe: Any, folder: Path, style: str) -> None:
+    """Save like a Hub diffusers repo: safetensors weights plus CLIP `vocab.json`/`merges.txt`.
+
+    transformers 5 saves a tokenizer as `tokenizer.json` only; the Stable Diffusion repos
+    on the Hub carry the two BPE files as well, and so do these.
+    """
+    cfg = style_config(style)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    names = [("tokenizer", cfg["pad_token"])]
+    if style == "sdxl":
+        names.append(("tokenizer_2", cfg["pad_token_2"]))
+    for name, pad in names:
+        write_tokenizer_files(folder / name, VOCAB_SIZE)
+        write_tokenizer_config(folder / name, pad_token=pad)

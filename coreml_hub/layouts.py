@@ -70,11 +70,12 @@ class Variant:
     resolution: str | None = None  # "WxH"
     tags: tuple[str, ...] = ()
     components: tuple[str, ...] = ()
-    tokenizer_files: tuple[str, ...] = ()
+    tokenizer_files: tuple[str, ...] = ()  # names inside the variant folder once materialized ("vocab.json")
     common_files: tuple[RepoFile, ...] = ()
     unet_files: dict[str, tuple[RepoFile, ...]] = field(default_factory=dict, compare=False, hash=False)
     unet_form: str | None = None  # "full", "chunked" or None when the variant has no Unet choice
     model_version: str | None = None  # PyTorch model the packages were converted from
+    partial: bool = False  # lacks a text encoder, a Unet or a VAE decoder (e.g. a lone Unet): never a default pick
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -122,6 +123,7 @@ class Variant:
             "unet_forms": list(self.unet_forms),
             "tokenizer_files": list(self.tokenizer_files),
             "model_version": self.model_version,
+            "partial": self.partial,
             "size_bytes": self.size_bytes,
             "files": list(self.files),
         }

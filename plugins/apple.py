@@ -1,0 +1,101 @@
+"""Apple's Hub layouts.
+
+- SD 1.x/2.x and the palettized repos: `<attention>/<format>/` folders
+  (`original/compiled/`, `split_einsum_v2/packages/`, ...).
+- SDXL: `compiled/` and `packages/` with no attention level above them; the
+  attention is then `original` (the file list cannot show it; a pulled
+  variant's Unet metadata can), recorded as `extra["attention_from"] = "default"`.
+- The same folders under a prefix folder whose name carries tags
+  (`coreml-stable-diffusion-xl-base_mbp_4_50_palettized/compiled/` ->
+  `original/compiled+mbp-4.50+palettized`).
+- Any other folder of bundles in such a repo becomes its own variant, one per
+  format; a lone Unet (the mixed-bit repo's
+  `unet-mbp-sdxl-1-base/recipe_4_50_bit_mixedpalette/`) is a `partial`
+  variant tagged `unet-only`, never a pipeline. `recipes/*.json` are no variant.
+
+The format is what the bundles are (by content), whatever the folder is called.
+This layout claims a repo only when it has a `compiled/` or `packages/` folder
+of bundles; the flat layout stays silent on such repos.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coreml_hub.hookspecs import hookimpl
+from coreml_hub.layouts import RepoFile, Variant
+
+from ._common import (
+    attention_in,
+    basename,
+    bundle_folders,
+    clean_files,
+    dedupe_ids,
+    find_bundles,
+    folder_plans,
+    folder_variant,
+    glob_escape,
+    guarded,
+    materialize_folder,
+    resolution_in,
+    tags_in,
+)
+
+FORMAT_FOLDERS = ("compiled", "packages")
+DEFAULT_ATTENTION = "original"
+
+
+def apple_roots(folders: set[str]) -> set[str]:
+    """Folders named `compiled` or `packages` that hold bundles: the mark of an Apple layout."""
+    return {f for f in folders if basename(f) in FORMAT_FOLDERS}
+
+
+def _attention(root: str) -> tuple[str, str]:
+    for part in reversed(root.split("/")):
+        found = attention_in(part)
+        if found:
+            return found, "path"
+    return DEFAULT_ATTENTION, "default"
+
+
+def find_apple_variants(files: list[RepoFile]) -> list[Variant]:
+    """Variants of an Apple-shaped repo; [] for any other repo."""
+    files = clean_files(files)
+    bundles, loose = find_bundles(files)
+    folders = bundle_folders(bundles)
+    if not apple_roots(folders):
+        return []
+    variants: list[Variant] = []
+    for plan in folder_plans(bundles, loose, folders):
+        attention, attention_from = _attention(plan.root)
+        variant = folder_variant(
+            plan,
+            layout=AppleLayout.name,
+            attention=attention,
+            tags=tags_in(plan.root),
+            resolution=resolution_in(plan.root),
+            extra={"attention_from": attention_from, "format_from": "content"},
+        )
+        if variant is not None:
+            variants.append(variant)
+    return dedupe_ids(variants)
+
+
+class AppleLayout:
+    """Apple's folder layouts (SD 1.x/2.x, SDXL, palettized, mixed-bit)."""
+
+    name = "apple"
+
+    def variants(self, files: list[RepoFile]) -> list[Variant]:
+        return guarded(self.name, find_apple_variants, files)
+
+    def allow_patterns(self, variant: Variant) -> list[str]:
+        return [glob_escape(path) for path in variant.files]
+
+    def materialize(self, downloaded_dir: Path, variant: Variant, dest: Path, **_: object) -> None:
+        materialize_folder(downloaded_dir, variant, dest)
+
+
+@hookimpl
+def register_layouts(register) -> None:  # type: ignore[no-untyped-def]
+    register(AppleLayout())

@@ -1,0 +1,78 @@
+"""Flat repos: bundles at the repo root or in one or more plain folders.
+
+Each folder that holds bundles is a variant per format found in it; the format
+comes from the bundles' content (a folder `mlpackages/` of `.mlmodelc` bundles
+is `compiled`). Attention, resolution and tags come from the folder's path when
+it names them (`split-einsum/`), else the attention is `original`
+(`extra["attention_from"] = "default"`). Repos with Apple's `compiled/` or
+`packages/` folders belong to the apple layout: this one gives them nothing.
+Folders whose bundles are no known Stable Diffusion component give nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coreml_hub.hookspecs import hookimpl
+from coreml_hub.layouts import RepoFile, Variant
+
+from ._common import (
+    attention_in,
+    bundle_folders,
+    clean_files,
+    dedupe_ids,
+    find_bundles,
+    folder_plans,
+    folder_variant,
+    glob_escape,
+    guarded,
+    materialize_folder,
+    resolution_in,
+    tags_in,
+)
+from .apple import DEFAULT_ATTENTION, apple_roots
+
+
+def find_flat_variants(files: list[RepoFile]) -> list[Variant]:
+    """Variants of a flat repo; [] for Apple-shaped repos and repos without bundles."""
+    files = clean_files(files)
+    bundles, loose = find_bundles(files)
+    if not bundles:
+        return []
+    folders = bundle_folders(bundles)
+    if apple_roots(folders):
+        return []
+    variants: list[Variant] = []
+    for plan in folder_plans(bundles, loose, folders):
+        attention = attention_in(plan.root)
+        variant = folder_variant(
+            plan,
+            layout=FlatLayout.name,
+            attention=attention or DEFAULT_ATTENTION,
+            tags=tags_in(plan.root),
+            resolution=resolution_in(plan.root),
+            extra={"attention_from": "path" if attention else "default", "format_from": "content"},
+        )
+        if variant is not None:
+            variants.append(variant)
+    return dedupe_ids(variants)
+
+
+class FlatLayout:
+    """Bundles at the repo root or in plain folders, found by content."""
+
+    name = "flat"
+
+    def variants(self, files: list[RepoFile]) -> list[Variant]:
+        return guarded(self.name, find_flat_variants, files)
+
+    def allow_patterns(self, variant: Variant) -> list[str]:
+        return [glob_escape(path) for path in variant.files]
+
+    def materialize(self, downloaded_dir: Path, variant: Variant, dest: Path, **_: object) -> None:
+        materialize_folder(downloaded_dir, variant, dest)
+
+
+@hookimpl
+def register_layouts(register) -> None:  # type: ignore[no-untyped-def]
+    register(FlatLayout())

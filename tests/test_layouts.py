@@ -47,6 +47,23 @@ def bundles_in(variant: Variant) -> set[str]:
     return out
 
 
+UNET_FAMILIES = {  # family -> (full bundle names, chunk bundle name markers)
+    "unet": (("Unet.mlmodelc", "Unet.mlpackage"), "_unet.mlpackage", ("UnetChunk", "_unet_chunk")),
+    "controlled": (("ControlledUnet.mlmodelc",), "_control-unet.mlpackage", ("ControlledUnetChunk", "_control-unet_chunk")),
+    "refiner": (("UnetRefiner.mlmodelc",), "_refiner.mlpackage", ("UnetRefinerChunk", "_refiner_chunk")),
+}
+
+
+def both_unet_forms(names: set[str]) -> bool:
+    """Whether any one Unet (plain, controlled, refiner) is fetched both whole and chunked."""
+    for fulls, package_suffix, chunk_markers in UNET_FAMILIES.values():
+        full = any(n in fulls or n.endswith(package_suffix) for n in names)
+        chunks = any(n.startswith(chunk_markers[0]) or chunk_markers[1] in n for n in names)
+        if full and chunks:
+            return True
+    return False
+
+
 def folder_total(files: list[RepoFile], root: str) -> int:
     return sum(f.size for f in files if f.path.startswith(root + "/"))
 
@@ -128,10 +145,7 @@ def test_invariants(name: str) -> None:
     for v in variants:
         assert v.files and set(v.files) <= set(sizes)
         assert v.size_bytes == sum(sizes[p] for p in v.files)
-        names = bundles_in(v)
-        has_full = any(n.startswith("Unet.") or n.endswith("_unet.mlpackage") for n in names)
-        has_chunks = any("UnetChunk" in n or "_unet_chunk" in n for n in names)
-        assert not (has_full and has_chunks), f"{v.id} fetches both Unet forms"
+        assert not both_unet_forms(bundles_in(v)), f"{v.id} fetches both Unet forms"
         for path in v.files:
             assert path not in seen, f"{path} is in {seen.get(path)} and {v.id}"
             seen[path] = v.id
@@ -390,6 +404,24 @@ def test_controlled_unet_and_controlnet_folder() -> None:
     assert "original/compiled/controlnet/LllyasvielSdControlnetCanny.mlmodelc/model.mil" in v.files
 
 
+def test_both_forms_checker_bites() -> None:
+    assert both_unet_forms({"Unet.mlmodelc", "UnetChunk1.mlmodelc"})
+    assert both_unet_forms({"ControlledUnet.mlmodelc", "ControlledUnetChunk2.mlmodelc"})
+    assert not both_unet_forms({"UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc", "ControlledUnet.mlmodelc"})
+
+
+def test_secondary_unets_follow_the_form() -> None:
+    names = ["TextEncoder", "Unet", "UnetChunk1", "UnetChunk2", "ControlledUnet", "ControlledUnetChunk1",
+             "ControlledUnetChunk2", "UnetRefiner", "VAEDecoder"]
+    (v,) = find_apple_variants([RepoFile(f"compiled/{n}.mlmodelc/model.mil", 1) for n in names])
+    assert bundles_in(v) == {"TextEncoder.mlmodelc", "Unet.mlmodelc", "ControlledUnet.mlmodelc",
+                             "UnetRefiner.mlmodelc", "VAEDecoder.mlmodelc"}
+    assert bundles_in(v.with_unet_form("chunked")) == {
+        "TextEncoder.mlmodelc", "UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc", "ControlledUnetChunk1.mlmodelc",
+        "ControlledUnetChunk2.mlmodelc", "UnetRefiner.mlmodelc", "VAEDecoder.mlmodelc"}
+    assert v.components == ("text_encoder", "unet", "vae_decoder", "controlnet", "refiner")
+
+
 def test_lone_chunk_is_not_fetched() -> None:
     files = [RepoFile(f"split_einsum/compiled/{n}.mlmodelc/model.mil", 5)
              for n in ("TextEncoder", "Unet", "UnetChunk1", "VAEDecoder")]
@@ -503,11 +535,7 @@ def test_structured_lists_keep_invariants(files: list[RepoFile]) -> None:
             assert path not in owners
             owners[path] = v.id
         for form in v.unet_forms:
-            w = v.with_unet_form(form)
-            names = bundles_in(w)
-            full = any(n.startswith(("Unet.", "ControlledUnet.")) or n.endswith("_unet.mlpackage") for n in names)
-            chunks = any("Chunk" in n or "_unet_chunk" in n for n in names)
-            assert not (full and chunks)
+            assert not both_unet_forms(bundles_in(v.with_unet_form(form)))
 
 
 # ---------------------------------------------------------------- materialize

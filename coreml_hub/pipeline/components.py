@@ -138,13 +138,16 @@ def component_of(bundle: Path) -> str | None:
 
 
 def find_components(folder: Path) -> dict[str, Path]:
-    """Component name -> bundle path for the bundles directly inside `folder`."""
+    """Component name -> bundle path for the variant in `folder` (compiled first when both exist).
+
+    Bundles directly in the folder, else one level down (an extracted archive's `compiled/`).
+    """
+    from ..bundle import open_bundle
+
     found: dict[str, Path] = {}
-    for entry in sorted(folder.iterdir()):
-        if entry.suffix in (".mlmodelc", ".mlpackage") and entry.is_dir():
-            comp = component_of(entry)
-            if comp is not None and comp not in found:
-                found[comp] = entry
+    for comp in open_bundle(folder).components:
+        if comp.known and comp.name not in found:
+            found[comp.name] = comp.path
     return found
 
 

@@ -101,12 +101,13 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     if missing:
         raise InvalidBundle(f"{model.path} lacks component(s): {', '.join(missing)}.",
                             hint="Re-pull the variant, or run `coreml-hub verify` on the folder.")
-    tokenizers = [load_tokenizer(model.path, 1)]
+    beside = (found["text_encoder"].parent,)  # an extracted archive keeps them beside the bundles
+    tokenizers = [load_tokenizer(model.path, 1, also=beside)]
     if "text_encoder_2" in names:
-        tokenizers.append(load_tokenizer(model.path, 2, default_pad="!"))
+        tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
     loaded = load_components(model.path, names, chosen, device=device, compute_unit=compute_unit,
                              progress=progress)
-    pipe = StableDiffusion(loaded.components, tokenizers, scheduler_config(model.path))
+    pipe = StableDiffusion(loaded.components, tokenizers, scheduler_config(model.path, also=beside))
     return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
 
 

@@ -50,19 +50,23 @@ DEFAULT_CONFIG: dict[str, Any] = {
 CONFIG_PLACES = ("scheduler/scheduler_config.json", "scheduler_config.json")
 
 
-def find_scheduler_config(variant_dir: Path) -> Path | None:
-    """The scheduler config pulled with the model, if any."""
-    for rel in CONFIG_PLACES:
-        path = variant_dir / rel
-        if path.is_file():
-            return path
+def find_scheduler_config(variant_dir: Path, also: tuple[Path, ...] = ()) -> Path | None:
+    """The scheduler config pulled (or converted) with the model, if any."""
+    from .tokenizer import model_roots
+
+    for root in dict.fromkeys(r for base in (*also, variant_dir) for r in model_roots(base)):
+        for rel in CONFIG_PLACES:
+            path = root / rel
+            if path.is_file():
+                return path
     return None
 
 
-def scheduler_config(variant_dir: Path | None = None, *, prediction_type: str | None = None) -> dict[str, Any]:
+def scheduler_config(variant_dir: Path | None = None, *, prediction_type: str | None = None,
+                     also: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The model's scheduler config (or SD defaults), with `prediction_type` forced when given."""
     config = dict(DEFAULT_CONFIG)
-    path = find_scheduler_config(variant_dir) if variant_dir is not None else None
+    path = find_scheduler_config(variant_dir, also) if variant_dir is not None else None
     if path is not None:
         try:
             loaded = json.loads(path.read_text())

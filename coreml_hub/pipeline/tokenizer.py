@@ -37,10 +37,25 @@ class TokenizerFiles:
     max_length: int
 
 
-def find_tokenizer_files(variant_dir: Path, which: int = 1, *, default_pad: str = EOS) -> TokenizerFiles:
-    """Locate tokenizer `which` (1, or 2 for SDXL's second encoder) under a variant folder."""
-    for sub in TOKENIZER_DIRS[which]:
-        folder = variant_dir / sub if sub else variant_dir
+def model_roots(variant_dir: Path) -> list[Path]:
+    """Folders that may hold a variant's shared files: the variant folder itself, and for the
+    `<attention>/<format>` layout (`convert -o OUT`, Apple repos) the folder above both."""
+    from ..layouts import ATTENTIONS, FORMATS
+
+    roots = [variant_dir]
+    parent = variant_dir.parent
+    if variant_dir.name in FORMATS and parent.name in ATTENTIONS:
+        roots.append(parent.parent)
+    return roots
+
+
+def find_tokenizer_files(variant_dir: Path, which: int = 1, *, default_pad: str = EOS,
+                         also: tuple[Path, ...] = ()) -> TokenizerFiles:
+    """Locate tokenizer `which` (1, or 2 for SDXL's second encoder) for a variant folder
+    (and the folders in `also`, e.g. the one the bundles sit in)."""
+    roots = [r for base in (*also, variant_dir) for r in model_roots(base)]
+    candidates = [root / sub if sub else root for root in dict.fromkeys(roots) for sub in TOKENIZER_DIRS[which]]
+    for folder in candidates:
         vocab, merges, tok_json = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
         has_bpe = vocab.is_file() and merges.is_file()
         if not has_bpe and not tok_json.is_file():
@@ -121,6 +136,6 @@ def _load_backend(files: TokenizerFiles) -> Any:
 
 
 def load_tokenizer(variant_dir: Path, which: int = 1, *, length: int | None = None,
-                   default_pad: str = EOS) -> ClipTokenizer:
+                   default_pad: str = EOS, also: tuple[Path, ...] = ()) -> ClipTokenizer:
     """The tokenizer for text encoder `which` of the variant in `variant_dir`."""
-    return ClipTokenizer(find_tokenizer_files(variant_dir, which, default_pad=default_pad), length)
+    return ClipTokenizer(find_tokenizer_files(variant_dir, which, default_pad=default_pad, also=also), length)

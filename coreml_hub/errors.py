@@ -82,6 +82,12 @@ class UnsupportedOperation(CoremlHubError):
     default_hint = "Try the native Core ML backend on macOS (`--backend coreml`), or report the op."
 
 
+class ModelInputError(CoremlHubError):
+    """Inputs given to a model's predict do not match its description (names, shapes, types)."""
+
+    default_hint = "Compare with the model's input_description (name, shape, dtype)."
+
+
 class BackendUnavailable(CoremlHubError):
     default_hint = "Run `coreml-hub plugins` to see the backends and why each is (un)available."
 

@@ -1,0 +1,144 @@
+"""PyTorch kernels for ML Program ops, keyed by op type.
+
+A kernel is a plain function whose keyword parameters are the op's MIL input names.
+Inputs listed in `tensors` arrive as torch tensors (or tuples of them for variadic
+inputs); every other input is a *parameter* and arrives as a plain Python value
+(`int`, `float`, `bool`, `str` or a list of them), converted once at load time when the
+input is constant. An absent optional input takes the kernel's Python default, which
+is the default the MIL op definition gives.
+
+Two extra parameter names are bound by the executor, never by the program:
+`ctx` (the `Context`: device and float type) and `out_dtype` (the torch dtype of the
+op's first declared output).
+
+Weight-decompression ops (`constexpr_*`) are `CONSTEXPR` functions over numpy arrays,
+evaluated once at load time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+FLOAT_TYPES = ("fp16", "fp32", "fp64", "bf16")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where a program runs, and the torch dtype each MIL float type runs as.
+
+    `floats` maps "fp16", "fp32", "fp64" and "bf16" to torch dtypes: on a CPU every float
+    runs as float32; on a GPU an fp16 program keeps fp16 (and its fp32 parts fp32).
+    """
+
+    device: torch.device
+    floats: tuple[tuple[str, torch.dtype], ...]
+
+    @classmethod
+    def create(cls, device: torch.device | str, floats: dict[str, torch.dtype]) -> "Context":
+        return cls(torch.device(device), tuple(sorted(floats.items())))
+
+    def dtype(self, mil_dtype: str) -> torch.dtype:
+        """The torch dtype a value of MIL dtype `mil_dtype` runs as."""
+        for name, dtype in self.floats:
+            if name == mil_dtype:
+                return dtype
+        if mil_dtype in INT_DTYPES:
+            return INT_DTYPES[mil_dtype]
+        raise KeyError(f"no run-time type for MIL dtype {mil_dtype!r}")
+
+
+# Non-float MIL dtypes at run time. Unsigned types wider than 8 bits have no full torch
+# support, so they run in the next wider signed type.
+INT_DTYPES: dict[str, torch.dtype] = {
+    "bool": torch.bool,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "uint16": torch.int32,
+    "int32": torch.int32,
+    "uint32": torch.int64,
+    "int64": torch.int64,
+    "uint64": torch.int64,
+    "int4": torch.int8,
+    "uint1": torch.uint8,
+    "uint2": torch.uint8,
+    "uint3": torch.uint8,
+    "uint4": torch.uint8,
+    "uint6": torch.uint8,
+}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    fn: Callable[..., Any]
+    tensors: frozenset[str]
+    params: frozenset[str]  # every keyword the function accepts from the program
+    wants_ctx: bool
+    wants_out_dtype: bool
+
+
+KERNELS: dict[str, Kernel] = {}
+CONSTEXPR: dict[str, Callable[..., Any]] = {}
+
+
+def kernel(*names: str, tensors: tuple[str, ...] = ("x",)) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `fn` as the kernel of the op types `names`."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn).parameters
+        accepted = frozenset(p for p in sig if p not in ("ctx", "out_dtype"))
+        for name in names:
+            KERNELS[name] = Kernel(
+                name=name,
+                fn=fn,
+                tensors=frozenset(tensors),
+                params=accepted,
+                wants_ctx="ctx" in sig,
+                wants_out_dtype="out_dtype" in sig,
+            )
+        return fn
+
+    return register
+
+
+def constexpr(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a load-time numpy function for weight-decompression op types."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for name in names:
+            CONSTEXPR[name] = fn
+        return fn
+
+    return register
+
+
+def supported_ops() -> frozenset[str]:
+    """Every op type the runtime can run (`const` included)."""
+    return frozenset(KERNELS) | frozenset(CONSTEXPR) | {"const"}
+
+
+def to_python(value: Any) -> Any:
+    """A constant or run-time parameter as plain Python (lists, scalars, strings)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return [to_python(v) for v in value]
+    return value
+
+
+# Registration happens on import of the kernel modules.
+from . import decompress as _decompress  # noqa: E402,F401
+from . import elementwise as _elementwise  # noqa: E402,F401
+from . import nn as _nn  # noqa: E402,F401
+from . import tensor as _tensor  # noqa: E402,F401

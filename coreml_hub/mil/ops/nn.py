@@ -1,0 +1,517 @@
+"""Network ops: convolution, linear algebra, normalization, pooling, resizing, attention."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import kernel
+
+# -- padding -------------------------------------------------------------------------
+
+
+def spatial_pads(
+    pad_type: str,
+    pad: Sequence[int] | None,
+    sizes: Sequence[int],
+    kernel_sizes: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+) -> list[tuple[int, int]]:
+    """(before, after) padding per spatial dimension for MIL's pad types."""
+    n = len(kernel_sizes)
+    pad_type = pad_type.lower()
+    if pad_type == "valid":
+        return [(0, 0)] * n
+    if pad_type == "custom":
+        values = list(pad) if pad is not None else [0] * (2 * n)
+        return [(int(values[2 * i]), int(values[2 * i + 1])) for i in range(n)]
+    if pad_type in ("same", "same_lower"):
+        pads = []
+        for size, k, s, d in zip(sizes, kernel_sizes, strides, dilations):
+            effective = (k - 1) * d + 1
+            total = max(0, (math.ceil(size / s) - 1) * s + effective - size)
+            small, large = total // 2, total - total // 2
+            pads.append((small, large) if pad_type == "same" else (large, small))
+        return pads
+    raise ValueError(f"unknown pad_type {pad_type!r}")
+
+
+def _torch_pad(pads: list[tuple[int, int]]) -> list[int]:
+    """F.pad wants the last dimension first."""
+    flat: list[int] = []
+    for before, after in reversed(pads):
+        flat += [before, after]
+    return flat
+
+
+# -- convolution ---------------------------------------------------------------------
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@kernel("conv", tensors=("x", "weight", "bias"))
+def conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    strides: list[int] | None = None,
+    pad_type: str = "valid",
+    pad: list[int] | None = None,
+    dilations: list[int] | None = None,
+    groups: int = 1,
+) -> torch.Tensor:
+    nd = x.dim() - 2
+    strides = strides or [1] * nd
+    dilations = dilations or [1] * nd
+    pads = spatial_pads(pad_type, pad, x.shape[2:], weight.shape[2:], strides, dilations)
+    if all(b == a for b, a in pads):
+        padding: Any = [b for b, _ in pads]
+    else:
+        x = F.pad(x, _torch_pad(pads))
+        padding = 0
+    return _CONV[nd](x, weight, bias, strides, padding, dilations, groups)
+
+
+@kernel("conv_transpose", tensors=("x", "weight", "bias"))
+def conv_transpose(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pad: list[int] | None = None,
+    output_shape: list[int] | None = None,
+    pad_type: str = "valid",
+    strides: list[int] | None = None,
+    dilations: list[int] | None = None,
+    groups: int = 1,
+) -> torch.Tensor:
+    nd = x.dim() - 2
+    strides = strides or [1] * nd
+    dilations = dilations or [1] * nd
+    # The full transposed convolution, then crop (or zero-extend) to the requested size:
+    # positions past the full extent receive no contributions.
+    full = _CONV_T[nd](x, weight, None, strides, 0, 0, groups, dilations)
+    sizes_in = x.shape[2:]
+    out = full
+    for i in range(nd):
+        length = full.shape[2 + i]
+        if pad_type == "custom":
+            p = pad or [0] * (2 * nd)
+            before, after = int(p[2 * i]), int(p[2 * i + 1])
+            target = length - before - after
+        elif pad_type in ("same", "same_lower"):
+            target = sizes_in[i] * strides[i]
+            total = length - target
+            before = total // 2 if pad_type == "same" else total - total // 2
+        else:
+            before, target = 0, length
+        if output_shape is not None:
+            target = int(output_shape[2 + i])
+        dim = 2 + i
+        if before > 0:
+            out = out.narrow(dim, before, out.shape[dim] - before)
+        if out.shape[dim] > target:
+            out = out.narrow(dim, 0, target)
+        elif out.shape[dim] < target:
+            extra = list(out.shape)
+            extra[dim] = target - out.shape[dim]
+            out = torch.cat([out, out.new_zeros(extra)], dim=dim)
+    if bias is not None:
+        out = out + bias.reshape((1, -1) + (1,) * nd)
+    return out
+
+
+# -- linear algebra ------------------------------------------------------------------
+
+
+@kernel("linear", tensors=("x", "weight", "bias"))
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+@kernel("matmul", tensors=("x", "y"))
+def matmul(x: torch.Tensor, y: torch.Tensor, transpose_x: bool = False, transpose_y: bool = False) -> torch.Tensor:
+    if transpose_x and x.dim() > 1:
+        x = x.transpose(-1, -2)
+    if transpose_y and y.dim() > 1:
+        y = y.transpose(-1, -2)
+    return torch.matmul(x, y)
+
+
+def parse_equation(equation: str) -> tuple[list[str], str]:
+    lhs, out = equation.replace(" ", "").split("->")
+    return lhs.split(","), out
+
+
+@kernel("einsum", tensors=("values",))
+def einsum(values: tuple[torch.Tensor, ...], equation: str) -> torch.Tensor:
+    inputs, _ = parse_equation(equation)
+    sizes: dict[str, int] = {}
+    for labels, t in zip(inputs, values):
+        for label, size in zip(labels, t.shape):
+            sizes[label] = max(sizes.get(label, 1), int(size))
+    expanded = [
+        t.expand([sizes[label] for label in labels]) if any(t.shape[i] != sizes[c] for i, c in enumerate(labels)) else t
+        for labels, t in zip(inputs, values)
+    ]
+    return torch.einsum(equation, *expanded)
+
+
+# -- normalization -------------------------------------------------------------------
+
+
+@kernel("layer_norm", tensors=("x", "gamma", "beta"))
+def layer_norm(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    axes: list[int] | None = None,
+    epsilon: float = 1e-5,
+) -> torch.Tensor:
+    rank = x.dim()
+    norm_axes = sorted(range(rank) if axes is None else [a % rank for a in axes])
+    k = len(norm_axes)
+    shape = tuple(x.shape[a] for a in norm_axes)
+    if gamma is not None:
+        gamma = gamma.reshape(shape)
+    if beta is not None:
+        beta = beta.reshape(shape)
+    if norm_axes == list(range(rank - k, rank)):
+        return F.layer_norm(x, shape, gamma, beta, epsilon)
+    rest = [a for a in range(rank) if a not in norm_axes]
+    perm = rest + norm_axes
+    inverse = [perm.index(i) for i in range(rank)]
+    return F.layer_norm(x.permute(perm), shape, gamma, beta, epsilon).permute(inverse)
+
+
+@kernel("batch_norm", tensors=("x", "mean", "variance", "gamma", "beta"))
+def batch_norm(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    epsilon: float = 1e-5,
+) -> torch.Tensor:
+    return F.batch_norm(x, mean.reshape(-1), variance.reshape(-1), _flat(gamma), _flat(beta), False, 0.0, epsilon)
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1)
+
+
+@kernel("instance_norm", tensors=("x", "gamma", "beta"))
+def instance_norm(
+    x: torch.Tensor, gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None, epsilon: float = 1e-5
+) -> torch.Tensor:
+    return F.instance_norm(x, weight=_flat(gamma), bias=_flat(beta), eps=epsilon)
+
+
+@kernel("l2_norm")
+def l2_norm(x: torch.Tensor, epsilon: float = 1e-6) -> torch.Tensor:
+    batch = x.shape[: x.dim() - 3]
+    flat = x.reshape(batch + (-1,)) if batch else x.reshape(1, -1)
+    norm = torch.sqrt(torch.sum(flat * flat, dim=-1, keepdim=True) + epsilon)
+    return (flat / norm).reshape(x.shape)
+
+
+@kernel("local_response_norm")
+def local_response_norm(
+    x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0
+) -> torch.Tensor:
+    return F.local_response_norm(x, size, alpha, beta, k)
+
+
+@kernel("coreml_hub.group_norm", tensors=("x", "gamma", "beta"))
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    epsilon: float,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused form of the decomposed group normalization the converter emits."""
+    return F.group_norm(x, num_groups, _flat(gamma), _flat(beta), epsilon)
+
+
+# -- pooling -------------------------------------------------------------------------
+
+_AVG = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_MAX = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _pool_setup(
+    x: torch.Tensor, kernel_sizes: list[int], strides: list[int] | None, pad_type: str, pad: list[int] | None
+) -> tuple[int, list[int], list[tuple[int, int]], bool]:
+    nd = len(kernel_sizes)
+    strides = strides or [1] * nd
+    pads = spatial_pads(pad_type, pad, x.shape[2:], kernel_sizes, strides, [1] * nd)
+    # torch pools pad implicitly only when symmetric and at most half the kernel
+    implicit = all(b == a and 2 * b <= k for (b, a), k in zip(pads, kernel_sizes))
+    return nd, strides, pads, implicit
+
+
+@kernel("avg_pool")
+def avg_pool(
+    x: torch.Tensor,
+    kernel_sizes: list[int],
+    strides: list[int] | None = None,
+    pad_type: str = "valid",
+    pad: list[int] | None = None,
+    exclude_padding_from_average: bool = False,
+    ceil_mode: bool = False,
+) -> torch.Tensor:
+    nd, strides, pads, implicit = _pool_setup(x, kernel_sizes, strides, pad_type, pad)
+    if implicit:
+        kwargs: dict[str, Any] = {"count_include_pad": not exclude_padding_from_average}
+        return _AVG[nd](x, kernel_sizes, strides, [b for b, _ in pads], ceil_mode, **kwargs)
+    padded = F.pad(x, _torch_pad(pads))
+    total = _AVG[nd](padded, kernel_sizes, strides, 0, ceil_mode)
+    if not exclude_padding_from_average:
+        return total
+    ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads))
+    share = _AVG[nd](ones, kernel_sizes, strides, 0, ceil_mode)
+    return total / share
+
+
+@kernel("max_pool")
+def max_pool(
+    x: torch.Tensor,
+    kernel_sizes: list[int],
+    strides: list[int] | None = None,
+    pad_type: str = "valid",
+    pad: list[int] | None = None,
+    ceil_mode: bool = False,
+) -> torch.Tensor:
+    nd, strides, pads, implicit = _pool_setup(x, kernel_sizes, strides, pad_type, pad)
+    if implicit:
+        return _MAX[nd](x, kernel_sizes, strides, [b for b, _ in pads], 1, ceil_mode)
+    padded = F.pad(x, _torch_pad(pads), value=float("-inf"))
+    return _MAX[nd](padded, kernel_sizes, strides, 0, 1, ceil_mode)
+
+
+@kernel("l2_pool")
+def l2_pool(
+    x: torch.Tensor,
+    kernel_sizes: list[int],
+    strides: list[int] | None = None,
+    pad_type: str = "valid",
+    pad: list[int] | None = None,
+    ceil_mode: bool = False,
+) -> torch.Tensor:
+    nd, strides, pads, _ = _pool_setup(x, kernel_sizes, strides, pad_type, pad)
+    padded = F.pad(x * x, _torch_pad(pads))
+    mean = _AVG[nd](padded, kernel_sizes, strides, 0, ceil_mode)
+    return torch.sqrt(mean * float(np.prod(kernel_sizes)))
+
+
+# -- resizing ------------------------------------------------------------------------
+
+
+def sample_points(size_in: int, size_out: int, mode: str) -> np.ndarray:
+    """Source coordinates of each output sample along one axis, per MIL sampling mode."""
+    i = np.arange(size_out, dtype=np.float64)
+    if mode in ("STRICT_ALIGN_CORNERS", "ALIGN_CORNERS"):
+        if size_out == 1:
+            points = np.full(1, (size_in - 1) / 2.0 if mode == "ALIGN_CORNERS" else 0.0)
+        else:
+            points = i * (size_in - 1) / (size_out - 1)
+    elif mode == "DEFAULT":
+        points = i * size_in / size_out
+    elif mode == "OFFSET_CORNERS":
+        delta = max(1, size_in - 1) / size_out
+        points = 0.5 * delta + i * delta
+    elif mode == "UNALIGN_CORNERS":
+        spacing = size_in / size_out
+        points = i * spacing + 0.5 * spacing - 0.5
+    else:
+        raise ValueError(f"unknown sampling_mode {mode!r}")
+    return np.clip(points, 0, size_in - 1)
+
+
+def _linear_along(x: torch.Tensor, dim: int, size_out: int, mode: str) -> torch.Tensor:
+    size_in = x.shape[dim]
+    points = sample_points(size_in, size_out, mode)
+    low = np.floor(points).astype(np.int64)
+    high = np.minimum(low + 1, size_in - 1)
+    frac = points - low
+    lo = x.index_select(dim, torch.from_numpy(low).to(x.device))
+    hi = x.index_select(dim, torch.from_numpy(high).to(x.device))
+    shape = [1] * x.dim()
+    shape[dim] = size_out
+    w = torch.from_numpy(frac).to(device=x.device, dtype=x.dtype).reshape(shape)
+    return lo + (hi - lo) * w
+
+
+def _nearest_along(x: torch.Tensor, dim: int, size_out: int, scale: float | None = None) -> torch.Tensor:
+    size_in = x.shape[dim]
+    step = (1.0 / scale) if scale else size_in / size_out
+    index = np.minimum(np.floor(np.arange(size_out) * step).astype(np.int64), size_in - 1)
+    return x.index_select(dim, torch.from_numpy(index).to(x.device))
+
+
+def _nearest(x: torch.Tensor, h: int, w: int, scale_h: float | None = None, scale_w: float | None = None) -> torch.Tensor:
+    if h % x.shape[-2] == 0 and w % x.shape[-1] == 0 and scale_h in (None, h // x.shape[-2]) and scale_w in (
+        None,
+        w // x.shape[-1],
+    ):
+        # integer factors: each source pixel repeats; the common Unet/VAE upsampling
+        lead = x.shape[:-2]
+        flat = x.reshape((-1, 1) + tuple(x.shape[-2:]))
+        out = F.interpolate(flat, size=(h, w), mode="nearest")
+        return out.reshape(lead + (h, w))
+    return _nearest_along(_nearest_along(x, x.dim() - 2, h, scale_h), x.dim() - 1, w, scale_w)
+
+
+@kernel("upsample_nearest_neighbor")
+def upsample_nearest_neighbor(
+    x: torch.Tensor, scale_factor_height: float = 1, scale_factor_width: float = 1
+) -> torch.Tensor:
+    h = int(math.floor(x.shape[-2] * scale_factor_height))
+    w = int(math.floor(x.shape[-1] * scale_factor_width))
+    return _nearest(x, h, w, float(scale_factor_height), float(scale_factor_width))
+
+
+@kernel("resize_nearest_neighbor")
+def resize_nearest_neighbor(x: torch.Tensor, target_size_height: int, target_size_width: int) -> torch.Tensor:
+    return _nearest(x, int(target_size_height), int(target_size_width))
+
+
+@kernel("upsample_bilinear")
+def upsample_bilinear(
+    x: torch.Tensor,
+    scale_factor_height: float = 1,
+    scale_factor_width: float = 1,
+    align_corners: bool = True,
+    half_pixel_centers: bool | None = None,
+) -> torch.Tensor:
+    h = int(math.floor(x.shape[-2] * scale_factor_height))
+    w = int(math.floor(x.shape[-1] * scale_factor_width))
+    if half_pixel_centers is None:
+        half_pixel_centers = not align_corners
+    if align_corners:
+        mode = "STRICT_ALIGN_CORNERS"
+    else:
+        mode = "UNALIGN_CORNERS" if half_pixel_centers else "DEFAULT"
+    return _linear_along(_linear_along(x, x.dim() - 2, h, mode), x.dim() - 1, w, mode)
+
+
+@kernel("resize_bilinear")
+def resize_bilinear(
+    x: torch.Tensor, target_size_height: int = 1, target_size_width: int = 1, sampling_mode: str = "DEFAULT"
+) -> torch.Tensor:
+    out = _linear_along(x, x.dim() - 2, int(target_size_height), sampling_mode)
+    return _linear_along(out, x.dim() - 1, int(target_size_width), sampling_mode)
+
+
+@kernel("resize")
+def resize(
+    x: torch.Tensor,
+    shape: list[int],
+    resized_dims: int,
+    interpolation_mode: str = "LINEAR",
+    sampling_mode: str = "DEFAULT",
+) -> torch.Tensor:
+    rank = x.dim()
+    out = x
+    for j in range(int(resized_dims)):
+        dim = rank - int(resized_dims) + j
+        size = int(shape[len(shape) - int(resized_dims) + j])
+        if size == 0:
+            continue
+        if interpolation_mode == "NEAREST_NEIGHBOR":
+            out = _nearest_along(out, dim, size)
+        else:
+            out = _linear_along(out, dim, size, sampling_mode)
+    return out
+
+
+# -- attention -----------------------------------------------------------------------
+
+
+@kernel("scaled_dot_product_attention", tensors=("query", "key", "value", "attn_mask"))
+def scaled_dot_product_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
+
+
+def _permuted(t: torch.Tensor, perm: list[int] | None) -> torch.Tensor:
+    return t if perm is None else t.permute(perm)
+
+
+@kernel("coreml_hub.attention", tensors=("query", "key", "value", "mask"))
+def fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    query_perm: list[int] | None = None,
+    key_perm: list[int] | None = None,
+    value_perm: list[int] | None = None,
+    mask_perm: list[int] | None = None,
+    out_perm: list[int] | None = None,
+) -> torch.Tensor:
+    """softmax(Q Kᵀ · scale + mask) V from a matmul or einsum pattern, in the pattern's layouts.
+
+    The permutations bring each operand to [batch..., sequence, channels] (the mask to
+    [batch..., query, key]) and the result back to the layout the pattern produced.
+    """
+    q = _permuted(query, query_perm)
+    k = _permuted(key, key_perm)
+    v = _permuted(value, value_perm)
+    m = None if mask is None else _permuted(mask, mask_perm)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    q = q.expand(batch + q.shape[-2:])
+    k = k.expand(batch + k.shape[-2:])
+    v = v.expand(batch + v.shape[-2:])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+    return _permuted(out, out_perm)
+
+
+# -- quantization --------------------------------------------------------------------
+
+
+def _along_axis(v: torch.Tensor, axis: int | None, rank: int) -> torch.Tensor:
+    if v.dim() == 0 or axis is None:
+        return v
+    shape = [1] * rank
+    shape[axis % rank] = -1
+    return v.reshape(shape)
+
+
+@kernel("dequantize", tensors=("input", "scale", "zero_point"))
+def dequantize(
+    out_dtype: torch.dtype,
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    axis: int | None = None,
+) -> torch.Tensor:
+    x = input.to(out_dtype)
+    rank = input.dim()
+    if zero_point is not None:
+        x = x - _along_axis(zero_point.to(out_dtype), axis, rank)
+    return x * _along_axis(scale, axis, rank)
+
+
+@kernel("quantize", tensors=("input", "scale", "zero_point"))
+def quantize(
+    input: torch.Tensor,
+    scale: torch.Tensor,
+    output_dtype: str,
+    zero_point: torch.Tensor | None = None,
+    axis: int | None = None,
+) -> torch.Tensor:
+    rank = input.dim()
+    q = torch.round(input / _along_axis(scale, axis, rank))
+    if zero_point is not None:
+        q = q + _along_axis(zero_point.to(q.dtype), axis, rank)
+    low, high, dtype = (0, 255, torch.uint8) if output_dtype == "uint8" else (-128, 127, torch.int8)
+    return torch.clamp(q, low, high).to(dtype)

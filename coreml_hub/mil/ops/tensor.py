@@ -1,0 +1,532 @@
+"""Shape and data-movement ops: reshape, slicing, concatenation, gather/scatter, reductions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import Context, kernel
+
+# -- shapes --------------------------------------------------------------------------
+
+
+def reshape_target(shape_in: tuple[int, ...], shape: list[int]) -> list[int]:
+    """MIL reshape shape: 0 copies the input dimension (when the ranks match), -1 is inferred."""
+    if 0 in shape and len(shape) == len(shape_in):
+        return [shape_in[i] if s == 0 else s for i, s in enumerate(shape)]
+    return list(shape)
+
+
+@kernel("reshape")
+def reshape(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    return x.reshape(reshape_target(tuple(x.shape), shape))
+
+
+@kernel("reshape_like", tensors=("x", "ref_tensors"))
+def reshape_like(
+    x: torch.Tensor, ref_tensors: tuple[torch.Tensor, ...], begins: list[int], ends: list[int], end_masks: list[bool]
+) -> torch.Tensor:
+    shape: list[int] = []
+    for ref, b, e, m in zip(ref_tensors, begins, ends, end_masks):
+        dims = list(ref.shape)
+        shape += dims[b:] if m else dims[b:e]
+    return x.reshape(shape)
+
+
+@kernel("expand_dims")
+def expand_dims(x: torch.Tensor, axes: list[int]) -> torch.Tensor:
+    rank = x.dim() + len(axes)
+    shape = list(x.shape)
+    for axis in sorted(a + rank if a < 0 else a for a in axes):
+        shape.insert(axis, 1)
+    return x.reshape(shape)
+
+
+@kernel("squeeze")
+def squeeze(x: torch.Tensor, axes: list[int] | None = None) -> torch.Tensor:
+    if axes is None:
+        return x.squeeze()
+    return x.squeeze(tuple(axes))
+
+
+@kernel("transpose")
+def transpose(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
+    return x.permute(perm)
+
+
+@kernel("flatten2d")
+def flatten2d(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    axis = axis % (x.dim() + 1) if axis < 0 else axis
+    return x.reshape(int(torch.tensor(x.shape[:axis]).prod()), -1)
+
+
+@kernel("shape")
+def shape(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(list(x.shape), dtype=torch.int32, device=ctx.device)
+
+
+@kernel("reverse")
+def reverse(x: torch.Tensor, axes: list[int] | None = None) -> torch.Tensor:
+    return x.flip(list(range(x.dim())) if axes is None else axes)
+
+
+@kernel("reverse_sequence", tensors=("x", "lengths"))
+def reverse_sequence(x: torch.Tensor, lengths: torch.Tensor, seq_axis: int = 0, batch_axis: int = 0) -> torch.Tensor:
+    rank = x.dim()
+    seq_axis, batch_axis = seq_axis % rank, batch_axis % rank
+    n = x.shape[seq_axis]
+    pos = torch.arange(n, device=x.device).reshape(1, n)
+    lens = lengths.to(torch.int64).reshape(-1, 1)
+    index = torch.where(pos < lens, lens - 1 - pos, pos)  # [batch, seq]
+    shape = [1] * rank
+    shape[batch_axis], shape[seq_axis] = index.shape[0], n
+    if batch_axis > seq_axis:
+        index = index.t()
+        shape[seq_axis], shape[batch_axis] = n, lengths.shape[0]
+    index = index.reshape(shape).expand(x.shape)
+    return torch.gather(x, seq_axis, index)
+
+
+@kernel("depth_to_space")
+def depth_to_space(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    b = block_size
+    return x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c // (b * b), h * b, w * b)
+
+
+@kernel("space_to_depth")
+def space_to_depth(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    b = block_size
+    return x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4).reshape(n, c * b * b, h // b, w // b)
+
+
+@kernel("pixel_shuffle")
+def pixel_shuffle(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    return F.pixel_shuffle(x, upscale_factor)
+
+
+@kernel("pixel_unshuffle")
+def pixel_unshuffle(x: torch.Tensor, downscale_factor: int) -> torch.Tensor:
+    return F.pixel_unshuffle(x, downscale_factor)
+
+
+@kernel("sliding_windows")
+def sliding_windows(x: torch.Tensor, axis: int, size: int, stride: int = 1) -> torch.Tensor:
+    axis = axis % x.dim()
+    return x.unfold(axis, size, stride).movedim(-1, axis + 1)
+
+
+@kernel("tile")
+def tile(x: torch.Tensor, reps: list[int]) -> torch.Tensor:
+    return x.repeat(reps)
+
+
+# -- slicing -------------------------------------------------------------------------
+
+
+@kernel("slice_by_index")
+def slice_by_index(
+    x: torch.Tensor,
+    begin: list[int],
+    end: list[int],
+    stride: list[int] | None = None,
+    begin_mask: list[bool] | None = None,
+    end_mask: list[bool] | None = None,
+    squeeze_mask: list[bool] | None = None,
+) -> torch.Tensor:
+    index: list[Any] = []
+    for i in range(x.dim()):
+        n = x.shape[i]
+        masked_begin = bool(begin_mask and begin_mask[i])
+        if squeeze_mask and squeeze_mask[i]:
+            # a pure index: Python's slice(begin, None, huge) keeps exactly one element
+            start = 0 if masked_begin else begin[i]
+            index.append(start + n if start < 0 else start)
+            continue
+        b = None if masked_begin else begin[i]
+        e = None if end_mask and end_mask[i] else end[i]
+        step = stride[i] if stride else 1
+        start, stop, step = slice(b, e, step).indices(n)
+        if step > 0:
+            index.append(slice(start, max(start, stop), step))
+        else:
+            count = len(range(start, stop, step))
+            x = x.flip(i)
+            first = n - 1 - start
+            index.append(slice(first, first + count * (-step) if count else first, -step))
+    return x[tuple(index)]
+
+
+@kernel("slice_by_size")
+def slice_by_size(x: torch.Tensor, begin: list[int], size: list[int]) -> torch.Tensor:
+    index = []
+    for i, (b, s) in enumerate(zip(begin, size)):
+        b = b + x.shape[i] if b < 0 else b
+        index.append(slice(b, None) if s < 0 else slice(b, b + s))
+    return x[tuple(index)]
+
+
+@kernel("slice_update", tensors=("x", "update"))
+def slice_update(
+    x: torch.Tensor,
+    update: torch.Tensor,
+    begin: list[int],
+    end: list[int],
+    stride: list[int] | None = None,
+    begin_mask: list[bool] | None = None,
+    end_mask: list[bool] | None = None,
+    squeeze_mask: list[bool] | None = None,
+) -> torch.Tensor:
+    out = x.clone()
+    view = slice_by_index(out, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    if view.data_ptr() == out.data_ptr() or view._base is out or view._base is out._base:
+        view.copy_(update.reshape(view.shape))
+        return out
+    # negative strides slice a flipped copy; write through explicit indices instead
+    flat_index = torch.arange(out.numel(), device=out.device).reshape(out.shape)
+    target = slice_by_index(flat_index, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    out.view(-1)[target.reshape(-1)] = update.reshape(-1).to(out.dtype)
+    return out
+
+
+# -- joining and splitting -----------------------------------------------------------
+
+
+@kernel("concat", tensors=("values",))
+def concat(values: tuple[torch.Tensor, ...], axis: int, interleave: bool = False) -> torch.Tensor:
+    if values[0].dim() == 0:
+        return torch.stack(values, 0)
+    if len(values) == 1:
+        return values[0]
+    if not interleave:
+        return torch.cat(values, axis)
+    axis = axis % values[0].dim()
+    stacked = torch.stack(values, axis + 1)
+    shape = list(values[0].shape)
+    shape[axis] *= len(values)
+    return stacked.reshape(shape)
+
+
+@kernel("stack", tensors=("values",))
+def stack(values: tuple[torch.Tensor, ...], axis: int) -> torch.Tensor:
+    return torch.stack(values, axis)
+
+
+@kernel("split")
+def split(
+    x: torch.Tensor, axis: int, num_splits: int | None = None, split_sizes: list[int] | None = None
+) -> tuple[torch.Tensor, ...]:
+    if split_sizes is not None:
+        return tuple(torch.split(x, list(split_sizes), axis))
+    assert num_splits is not None, "split needs num_splits or split_sizes"
+    return tuple(torch.split(x, x.shape[axis] // num_splits, axis))
+
+
+# -- gather and scatter --------------------------------------------------------------
+
+
+def _positive(indices: torch.Tensor, size: int) -> torch.Tensor:
+    indices = indices.to(torch.int64)
+    return torch.where(indices < 0, indices + size, indices)
+
+
+@kernel("gather", tensors=("x", "indices"))
+def gather(
+    x: torch.Tensor, indices: torch.Tensor, axis: int = 0, batch_dims: int = 0, validate_indices: bool = False
+) -> torch.Tensor:
+    axis = axis % x.dim()
+    idx = _positive(indices, x.shape[axis])
+    if validate_indices and idx.numel() and (bool((idx < 0).any()) or bool((idx >= x.shape[axis]).any())):
+        raise IndexError(f"gather: index out of range for axis {axis} of size {x.shape[axis]}")
+    if batch_dims == 0:
+        out = x.index_select(axis, idx.reshape(-1))
+        return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1 :])
+    # batched: x [B..., pre..., D, rest...], indices [B..., N...]
+    batch = x.shape[:batch_dims]
+    p = 1
+    for d in batch:
+        p *= d
+    xb = x.reshape((p,) + x.shape[batch_dims:])
+    ib = idx.reshape((p,) + idx.shape[batch_dims:])
+    a = axis - batch_dims  # axis inside one batch element
+    moved = xb.movedim(a + 1, 1)  # [P, D, pre..., rest...]
+    rows = torch.arange(p, device=x.device).reshape((p,) + (1,) * (ib.dim() - 1))
+    picked = moved[rows, ib]  # [P, N..., pre..., rest...]
+    n_dims = ib.dim() - 1
+    order = [0] + list(range(1 + n_dims, 1 + n_dims + a)) + list(range(1, 1 + n_dims))
+    order += list(range(1 + n_dims + a, picked.dim()))
+    picked = picked.permute(order)
+    return picked.reshape(batch + picked.shape[1:])
+
+
+@kernel("gather_along_axis", tensors=("x", "indices"))
+def gather_along_axis(
+    x: torch.Tensor, indices: torch.Tensor, axis: int = 0, validate_indices: bool = False
+) -> torch.Tensor:
+    axis = axis % x.dim()
+    return torch.gather(x, axis, _positive(indices, x.shape[axis]))
+
+
+@kernel("gather_nd", tensors=("x", "indices"))
+def gather_nd(
+    x: torch.Tensor, indices: torch.Tensor, batch_dims: int = 0, validate_indices: bool = False
+) -> torch.Tensor:
+    idx = indices.to(torch.int64)
+    k = idx.shape[-1]
+    if batch_dims == 0:
+        return x[tuple(idx[..., i] for i in range(k))]
+    batch = x.shape[:batch_dims]
+    p = 1
+    for d in batch:
+        p *= d
+    xb = x.reshape((p,) + x.shape[batch_dims:])
+    ib = idx.reshape((p,) + idx.shape[batch_dims:])
+    rows = torch.arange(p, device=x.device).reshape((p,) + (1,) * (ib.dim() - 2))
+    out = xb[(rows,) + tuple(ib[..., i] for i in range(k))]
+    return out.reshape(batch + out.shape[1:])
+
+
+_REDUCE = {"add": "sum", "sub": "sum", "mul": "prod", "div": "prod", "max": "amax", "min": "amin"}
+
+
+def _updates_for(mode: str, updates: torch.Tensor) -> torch.Tensor:
+    if mode == "sub":
+        return -updates
+    if mode == "div":
+        return torch.reciprocal(updates)
+    return updates
+
+
+@kernel("scatter", tensors=("data", "indices", "updates"))
+def scatter(
+    data: torch.Tensor,
+    indices: torch.Tensor,
+    updates: torch.Tensor,
+    axis: int = 0,
+    mode: str = "add",
+    validate_indices: bool = False,
+) -> torch.Tensor:
+    axis = axis % data.dim()
+    idx = _positive(indices, data.shape[axis]).reshape(-1)
+    out = data.movedim(axis, 0).clone()
+    upd = updates.movedim(axis, 0).to(out.dtype)
+    if mode == "update":
+        out[idx] = upd
+    elif mode in ("add", "sub"):
+        out.index_add_(0, idx, _updates_for(mode, upd))
+    else:
+        reduce = {"mul": "prod", "div": "prod", "max": "amax", "min": "amin"}[mode]
+        out.index_reduce_(0, idx, _updates_for(mode, upd), reduce, include_self=True)
+    return out.movedim(0, axis)
+
+
+@kernel("scatter_along_axis", tensors=("data", "indices", "updates"))
+def scatter_along_axis(
+    data: torch.Tensor,
+    indices: torch.Tensor,
+    updates: torch.Tensor,
+    axis: int = 0,
+    mode: str = "add",
+    validate_indices: bool = False,
+) -> torch.Tensor:
+    axis = axis % data.dim()
+    idx = _positive(indices, data.shape[axis])
+    upd = updates.to(data.dtype)
+    if mode == "update":
+        return data.scatter(axis, idx, upd)
+    return data.scatter_reduce(axis, idx, _updates_for(mode, upd), _REDUCE[mode], include_self=True)
+
+
+@kernel("scatter_nd", tensors=("data", "indices", "updates"))
+def scatter_nd(
+    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, mode: str = "add", validate_indices: bool = False
+) -> torch.Tensor:
+    k = indices.shape[-1]
+    lead = data.shape[:k]
+    idx = indices.to(torch.int64).reshape(-1, k)
+    linear = torch.zeros(idx.shape[0], dtype=torch.int64, device=data.device)
+    for i in range(k):
+        linear = linear * lead[i] + torch.where(idx[:, i] < 0, idx[:, i] + lead[i], idx[:, i])
+    flat = data.reshape((-1,) + data.shape[k:])
+    upd = updates.reshape((-1,) + data.shape[k:])
+    return scatter(flat, linear, upd, 0, mode).reshape(data.shape)
+
+
+# -- construction --------------------------------------------------------------------
+
+
+@kernel("fill")
+def fill(ctx: Context, out_dtype: torch.dtype, shape: list[int], value: Any = 0.0) -> torch.Tensor:
+    return torch.full(list(shape), value, dtype=out_dtype, device=ctx.device)
+
+
+@kernel("fill_like", tensors=("ref_tensor",))
+def fill_like(out_dtype: torch.dtype, ref_tensor: torch.Tensor, value: Any = 0.0) -> torch.Tensor:
+    return torch.full(ref_tensor.shape, value, dtype=out_dtype, device=ref_tensor.device)
+
+
+@kernel("range_1d")
+def range_1d(ctx: Context, out_dtype: torch.dtype, start: Any, end: Any, step: Any) -> torch.Tensor:
+    return torch.arange(start, end, step, dtype=out_dtype, device=ctx.device)
+
+
+@kernel("one_hot", tensors=("indices",))
+def one_hot(
+    out_dtype: torch.dtype,
+    indices: torch.Tensor,
+    one_hot_vector_size: int,
+    axis: int = -1,
+    on_value: Any = 1,
+    off_value: Any = 0,
+) -> torch.Tensor:
+    hot = F.one_hot(indices.to(torch.int64), int(one_hot_vector_size)).to(torch.bool)
+    rank = hot.dim()
+    hot = hot.movedim(-1, axis % rank)
+    on = torch.tensor(on_value, dtype=out_dtype, device=indices.device)
+    off = torch.tensor(off_value, dtype=out_dtype, device=indices.device)
+    return torch.where(hot, on, off)
+
+
+@kernel("band_part")
+def band_part(x: torch.Tensor, lower: int = -1, upper: int = -1) -> torch.Tensor:
+    m, n = x.shape[-2:]
+    rows = torch.arange(m, device=x.device).reshape(m, 1)
+    cols = torch.arange(n, device=x.device).reshape(1, n)
+    keep = torch.ones(m, n, dtype=torch.bool, device=x.device)
+    if lower >= 0:
+        keep &= (rows - cols) <= lower
+    if upper >= 0:
+        keep &= (cols - rows) <= upper
+    return torch.where(keep, x, torch.zeros_like(x))
+
+
+@kernel("cumsum")
+def cumsum(x: torch.Tensor, axis: int = 0, exclusive: bool = False, reverse: bool = False) -> torch.Tensor:
+    if reverse:
+        x = x.flip(axis)
+    out = torch.cumsum(x, axis).to(x.dtype)
+    if exclusive:
+        out = out - x
+    return out.flip(axis) if reverse else out
+
+
+@kernel("non_zero")
+def non_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(x).to(torch.int32)
+
+
+@kernel("argsort")
+def argsort(x: torch.Tensor, axis: int = -1, ascending: bool = False) -> torch.Tensor:
+    return torch.argsort(x, dim=axis, descending=not ascending, stable=True).to(torch.int32)
+
+
+@kernel("topk")
+def topk(
+    x: torch.Tensor,
+    k: int = 1,
+    axis: int = -1,
+    ascending: bool = False,
+    sort: bool = True,
+    return_indices: bool = True,
+) -> Any:
+    order = torch.argsort(x, dim=axis, descending=not ascending, stable=True).narrow(axis % x.dim(), 0, k)
+    values = torch.gather(x, axis, order)
+    if not return_indices:
+        return values
+    return values, order.to(torch.int32)
+
+
+# -- reductions ----------------------------------------------------------------------
+
+
+def _dims(x: torch.Tensor, axes: list[int] | None) -> tuple[int, ...]:
+    return tuple(range(x.dim())) if axes is None else tuple(axes)
+
+
+def _reduction(fn: Any) -> Any:
+    def run(x: torch.Tensor, axes: list[int] | None = None, keep_dims: bool = False) -> torch.Tensor:
+        if x.dim() == 0:
+            return fn(x.reshape(1), (0,), False)
+        dims = _dims(x, axes)
+        if not dims:
+            return x
+        return fn(x, dims, keep_dims)
+
+    return run
+
+
+def _mean(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
+    if x.is_floating_point():
+        return torch.mean(x, dims, keep)
+    return torch.mean(x.double(), dims, keep).trunc().to(x.dtype)
+
+
+def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
+    for d in sorted((d % x.dim() for d in dims), reverse=True):
+        x = torch.prod(x, d, keepdim=keep)
+    return x
+
+
+_REDUCTIONS = {
+    "reduce_sum": lambda x, d, k: torch.sum(x, d, k, dtype=x.dtype),
+    "reduce_mean": _mean,
+    "reduce_max": lambda x, d, k: torch.amax(x, d, k),
+    "reduce_min": lambda x, d, k: torch.amin(x, d, k),
+    "reduce_prod": _prod,
+    "reduce_l1_norm": lambda x, d, k: torch.sum(torch.abs(x), d, k, dtype=x.dtype),
+    "reduce_l2_norm": lambda x, d, k: torch.sqrt(torch.sum(x * x, d, k)),
+    "reduce_sum_square": lambda x, d, k: torch.sum(x * x, d, k, dtype=x.dtype),
+    "reduce_log_sum": lambda x, d, k: torch.log(torch.sum(x, d, k)),
+    "reduce_log_sum_exp": lambda x, d, k: torch.logsumexp(x, d, k),
+}
+
+for _name, _fn in _REDUCTIONS.items():
+    kernel(_name)(_reduction(_fn))
+
+
+@kernel("reduce_argmax")
+def reduce_argmax(x: torch.Tensor, axis: int = -1, keep_dims: bool = False, output_dtype: str = "int32") -> torch.Tensor:
+    return torch.argmax(x, dim=axis, keepdim=keep_dims).to(torch.int32)
+
+
+@kernel("reduce_argmin")
+def reduce_argmin(x: torch.Tensor, axis: int = -1, keep_dims: bool = False, output_dtype: str = "int32") -> torch.Tensor:
+    return torch.argmin(x, dim=axis, keepdim=keep_dims).to(torch.int32)
+
+
+# -- padding -------------------------------------------------------------------------
+
+
+def _edge_index(n: int, before: int, after: int, mode: str) -> list[int]:
+    out = []
+    for i in range(-before, n + after):
+        if mode == "replicate":
+            out.append(min(max(i, 0), n - 1))
+        else:  # reflect, without repeating the edge
+            j = i
+            period = 2 * (n - 1) if n > 1 else 1
+            j = j % period if period else 0
+            out.append(j if j < n else period - j)
+    return out
+
+
+@kernel("pad")
+def pad(x: torch.Tensor, pad: list[int], mode: str = "constant", constant_val: float = 0.0) -> torch.Tensor:
+    pairs = [(int(pad[2 * i]), int(pad[2 * i + 1])) for i in range(len(pad) // 2)]
+    first = x.dim() - len(pairs)
+    if mode == "constant":
+        flat: list[int] = []
+        for before, after in reversed(pairs):
+            flat += [before, after]
+        return F.pad(x, flat, value=constant_val)
+    out = x
+    for j, (before, after) in enumerate(pairs):
+        if before == 0 and after == 0:
+            continue
+        dim = first + j
+        index = _edge_index(out.shape[dim], before, after, mode)
+        out = out.index_select(dim, torch.tensor(index, device=x.device))
+    return out

@@ -330,7 +330,8 @@ def partial_tag(components: Iterable[str]) -> str | None:
     comps = set(components)
     if not _is_partial(comps):
         return None
-    return "unet-only" if comps <= {"unet", "unet_chunk1", "unet_chunk2", "controlnet"} else "partial"
+    unets = {"unet", "unet_chunk1", "unet_chunk2"}
+    return "unet-only" if comps & unets and comps <= unets | {"controlnet"} else "partial"
 
 
 @dataclass
@@ -404,13 +405,12 @@ def folder_variant(
             unet_files[form] = _files_of(chosen)
             used.update(b.path for b in chosen)
     else:
-        # no Unet at all: a refiner or controlled Unet alone rides as a plain bundle
-        for fam in ("refiner", "controlled_unet"):
-            if families[fam]:
-                components.add("refiner" if fam == "refiner" else "controlnet")
-                first = next(iter(families[fam].values()))
-                common += first
-                used.update(b.path for b in first)
+        # no Unet to choose a form for: a refiner alone rides as a plain bundle
+        if families["refiner"]:
+            components.add("refiner")
+            first = next(iter(families["refiner"].values()))
+            common += first
+            used.update(b.path for b in first)
     ignored = sorted(p for p in ignored if p not in used)
 
     unet_form = None

@@ -422,6 +422,14 @@ def test_secondary_unets_follow_the_form() -> None:
     assert v.components == ("text_encoder", "unet", "vae_decoder", "controlnet", "refiner")
 
 
+def test_partial_tags() -> None:
+    only_controlnet = find_flat_variants([RepoFile("ControlNet_lllyasviel_sd-controlnet-canny.mlpackage/Manifest.json", 1)])
+    assert [(v.id, v.partial, v.components) for v in only_controlnet] == [
+        ("original/packages+partial", True, ("controlnet",))]
+    no_vae = find_flat_variants([RepoFile(f"{n}.mlmodelc/model.mil", 1) for n in ("TextEncoder", "Unet")])
+    assert [v.id for v in no_vae] == ["original/compiled+partial"]
+
+
 def test_lone_chunk_is_not_fetched() -> None:
     files = [RepoFile(f"split_einsum/compiled/{n}.mlmodelc/model.mil", 5)
              for n in ("TextEncoder", "Unet", "UnetChunk1", "VAEDecoder")]

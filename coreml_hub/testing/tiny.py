@@ -172,12 +172,12 @@ def style_config(style: str) -> dict[str, Any]:
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
             cross_attention_dim=text_1["hidden_size"] + text_2["hidden_size"],
-            attention_head_dim=[2, 4],
+            attention_head_dim=[2, 2],
             use_linear_projection=True,
             addition_embed_type="text_time",
             addition_time_embed_dim=time_dim,
             projection_class_embeddings_input_dim=text_2["projection_dim"] + 6 * time_dim,
-            transformer_layers_per_block=[1, 2],
+            transformer_layers_per_block=[1, 1],
         )
         vae = _merged(_VAE, scaling_factor=0.13025, force_upcast=True)
         return {

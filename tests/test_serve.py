@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import socket
@@ -92,11 +93,14 @@ def test_list_models_sort_and_limit(hub_server: HubServer, sort: str, expected: 
     assert "limit=2" in req["query"]
 
 
-def test_list_models_direction_ascending(hub_server: HubServer) -> None:
+def test_list_models_direction_and_library_params(hub_server: HubServer) -> None:
     catalog(hub_server.root)
     r = httpx2.get(f"{hub_server.url}/api/models", params={"filter": "coreml", "sort": "likes", "direction": "1"})
     assert [m["id"] for m in r.json()] == ["coreml-community/coreml-anything-v3.0", REPO,
                                            "apple/coreml-stable-diffusion-xl-base"]
+    # the Hub's `library=` query parameter (the client sends libraries as `filter=` values)
+    r = httpx2.get(f"{hub_server.url}/api/models", params={"library": "diffusers"})
+    assert [m["id"] for m in r.json()] == ["someone/pytorch-model"]
 
 
 def test_list_models_full_expand_and_default_fields(hub_server: HubServer) -> None:
@@ -456,3 +460,21 @@ def test_first_request_while_hashing(hub_root: Path, tmp_path: Path, warm: bool)
         r = httpx2.head(hf_hub_url("org/a", "x.bin", endpoint=server.url), timeout=60)
         assert r.status_code == 200 and len(r.headers["X-Repo-Commit"]) == 40
         assert r.headers["ETag"].strip('"') == hashlib.sha256((hub_root / "org/a/x.bin").read_bytes()).hexdigest()
+
+
+def test_digests_are_remembered_across_restarts(hub_root: Path, tmp_path: Path) -> None:
+    folder = make_repo(hub_root, "org/a", {"x.bin": 3_000, "notes.txt": "hi"})
+    cache_file = hub_root / ".coreml-hub-digests.json"
+    with HubServer(hub_root, tmp_path / "log.jsonl") as server:
+        first = api_for(server).model_info("org/a", files_metadata=True)
+    assert cache_file.exists()
+    rows = {Path(row[0]).name: row for row in json.loads(cache_file.read_text())}
+    assert rows["x.bin"][5] == hashlib.sha256((folder / "x.bin").read_bytes()).hexdigest()
+    with HubServer(hub_root, tmp_path / "log.jsonl") as server:
+        again = api_for(server).model_info("org/a", files_metadata=True)
+        assert again.sha == first.sha
+        assert [s.rfilename for s in again.siblings] == ["notes.txt", "x.bin"]  # the cache file is not served
+    cache_file.write_text("not json")  # a damaged cache only costs a rehash
+    with HubServer(hub_root, tmp_path / "log.jsonl", extra_args=("--no-digest-cache",)) as server:
+        assert api_for(server).model_info("org/a").sha == first.sha
+    assert cache_file.read_text() == "not json"

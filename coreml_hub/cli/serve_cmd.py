@@ -22,7 +22,9 @@ ROOT layout:
                                      library_name, lastModified, gated, private
   ROOT/.tokens                       bearer tokens (one a line) that may read gated
                                      and private repos; also COREML_HUB_SERVE_TOKENS=a,b
-Files and folders whose name starts with "." are not served.""",
+Files and folders whose name starts with "." are not served. File hashes (the Hub's
+blob ids and LFS sha256) are computed once and kept in ROOT/.coreml-hub-digests.json
+when ROOT is writable, so restarting a large mirror is quick.""",
 )
 @click.argument("root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for a LAN mirror).")
@@ -33,7 +35,10 @@ Files and folders whose name starts with "." are not served.""",
 @click.option("--page-size", default=1000, show_default=True, type=click.IntRange(1, 100000),
               help="Entries per page in model and file listings (the Hub uses 1000).")
 @click.option("--no-warm", is_flag=True, help="Hash files on first request instead of at startup.")
-def serve_cmd(root: Path, host: str, port: int, log_requests: Path | None, page_size: int, no_warm: bool) -> None:
+@click.option("--no-digest-cache", is_flag=True,
+              help="Do not keep file hashes in ROOT/.coreml-hub-digests.json across restarts.")
+def serve_cmd(root: Path, host: str, port: int, log_requests: Path | None, page_size: int, no_warm: bool,
+              no_digest_cache: bool) -> None:
     """Serve a folder of repos as a read-only Hugging Face Hub mirror.
 
     Point any huggingface_hub client (and coreml-hub itself) at it with HF_ENDPOINT.
@@ -45,4 +50,5 @@ def serve_cmd(root: Path, host: str, port: int, log_requests: Path | None, page_
         click.echo(f"Serving {root} at {server.url}")  # type: ignore[attr-defined]
         click.get_text_stream("stdout").flush()
 
-    serve(root, host, port, log_path=log_requests, page_size=page_size, warm=not no_warm, on_ready=announce)
+    serve(root, host, port, log_path=log_requests, page_size=page_size, warm=not no_warm,
+          remember_digests=not no_digest_cache, on_ready=announce)

@@ -32,8 +32,8 @@ class MirrorServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, root: Path, host: str, port: int, *, log_path: Path | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE) -> None:
-        self.store = RepoStore(root)
+                 page_size: int = DEFAULT_PAGE_SIZE, remember_digests: bool = True) -> None:
+        self.store = RepoStore(root, remember_digests=remember_digests)
         self.log = RequestLog(log_path)
         self.page_size = max(1, page_size)
         self._inflight = _InFlight()
@@ -63,11 +63,12 @@ class MirrorServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        self.store.digests.save()
         self.log.close()
 
 
 def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path: Path | None = None,
-                page_size: int = DEFAULT_PAGE_SIZE) -> MirrorServer:
+                page_size: int = DEFAULT_PAGE_SIZE, remember_digests: bool = True) -> MirrorServer:
     """A bound, not yet serving mirror; port 0 picks a free port (see `.url`)."""
     root = Path(root)
     if not root.is_dir():
@@ -75,7 +76,8 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path:
 
         raise UsageError(f"{root} is not a folder.", hint="Pass a folder laid out as ROOT/<org>/<name>/.")
     try:
-        return MirrorServer(root, host, port, log_path=log_path, page_size=page_size)
+        return MirrorServer(root, host, port, log_path=log_path, page_size=page_size,
+                            remember_digests=remember_digests)
     except OSError as exc:
         from ..errors import CoremlHubError
 
@@ -84,10 +86,11 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path:
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path: Path | None = None,
-          page_size: int = DEFAULT_PAGE_SIZE, warm: bool = True,
+          page_size: int = DEFAULT_PAGE_SIZE, warm: bool = True, remember_digests: bool = True,
           on_ready: Callable[[MirrorServer], None] | None = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM)."""
-    server = make_server(root, host, port, log_path=log_path, page_size=page_size)
+    server = make_server(root, host, port, log_path=log_path, page_size=page_size,
+                         remember_digests=remember_digests)
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

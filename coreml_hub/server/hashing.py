@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,12 +79,23 @@ def digest_file(path: Path, size: int, lfs: bool) -> Digest:
 
 
 class DigestCache:
-    """Thread-safe memo of file digests; one hashing pass per file version, even under concurrency."""
+    """Thread-safe memo of file digests; one hashing pass per file version, even under concurrency.
 
-    def __init__(self) -> None:
+    With `persist_to`, digests survive restarts (a JSON file written atomically), so a
+    mirror of many GB does not rehash everything each time it starts.
+    """
+
+    SAVE_INTERVAL = 2.0  # seconds between saves triggered by requests
+
+    def __init__(self, persist_to: Path | None = None) -> None:
         self._done: dict[tuple[str, int, int, bool], Digest] = {}
         self._locks: dict[tuple[str, int, int, bool], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._persist_to = persist_to
+        self._dirty = False
+        self._last_save = 0.0
+        if persist_to is not None:
+            self._load(persist_to)
 
     def get(self, path: Path, size: int, mtime_ns: int, lfs: bool) -> Digest:
         key = (str(path), size, mtime_ns, lfs)
@@ -95,6 +109,33 @@ class DigestCache:
             if found is None:
                 found = digest_file(path, size, lfs)
                 self._done[key] = found
+                self._dirty = True
         with self._guard:
             self._locks.pop(key, None)
+        if time.monotonic() - self._last_save > self.SAVE_INTERVAL:
+            self.save()
         return found
+
+    def _load(self, source: Path) -> None:
+        try:
+            rows = json.loads(source.read_text())
+            for path, size, mtime_ns, lfs, blob_id, sha256, pointer_size in rows:
+                self._done[(path, size, mtime_ns, lfs)] = Digest(blob_id, sha256, pointer_size)
+        except (OSError, ValueError, TypeError):
+            return  # no cache yet, or an unreadable one: hash again
+
+    def save(self) -> None:
+        """Write the digests out if anything changed; a read-only ROOT just means no cache."""
+        if self._persist_to is None or not self._dirty:
+            return
+        with self._guard:
+            self._last_save = time.monotonic()
+            self._dirty = False
+            rows = [[*key, d.blob_id, d.sha256, d.pointer_size] for key, d in list(self._done.items())
+                    if os.path.exists(key[0])]
+        tmp = self._persist_to.with_name(f"{self._persist_to.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            tmp.write_text(json.dumps(rows))
+            os.replace(tmp, self._persist_to)
+        except OSError:
+            tmp.unlink(missing_ok=True)

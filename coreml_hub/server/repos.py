@@ -21,6 +21,7 @@ from .hashing import Digest, DigestCache, is_lfs
 
 META_FILE = ".hub.json"
 TOKENS_FILE = ".tokens"
+DIGESTS_FILE = ".coreml-hub-digests.json"  # in ROOT; remembered file hashes
 
 
 @dataclass(frozen=True)
@@ -134,9 +135,9 @@ def valid_repo_path(path: str) -> bool:
 class RepoStore:
     """Reads repos from ROOT on every request (cheap: a walk and stats); caches digests and commits."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, remember_digests: bool = True) -> None:
         self.root = Path(root)
-        self.digests = DigestCache()
+        self.digests = DigestCache(self.root / DIGESTS_FILE if remember_digests else None)
         self._commits: dict[tuple[Any, ...], tuple[str, dict[str, str]]] = {}
         self._commit_lock = threading.Lock()
         self._bad_meta_warned: set[str] = set()
@@ -238,6 +239,7 @@ class RepoStore:
                 self.commit(repo)
             except OSError:
                 continue
+        self.digests.save()
 
 
 def git_trees(blobs: dict[str, str]) -> dict[str, str]:

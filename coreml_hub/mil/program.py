@@ -51,6 +51,7 @@ VARIADIC_INPUTS: frozenset[tuple[str, str]] = frozenset({
     ("stack", "values"),
     ("einsum", "values"),
     ("identity_n", "x"),
+    ("while_loop", "loop_vars"),
 })
 
 # Function opsets use the model.mil spelling; the protobuf's "CoreML<N>" maps to these.

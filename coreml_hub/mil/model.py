@@ -178,7 +178,8 @@ class Model:
 
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         self._check(arrays, lambda a: a.dtype.kind, lambda a: tuple(a.shape))
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        # np.ascontiguousarray would turn a 0-d input into shape (1,)
+        tensors = {name: torch.from_numpy(a if a.flags.c_contiguous else a.copy()) for name, a in arrays.items()}
         outputs = self.predict_torch(tensors, _checked=True)
         result = {}
         for desc in self.output_description:

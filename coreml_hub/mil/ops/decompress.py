@@ -64,10 +64,10 @@ def _lut_lookup(indices: np.ndarray, lut: np.ndarray, vector_axis: int | None) -
     groups = lut.shape[:rank]
     # the group each index belongs to, as a flat number
     group_id = np.zeros(indices.shape, dtype=np.int64)
-    for axis, (size, count) in enumerate(zip(indices.shape, groups)):
+    for dim, (size, count) in enumerate(zip(indices.shape, groups)):
         block = size // count
         shape = [1] * rank
-        shape[axis] = size
+        shape[dim] = size
         group_id = group_id * count + (np.arange(size) // block).reshape(shape)
     table = lut.reshape(-1, palettes, vector)
     out = table[group_id, indices.astype(np.int64)]  # indices.shape + (vector,)

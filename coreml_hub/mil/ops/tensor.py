@@ -58,8 +58,11 @@ def transpose(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
 
 @kernel("flatten2d")
 def flatten2d(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
-    axis = axis % (x.dim() + 1) if axis < 0 else axis
-    return x.reshape(int(torch.tensor(x.shape[:axis]).prod()), -1)
+    axis = axis % x.dim() if axis < 0 else axis
+    lead = 1
+    for d in x.shape[:axis]:
+        lead *= d
+    return x.reshape(lead, -1)
 
 
 @kernel("shape")
@@ -318,8 +321,8 @@ def scatter(
     elif mode in ("add", "sub"):
         out.index_add_(0, idx, _updates_for(mode, upd))
     else:
-        reduce = {"mul": "prod", "div": "prod", "max": "amax", "min": "amin"}[mode]
-        out.index_reduce_(0, idx, _updates_for(mode, upd), reduce, include_self=True)
+        index = idx.reshape((-1,) + (1,) * (upd.dim() - 1)).expand(upd.shape)
+        out.scatter_reduce_(0, index, _updates_for(mode, upd), _REDUCE[mode], include_self=True)
     return out.movedim(0, axis)
 
 

@@ -326,6 +326,11 @@ def resolve_target(target: str | os.PathLike[str]) -> Path:
     if isinstance(target, os.PathLike) or Path(str(target)).exists():
         return Path(target)
     text = str(target)
+    if text.startswith(("/", "./", "../", "~")) or text.rstrip("/").endswith(BUNDLE_SUFFIXES):
+        from .errors import InvalidBundle
+
+        raise InvalidBundle(f"{text} does not exist.",
+                            hint="Give a variant folder or a bundle, or a pulled model as ORG/NAME[:VARIANT].")
     try:
         from . import store
     except ImportError:  # pragma: no cover - the store ships with coreml-hub

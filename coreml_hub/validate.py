@@ -68,7 +68,7 @@ def check_compiled(bundle: Bundle, component: Component) -> list[Problem]:
     problems: list[Problem] = []
     for name in ("model.mil", "coremldata.bin", "metadata.json"):
         if not (root / name).is_file():
-            problems.append(_problem(bundle, root / name, f"{name} is missing"))
+            problems.append(_problem(bundle, root / name, "is missing"))
     metadata = None
     if (root / "metadata.json").is_file():
         metadata, meta_problems = _read_metadata(bundle, root / "metadata.json")
@@ -177,10 +177,10 @@ def check_package(bundle: Bundle, component: Component) -> list[Problem]:
     if spec_path is None or not spec_path.is_file():
         fallback = root / "Data" / "com.apple.CoreML" / "model.mlmodel"
         if spec_path is not None and spec_path != fallback:
-            problems.append(_problem(bundle, spec_path, "the model spec named by Manifest.json is missing"))
+            problems.append(_problem(bundle, spec_path, "is missing (Manifest.json names it as the model spec)"))
         if not fallback.is_file():
             if spec_path == fallback or spec_path is None:
-                problems.append(_problem(bundle, fallback, "model.mlmodel (the model spec) is missing"))
+                problems.append(_problem(bundle, fallback, "is missing (the model spec)"))
             return problems
         spec_path = fallback
     spec, spec_problems = _read_spec(bundle, spec_path)
@@ -209,7 +209,7 @@ def _check_manifest(bundle: Bundle, root: Path) -> tuple[list[Problem], Path | N
     """Manifest.json's schema; returns the spec file its root model item names (when readable)."""
     path = root / "Manifest.json"
     if not path.is_file():
-        return [_problem(bundle, path, "Manifest.json is missing")], None
+        return [_problem(bundle, path, "is missing")], None
     try:
         data = json.loads(path.read_bytes())
     except ValueError as exc:
@@ -439,7 +439,7 @@ def check_contract(bundle: Bundle) -> list[Problem]:
     # text encoders: hidden sizes sum to the Unet's channels, sequence length matches
     te_total = 0
     te_known = True
-    for encoder in (te, te2 if sdxl else None):
+    for encoder in ([te, te2] if sdxl else [te]):
         if encoder is None or encoder.program is None:
             te_known = False
             continue

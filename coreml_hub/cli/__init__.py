@@ -128,8 +128,9 @@ def _fail(message: str, hint: str | None, code: int) -> int:
 def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: the single place errors become messages."""
     try:
-        cli.main(args=argv, prog_name="coreml-hub", standalone_mode=False)
-        return 0
+        result = cli.main(args=argv, prog_name="coreml-hub", standalone_mode=False)
+        # without standalone mode click returns (not raises) the code of `ctx.exit(n)` / `Exit(n)`
+        return result if isinstance(result, int) and not isinstance(result, bool) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:

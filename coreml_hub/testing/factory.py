@@ -29,8 +29,10 @@ from typing import Any, Callable, Iterator
 from . import tiny
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-# Sources whose change invalidates the cache.
-_CODE = ("convert", "testing/tiny.py", "testing/tokenizer.py", "testing/factory.py")
+# Sources whose change invalidates an entry, per kind of entry.
+CODE_PIPELINE = ("testing/tiny.py", "testing/tokenizer.py")
+CODE_CONVERT = CODE_PIPELINE + ("convert", "testing/factory.py")
+CODE_COMPILED = CODE_CONVERT + ("testing/compiled.py", "mil/text.py", "mil/blob.py", "mil/proto.py", "mil/program.py")
 _LIBRARIES = ("torch", "coremltools", "diffusers", "transformers", "numpy")
 
 
@@ -42,14 +44,14 @@ def cache_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def code_version() -> str:
-    """Hash of the converter and factory sources plus the library versions they run on."""
+def code_version(sources: tuple[str, ...] = CODE_CONVERT) -> str:
+    """Hash of the given coreml_hub sources plus the library versions they run on."""
     from importlib import metadata
 
     digest = hashlib.sha256()
-    for rel in _CODE:
+    for rel in sources:
         path = PACKAGE_ROOT / rel
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.exists() else []
         for f in files:
             digest.update(f.relative_to(PACKAGE_ROOT).as_posix().encode())
             digest.update(f.read_bytes())
@@ -61,8 +63,8 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def _key(kind: str, **fields: Any) -> str:
-    payload = json.dumps({"kind": kind, "code": code_version(), **fields}, sort_keys=True, default=str)
+def _key(kind: str, code: tuple[str, ...], **fields: Any) -> str:
+    payload = json.dumps({"kind": kind, "code": code_version(code), **fields}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -76,9 +78,9 @@ def _locked(name: str) -> Iterator[None]:
         yield
 
 
-def cached(kind: str, build: Callable[[Path], None], **fields: Any) -> Path:
-    """The cache entry `kind-<hash(fields)>`, built once by `build(tmp_dir)` and renamed into place."""
-    name = f"{kind}-{_key(kind, **fields)}"
+def cached(kind: str, build: Callable[[Path], None], code: tuple[str, ...] = CODE_CONVERT, **fields: Any) -> Path:
+    """The cache entry `kind-<hash(code, fields)>`, built once by `build(tmp_dir)` and renamed into place."""
+    name = f"{kind}-{_key(kind, code, **fields)}"
     final = cache_dir() / kind / name
     if final.is_dir():
         return final
@@ -104,7 +106,7 @@ def pipeline_folder(style: str = "sd1") -> Path:
             pipe = tiny.build_pipeline(style, tokenizer_dir=tmp / "tokenizer")
             tiny.save_pipeline(pipe, tmp, style)
 
-    return cached("pipeline", build, style=style, config=tiny.style_config(style))
+    return cached("pipeline", build, code=CODE_PIPELINE, style=style, config=tiny.style_config(style))
 
 
 def tiny_pipeline(style: str = "sd1") -> tuple[Any, Path]:
@@ -160,12 +162,14 @@ def converted(
     quantize: int | None = None,
     batch_one: bool = False,
     latent_size: tuple[int, int] | None = None,
+    compiled: bool = False,
 ) -> Path:
     """A full conversion output folder of a tiny style, as `coreml-hub convert` writes it.
 
     `OUT/<attention>/packages/Stable_Diffusion_version_coreml-hub-test_tiny-<style>_<component>.mlpackage`
     (+ `unet_chunk1`/`unet_chunk2` with `chunk=True`), `OUT/tokenizer[_2]/`, `OUT/scheduler/`,
-    `README.md`, `.hub.json`.
+    `README.md`, `.hub.json`. With `compiled=True` also `OUT/<attention>/compiled/` with
+    Apple's bundle names (test fixtures from `coreml_hub.testing.compiled`) and the tokenizer files.
     """
     comps = components_of(style)
     latent = tuple(latent_size) if latent_size else None
@@ -188,10 +192,15 @@ def converted(
         base_part = _convert_part(style, tuple(c for c in comps if c != "unet"), **base_opts)
         parts = [(unet_part, attention), (base_part, "original")]
         _assemble(tmp, style, attention, precision, quantize, latent or (tiny.LATENT, tiny.LATENT), parts)
+        if compiled:
+            from .compiled import compile_folder
+
+            compile_folder(tmp, attention)
 
     return cached(
         "converted",
         build,
+        code=CODE_COMPILED if compiled else CODE_CONVERT,
         style=style,
         attention=attention,
         precision=precision,
@@ -199,6 +208,7 @@ def converted(
         quantize=quantize,
         batch_one=batch_one,
         latent=latent,
+        compiled=compiled,
     )
 
 

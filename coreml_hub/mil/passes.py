@@ -344,7 +344,7 @@ def _attention_at(
     mask_perm = None
     if mask is not None:
         mask_shape = graph.shape(mask)
-        if mask_shape is None or len(mask_shape) != len(out1):
+        if mask_shape is None or len(mask_shape) > len(out1):
             return None
         mask_perm = perms["mask"]
     inputs: dict[str, Any] = {"query": query, "key": key, "value": value, "scale": scalar(scale, "fp32")}

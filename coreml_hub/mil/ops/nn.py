@@ -466,7 +466,11 @@ def fused_attention(
     q = _permuted(query, query_perm)
     k = _permuted(key, key_perm)
     v = _permuted(value, value_perm)
-    m = None if mask is None else _permuted(mask, mask_perm)
+    m = mask
+    if m is not None and mask_perm is not None:
+        if m.dim() < len(mask_perm):  # broadcasting from the right, as the add did
+            m = m.reshape((1,) * (len(mask_perm) - m.dim()) + tuple(m.shape))
+        m = m.permute(mask_perm)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     q = q.expand(batch + q.shape[-2:])
     k = k.expand(batch + k.shape[-2:])

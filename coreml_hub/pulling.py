@@ -64,27 +64,27 @@ PhaseFn = Callable[[str], None]
 
 @functools.lru_cache(maxsize=1)
 def _backends_here() -> tuple[bool, frozenset[str]]:
-    """(native Core ML available, formats some available backend runs)."""
-    native = False
+    """(native Core ML available here, formats the installed backends run).
+
+    Only the native backend is asked whether it is available: asking the portable one
+    would import torch, seconds spent just to pick a variant.
+    """
     formats: set[str] = set()
+    native = False
     try:
         from .plugins import get_backends
 
         backends = get_backends()
     except Exception:  # no backend information: every format counts as runnable
-        return sys.platform == "darwin", frozenset()
+        return False, frozenset()
     for backend in backends.values():
-        try:
-            ok = backend.available()
-        except Exception:
-            continue
-        if isinstance(ok, tuple):
-            ok = ok[0]
-        if not ok:
-            continue
         formats.update(getattr(backend, "formats", ()) or ())
-        if getattr(backend, "name", "") == "coreml":
-            native = True
+        if getattr(backend, "name", "") == "coreml" and sys.platform == "darwin":
+            try:
+                ok = backend.available()
+            except Exception:
+                ok = False
+            native = bool(ok[0] if isinstance(ok, tuple) else ok)
     return native, frozenset(formats)
 
 
@@ -109,8 +109,12 @@ def default_rule_text() -> str:
 
 def choose_variant(variants: list[Variant]) -> Variant:
     """The default variant of a repo (see the module docstring)."""
-    return min(variants, key=lambda v: (variant_rank(attention=v.attention, fmt=v.format, tags=v.tags,
-                                                     resolution=v.resolution, size=v.size_bytes), v.id))
+    def key(v: Variant) -> tuple:
+        rank = variant_rank(attention=v.attention, fmt=v.format, tags=v.tags, resolution=v.resolution,
+                            size=v.size_bytes)
+        return (bool(getattr(v, "partial", False)), rank, v.id)
+
+    return min(variants, key=key)
 
 
 def select_variant(variants: list[Variant], wanted: str, repo: str) -> Variant:
@@ -574,18 +578,38 @@ def _materialize(plan: PullPlan, staging: Path, build: Path, phase: PhaseFn) -> 
     if variant.archive:
         _check_archive_space(plan, files_dir)
         phase(f"Extracting {variant.root}")
+    # Layout plugins move files: hand them hard links, so the downloads stay complete in
+    # staging until the entry is installed and a pull killed after this point resumes for free.
+    source_dir = _link_tree(files_dir, staging / "linked")
     layout = _layout_plugin(plan.layout)
     if layout is not None and hasattr(layout, "materialize"):
-        layout.materialize(files_dir, variant, build)
+        layout.materialize(source_dir, variant, build)
     else:
-        _materialize_plain(files_dir, variant, build)
+        _materialize_plain(source_dir, variant, build)
     build.mkdir(parents=True, exist_ok=True)
     if variant.archive and plan.keep_archive:
         for f in plan.files:
             src = files_dir / f.path
             if src.is_file():
                 os.replace(src, build / f.path.rsplit("/", 1)[-1])
+    if source_dir != files_dir:
+        shutil.rmtree(source_dir, ignore_errors=True)
     _reject_links(build)
+
+
+def _link_tree(src: Path, dst: Path) -> Path:
+    """A hard-linked copy of `src` at `dst`; `src` itself where the file system cannot link."""
+    shutil.rmtree(dst, ignore_errors=True)
+    try:
+        for dirpath, _dirs, names in os.walk(src):
+            rel = Path(dirpath).relative_to(src)
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+            for name in names:
+                os.link(Path(dirpath) / name, dst / rel / name)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        return src
+    return dst
 
 
 def _check_archive_space(plan: PullPlan, files_dir: Path) -> None:
@@ -639,27 +663,21 @@ def _place_source_files(plan: PullPlan, staging: Path, build: Path) -> dict[str,
 
 
 def _structural_check(path: Path) -> dict[str, Any]:
-    """The verify module's structural checks when present: {'status': ok|invalid|unchecked, 'problems': [...]}."""
+    """The verify module's structural checks: {'status': ok|invalid|unchecked, 'problems': [...], ...}."""
     try:
-        from . import bundle
+        from .bundle import verify_variant
     except ImportError:
         return {"status": "unchecked", "problems": [], "checker": None}
-    check = getattr(bundle, "verify_variant", None) or getattr(bundle, "verify", None)
-    if check is None:
-        return {"status": "unchecked", "problems": [], "checker": None}
-    result = check(path)
-    problems = getattr(result, "problems", result)
-    ok = getattr(result, "ok", None)
-    errors = []
-    for p in problems or ():
-        severity = str(getattr(p, "severity", "error")).lower()
-        if severity in ("error", "severity.error"):
-            errors.append(str(getattr(p, "message", p)))
-    if ok is None:
-        ok = not errors
+    try:
+        report = verify_variant(path)
+    except ImportError as exc:  # a checker that cannot load leaves the variant unchecked, not unusable
+        return {"status": "unchecked", "problems": [], "checker": None, "error": str(exc)}
+    problems = list(getattr(report, "problems", None) or ())
+    errors = [p for p in problems if str(getattr(p, "severity", "error")).lower() == "error"]
+    ok = getattr(report, "ok", not errors)
     return {"status": store.STATUS_OK if ok else store.STATUS_INVALID,
-            "problems": errors or [str(getattr(p, "message", p)) for p in (problems or ())][:20],
-            "checker": f"{check.__module__}.{check.__name__}",
+            "problems": [str(p) for p in (errors if not ok else problems)][:50],
+            "checker": "coreml_hub.bundle.verify_variant",
             "checked_at": datetime.now(timezone.utc).isoformat()}
 
 

@@ -17,7 +17,7 @@ from coreml_hub.hub import repo_files
 from coreml_hub.testing.hubrepo import make_repo
 
 REPO = "org/files"
-SIZES = {"big/weights/weight.bin": 12_000_000, "mid.bin": 3_000_000, "small.json": '{"a": 1}'}
+SIZES = {"big/weights/weight.bin": 40_000_000, "mid.bin": 3_000_000, "small.json": '{"a": 1}'}
 
 
 def _jobs(server, dest: Path, only: str | None = None) -> list[DownloadJob]:
@@ -61,6 +61,7 @@ def test_resume_from_part_uses_range(hub_server, repo, tmp_path):
     content = (repo / job.name).read_bytes()
     job.dest.parent.mkdir(parents=True)
     part_path(job.dest).write_bytes(content[:5_000_000])
+    meta_path(job.dest).write_text(json.dumps({"etag": None, "size": job.size, "sha256": job.sha256}))
     hub_server.clear_log()
     with Downloader() as dl:
         result = dl.fetch(job)
@@ -76,12 +77,24 @@ def test_corrupt_part_restarts_and_ends_with_right_bytes(hub_server, repo, tmp_p
     content = (repo / job.name).read_bytes()
     job.dest.parent.mkdir(parents=True)
     part_path(job.dest).write_bytes(b"\0" * 1_000_000)  # not the file's first megabyte
+    meta_path(job.dest).write_text(json.dumps({"etag": None, "size": job.size, "sha256": job.sha256}))
     hub_server.clear_log()
     with Downloader() as dl:
         result = dl.fetch(job)
     assert job.dest.read_bytes() == content and result.sha256 == job.sha256
     gets = _gets(hub_server, job.name)
     assert [g["range"] for g in gets] == ["bytes=1000000-", None]  # resumed, hash failed, started over
+
+
+def test_part_without_its_sidecar_is_not_trusted(hub_server, repo, tmp_path):
+    [job] = _jobs(hub_server, tmp_path / "out", only="mid.bin")
+    job.dest.parent.mkdir(parents=True)
+    part_path(job.dest).write_bytes(b"\0" * 1_000_000)
+    hub_server.clear_log()
+    with Downloader() as dl:
+        result = dl.fetch(job)
+    assert result.sha256 == job.sha256
+    assert [g["range"] for g in _gets(hub_server, job.name)] == [None]
 
 
 def test_changed_etag_restarts_the_file(hub_server, repo, tmp_path):
@@ -122,7 +135,7 @@ def test_server_stopping_mid_file_is_retried_then_reported_then_resumed(hub_serv
     def slow(n: int) -> None:  # pace the transfer so the server can be stopped half-way
         got.append(n)
         time.sleep(0.02)
-        if sum(got) >= 6_000_000 and not stopped.is_set():
+        if sum(got) >= 8_000_000 and not stopped.is_set():
             stopped.set()
             hub_server.stop()
 
@@ -131,7 +144,7 @@ def test_server_stopping_mid_file_is_retried_then_reported_then_resumed(hub_serv
             dl.fetch(job, slow)
     assert "2 retries" in str(info.value)
     on_disk = part_path(job.dest).stat().st_size
-    assert 6_000_000 <= on_disk < job.size
+    assert 8_000_000 <= on_disk < job.size
     assert not job.dest.exists()
 
     hub_server.start()
@@ -141,3 +154,40 @@ def test_server_stopping_mid_file_is_retried_then_reported_then_resumed(hub_serv
     assert result.sha256 == job.sha256 and result.resumed_from == on_disk
     [get] = _gets(hub_server, job.name)
     assert get["range"] == f"bytes={on_disk}-" and get["bytes"] == job.size - on_disk
+
+
+LARGE = 80_000_000  # over 2 x SEGMENT_MIN: fetched as parallel byte ranges
+
+
+def test_large_file_comes_in_parallel_ranges_and_resumes_each(hub_server, hub_root, tmp_path):
+    make_repo(hub_root, "org/large", {"unet/weight.bin": LARGE})
+    snap = repo_files("org/large")
+    [f] = snap.files
+    job = DownloadJob(name=f.path, url=hf_hub_url("org/large", f.path, revision=snap.sha, endpoint=hub_server.url),
+                      dest=tmp_path / "out" / f.path, size=f.size, sha256=f.sha256)
+    got = []
+
+    def interrupt(n: int) -> None:  # stop every range part-way, like a killed process would
+        got.append(n)
+        if sum(got) >= LARGE // 2:
+            raise KeyboardInterrupt
+
+    with Downloader(segments=3) as dl, pytest.raises(KeyboardInterrupt):
+        dl.fetch(job, interrupt)
+    sidecar = json.loads(meta_path(job.dest).read_text())
+    ranges = sidecar["segments"]
+    assert len(ranges) == 3 and ranges[0][0] == 0 and ranges[-1][1] == LARGE
+    done = sum(d for _s, _e, d in ranges)
+    assert 0 < done < LARGE
+    first = _gets(hub_server, f.path)
+    assert len(first) == 3 and all(g["range"] and g["status"] == 206 for g in first)
+
+    hub_server.clear_log()
+    with Downloader(segments=3) as dl:
+        result = dl.fetch(job)
+    assert result.sha256 == f.sha256 == hashlib.sha256((hub_root / "org/large" / f.path).read_bytes()).hexdigest()
+    again = _gets(hub_server, f.path)
+    assert sum(g["bytes"] for g in again) == LARGE - done == result.transferred
+    starts = sorted(int(g["range"].split("=")[1].split("-")[0]) for g in again)
+    assert starts == sorted(s + d for s, e, d in ranges if d < e - s)
+    assert not meta_path(job.dest).exists() and not part_path(job.dest).exists()

@@ -1005,3 +1005,114 @@ def test_unknown_input_is_a_load_time_error() -> None:
 
     with pytest.raises(UnsupportedOperation, match="not supported"):
         run_op("relu", {"x": randn(2)}, {"frobnicate": 1.0})
+
+
+# -- cross-check with coremltools' own value inference -------------------------------
+
+
+@pytest.mark.slow
+def test_matches_coremltools_value_inference(tmp_path: Any) -> None:
+    """Ops built with coremltools' MIL builder on constants carry the value coremltools'
+    own op definitions infer; the saved package, run here, must give the same numbers."""
+    ct = pytest.importorskip("coremltools", reason="coremltools builds and saves the program")
+    from coreml_hub.mil import load_model
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    g = np.random.default_rng(11)
+    x = g.standard_normal((2, 3, 4)).astype(np.float32)
+    pos = np.abs(x) + 0.5
+    img = g.standard_normal((1, 2, 5, 6)).astype(np.float32)
+    ints = g.integers(-5, 6, (3, 4)).astype(np.int32)
+    expected: dict[str, np.ndarray] = {}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1,), dtype=types.fp32)], opset_version=ct.target.iOS16)
+    def prog(dummy):  # type: ignore[no-untyped-def]
+        outs = []
+
+        def keep(name: str, var: Any) -> None:
+            if var.val is None:
+                return
+            expected[name] = np.asarray(var.val)
+            outs.append(mb.identity(x=var, name=name))
+
+        for op_name in ("abs", "ceil", "cos", "exp", "floor", "round", "sign", "sin", "square", "tanh", "relu",
+                        "sigmoid", "softsign", "atan", "exp2"):
+            keep(f"u_{op_name}", getattr(mb, op_name)(x=x))
+        for op_name in ("sqrt", "rsqrt", "log", "inverse"):
+            keep(f"u_{op_name}", getattr(mb, op_name)(x=pos))
+        keep("u_rsqrt_eps", mb.rsqrt(x=pos, epsilon=0.5))
+        keep("u_clip", mb.clip(x=x, alpha=-0.3, beta=0.6))
+        for mode in ("EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION"):
+            keep(f"gelu_{mode}", mb.gelu(x=x, mode=mode))
+        keep("elu", mb.elu(x=x, alpha=0.7))
+        keep("leaky", mb.leaky_relu(x=x, alpha=0.2))
+        keep("softmax0", mb.softmax(x=x, axis=0))
+        keep("softmax_last", mb.softmax(x=x))
+        for op_name in ("add", "sub", "mul", "real_div", "maximum", "minimum", "floor_div", "mod", "pow"):
+            keep(f"b_{op_name}", getattr(mb, op_name)(x=pos, y=pos[0, :, :1] + 0.25))
+        keep("i_floor_div", mb.floor_div(x=ints, y=np.int32(3)))
+        keep("i_mod", mb.mod(x=ints, y=np.int32(-3)))
+        for op_name in ("equal", "greater", "less_equal", "not_equal"):
+            keep(f"c_{op_name}", getattr(mb, op_name)(x=ints, y=np.int32(1)))
+        for op_name in ("reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_prod", "reduce_l2_norm",
+                        "reduce_log_sum_exp", "reduce_sum_square", "reduce_l1_norm"):
+            keep(f"r_{op_name}", getattr(mb, op_name)(x=pos, axes=[0, 2], keep_dims=True))
+            keep(f"r_{op_name}_all", getattr(mb, op_name)(x=pos))
+        keep("argmax", mb.reduce_argmax(x=x, axis=1, keep_dims=True))
+        keep("argmin", mb.reduce_argmin(x=x))
+        keep("slice_neg", mb.slice_by_index(x=x, begin=[1, -2, 3], end=[0, 0, 0], stride=[-1, -1, -2]))
+        keep("slice_masks", mb.slice_by_index(x=x, begin=[0, 1, 0], end=[1, 3, 2], begin_mask=[False, False, True],
+                                              end_mask=[True, False, False], squeeze_mask=[True, False, False]))
+        keep("slice_size", mb.slice_by_size(x=x, begin=[0, 1, -2], size=[2, -1, 2]))
+        keep("gather_b", mb.gather(x=x, indices=np.int32([[2, 0], [1, 1]]), axis=1, batch_dims=1))
+        keep("gather_neg", mb.gather(x=x, indices=np.int32([-1, 0]), axis=2))
+        keep("gather_axis", mb.gather_along_axis(x=x, indices=g.integers(0, 3, (2, 3, 4)).astype(np.int32), axis=1))
+        keep("gather_nd", mb.gather_nd(x=x, indices=np.int32([[1, 2], [0, 0]])))
+        keep("concat", mb.concat(values=[x, x * 2], axis=-1))
+        # (interleave is left out: coremltools' value inference ignores it; test_concat_split_stack covers it)
+        keep("stack", mb.stack(values=[x, x], axis=1))
+        keep("tile", mb.tile(x=x, reps=[1, 2, 1]))
+        keep("pad_c", mb.pad(x=x, pad=[1, 0, 0, 2], mode="constant", constant_val=3.0))
+        keep("pad_r", mb.pad(x=x, pad=[1, 2, 2, 1], mode="reflect"))
+        keep("pad_e", mb.pad(x=x, pad=[0, 2], mode="replicate"))
+        keep("reshape", mb.reshape(x=x, shape=[0, -1, 2]))
+        keep("expand", mb.expand_dims(x=x, axes=[-1, 0]))
+        keep("squeeze", mb.squeeze(x=mb.expand_dims(x=x, axes=[1]), axes=[1]))
+        keep("transpose", mb.transpose(x=x, perm=[2, 0, 1]))
+        keep("reverse", mb.reverse(x=x, axes=[1]))
+        keep("band", mb.band_part(x=x, lower=0, upper=1))
+        keep("cumsum", mb.cumsum(x=x, axis=1, reverse=True))
+        keep("fill", mb.fill(shape=np.int32([2, 2]), value=1.5))
+        keep("range", mb.range_1d(start=np.int32(1), end=np.int32(9), step=np.int32(2)))
+        keep("argsort", mb.argsort(x=x, axis=-1, ascending=True))
+        keep("flatten", mb.flatten2d(x=x, axis=2))
+        keep("layer_norm", mb.layer_norm(x=x, axes=[1], epsilon=1e-3))
+        keep("l2_norm", mb.l2_norm(x=x))
+        keep("linear", mb.linear(x=x, weight=g.standard_normal((5, 4)).astype(np.float32), bias=np.arange(5, dtype=np.float32)))
+        keep("matmul", mb.matmul(x=x, y=x, transpose_y=True))
+        keep("einsum", mb.einsum(values=(img, g.standard_normal((1, 6, 5, 3)).astype(np.float32)), equation="nchw,nwhu->nchu"))
+        keep("cast_i", mb.cast(x=x * 3, dtype="int32"))
+        keep("select", mb.select(cond=x > 0, a=x, b=x * 10))
+        keep("split0", mb.split(x=x, num_splits=2, axis=0)[1])
+        keep("split_sizes", mb.split(x=x, split_sizes=[1, 3], axis=2)[1])
+        keep("band2", mb.band_part(x=x, lower=-1, upper=0))
+        keep("topk_v", mb.topk(x=x, k=2, axis=1)[0])
+        keep("avg_pool", mb.avg_pool(x=img, kernel_sizes=[2, 3], strides=[1, 2], pad_type="valid"))
+        keep("max_pool", mb.max_pool(x=img, kernel_sizes=[3, 3], strides=[2, 2], pad_type="same"))
+        keep("upsample", mb.upsample_nearest_neighbor(x=img, scale_factor_height=2, scale_factor_width=2))
+        keep("conv", mb.conv(x=img, weight=g.standard_normal((3, 2, 3, 3)).astype(np.float32), pad_type="same",
+                             strides=[2, 1]))
+        outs.append(mb.add(x=dummy, y=np.float32(1.0), name="out_dummy"))
+        return tuple(outs)
+
+    package = tmp_path / "value_inference.mlpackage"
+    ct.convert(prog, convert_to="mlprogram", pass_pipeline=ct.PassPipeline.EMPTY,
+               minimum_deployment_target=ct.target.iOS16).save(str(package))
+    out = load_model(package).predict({"dummy": np.zeros(1, np.float32)})
+    assert len(expected) >= 90
+    for name, value in expected.items():
+        try:
+            close(out[name], value.astype(out[name].dtype) if value.dtype != out[name].dtype else value, 1e-4)
+        except AssertionError as exc:
+            raise AssertionError(f"{name}: {exc}") from None

@@ -524,7 +524,9 @@ class _Parser:
         flat: list[Any] = []
         sizes: list[int | None] = [None] * rank
         self.nested(0, rank, flat, sizes, convert)
-        shape = tuple(s or 0 for s in sizes)
+        # below an empty list nothing says how long the inner lists would be: the type does
+        shape = tuple(size if size is not None else (declared if isinstance(declared, int) else 0)
+                      for size, declared in zip(sizes, vtype.shape))
         for declared, actual in zip(vtype.shape, shape):
             if isinstance(declared, int) and declared != actual:
                 raise self.fail(f"tensor literal has shape {list(shape)}, its type declares {list(vtype.shape)}")
@@ -555,10 +557,6 @@ class _Parser:
                 if toks[self.i] != ",":
                     break
                 self.i += 1
-            if n == 0:  # an empty outer list: every inner size is zero
-                for k in range(level + 1, rank):
-                    if sizes[k] is None:
-                        sizes[k] = 0
         self.expect("]")
         if sizes[level] is None:
             sizes[level] = n

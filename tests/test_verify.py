@@ -589,3 +589,37 @@ def test_pull_then_verify_by_name(tmp_path: Path, hub_root: Path, hub_server: An
     assert run_cli(["pull", "tiny/broken-sd", "--variant", "original/compiled", "-q"]) == 1
     err = capsys.readouterr().err
     assert "failed its structural check" in err and "Unet.mlmodelc/model.mil: does not parse" in err
+
+
+# -- the tiny-model factory's SD components (real diffusers conversions) --------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style,attention", [("sd1", "split_einsum"), ("sd2", "original"), ("sdxl", "original")])
+def test_factory_conversions_verify_clean(style: str, attention: str) -> None:
+    from coreml_hub.testing.factory import converted
+
+    out = converted(style, attention, compiled=True)
+    for fmt in ("packages", "compiled"):
+        report = verify(out / attention / fmt, attention=attention)
+        assert report.ok, (fmt, everything(report))
+        assert report.attention == ("split_einsum" if attention.startswith("split") else "original")
+        assert not report.errors
+    wrong = "original" if attention == "split_einsum" else "split_einsum"
+    unet = "Unet.mlmodelc"
+    assert errors(verify(out / attention / "compiled", attention=wrong)) == [
+        f"{unet}: the variant is original but the Unet uses einsum (split_einsum attention)"
+        if wrong == "original" else
+        f"{unet}: the variant is split_einsum but the Unet has no einsum op (original attention)"
+    ]
+
+
+@pytest.mark.slow
+def test_factory_chunked_unet_verifies_clean() -> None:
+    from coreml_hub.testing.factory import converted
+
+    out = converted("sd1", "split_einsum", chunk=True, compiled=True)
+    report = verify(out / "split_einsum" / "compiled")
+    names = {c.split(".")[0] for c in report.components}
+    assert {"UnetChunk1", "UnetChunk2"} <= names
+    assert report.ok, everything(report)

@@ -1,7 +1,7 @@
 """The `torch` backend: runs Core ML files with coreml-hub's portable ML Program runtime.
 
-Works wherever PyTorch does: CPU, CUDA, Apple's MPS. On a GPU the weights run in fp16
-(the precision the models were converted in); on the CPU in fp32.
+Works wherever PyTorch does: CPU, CUDA, Apple's MPS. On a GPU an fp16 model (what Apple's
+converter writes) runs in fp16; on the CPU everything runs in fp32, where fp16 math is slow.
 """
 
 from __future__ import annotations
@@ -41,11 +41,6 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def default_dtype(device: str) -> str:
-    """fp16 on GPUs, fp32 on the CPU (where fp16 math is slow and less exact)."""
-    return "float32" if device == "cpu" else "float16"
-
-
 class TorchBackend:
     """Loads components with `coreml_hub.mil.load_model`."""
 
@@ -71,11 +66,13 @@ class TorchBackend:
 
     def load(self, component_path: Path | str, *, device: str | None = "auto", compute_unit: str | None = None,
              dtype: str | None = None) -> Any:
-        """A Model for one `.mlpackage` / `.mlmodelc`. `compute_unit` is a Core ML notion and is ignored."""
+        """A Model for one `.mlpackage` / `.mlmodelc`. `compute_unit` is a Core ML notion and is ignored.
+
+        `dtype` None lets the runtime choose: fp32 on the CPU, the model's own precision on a GPU.
+        """
         from coreml_hub.mil import load_model
 
-        resolved = resolve_device(device)
-        return load_model(Path(component_path), device=resolved, dtype=dtype or default_dtype(resolved))
+        return load_model(Path(component_path), device=resolve_device(device), dtype=dtype)
 
 
 @hookimpl

@@ -58,6 +58,7 @@ class Generated:
     image: Any
     seed: int
     flagged: bool
+    unet_steps: int  # denoising steps run (Unet evaluations, each for both guidance branches)
 
 
 StepCallback = Callable[[int, int, Any], None]  # (step number from 1, total steps, latents)
@@ -295,4 +296,4 @@ class StableDiffusion:
             flagged = is_flagged(self.components["safety_checker"], image, imaging.unit_to_pil(image))
             if flagged:
                 image = blacked_out(image)
-        return Generated(image=image, seed=int(seed), flagged=flagged)
+        return Generated(image=image, seed=int(seed), flagged=flagged, unet_steps=total)

@@ -45,13 +45,12 @@ class RunResult:
     size: str
     load_seconds: float
     generate_seconds: float
-    steps_per_image: int
+    unet_steps: int  # denoising steps run, all images together
     images: tuple[SavedImage, ...] = field(default_factory=tuple)
 
     @property
     def unet_steps_per_second(self) -> float:
-        total = self.steps_per_image * len(self.images)
-        return total / self.generate_seconds if self.generate_seconds > 0 else 0.0
+        return self.unet_steps / self.generate_seconds if self.generate_seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +60,7 @@ class RunResult:
             "size": self.size,
             "load_seconds": round(self.load_seconds, 3),
             "generate_seconds": round(self.generate_seconds, 3),
+            "unet_steps": self.unet_steps,
             "steps_per_second": round(self.unet_steps_per_second, 3),
             "images": [i.to_dict() for i in self.images],
         }
@@ -161,6 +161,7 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     base_seed = secrets.randbelow(2**32) if seed is None else int(seed)
     cond = pipe.condition(prompt, negative_prompt)
     saved: list[SavedImage] = []
+    unet_steps = 0
     start = time.perf_counter()
     for index in range(num_images):
         image_seed = base_seed + index
@@ -187,6 +188,7 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
                                init_image=init, strength=strength, conditioning=cond, on_step=on_step,
                                progress=progress, desc=f"Image {index + 1}/{num_images}",
                                check_safety=not disable_safety)
+        unet_steps += result.unet_steps
         if result.flagged:
             say(f"Warning: the safety checker flagged image {index + 1} (seed {image_seed}); it was replaced by "
                 "a black image. Use --disable-safety to keep such images.")
@@ -194,15 +196,8 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         saved.append(SavedImage(path, image_seed, result.flagged, time.perf_counter() - t0, meta,
                                 tuple(intermediates)))
     elapsed = time.perf_counter() - start
-    denoise_steps = len(_denoise_count(steps, strength if init is not None else None))
     result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, loaded.load_seconds, elapsed,
-                           denoise_steps, tuple(saved))
+                           unet_steps, tuple(saved))
     say(f"Generated {num_images} image{'s' if num_images != 1 else ''} in {elapsed:.1f} s "
         f"({result_obj.unet_steps_per_second:.2f} steps/s).")
     return result_obj
-
-
-def _denoise_count(steps: int, strength: float | None) -> range:
-    if strength is None:
-        return range(steps)
-    return range(min(int(steps * strength), steps))

@@ -73,13 +73,21 @@ def resolve_local(path: Path) -> ResolvedModel:
             repo, variant, revision = entry.repo, entry.variant, entry.commit
     except Exception:  # a local folder needs no store metadata
         pass
-    if variant is None and folder != path:
-        variant = str(folder.relative_to(path))
-    return ResolvedModel(path=folder, name=repo or folder.name, repo=repo, variant=variant, revision=revision)
+    name = folder.name
+    from ..layouts import ATTENTIONS, FORMATS
+
+    if folder.name in FORMATS and folder.parent.name in ATTENTIONS:  # OUT/<attention>/<format> of `convert`
+        variant = variant or f"{folder.parent.name}/{folder.name}"
+        name = folder.parent.parent.name
+    elif variant is None and folder != path:
+        variant = folder.relative_to(path).as_posix()
+    return ResolvedModel(path=folder, name=repo or name, repo=repo, variant=variant, revision=revision)
 
 
 def looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text) or text.count("/") > 1
+    """A folder rather than `ORG/NAME[@REV][:VARIANT]` (variant ids hold slashes of their own)."""
+    repo_part = text.split(":", 1)[0]
+    return text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text) or repo_part.count("/") > 1
 
 
 def resolve_model(text: str, *, pull: bool = True, progress: bool = False,

@@ -448,8 +448,9 @@ class _Bar:
         if enabled:
             from tqdm import tqdm
 
+            columns, rows = _terminal_size()
             self._bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1000,
-                             desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=0.2, leave=True)
+                             desc=desc, file=sys.stderr, ncols=columns, nrows=rows, mininterval=0.2, leave=True)
 
     def update(self, n: int) -> None:
         if self._bar is not None and n:
@@ -459,6 +460,16 @@ class _Bar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _terminal_size() -> tuple[int, int]:
+    """stderr's (columns, rows); a terminal that reports no size (0 x 0) gets a usual one."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        columns, rows = size.columns, size.lines
+    except (OSError, ValueError):
+        columns, rows = 0, 0
+    return (min(columns, 120) if columns > 20 else 100), (rows if rows > 0 else 24)
 
 
 def check_disk_space(where: Path, needed: int) -> None:

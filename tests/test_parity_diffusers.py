@@ -33,7 +33,8 @@ def pair(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     pipe.safety_checker = None  # the checker is compared on its own in test_run; here: pixels
     pipe.set_progress_bar_config(disable=True)
     out = factory.converted(style, attention="original", precision="fp32")
-    ours = load_pipeline(resolve_local(out), backend="torch", device="cpu", safety=False).pipeline
+    ours = load_pipeline(resolve_local(out), backend="torch", device="cpu", safety=False,
+                         img2img=True).pipeline
     return style, pipe, ours
 
 

@@ -322,6 +322,9 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
 
     ref = store.parse_ref(model_ref, variant=variant, revision=revision)
     if hub.offline():
+        if force:
+            raise OfflineError("HF_HUB_OFFLINE is set, so --force cannot download the variant again.",
+                               hint="Unset HF_HUB_OFFLINE to download it again.")
         return _offline_plan(ref, chunked=chunked)
     snapshot, variants = hub.repo_variants(ref.repo, ref.revision)
     repo = getattr(snapshot, "repo_id", None) or ref.repo
@@ -546,19 +549,22 @@ def _result_from_store(plan: PullPlan, started: float, *, already: bool) -> Pull
                       source_model=source or None)
 
 
-def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) -> dict[str, Any]:
-    """Fetch every planned file into staging/files (repo paths) and staging/source; keyed by 'files/<path>'."""
+def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) -> dict[tuple[str, str], Any]:
+    """Fetch every planned file into staging/files and staging/source (repo paths); keyed by (folder, path)."""
     from huggingface_hub import hf_hub_url
 
     from . import hub
     from .download import DownloadJob, Downloader, hub_headers, present_bytes
 
     jobs = []
+    keys: dict[str, tuple[str, str]] = {}
     for folder, files in (("files", plan.files), ("source", plan.source_model.files if plan.source_model else ())):
         for f in files:
             url = hf_hub_url(f.repo, f.path, revision=f.commit, endpoint=plan.endpoint)
-            jobs.append(DownloadJob(name=f"{folder}/{f.path}", url=url, dest=staging / folder / f.path,
-                                    size=f.size, sha256=f.sha256))
+            name = f.path if folder == "files" else f"{f.repo}:{f.path}"  # what messages call the file
+            keys[name] = (folder, f.path)
+            jobs.append(DownloadJob(name=name, url=url, dest=staging / folder / f.path, size=f.size,
+                                    sha256=f.sha256))
     initial = sum(present_bytes(j) for j in jobs)
     total = sum(j.size or 0 for j in jobs)
     bar = _Bar(show and initial < total, total, initial, plan.variant.id)
@@ -567,7 +573,7 @@ def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) ->
             results = downloader.fetch_all(jobs, bar.update)
     finally:
         bar.close()
-    return {r.name: r for r in results}
+    return {keys[r.name]: r for r in results}
 
 
 def _layout_plugin(name: str) -> Any:
@@ -692,7 +698,7 @@ def _structural_check(path: Path) -> dict[str, Any]:
             "checked_at": datetime.now(timezone.utc).isoformat()}
 
 
-def _manifest(plan: PullPlan, build: Path, downloaded: dict[str, Any], validation: dict[str, Any],
+def _manifest(plan: PullPlan, build: Path, downloaded: dict[tuple[str, str], Any], validation: dict[str, Any],
               source: dict[str, Any] | None) -> dict[str, Any]:
     known = _known_hashes(plan, downloaded)
     files = _hash_tree(build, known)
@@ -714,12 +720,11 @@ def _manifest(plan: PullPlan, build: Path, downloaded: dict[str, Any], validatio
     }
 
 
-def _known_hashes(plan: PullPlan, downloaded: dict[str, Any]) -> dict[str, tuple[int, str]]:
+def _known_hashes(plan: PullPlan, downloaded: dict[tuple[str, str], Any]) -> dict[str, tuple[int, str]]:
     """Store-relative path -> (size, sha256) for files moved without change, so they need no second read."""
     known: dict[str, tuple[int, str]] = {}
     root = plan.variant.root.strip("/")
-    for name, result in downloaded.items():
-        folder, _, repo_path = name.partition("/")
+    for (folder, repo_path), result in downloaded.items():
         if folder == "source":
             known[repo_path] = (result.size, result.sha256)
             continue

@@ -305,6 +305,23 @@ def test_not_enough_disk_space_is_refused_before_downloading(tmp_path):
         check_disk_space(tmp_path / "not" / "yet", free + 1)
 
 
+def test_gated_repo_needs_the_token_which_is_never_shown(hub_server, hub_root, store_home, capsys, monkeypatch):
+    repo = "someone/gated-model"
+    repo_dir = publish(hub_root, repo, layout="flat", attentions=("original",), formats=("compiled",))
+    meta = json.loads((repo_dir / ".hub.json").read_text())
+    (repo_dir / ".hub.json").write_text(json.dumps({**meta, "gated": "manual"}))
+    (hub_root / ".tokens").write_text("hf_granted_secret\n")
+    code, out, err = cli(capsys, "pull", repo)
+    assert code == 1 and "Error:" in err and "HF_TOKEN" in err  # the hint says how to authenticate
+    assert store.list_pulled() == []
+    monkeypatch.setenv("HF_TOKEN", "hf_granted_secret")
+    code, out, err = cli(capsys, "pull", repo, "--json")
+    assert code == 0, err
+    entry = Path(json.loads(out)["path"])
+    assert "hf_granted_secret" not in out + err
+    assert "hf_granted_secret" not in (entry / store.MANIFEST_NAME).read_text()
+
+
 # ---------------------------------------------------------------------------
 # Offline
 
@@ -321,6 +338,8 @@ def test_offline_answers_from_the_store_or_fails_clearly(hub_server, hub_root, s
     assert code == 0 and out.strip() == str(pulled.path)
     with pytest.raises(OfflineError):
         plan_pull(SD15, variant="original/compiled")
+    with pytest.raises(OfflineError, match="--force"):
+        plan_pull(SD15, variant="split_einsum/compiled", force=True)
     code, out, err = cli(capsys, "pull", "org/never-pulled")
     assert code == 1 and "HF_HUB_OFFLINE" in err and "Hint:" in err
     assert hub_server.requests() == []

@@ -339,6 +339,9 @@ def test_compiled_blobfile_paths(compiled: Path) -> None:
     mil.write_text(good.replace("@model_path/weights/weight.bin", "@model_path/../../../etc/passwd", 1))
     assert errors(verify(compiled)) == [
         "Unet.mlmodelc: 'w0' val: Weight path '@model_path/../../../etc/passwd' points outside the model folder"]
+    mil.write_text(good.replace("@model_path/weights/weight.bin", "@model_path/weights/w\\x00.bin", 1))
+    assert errors(verify(compiled)) == [
+        "Unet.mlmodelc: 'w0' val: Weight path '@model_path/weights/w\\x00.bin' is not a file name"]
 
 
 def test_offsets_into_the_middle_of_data_are_caught(compiled: Path) -> None:

@@ -150,9 +150,7 @@ class BlobFile:
             error = _fail(self.path, None, f"cannot read the weight file ({exc.strerror})")
             error.hint = "Check the file's permissions."
             raise error from None
-        except OSError as exc:
-            if isinstance(exc, BlobError):
-                raise
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the name, an unmappable file
             raise _fail(self.path, None, f"cannot map the weight file ({exc})") from None
         self.count, self.version = _HEADER.unpack_from(self._mm, 0)
         if self.version != VERSION:
@@ -319,7 +317,7 @@ def open_blob_file(path: str | os.PathLike[str]) -> BlobFile:
     resolved = os.path.realpath(path)
     try:
         st = os.stat(resolved)
-    except OSError:
+    except (OSError, ValueError):
         return BlobFile(resolved)  # raises the typed error
     key = (resolved, st.st_ino, st.st_size, st.st_mtime_ns)
     with _cache_lock:
@@ -336,6 +334,8 @@ def resolve_blob_path(path: str, base_dir: str | os.PathLike[str] | None) -> Pat
     """`@model_path/weights/weight.bin` -> a file under `base_dir` (never outside it)."""
     prefix = "@model_path/"
     relative = path[len(prefix):] if path.startswith(prefix) else path
+    if "\0" in path or not relative:
+        raise BlobError(f"Weight path {path!r} is not a file name")
     if base_dir is None:
         raise BlobError(f"Cannot resolve {path!r}: the program was loaded without a model folder",
                         hint="Load the program from its bundle (`mil.text.load(path)`), not from a string.")

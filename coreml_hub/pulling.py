@@ -17,7 +17,8 @@ Default variant, when a repo has several and none is named:
     Neural Engine), then split_einsum, then split_einsum_v2; compiled before packages
     (a compiled variant carries its own tokenizer, so nothing is fetched from a second repo);
   * then variants without tags before tagged ones (quantized, ControlNet, no-i2i), the
-    default resolution before explicit ones, and the smaller download.
+    default resolution before explicit ones, and the smaller download; a partial variant
+    (a lone Unet) is never the default.
 The Unet form is the full Unet unless `--chunked` is given or the variant only ships chunks.
 """
 

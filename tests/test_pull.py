@@ -238,6 +238,27 @@ def test_default_choice_is_explained(hub_server, hub_root, store_home, capsys):
     assert fetched(hub_server) == {}
 
 
+def test_default_rule_off_macos_prefers_original_compiled_untagged_and_complete():
+    from coreml_hub.layouts import RepoFile, Variant
+    from coreml_hub.pulling import choose_variant
+
+    def v(vid: str, size: int = 100, partial: bool = False, tags: tuple = (), resolution=None) -> Variant:
+        attention, fmt = vid.split("@")[0].split("+")[0].split("/")
+        return Variant(id=vid, attention=attention, format=fmt, layout="test", root=vid, tags=tags,
+                       resolution=resolution, partial=partial, common_files=(RepoFile(vid + "/x", size),))
+
+    assert sys.platform != "darwin"  # the portable runtime's rule; macOS has its own
+    pick = lambda *vs: choose_variant(list(vs)).id  # noqa: E731
+    assert pick(v("split_einsum/compiled"), v("original/packages"), v("original/compiled")) == "original/compiled"
+    assert pick(v("split_einsum/compiled"), v("original/packages")) == "original/packages"
+    assert pick(v("split_einsum_v2/compiled"), v("split_einsum/compiled")) == "split_einsum/compiled"
+    assert pick(v("original/compiled+6bit", tags=("6bit",), size=10), v("original/compiled@512x768",
+                resolution="512x768")) == "original/compiled@512x768"
+    assert pick(v("original/compiled", partial=True), v("split_einsum/packages")) == "split_einsum/packages"
+    assert pick(v("original/compiled@768x768", resolution="768x768", size=5),
+                v("original/compiled@512x768", resolution="512x768", size=3)) == "original/compiled@512x768"
+
+
 def test_dry_run_plan_lists_files_and_bytes_and_fetches_nothing(hub_server, hub_root, store_home, capsys):
     repo_dir = sd15_repo(hub_root)
     code, out, err = cli(capsys, "pull", f"{SD15}:original/packages", "--dry-run", "--json")

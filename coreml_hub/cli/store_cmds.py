@@ -26,7 +26,8 @@ Default variant (no --variant, several in the repo):
   elsewhere (portable torch runtime): original attention (fuses into one attention kernel),
     then split_einsum, then split_einsum_v2; compiled before packages (a compiled variant
     carries its own tokenizer).
-  Then untagged before tagged, default resolution first, smaller download first.
+  Then untagged before tagged, default resolution first, smaller download first;
+  a partial variant (a lone Unet) is never the default.
 The full Unet is fetched unless --chunked is given or the variant only ships chunks.
 Packages variants also get the tokenizer and scheduler config files (never weights) of the
 PyTorch model they were converted from, named by the files or by --model-version.
@@ -34,8 +35,9 @@ PyTorch model they were converted from, named by the files or by --model-version
 \b
 An interrupted pull resumes where it stopped. A pulled variant is fetched again only with
 --force. Environment: HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE (answer from the store),
-COREML_HUB_HOME, COREML_HUB_DOWNLOAD_WORKERS (4), COREML_HUB_DOWNLOAD_RETRIES (5),
-COREML_HUB_RETRY_WAIT (first backoff, 1 s).""",
+COREML_HUB_HOME, COREML_HUB_DOWNLOAD_WORKERS (files at once, 4), COREML_HUB_DOWNLOAD_SEGMENTS
+(connections per large file, 4), COREML_HUB_DOWNLOAD_RETRIES (5), COREML_HUB_RETRY_WAIT
+(first backoff, 1 s).""",
 )
 @click.argument("model")
 @click.option("--variant", "variant", metavar="ID", help="Variant id, or its folder or archive path in the repo.")
@@ -50,7 +52,7 @@ COREML_HUB_RETRY_WAIT (first backoff, 1 s).""",
 def pull_cmd(model: str, variant: str | None, revision: str | None, force: bool, dry_run: bool,
              chunked: bool | None, model_version: str | None, keep_archive: bool, json_mode: bool,
              quiet: bool) -> None:
-    """Download one variant of MODEL (ORG/NAME[:VARIANT]) into the local store."""
+    """Download one variant of MODEL (ORG/NAME[@REVISION][:VARIANT]) into the local store."""
     from ..pulling import describe_choice, plan_pull
 
     out = Output(json_mode=json_mode, quiet=quiet)

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import paths, store
-from .errors import (CoremlHubError, InvalidBundle, NoVariants, NotEnoughDiskSpace,
-                     OfflineError, UsageError, VariantNotFound)
+from .errors import (CoremlHubError, InvalidBundle, NoVariants, NotEnoughDiskSpace, OfflineError, RepoNotFound,
+                     UsageError, VariantNotFound)
 from .layouts import Variant
 
 # What a packages variant needs from the PyTorch model it was converted from: never weights.
@@ -51,6 +51,9 @@ SOURCE_MODEL_FILES = (
 SECOND_TOKENIZER_FILES = tuple(p.replace("tokenizer/", "tokenizer_2/") for p in SOURCE_MODEL_FILES
                                if p.startswith("tokenizer/"))
 DISK_MARGIN = 16 * 1024 * 1024
+
+# PyTorch models that Apple's packages name but that left the Hub, and where the same files live now.
+MOVED_MODELS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
 NATIVE_ATTENTION_ORDER = ("split_einsum", "split_einsum_v2", "original")
 PORTABLE_ATTENTION_ORDER = ("original", "split_einsum", "split_einsum_v2")
@@ -386,9 +389,19 @@ def _plan_source_model(variant: Variant, model_version: str | None, warnings: li
     try:
         snapshot = hub.repo_files(source)
     except (OfflineError, CoremlHubError) as exc:
-        warnings.append(f"Cannot fetch the tokenizer of {source} ({exc.message}); running this variant will need "
-                        "tokenizer files (pass --model-version ORG/NAME of a reachable copy).")
-        return SourceModel(repo=source, error=exc.message)
+        moved = MOVED_MODELS.get(source)
+        snapshot = None
+        if moved and not model_version and isinstance(exc, RepoNotFound):
+            try:
+                snapshot = hub.repo_files(moved)
+                warnings.append(f"{source} is gone from the Hub; took its tokenizer from {moved}.")
+                source = moved
+            except CoremlHubError:
+                snapshot = None
+        if snapshot is None:
+            warnings.append(f"Cannot fetch the tokenizer of {source} ({exc.message}); running this variant will "
+                            "need tokenizer files (pass --model-version ORG/NAME of a reachable copy).")
+            return SourceModel(repo=source, error=exc.message)
     wanted = list(SOURCE_MODEL_FILES)
     if "text_encoder_2" in variant.components:
         wanted += list(SECOND_TOKENIZER_FILES)

@@ -161,6 +161,21 @@ def test_packages_with_unreachable_source_model_warn_and_record_it(hub_server, h
     assert fetched_paths(hub_server, "mirror/tiny-sd1") == SOURCE_FILES  # never the weights
 
 
+def test_packages_naming_a_model_that_left_the_hub_use_its_new_home(hub_server, hub_root, store_home, capsys):
+    repo_dir = publish(hub_root, SD15, layout="apple", attentions=("original",), formats=("packages",),
+                       with_source=False)
+    for pkg in (repo_dir / "original" / "packages").iterdir():  # named like Apple's: runwayml_stable-diffusion-v1-5
+        pkg.rename(pkg.with_name(pkg.name.replace("coreml-hub-test_tiny-sd1", "runwayml_stable-diffusion-v1-5")))
+    publish_source(hub_root, "sd1", repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    code, out, err = cli(capsys, "pull", SD15, "--json")
+    assert code == 0, err
+    assert "runwayml/stable-diffusion-v1-5 is gone" in err
+    record = json.loads(out)
+    assert record["source_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (Path(record["path"]) / "tokenizer" / "vocab.json").is_file()
+    assert fetched_paths(hub_server, "stable-diffusion-v1-5/stable-diffusion-v1-5") == SOURCE_FILES
+
+
 def test_sdxl_packages_take_both_tokenizers(hub_server, hub_root, store_home):
     repo_dir = publish(hub_root, SDXL, style="sdxl", layout="apple-sdxl", attentions=("original",))
     plan = plan_pull(SDXL, variant="original/packages")

@@ -11,11 +11,12 @@ holds no tensor longer than needed. The same function can be handed to torch.com
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -75,8 +76,33 @@ class CompiledFunction:
         return self.ctx.dtype(a) == self.ctx.dtype(b)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.ctx.device.type == "cuda":
+            with torch.inference_mode(), _ieee_fp32():
+                return self._run(*inputs)
         with torch.inference_mode():
             return self._run(*inputs)
+
+
+@contextlib.contextmanager
+def _ieee_fp32() -> Iterator[None]:
+    """float32 values stay float32 on CUDA: no TF32 in convolutions or matmuls while running."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if conv is not None and matmul is not None:
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.conv.fp32_precision = conv
+            torch.backends.cuda.matmul.fp32_precision = matmul
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 class _Lowering:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -213,6 +214,41 @@ def test_zip_mirror_archive_is_extracted_and_deleted(hub_server, hub_root, store
     assert_manifest_matches(kept.path)
 
 
+def test_palettized_archive_with_v2_attention(hub_server, hub_root, store_home):
+    repo = "apple/coreml-stable-diffusion-v1-5-palettized"
+    publish(hub_root, repo, layout="root-zip", attentions=("split_einsum_v2", "original"))
+    result = pull(repo, variant="split_einsum_v2/compiled+palettized")
+    assert fetched_paths(hub_server, repo) == {"coreml-stable-diffusion-v1-5-palettized_split_einsum_v2_compiled.zip"}
+    assert (result.path / "Unet.mlmodelc").is_dir()
+    assert_manifest_matches(result.path)
+
+
+def test_mixed_bit_repo_pulls_the_pipeline_not_the_lone_unet(hub_server, hub_root, store_home, capsys):
+    repo = "apple/coreml-stable-diffusion-mixed-bit-palettization"
+    repo_dir = publish(hub_root, repo, style="sdxl", layout="apple-sdxl", attentions=("original",))
+    prefix = repo_dir / "coreml-stable-diffusion-xl-base_mbp_4_50_palettized"
+    prefix.mkdir()
+    for fmt in ("compiled", "packages"):
+        (repo_dir / fmt).rename(prefix / fmt)
+    for stray in repo_dir.glob("*.zip"):
+        stray.unlink()
+    lone = repo_dir / "unet-mbp-sdxl-1-base" / "recipe_4_50_bit_mixedpalette"
+    lone.mkdir(parents=True)
+    shutil.copytree(prefix / "compiled" / "Unet.mlmodelc", lone / "Unet.mlmodelc")
+    (repo_dir / "recipes").mkdir()
+    (repo_dir / "recipes" / "stabilityai-stable-diffusion-xl-base-1.0_palettization_recipe.json").write_text("{}")
+    code, out, err = cli(capsys, "pull", repo, "--variant", "coreml-stable-diffusion-xl-base_mbp_4_50_palettized/compiled",
+                         "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert "mbp" in record["variant"] and record["variant"].startswith("original/compiled")
+    assert fetched_paths(hub_server, repo) == files_under(repo_dir, prefix.name + "/compiled")
+    hub_server.clear_log()
+    code, out, err = cli(capsys, "pull", repo, "--dry-run", "--json")  # the default is a whole pipeline
+    assert code == 0, err
+    assert not json.loads(out)["variant"]["partial"]
+
+
 def test_community_archives_with_odd_names(hub_server, hub_root, store_home, capsys):
     repo = "coreml-community/coreml-meinamix"
     publish(hub_root, repo, layout="community", attentions=("original", "split_einsum"), tags=("cn",),
@@ -385,7 +421,7 @@ def test_offline_answers_from_the_store_or_fails_clearly(hub_server, hub_root, s
 # Unsafe archives
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "symlink", "absolute"])
+@pytest.mark.parametrize("kind", ["dotdot", "symlink", "absolute", "bomb"])
 def test_unsafe_zip_is_rejected_with_nothing_written_outside(hub_server, hub_root, store_home, tmp_path, kind):
     repo = "coreml-community/coreml-evil"
     repo_dir = publish(hub_root, repo, layout="community", attentions=("original",))
@@ -400,8 +436,11 @@ def test_unsafe_zip_is_rejected_with_nothing_written_outside(hub_server, hub_roo
             link = zipfile.ZipInfo("evil_original_compiled/escaped.txt")
             link.external_attr = (stat.S_IFLNK | 0o777) << 16
             zf.writestr(link, str(tmp_path / "target.txt"))
-        else:
-            zf.writestr(str(tmp_path / "escaped.txt"), "owned")  # an absolute path
+        elif kind == "absolute":
+            zf.writestr(str(tmp_path / "escaped.txt"), "owned")
+        else:  # expands to far more than any model archive of its size would
+            zf.writestr(zipfile.ZipInfo("evil_original_compiled/escaped.txt"), b"\0" * 200_000_000,
+                        compress_type=zipfile.ZIP_DEFLATED)
     good.unlink()
     outside_before = {p for p in tmp_path.rglob("*") if p.relative_to(tmp_path).parts[0] != "store"}
     with pytest.raises(UnsafeArchive):

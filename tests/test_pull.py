@@ -624,6 +624,29 @@ def test_progress_bar_only_on_a_terminal(hub_server, hub_root, store_home, tmp_p
 # ls, rm, cache
 
 
+def _rm_on_a_terminal(ref: str, answer: bytes) -> tuple[int, str]:
+    """`coreml-hub rm REF` with a terminal on stdin, answering its question."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "coreml_hub", "rm", ref], stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    os.close(slave)
+    os.write(master, answer)
+    out, _ = proc.communicate(timeout=120)
+    os.close(master)
+    return proc.returncode, out.decode()
+
+
+def test_rm_asks_on_a_terminal(hub_server, hub_root, store_home):
+    sd15_repo(hub_root)
+    pulled = pull(SD15, variant="original/compiled")
+    code, out = _rm_on_a_terminal(f"{SD15}:original/compiled", b"n\n")
+    assert code != 0 and "Remove 1 variant(s), freeing" in out and pulled.path.is_dir()
+    code, out = _rm_on_a_terminal(f"{SD15}:original/compiled", b"y\n")
+    assert code == 0 and "Removed 1 variant(s)" in out and not pulled.path.exists()
+
+
 def test_ls_rm_and_prune(hub_server, hub_root, store_home, capsys, monkeypatch):
     sd15_repo(hub_root)
     pull(SD15, variant="original/compiled")

@@ -181,19 +181,18 @@ Examples:
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON.")
 def rm_cmd(model: str, variant: str | None, revision: str | None, yes: bool, dry_run: bool, json_mode: bool) -> None:
     """Remove pulled variants of MODEL (ORG/NAME[@REVISION][:VARIANT]) from the store."""
-    from ..store import plan_remove, remove
+    from ..store import remove
 
     out = Output(json_mode=json_mode)
-    entries = plan_remove(model, variant=variant, revision=revision)
-    total = sum(p.size for p in entries)
+    planned = remove(model, variant=variant, revision=revision, dry_run=True)
+    entries, total = list(planned.entries), planned.bytes_freed
     if not json_mode:
         out.table(ls_rows(entries), LS_COLUMNS[:3] + [Column("path", "Path")])
     if dry_run:
-        result = remove(model, variant=variant, revision=revision, dry_run=True)
         if json_mode:
-            out.json(result.to_dict())
+            out.json(planned.to_dict())
         else:
-            click.echo(f"Would remove {len(entries)} variant(s), freeing {human_size(result.bytes_freed)}.")
+            click.echo(f"Would remove {len(entries)} variant(s), freeing {human_size(total)}.")
         return
     if not yes:
         if not sys.stdin.isatty():

@@ -97,8 +97,10 @@ def _cached(root: Path, name: str, build: Callable[[Path], None]) -> Path:
     return final
 
 
-def prepare(model: str, cache: Path) -> tuple[Path, Path]:
-    """(diffusers pipeline folder, Core ML conversion folder) for `model`."""
+def prepare(model: str, cache: Path, given: tuple[str | None, str | None] = (None, None)) -> tuple[Path, Path]:
+    """(diffusers pipeline folder, Core ML conversion folder) for `model`; `given` overrides both."""
+    if given[0] and given[1]:
+        return Path(given[0]), Path(given[1])
     from coreml_hub.convert import convert
     from coreml_hub.testing import factory
 
@@ -137,7 +139,7 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
     device = args.device
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
-    source, converted = prepare(model, Path(args.cache))
+    source, converted = prepare(model, Path(args.cache), (args.pipeline_folder, args.coreml_folder))
 
     # ---- coreml-hub: the torch backend over the Core ML files -----------------------------
     t0 = time.perf_counter()
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "coreml-hub-bench"))
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    parser.add_argument("--pipeline-folder", help="use this saved diffusers pipeline (with --coreml-folder)")
+    parser.add_argument("--coreml-folder", help="use this Core ML variant folder instead of converting")
     args = parser.parse_args(argv)
     models = ["tiny", "sd15"] if args.model == "all" else [args.model]
     rows = []

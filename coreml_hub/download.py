@@ -19,6 +19,7 @@ checked against its size and its LFS sha256, then renamed to `<dest>`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import threading
@@ -171,6 +172,7 @@ class _FileState:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.stop = threading.Event()
+        self.running = 0  # range requests still going
 
     def check_etag(self, etag: str | None) -> None:
         """Remember the first ETag; any other later means another version of the file."""
@@ -246,16 +248,28 @@ class Downloader:
             return [self.fetch(job, progress) for job in ordered]
         pool = ThreadPoolExecutor(max_workers=min(self.workers, len(ordered)), thread_name_prefix="coreml-hub-dl")
         futures: dict[Future[Downloaded], DownloadJob] = {}
+        order = itertools.count()
+        failures: list[tuple[int, BaseException]] = []
+
+        def fetch(job: DownloadJob) -> Downloaded:
+            try:
+                return self.fetch(job, progress)
+            except BaseException as exc:
+                if not isinstance(exc, _Cancelled):
+                    failures.append((next(order), exc))
+                raise
+
         try:
             for job in ordered:
-                futures[pool.submit(self.fetch, job, progress)] = job
+                futures[pool.submit(fetch, job)] = job
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             failed = [f for f in done if f.exception() is not None]
             if failed:
                 self._cancel.set()
                 wait(pending)
-                real = [f for f in failed if not isinstance(f.exception(), _Cancelled)]
-                raise (real or failed)[0].exception()  # type: ignore[misc]
+                if failures:
+                    raise min(failures, key=lambda item: item[0])[1]  # the first file that failed
+                raise failed[0].exception()  # type: ignore[misc]
             return [future.result() for future in futures]
         except BaseException:
             self._cancel.set()
@@ -368,6 +382,7 @@ class Downloader:
         transferred = [0]
         try:
             pending = [i for i, (s, e, d) in enumerate(segments) if d < e - s]
+            state.running = len(pending)
             pool = ThreadPoolExecutor(max_workers=max(1, len(pending)), thread_name_prefix="coreml-hub-range")
             try:
                 futures = [pool.submit(self._fetch_segment, job, state, i, fd, report, transferred) for i in pending]
@@ -383,7 +398,7 @@ class Downloader:
             if real or errors:
                 raise (real or errors)[0]  # type: ignore[misc]
             if digest is None:
-                raise _Cancelled()
+                raise DownloadError(f"{job.name}: the download ended before every byte range was complete.")
         finally:
             os.close(fd)
         if job.sha256 and digest != job.sha256:
@@ -410,11 +425,14 @@ class Downloader:
         except BaseException:
             state.stop.set()
             with state.changed:
+                state.running -= 1
                 state._save_locked()
                 state.changed.notify_all()
             raise
-        with state.lock:
+        with state.changed:
             transferred[0] += got
+            state.running -= 1
+            state.changed.notify_all()
 
     def _hash_following(self, fd: int, state: _FileState, size: int) -> str | None:
         """sha256 of the file, read as soon as each byte of the contiguous prefix is on disk."""
@@ -428,8 +446,8 @@ class Downloader:
                     ready = seg[0] + seg[2]
                     if ready > pos:
                         break
-                    if state.stop.is_set() or self._cancel.is_set():
-                        return None
+                    if state.stop.is_set() or self._cancel.is_set() or state.running == 0:
+                        return None  # a range failed, or all ended yet this byte never came
                     state.changed.wait(0.5)
             while pos < ready:
                 block = os.pread(fd, min(HASH_BLOCK, ready - pos), pos)
@@ -496,8 +514,9 @@ class Downloader:
                                 write(batch, pos)
                                 pos += batch_size
                                 progressed += batch_size
-                                report(batch_size)
-                                batch, batch_size = [], 0
+                                # cleared before reporting: if `report` raises, nothing is written twice
+                                written, batch, batch_size = batch_size, [], 0
+                                report(written)
                             if stop_at is not None and pos + batch_size >= stop_at:
                                 break
                     finally:
@@ -505,7 +524,8 @@ class Downloader:
                             write(batch, pos)
                             pos += batch_size
                             progressed += batch_size
-                            report(batch_size)
+                            written, batch, batch_size = batch_size, [], 0
+                            report(written)
                     transferred += progressed
                     progressed = 0
                     if stop_at is not None and pos < stop_at:

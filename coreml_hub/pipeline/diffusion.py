@@ -92,6 +92,9 @@ class StableDiffusion:
         self.geometry = self._read_geometry()
         if self.geometry.sdxl and ("text_encoder_2" not in components or len(tokenizers) < 2):
             raise InvalidBundle("This SDXL Unet needs a second text encoder (TextEncoder2) and its tokenizer.")
+        for tokenizer, name in zip(tokenizers, ("text_encoder", "text_encoder_2")):
+            if name in components:  # the token count is the text encoder's input length
+                tokenizer.length = components[name].input_shape("input_ids")[-1]
         self.scale_factor = scale_factor or (SCALE_SDXL if self.geometry.sdxl else SCALE_SD)
         self.zero_empty_negative = self.geometry.sdxl if zero_empty_negative is None else zero_empty_negative
 
@@ -140,8 +143,6 @@ class StableDiffusion:
     def _encode_one(self, encoder: Component, tokenizer: ClipTokenizer, text: str) -> tuple[Any, Any]:
         import torch
 
-        length = encoder.input_shape("input_ids")[-1]
-        tokenizer.length = length
         ids = torch.tensor([tokenizer.encode(text)], dtype=torch.float32)
         out = encoder({"input_ids": ids})
         hidden = _first_output(out, ("hidden_embeds", "last_hidden_state"), rank=3)

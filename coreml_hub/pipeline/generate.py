@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -159,6 +159,10 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
             say(f"Resized the init image to {g.size}, the model's size.")
     folder = Path(output_dir) if output_dir is not None else paths.outputs_dir()
     base_seed = secrets.randbelow(2**32) if seed is None else int(seed)
+    for text, what in ((prompt, "prompt"), (negative_prompt, "negative prompt")):
+        if pipe.tokenizers[0].truncated(text):
+            say(f"Warning: the {what} is longer than the text encoder's {pipe.geometry.text_length} tokens; "
+                "the rest is ignored.")
     cond = pipe.condition(prompt, negative_prompt)
     saved: list[SavedImage] = []
     unet_steps = 0
@@ -177,8 +181,6 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         def on_step(step: int, total: int, latents: Any, _meta: ImageMetadata = meta, _stem: str = stem,
                     _out: list[Path] = intermediates) -> None:
             if save_every and step % save_every == 0 and step < total:
-                from dataclasses import replace
-
                 picture = imaging.unit_to_pil(pipe.decode(latents))
                 _out.append(save_png(picture, folder, f"{_stem}-step{step:03d}", replace(_meta, step=step)))
 

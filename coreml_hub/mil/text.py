@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -887,12 +887,3 @@ def _quote(s: Any) -> str:
             out.append(ch)
     return '"' + "".join(out) + '"'
 
-
-def iter_names(program: Program) -> Iterable[str]:
-    """Every variable name a program defines (function inputs and op outputs)."""
-    for function in program.functions.values():
-        for var in function.inputs:
-            yield var.name
-        for op in function.block.walk():
-            for var in op.outputs:
-                yield var.name

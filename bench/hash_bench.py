@@ -6,6 +6,8 @@ Writes a variant-like folder (a few weight-sized files, ~1 GB in all, plus the p
 manifest `verify` compares with), then alternates, for each run: `sha256sum` over every
 file (one process, files in turn, as a shell user would check them) and the hashing step
 of `verify --hashes` (`coreml_hub.validate.check_hashes`: parallel threads, 8 MiB reads).
+For context it also times the same hashing on one thread and `openssl dgst -sha256`
+(hashlib is OpenSSL's sha256, which uses the CPU's SHA instructions; coreutils' does not).
 Both read the same files from the same (warm) page cache; the median of the runs is
 printed with the ratio sha256sum_time / verify_time (above 1: verify is faster).
 """
@@ -58,6 +60,20 @@ def time_sha256sum(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def time_openssl(files: list[Path]) -> float:
+    start = time.perf_counter()
+    subprocess.run(["openssl", "dgst", "-sha256", *map(str, files)], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def time_one_thread(files: list[Path]) -> float:
+    from coreml_hub.validate import hash_files
+
+    start = time.perf_counter()
+    hash_files(files, workers=1)
+    return time.perf_counter() - start
+
+
 def time_verify(root: Path) -> float:
     from coreml_hub.bundle import open_bundle
     from coreml_hub.validate import check_hashes
@@ -84,15 +100,24 @@ def main() -> None:
         files = make_variant(base / "variant", args.size_mb)
         total = sum(f.stat().st_size for f in files)
         time_sha256sum(files)  # warm the page cache once for both sides
-        ours, theirs = [], []
+        openssl = shutil.which("openssl") is not None
+        ours, theirs, single, ossl = [], [], [], []
         for _ in range(args.runs):
             theirs.append(time_sha256sum(files))
             ours.append(time_verify(base / "variant"))
+            single.append(time_one_thread(files))
+            if openssl:
+                ossl.append(time_openssl(files))
         t_ours, t_theirs = statistics.median(ours), statistics.median(theirs)
         mb = total / 1e6
         print(f"files: {len(files)}, {mb:.0f} MB; runs: {args.runs}; CPUs: {os.cpu_count()}")
-        print(f"sha256sum        median {t_theirs:.3f} s  ({mb / t_theirs:.0f} MB/s)")
-        print(f"verify --hashes  median {t_ours:.3f} s  ({mb / t_ours:.0f} MB/s)")
+        print(f"sha256sum                 median {t_theirs:.3f} s  ({mb / t_theirs:.0f} MB/s)")
+        print(f"verify --hashes           median {t_ours:.3f} s  ({mb / t_ours:.0f} MB/s)")
+        t_single = statistics.median(single)
+        print(f"  same hashing, 1 thread  median {t_single:.3f} s  ({mb / t_single:.0f} MB/s)")
+        if ossl:
+            t_ossl = statistics.median(ossl)
+            print(f"openssl dgst -sha256      median {t_ossl:.3f} s  ({mb / t_ossl:.0f} MB/s)")
         print(f"ratio sha256sum/verify: {t_theirs / t_ours:.2f}x")
     finally:
         shutil.rmtree(base, ignore_errors=True)

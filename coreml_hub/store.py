@@ -603,7 +603,8 @@ def remove(model_ref: str | ModelRef, *, variant: str | None = None, revision: s
             doomed = trash_dir()
             os.rename(pulled.path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
-    _remove_orphans(dry_run=False)
+    # tidy only the repos touched: their refs to removed commits and their empty folders
+    _remove_orphans(dry_run=False, repos={repo_folder(p.repo) for p in entries}, entries=False)
     return Removal(tuple(entries), size, False)
 
 
@@ -666,17 +667,21 @@ def prune(*, dry_run: bool = False) -> PruneResult:
     return PruneResult(tuple(items), tuple(skipped), dry_run)
 
 
-def _remove_orphans(*, dry_run: bool) -> list[PruneItem]:
-    """Refs pointing at no pulled commit, variant folders without a manifest, empty folders."""
+def _remove_orphans(*, dry_run: bool, repos: set[str] | None = None, entries: bool = True) -> list[PruneItem]:
+    """Refs pointing at no pulled commit, variant folders without a manifest (with `entries`),
+    empty folders; in every repo folder, or only in those named in `repos`."""
     items: list[PruneItem] = []
     models = paths.models_dir()
     if not models.is_dir():
         return items
     for repo_dir in sorted(p for p in models.iterdir() if p.is_dir()):
+        if repos is not None and repo_dir.name not in repos:
+            continue
         gone: set[Path] = set()
         for commit_dir in sorted(p for p in repo_dir.iterdir() if p.is_dir() and p.name != "refs"):
             for entry in sorted(p for p in commit_dir.iterdir()):
-                if entry.is_dir() and not (entry / MANIFEST_NAME).exists() and not entry.name.startswith("."):
+                if entries and entry.is_dir() and not (entry / MANIFEST_NAME).exists() \
+                        and not entry.name.startswith("."):
                     items.append(PruneItem(entry, "no-manifest", _tree_size(entry)))
                     gone.add(entry)
                     if not dry_run:

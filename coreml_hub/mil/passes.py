@@ -9,6 +9,7 @@ a plain function `Graph -> None` and is verified by running models with and with
   key axis -> · V becomes one `torch.nn.functional.scaled_dot_product_attention`.
 - `fuse_group_norm`: the converter's decomposed group norm (reshape to groups, mean,
   variance, normalize, reshape back [, · gamma + beta]) becomes `F.group_norm`.
+- `drop_zero_bias`: all-zero constant biases of linear/conv (the converter adds them).
 - `eliminate_dead_code`: ops nothing reads.
 """
 
@@ -157,6 +158,18 @@ def _noop_source(graph: Graph, op: Operation, same_float: Callable[[str, str], b
             if [int(p) % rank for p in perm.reshape(-1)] == list(range(rank)):
                 return x
     return None
+
+
+def drop_zero_bias(graph: Graph) -> int:
+    """Remove all-zero constant biases of linear and conv: adding zeros costs a pass over the output."""
+    dropped = 0
+    for op in graph.ops:
+        if op.type in ("linear", "conv", "conv_transpose") and "bias" in op.inputs:
+            value = graph.const_value(op.inputs["bias"])
+            if value is not None and value.dtype.kind == "f" and not np.any(value):
+                op.inputs = {k: v for k, v in op.inputs.items() if k != "bias"}
+                dropped += 1
+    return dropped
 
 
 # -- dead code -----------------------------------------------------------------------
@@ -594,13 +607,37 @@ def _per_channel(graph: Graph, arg: Any, shape_x: tuple[int, ...]) -> bool:
     return shape in ((channels,) + (1,) * trailing, (1, channels) + (1,) * trailing)
 
 
+def _batch_norm_affine(graph: Graph, op: Operation, channels: int) -> tuple[TensorValue, TensorValue] | None:
+    """A batch_norm with constant statistics is a per-channel affine: its scale and shift (float32)."""
+    values = {}
+    for key in ("mean", "variance", "gamma", "beta"):
+        if key in op.inputs:
+            value = graph.const_value(op.inputs[key])
+            if value is None or value.size != channels:
+                return None
+            values[key] = value.reshape(-1).astype(np.float64)
+    if "mean" not in values or "variance" not in values:
+        return None
+    eps = _scalar_const(graph, op.inputs["epsilon"]) if "epsilon" in op.inputs else 1e-5
+    if eps is None:
+        return None
+    scale = values.get("gamma", np.ones(channels)) / np.sqrt(values["variance"] + eps)
+    shift = values.get("beta", np.zeros(channels)) - values["mean"] * scale
+    return scalar(scale.astype(np.float32).tolist(), "fp32"), scalar(shift.astype(np.float32).tolist(), "fp32")
+
+
 def _channel_affine(
     graph: Graph, users: dict[str, list[Operation]], name: str, shape_x: tuple[int, ...]
 ) -> tuple[list[Operation], Any, Any] | None:
-    """The `· gamma + beta` that follows a normalization, when both are per-channel constants."""
+    """The `· gamma + beta` that follows a normalization, when both are per-channel constants
+    (as mul/add, or as the constant-statistics batch_norm the converter folds them into)."""
     ops: list[Operation] = []
     gamma = beta = None
     op = _single_user(users, graph, name)
+    if op is not None and op.type == "batch_norm" and op.inputs.get("x") == name:
+        affine = _batch_norm_affine(graph, op, shape_x[1])
+        if affine is not None and graph.shape(op.outputs[0].name) == shape_x:
+            return [op], affine[0], affine[1]
     if op is not None and op.type == "mul":
         other = op.inputs.get("y") if op.inputs.get("x") == name else op.inputs.get("x")
         if _per_channel(graph, other, shape_x) and graph.shape(op.outputs[0].name) == shape_x:
@@ -633,6 +670,7 @@ def optimize(graph: Graph, same_float: Callable[[str, str], bool], fuse: bool = 
     """Run the passes in order; `fuse=False` keeps only the no-op and dead-code removal."""
     before = len(graph.ops)
     drop_noops(graph, same_float)
+    drop_zero_bias(graph)
     attention = group_norm = 0
     if fuse:
         group_norm = fuse_group_norm(graph)

@@ -131,6 +131,10 @@ def conv_transpose(
 
 @kernel("linear", tensors=("x", "weight", "bias"))
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.dim() > 2 and not x.is_contiguous():
+        # a transposed activation would send F.linear down a batched-matmul path, far slower
+        # than one copy followed by a single GEMM
+        x = x.contiguous()
     return F.linear(x, weight, bias)
 
 
@@ -236,7 +240,12 @@ def group_norm(
     beta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused form of the decomposed group normalization the converter emits."""
-    return F.group_norm(x, num_groups, _flat(gamma), _flat(beta), epsilon)
+    gamma, beta = _flat(gamma), _flat(beta)
+    if gamma is not None and gamma.dtype != x.dtype:  # scales folded from a batch_norm are float32
+        gamma = gamma.to(x.dtype)
+    if beta is not None and beta.dtype != x.dtype:
+        beta = beta.to(x.dtype)
+    return F.group_norm(x, num_groups, gamma, beta, epsilon)
 
 
 # -- pooling -------------------------------------------------------------------------

@@ -302,3 +302,23 @@ def test_unknown_repo_without_pull_is_model_not_pulled(store_home: Path) -> None
     with pytest.raises(ModelNotPulled, match="not pulled"):
         resolve_model("someone/not-a-model", pull=False)
     assert os.environ["COREML_HUB_HOME"] == str(store_home)
+
+
+def test_parameters_round_trip_for_any_prompt() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(st.characters(blacklist_categories=("Cs", "Cc")) | st.just("\n"), max_size=60)
+
+    @settings(max_examples=200, deadline=None)
+    @given(prompt=text, negative=text, model=text.filter(lambda s: s.strip() == s and s != ""))
+    def check(prompt: str, negative: str, model: str) -> None:
+        if prompt.startswith("Negative prompt: ") or "\nNegative prompt: " in prompt:
+            return  # the format cannot tell such a prompt from its negative prompt
+        meta = _meta(prompt=prompt, negative_prompt=negative, model=model)
+        parsed = parse_parameters(meta.parameters_text())
+        assert parsed["prompt"] == prompt
+        assert parsed["negative_prompt"] == negative
+        assert parsed["Model"] == model and parsed["Seed"] == "42"
+
+    check()

@@ -104,7 +104,7 @@ def _num(value: float) -> str:
 
 def _quote(value: str) -> str:
     # A value holding the separators is quoted, as image tools expect.
-    if "," in value or ":" in value or "\n" in value:
+    if "," in value or ":" in value or "\n" in value or value.startswith('"'):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     return value
 

@@ -337,8 +337,10 @@ def convert_component(job: Job, dest: Path) -> Path:
     rng = np.random.default_rng(0)
     try:
         prepared = PREPARERS[job.component](job, rng)
-    except ConversionError:
-        raise
+    except ConversionError as exc:
+        if job.component in exc.message:
+            raise
+        raise type(exc)(f"{job.component}: {exc.message}", hint=exc.hint) from exc
     except Exception as exc:
         raise ConversionError(
             f"Tracing {job.component} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",

@@ -8,7 +8,6 @@ components (full precision when the repo has them, else the `fp16` variant).
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +104,8 @@ def needed_files(files: set[str], subfolders: set[str], where: str) -> tuple[lis
     """Repo paths a conversion of `subfolders` reads; raises naming what is missing."""
     wanted = ["model_index.json"]
     wanted += sorted(f for f in files if f.split("/", 1)[0] in SUPPORT_DIRS)
+    # small configs that fix the geometry (latent size, VAE scale, sequence length) of any component
+    wanted += [f"{sub}/config.json" for sub in ("unet", "vae", "text_encoder", "text_encoder_2") if f"{sub}/config.json" in files]
     variants: dict[str, str | None] = {}
     missing = []
     for sub in sorted(subfolders):
@@ -116,7 +117,7 @@ def needed_files(files: set[str], subfolders: set[str], where: str) -> tuple[lis
             has_bin = any(f.startswith(f"{sub}/") and f.endswith(".bin") for f in files)
             missing.append(f"{sub}/*.safetensors" + (" (only .bin weights found)" if has_bin else ""))
         variants[sub] = variant
-        wanted += [config, *weights]
+        wanted += [w for w in (config, *weights) if w not in wanted]
     if "scheduler/scheduler_config.json" not in files:
         missing.append("scheduler/scheduler_config.json")
     if missing:
@@ -156,43 +157,27 @@ def from_folder(folder: Path, components: tuple[str, ...] | None) -> tuple[Sourc
     return Source(folder, arch, cls, available, variants), chosen
 
 
-def endpoint() -> str:
-    """The Hub endpoint, read at call time."""
-    try:
-        from .. import hub
-
-        return hub.endpoint()
-    except (ImportError, AttributeError):
-        return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
 def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | None = None) -> tuple[Source, tuple[str, ...]]:
     """Download just what converting `components` of `repo_id` needs; returns the local snapshot."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
 
-    from ..errors import translate
+    from .. import hub
 
     where = f"Hub repo {repo_id}"
-    ep = endpoint()
-    try:
-        api = HfApi(endpoint=ep)
-        files = set(api.list_repo_files(repo_id, revision=revision))
-        index_path = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=["model_index.json"], endpoint=ep)
+    snapshot = hub.repo_files(repo_id, revision)
+    files = {f.path for f in snapshot.files}
+    with hub.hub_errors(repo_id, revision):
+        fetch = lambda patterns: Path(  # noqa: E731 - one call site per phase
+            snapshot_download(repo_id, revision=snapshot.sha, allow_patterns=patterns, endpoint=hub.endpoint(),
+                              token=hub.token())
         )
-        index = _read_index(files, lambda name: (index_path / name).read_text(), where)
+        index_dir = fetch(["model_index.json"]) if "model_index.json" in files else None
+        index = _read_index(files, lambda name: (index_dir / name).read_text(), where)  # type: ignore[operator]
         arch, cls = _arch(index, where)
         available = _available(index)
         chosen = _check_components(components, available, where)
         wanted, variants = needed_files(files, _subfolders(chosen), where)
-        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted, endpoint=ep))
-    except ConversionError:
-        raise
-    except Exception as exc:
-        known = translate(exc)
-        if known is not None:
-            raise known from exc
-        raise
+        local = fetch(wanted)
     return Source(local, arch, cls, available, variants, repo_id=repo_id), chosen
 
 

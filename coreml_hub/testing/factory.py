@@ -173,25 +173,12 @@ def converted(
     """
     comps = components_of(style)
     latent = tuple(latent_size) if latent_size else None
-    # split_einsum_v2 chunks queries longer than this; small enough to really chunk the tiny Unet.
-    unet_opts: dict[str, Any] = dict(
-        attention=attention,
-        precision=precision,
-        chunk_unet=chunk,
-        unet_batch_one=batch_one,
-        quantize_nbits=quantize,
-        latent_size=latent,
-        query_chunk_size=TINY_QUERY_CHUNK,
-    )
-    base_opts: dict[str, Any] = dict(
-        attention="original", precision=precision, quantize_nbits=quantize, latent_size=latent
-    )
 
     def build(tmp: Path) -> None:
-        unet_part = _convert_part(style, ("unet",), **unet_opts)
-        base_part = _convert_part(style, tuple(c for c in comps if c != "unet"), **base_opts)
-        parts = [(unet_part, attention), (base_part, "original")]
-        _assemble(tmp, style, attention, precision, quantize, latent or (tiny.LATENT, tiny.LATENT), parts)
+        parts = [(_component_part(style, comp, attention, precision, chunk, quantize, batch_one, latent), comp)
+                 for comp in comps]
+        _assemble(tmp, style, attention, precision, quantize, latent or (tiny.LATENT, tiny.LATENT),
+                  [(part, attention if comp == "unet" else "original") for part, comp in parts])
         if compiled:
             from .compiled import compile_folder
 
@@ -212,7 +199,26 @@ def converted(
     )
 
 
+# split_einsum_v2 chunks queries longer than this: small enough to really chunk the tiny Unet.
 TINY_QUERY_CHUNK = 16
+
+
+def _component_part(style: str, comp: str, attention: str, precision: str, chunk: bool, quantize: int | None,
+                    batch_one: bool, latent: tuple[int, ...] | None) -> Path:
+    """One component converted on its own, keyed only by the options that change it, so that
+    conversions share what they have in common (the text encoders across sizes, the VAE
+    across attentions and quantizations, ...)."""
+    from ..convert.api import QUANTIZED_COMPONENTS
+
+    options: dict[str, Any] = {"precision": precision, "attention": "original"}
+    if comp in QUANTIZED_COMPONENTS and quantize:
+        options["quantize_nbits"] = quantize
+    if not comp.startswith("text_encoder") and latent:
+        options["latent_size"] = latent
+    if comp == "unet":
+        options.update(attention=attention, chunk_unet=chunk, unet_batch_one=batch_one,
+                       query_chunk_size=TINY_QUERY_CHUNK)
+    return _convert_part(style, (comp,), **options)
 
 
 def _link_tree(src: Path, dest: Path) -> None:

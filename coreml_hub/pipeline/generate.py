@@ -28,6 +28,7 @@ class SavedImage:
     seconds: float
     metadata: ImageMetadata
     intermediates: tuple[Path, ...] = ()
+    unet_steps: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "seed": self.seed, "nsfw_flagged": self.flagged,
@@ -165,41 +166,42 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
                 "the rest is ignored.")
     cond = pipe.condition(prompt, negative_prompt)
     saved: list[SavedImage] = []
-    unet_steps = 0
     start = time.perf_counter()
     for index in range(num_images):
-        image_seed = base_seed + index
         meta = ImageMetadata(
-            prompt=prompt, negative_prompt=negative_prompt, seed=image_seed, steps=steps, scheduler=scheduler,
-            guidance_scale=guidance_scale, width=g.image_width, height=g.image_height, model=resolved.name,
-            variant=resolved.variant, revision=resolved.revision, backend=loaded.backend,
-            strength=strength if init is not None else None,
-            init_image=str(image) if image is not None else None)
-        stem = f"{slug(prompt)}-{image_seed}"
-        intermediates: list[Path] = []
-
-        def on_step(step: int, total: int, latents: Any, _meta: ImageMetadata = meta, _stem: str = stem,
-                    _out: list[Path] = intermediates) -> None:
-            if save_every and step % save_every == 0 and step < total:
-                picture = imaging.unit_to_pil(pipe.decode(latents))
-                _out.append(save_png(picture, folder, f"{_stem}-step{step:03d}", replace(_meta, step=step)))
-
-        t0 = time.perf_counter()
-        result = pipe.generate(prompt=prompt, negative_prompt=negative_prompt, steps=steps,
-                               guidance_scale=guidance_scale, seed=image_seed, scheduler=scheduler,
-                               init_image=init, strength=strength, conditioning=cond, on_step=on_step,
-                               progress=progress, desc=f"Image {index + 1}/{num_images}",
-                               check_safety=not disable_safety)
-        unet_steps += result.unet_steps
-        if result.flagged:
-            say(f"Warning: the safety checker flagged image {index + 1} (seed {image_seed}); it was replaced by "
-                "a black image. Use --disable-safety to keep such images.")
-        path = save_png(imaging.unit_to_pil(result.image), folder, stem, meta)
-        saved.append(SavedImage(path, image_seed, result.flagged, time.perf_counter() - t0, meta,
-                                tuple(intermediates)))
+            prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + index, steps=steps,
+            scheduler=scheduler, guidance_scale=guidance_scale, width=g.image_width, height=g.image_height,
+            model=resolved.name, variant=resolved.variant, revision=resolved.revision, backend=loaded.backend,
+            strength=strength if init is not None else None, init_image=str(image) if image is not None else None)
+        saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
+                                 f"Image {index + 1}/{num_images}", not disable_safety, say))
     elapsed = time.perf_counter() - start
     result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, loaded.load_seconds, elapsed,
-                           unet_steps, tuple(saved))
+                           sum(i.unet_steps for i in saved), tuple(saved))
     say(f"Generated {num_images} image{'s' if num_images != 1 else ''} in {elapsed:.1f} s "
         f"({result_obj.unet_steps_per_second:.2f} steps/s).")
     return result_obj
+
+
+def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any, folder: Path,
+                save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify) -> SavedImage:
+    """Denoise one image (saving intermediate decodes when asked), then write its PNG."""
+    stem = f"{slug(meta.prompt)}-{meta.seed}"
+    intermediates: list[Path] = []
+
+    def on_step(step: int, total: int, latents: Any) -> None:
+        if save_every and step % save_every == 0 and step < total:
+            picture = imaging.unit_to_pil(pipe.decode(latents))
+            intermediates.append(save_png(picture, folder, f"{stem}-step{step:03d}", replace(meta, step=step)))
+
+    t0 = time.perf_counter()
+    result = pipe.generate(prompt=meta.prompt, negative_prompt=meta.negative_prompt, steps=meta.steps,
+                           guidance_scale=meta.guidance_scale, seed=meta.seed, scheduler=meta.scheduler,
+                           init_image=init, strength=meta.strength or 0.0, conditioning=cond, on_step=on_step,
+                           progress=progress, desc=desc, check_safety=check_safety)
+    if result.flagged:
+        say(f"Warning: the safety checker flagged the image with seed {meta.seed}; it was replaced by a black "
+            "image. Use --disable-safety to keep such images.")
+    path = save_png(imaging.unit_to_pil(result.image), folder, stem, meta)
+    return SavedImage(path, meta.seed, result.flagged, time.perf_counter() - t0, meta, tuple(intermediates),
+                      result.unet_steps)

@@ -106,7 +106,7 @@ def build_unet(widths: tuple[int, ...], device: str = "cpu", dtype: Any = None) 
     state = {name: torch.from_numpy(weight_for(name, tuple(t.shape))) for name, t in unet.state_dict().items()}
     unet.load_state_dict(state, assign=True)
     unet = unet.eval()
-    if dtype is not None or device != "cpu":
+    if device != "cpu" or (dtype is not None and dtype != torch.float32):
         unet = unet.to(device=device, dtype=dtype)
     return unet
 
@@ -278,7 +278,16 @@ def call_anchor(unet: Any, inputs: dict[str, Any]) -> Any:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory. VmHWM where Linux has it: ru_maxrss keeps the
+    high-water mark of the image before exec, i.e. of the forking parent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def measure_one(side: str, bundle: Path, widths: tuple[int, ...], device: str, calls: int) -> dict[str, Any]:
@@ -399,11 +408,9 @@ def main() -> None:
             print(f"carry   {carry} ({carry.stat().st_size / 1e6:.2f} MB)")
             return
 
-    timing = ab_timing(bundle, widths, args.device, args.runs, args.warmup)
-    result: dict[str, Any] = {"device": args.device, "widths": list(widths), "bundle": str(bundle), **timing}
-    result["time_ratio"] = timing["runtime_s"] / timing["anchor_s"]
+    result: dict[str, Any] = {"device": args.device, "widths": list(widths), "bundle": str(bundle)}
     if not args.no_memory:
-        gc.collect()
+        # before this process loads anything: a child starts from a small parent
         rt = _child(args, "runtime", bundle, widths)
         an = _child(args, "anchor", bundle, widths)
         result["runtime_peak_rss"], result["anchor_peak_rss"] = rt["peak_rss"], an["peak_rss"]
@@ -412,6 +419,9 @@ def main() -> None:
         if args.device == "cuda":
             result["runtime_peak_cuda"], result["anchor_peak_cuda"] = rt["peak_cuda"], an["peak_cuda"]
             result["cuda_memory_ratio"] = rt["peak_cuda"] / an["peak_cuda"]
+    timing = ab_timing(bundle, widths, args.device, args.runs, args.warmup)
+    result.update(timing)
+    result["time_ratio"] = timing["runtime_s"] / timing["anchor_s"]
     if args.json:
         print(json.dumps(result, indent=1))
         return

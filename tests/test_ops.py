@@ -1116,3 +1116,54 @@ def test_matches_coremltools_value_inference(tmp_path: Any) -> None:
             close(out[name], value.astype(out[name].dtype) if value.dtype != out[name].dtype else value, 1e-4)
         except AssertionError as exc:
             raise AssertionError(f"{name}: {exc}") from None
+
+
+# -- recurrent -----------------------------------------------------------------------
+
+
+def ref_lstm(x: np.ndarray, h: np.ndarray, c: np.ndarray, w_ih: np.ndarray, w_hh: np.ndarray, b: np.ndarray,
+             p: np.ndarray | None, reverse: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lstm equations of the op definition (gates i, f, o, z), with i/f peepholes on c_{t-1}, o on c_t."""
+    hidden = w_hh.shape[1]
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    outs = [None] * len(x)
+    for t in (range(len(x) - 1, -1, -1) if reverse else range(len(x))):
+        g = x[t] @ w_ih.T + h @ w_hh.T + b
+        i, f, o, z = (g[:, k * hidden:(k + 1) * hidden] for k in range(4))
+        if p is not None:
+            i, f = i + p[:hidden] * c, f + p[hidden:2 * hidden] * c
+        c = sig(f) * c + sig(i) * np.tanh(z)
+        if p is not None:
+            o = o + p[2 * hidden:] * c
+        h = sig(o) * np.tanh(c)
+        outs[t] = h
+    return np.stack(outs), h, c
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("output_sequence", [False, True])
+@pytest.mark.parametrize("peephole", [False, True])
+def test_lstm(direction: str, output_sequence: bool, peephole: bool) -> None:
+    s, b, i, hsz = 5, 2, 3, 4
+    d = 2 if direction == "bidirectional" else 1
+    x = randn(s, b, i)
+    h0, c0 = randn(b, d * hsz) * 0.5, randn(b, d * hsz) * 0.5
+    w = [randn(4 * hsz, i) * 0.5 for _ in range(d)]
+    r = [randn(4 * hsz, hsz) * 0.5 for _ in range(d)]
+    bias = [randn(4 * hsz) * 0.1 for _ in range(d)]
+    peep = [randn(3 * hsz) * 0.3 if peephole else None for _ in range(d)]
+    params: dict[str, Any] = {"weight_ih": w[0], "weight_hh": r[0], "bias": bias[0], "peephole": peep[0],
+                              "direction": direction, "output_sequence": output_sequence}
+    if d == 2:
+        params.update(weight_ih_back=w[1], weight_hh_back=r[1], bias_back=bias[1], peephole_back=peep[1])
+    seq, h, c = run_op("lstm", {"x": x, "initial_h": h0, "initial_c": c0}, params, outputs=3)
+    runs = [ref_lstm(x, h0[:, k * hsz:(k + 1) * hsz], c0[:, k * hsz:(k + 1) * hsz], w[k], r[k], bias[k], peep[k],
+                     direction == "reverse" or k == 1) for k in range(d)]
+    full = np.concatenate([run[0] for run in runs], -1)
+    if output_sequence:
+        close(seq, full, 1e-5)
+    else:
+        last = np.concatenate([runs[0][0][-1:]] + ([runs[1][0][:1]] if d == 2 else []), -1)
+        close(seq, runs[0][1][None] if direction == "reverse" else last, 1e-5)
+    close(h, np.concatenate([run[1] for run in runs], -1), 1e-5)
+    close(c, np.concatenate([run[2] for run in runs], -1), 1e-5)

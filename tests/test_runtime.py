@@ -249,3 +249,71 @@ def test_cuda_block(packages: dict[str, Path], block: Any, precision: str) -> No
     tol = 1e-2 if precision == "fp16" else 1e-4
     for name in ("y", "z"):
         assert rel_error(out[name].float().cpu().numpy(), expected[name]) <= tol
+
+
+# -- models compiled by Apple's coremlc (public, third-party; see tests/data/mil/README.md) --
+
+SAMPLES = Path(__file__).resolve().parents[1] / "shared" / "mil"
+NEEDS_SAMPLES = pytest.mark.skipif(
+    not (SAMPLES / "bundles").is_dir(),
+    reason=f"the public Core ML samples are not in {SAMPLES} (kept out of git; tests/data/mil/README.md names them)",
+)
+
+
+def _vad_inputs() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"audio_input": (rng.standard_normal((1, 576)) * 0.1).astype(np.float32),
+            "hidden_state": (rng.standard_normal((1, 128)) * 0.1).astype(np.float32),
+            "cell_state": (rng.standard_normal((1, 128)) * 0.1).astype(np.float32)}
+
+
+@NEEDS_SAMPLES
+@pytest.mark.parametrize("name", ["unified_int8", "unified_palette_4bit"])
+def test_apple_compiled_bundle_matches_its_package(name: str) -> None:
+    """Apple-compiled `.mlmodelc` (model.mil + coremlc's weight file) runs exactly like the package it came from."""
+    compiled = load_model(SAMPLES / "bundles" / f"{name}.mlmodelc")
+    package = load_model(SAMPLES / "bundles" / f"{name}.mlpackage")
+    assert compiled.stats.folded == package.stats.folded == 7  # the seven quantized weights, decompressed at load
+    a, b = compiled.predict(_vad_inputs()), package.predict(_vad_inputs())
+    assert set(a) == {"vad_output", "new_hidden_state", "new_cell_state"}
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+@NEEDS_SAMPLES
+@pytest.mark.parametrize("name", ["unified_int8", "unified_palette_4bit"])
+def test_apple_quantized_weights_match_coremltools_decompression(name: str, tmp_path: Path) -> None:
+    import coremltools.optimize.coreml as cto
+
+    dense = tmp_path / "dense.mlpackage"
+    source = SAMPLES / "bundles" / f"{name}.mlpackage"
+    cto.decompress_weights(ct.models.MLModel(str(source), skip_model_load=True)).save(str(dense))
+    a = load_model(source).predict(_vad_inputs())
+    b = load_model(dense).predict(_vad_inputs())
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+@NEEDS_SAMPLES
+def test_apple_bundles_quantization_error_shrinks_with_bits() -> None:
+    """The float model and its 2/4/6-bit palettizations: fewer bits, further from the float outputs."""
+    bundles = SAMPLES / "bundles"
+    reference = load_model(bundles / "silero-vad-unified-v6.0.0.mlmodelc").predict(_vad_inputs())
+    errors = []
+    for bits in (2, 4, 6):
+        out = load_model(bundles / f"unified_palette_{bits}bit.mlmodelc").predict(_vad_inputs())
+        errors.append(max(float(np.abs(out[k] - reference[k]).max()) for k in reference))
+    assert errors[0] > errors[1] > errors[2]
+    assert 0 < errors[2] < 0.5
+
+
+@NEEDS_SAMPLES
+def test_every_public_model_mil_uses_only_supported_ops() -> None:
+    from coreml_hub.mil import text
+    from coreml_hub.mil.executor import unsupported_ops
+
+    files = sorted(SAMPLES.glob("*.mil")) + sorted((SAMPLES / "bundles").glob("*.mlmodelc/model.mil"))
+    assert files
+    for file in files:
+        program = text.load(file)
+        assert unsupported_ops(list(program.functions.values())) == {}, file.name

@@ -157,9 +157,14 @@ class _Lowering:
         if isinstance(arg, str):
             if arg not in self.tensors:
                 value = self.consts[arg]
-                self.tensors[arg] = (
-                    value if isinstance(value, torch.Tensor) else self._to_device(self.numpy_const(arg), self._mil_dtype(arg, value))
-                )
+                if isinstance(value, torch.Tensor):
+                    self.tensors[arg] = value
+                else:
+                    array = self.numpy_const(arg)
+                    tensor = self._to_device(array, self._mil_dtype(arg, value))
+                    self.tensors[arg] = tensor
+                    if isinstance(value, TensorValue) and value.is_blob and not _shares_memory(tensor, array):
+                        _release_blob_pages(value)
             return self.tensors[arg]
         assert isinstance(arg, TensorValue)
         return self._to_device(self.numpy_const(arg), arg.type.dtype)
@@ -350,6 +355,43 @@ class _Lowering:
         return source, namespace["run"]
 
 
+def _shares_memory(tensor: torch.Tensor, array: np.ndarray) -> bool:
+    if tensor.device.type != "cpu" or array.size == 0:
+        return False
+    start = array.__array_interface__["data"][0]
+    return tensor.untyped_storage().data_ptr() <= start < tensor.untyped_storage().data_ptr() + tensor.untyped_storage().nbytes()
+
+
+def _mapping_of(blob: Any) -> mmap.mmap | None:
+    mapping = getattr(blob, "_mm", None)
+    return mapping if isinstance(mapping, mmap.mmap) else None
+
+
+def _release_blob_pages(value: TensorValue) -> None:
+    """Drop the mapped pages of one weight once a device copy of it exists.
+
+    Done weight by weight, so that loading an fp16 file into float32 never holds the whole
+    file resident next to the float32 copies; the pages come back from the page cache if read.
+    """
+    if not hasattr(mmap, "MADV_DONTNEED") or not isinstance(value.data, BlobRef):
+        return
+    from .blob import open_blob_file, resolve_blob_path
+
+    try:
+        blob = open_blob_file(resolve_blob_path(value.data.path, value.base_dir))
+        info = blob.info(value.data.offset)
+    except Exception:
+        return
+    mapping = _mapping_of(blob)
+    if mapping is None:
+        return
+    start = info.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED, start, info.data_offset + info.size - start)
+    except (OSError, ValueError):
+        pass
+
+
 def _release_mapped_pages(paths: set[str]) -> None:
     """Let the kernel drop the weight file's pages from this process once weights are on the device.
 
@@ -366,12 +408,8 @@ def _release_mapped_pages(paths: set[str]) -> None:
             blob = open_blob_file(path)
         except Exception:
             continue
-        release = getattr(blob, "release_pages", None)
-        if callable(release):
-            release()
-            continue
-        mapping = getattr(blob, "_mm", None)
-        if isinstance(mapping, mmap.mmap):
+        mapping = _mapping_of(blob)
+        if mapping is not None:
             try:
                 mapping.madvise(mmap.MADV_DONTNEED)
             except (OSError, ValueError):

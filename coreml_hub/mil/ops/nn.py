@@ -528,3 +528,96 @@ def quantize(
         q = q + _along_axis(zero_point.to(q.dtype), axis, rank)
     low, high, dtype = (0, 255, torch.uint8) if output_dtype == "uint8" else (-128, 127, torch.int8)
     return torch.clamp(q, low, high).to(dtype)
+
+
+# -- recurrent -----------------------------------------------------------------------
+
+_GATE_ACTIVATIONS = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "linear": lambda t: t,
+}
+
+
+def _gate(name: str) -> Any:
+    if name not in _GATE_ACTIVATIONS:
+        raise ValueError(f"lstm: activation {name!r} is not supported")
+    return _GATE_ACTIVATIONS[name]
+
+
+def _lstm_direction(
+    x: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    bias: torch.Tensor | None,
+    peephole: torch.Tensor | None,
+    acts: tuple[Any, Any, Any],
+    clip: float | None,
+    reverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    recurrent, cell, output = acts
+    hidden = w_hh.shape[1]
+    projected = F.linear(x, w_ih, bias)  # [s, b, 4H], gates in i, f, o, z order
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    outputs: list[torch.Tensor] = [None] * x.shape[0]  # type: ignore[list-item]
+    for t in steps:
+        gates = projected[t] + F.linear(h, w_hh)
+        i, f, o, z = gates.split(hidden, dim=-1)
+        if peephole is not None:
+            i = i + peephole[:hidden] * c
+            f = f + peephole[hidden : 2 * hidden] * c
+        c = recurrent(f) * c + recurrent(i) * cell(z)
+        if clip is not None:
+            c = torch.clamp(c, -clip, clip)
+        if peephole is not None:
+            o = o + peephole[2 * hidden :] * c
+        h = recurrent(o) * output(c)
+        outputs[t] = h
+    return torch.stack(outputs, 0), h, c
+
+
+@kernel(
+    "lstm",
+    tensors=("x", "initial_h", "initial_c", "weight_ih", "weight_hh", "bias", "peephole",
+             "weight_ih_back", "weight_hh_back", "bias_back", "peephole_back"),
+)
+def lstm(
+    x: torch.Tensor,
+    initial_h: torch.Tensor,
+    initial_c: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    peephole: torch.Tensor | None = None,
+    weight_ih_back: torch.Tensor | None = None,
+    weight_hh_back: torch.Tensor | None = None,
+    bias_back: torch.Tensor | None = None,
+    peephole_back: torch.Tensor | None = None,
+    direction: str = "forward",
+    output_sequence: bool = False,
+    recurrent_activation: str = "sigmoid",
+    cell_activation: str = "tanh",
+    activation: str = "tanh",
+    clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer over [seq, batch, input]; returns (outputs, last h, last c)."""
+    acts = (_gate(recurrent_activation), _gate(cell_activation), _gate(activation))
+    hidden = weight_hh.shape[1]
+    if direction == "bidirectional":
+        if weight_ih_back is None or weight_hh_back is None:
+            raise ValueError("lstm: a bidirectional LSTM needs weight_ih_back and weight_hh_back")
+        fwd = _lstm_direction(x, initial_h[:, :hidden], initial_c[:, :hidden], weight_ih, weight_hh, bias, peephole,
+                              acts, clip, False)
+        bwd = _lstm_direction(x, initial_h[:, hidden:], initial_c[:, hidden:], weight_ih_back, weight_hh_back,
+                              bias_back, peephole_back, acts, clip, True)
+        seq = torch.cat([fwd[0], bwd[0]], dim=-1)
+        h, c = torch.cat([fwd[1], bwd[1]], dim=-1), torch.cat([fwd[2], bwd[2]], dim=-1)
+        last = torch.cat([fwd[0][-1:], bwd[0][:1]], dim=-1)
+    else:
+        seq, h, c = _lstm_direction(x, initial_h, initial_c, weight_ih, weight_hh, bias, peephole, acts, clip,
+                                    direction == "reverse")
+        last = h.unsqueeze(0)
+    return (seq if output_sequence else last), h, c

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import ConversionError, UsageError
-from .attention import DEFAULT_QUERY_CHUNK_SIZE, IMPLEMENTATIONS
-from .naming import COMPONENTS, compiled_name, package_name
+from .naming import ATTENTIONS as IMPLEMENTATIONS
+from .naming import COMPONENTS, DEFAULT_QUERY_CHUNK_SIZE, package_name
 
 PRECISIONS = ("fp16", "fp32")
 QUANTIZE_NBITS = (2, 4, 6, 8)

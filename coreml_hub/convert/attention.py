@@ -18,10 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-IMPLEMENTATIONS = ("original", "split_einsum", "split_einsum_v2")
-
-# Queries per chunk for split_einsum_v2; sequences no longer than this are not chunked.
-DEFAULT_QUERY_CHUNK_SIZE = 512
+from .naming import ATTENTIONS as IMPLEMENTATIONS
+from .naming import DEFAULT_QUERY_CHUNK_SIZE
 
 
 class _Processor:

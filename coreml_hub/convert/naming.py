@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
+# Queries per chunk for split_einsum_v2; sequences no longer than this are not chunked.
+DEFAULT_QUERY_CHUNK_SIZE = 512
+
 # Components in the order they are converted (and listed).
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "safety_checker")
 UNET_CHUNKS = ("unet_chunk1", "unet_chunk2")

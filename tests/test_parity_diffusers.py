@@ -1,6 +1,6 @@
 """`run`'s pipeline against diffusers on the same weights.
 
-The tiny SD1- and SD2-style pipelines are converted to Core ML (fp32, original attention)
+The tiny SD1- and SD2-style pipelines (and the SDXL-style one, text-to-image) are converted to Core ML (fp32, original attention)
 and run with the torch backend (the portable ML Program runtime). diffusers runs the
 PyTorch pipeline they were converted from with the same initial latents (text-to-image)
 or the same generator (image-to-image) and the same scheduler. Mean absolute pixel
@@ -78,6 +78,26 @@ def test_image_to_image_matches_diffusers(pair, scheduler: str, tmp_path: Path) 
     # The init image shows through: far closer to it than an unrelated image would be.
     init_unit = np.asarray(init, dtype=np.float32) / 255.0
     assert float(np.abs(got.image - init_unit).mean()) < 0.5
+
+
+@pytest.mark.parametrize("negative", ["", NEGATIVE])
+def test_sdxl_text_to_image_matches_diffusers(negative: str) -> None:
+    """Two text encoders (penultimate states), pooled embeds, time ids, zeros for an empty negative."""
+    import torch
+
+    pipe, _ = factory.tiny_pipeline("sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    ours = load_pipeline(resolve_local(factory.converted("sdxl", attention="original", precision="fp32")),
+                         backend="torch", device="cpu", safety=False).pipeline
+    assert ours.geometry.sdxl
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11))
+    got = ours.generate(prompt=PROMPT, negative_prompt=negative, steps=8, guidance_scale=7.5, seed=5,
+                        scheduler="euler", latents=latents.clone())
+    pipe.scheduler = make_scheduler("euler", ours.scheduler_config)
+    ref = pipe(PROMPT, negative_prompt=negative or None, num_inference_steps=8, guidance_scale=7.5,
+               latents=latents.clone(), generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    diff = float(np.abs(got.image - ref).mean())
+    assert diff <= TOLERANCE, f"sdxl: mean abs difference {diff * 255:.3f}/255"
 
 
 def test_run_command_png_matches_diffusers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -205,6 +205,11 @@ def convert(
     elif sources.looks_like_repo_id(str(source)):
         src, chosen = sources.from_hub(str(source), wanted, revision=revision)
         default_version = str(source)
+    elif str(source).startswith((".", "/", "~")) or src_path.exists():
+        raise ConversionError(
+            f"No diffusers pipeline folder at {source}.",
+            hint="Check the path, or pass a Hub repo id such as runwayml/stable-diffusion-v1-5.",
+        )
     else:
         raise ConversionError(
             f"SOURCE {source} is neither a folder nor a Hub repo id.",

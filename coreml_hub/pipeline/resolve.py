@@ -114,5 +114,7 @@ def resolve_model(text: str, *, pull: bool = True, progress: bool = False,
         store.pull(str(ref), progress=progress)
         pulled = store.find_pulled(ref, require_ok=True)
         pulled_now = True
+        if on_message:
+            on_message(f"Pulled {pulled.ref()} ({pulled.commit[:7]}).")
     return ResolvedModel(path=Path(pulled.path), name=pulled.repo, repo=pulled.repo, variant=pulled.variant,
                          revision=pulled.commit, pulled_now=pulled_now)

@@ -274,6 +274,15 @@ def test_auto_pull_from_mirror_then_run_offline(hub_server: Any, store_home: Pat
                     "--disable-safety", "--no-pull"], capsys)
     assert "pulling" not in err
     assert np.array_equal(pixels(first), pixels(out.strip()))
+    # A store entry's folder is a model too, and keeps its repo, variant and commit in the metadata.
+    from coreml_hub.store import find_pulled
+
+    entry = find_pulled("tiny/coreml-sd:original/compiled").path
+    out, _ = run([str(entry), PROMPT, "--seed", "1", "--steps", "2", "-o", str(tmp_path), "--disable-safety"],
+                 capsys)
+    by_path = text_chunks(out.strip())
+    assert (by_path["model"], by_path["variant"], by_path["revision"]) == (
+        "tiny/coreml-sd", "original/compiled", chunks["revision"])
 
 
 def test_unknown_model_on_the_hub(hub_server: Any, store_home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ Two models, both with random weights (nothing is downloaded):
 For each: seconds per image (text encode + N denoising steps + VAE decode) and Unet
 steps per second (one batch-2 Unet call = one step), each the median of --repeats runs,
 coreml-hub (torch backend) next to diffusers (StableDiffusionPipeline) on the same device,
-then the ratios. Conversions are cached under --cache (default: <tmp>/coreml-hub-bench).
+timed in turn so both sides see the same machine load, then the ratios. Conversions are cached under --cache (default: <tmp>/coreml-hub-bench).
 
     python bench/run_bench.py                      # both models, CPU
     python bench/run_bench.py --model tiny --steps 10 --repeats 5
@@ -119,15 +119,17 @@ def prepare(model: str, cache: Path, given: tuple[str | None, str | None] = (Non
     return source, _cached(cache, "sd15-coreml-256", conv)
 
 
-def median_time(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> float:
-    times = []
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Median seconds of each function, timed in turn (a b a b ...) so both see the same machine load."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -141,24 +143,15 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
     source, converted = prepare(model, Path(args.cache), (args.pipeline_folder, args.coreml_folder))
 
-    # ---- coreml-hub: the torch backend over the Core ML files -----------------------------
+    # coreml-hub: the torch backend over the Core ML files
     t0 = time.perf_counter()
     ours = load_pipeline(resolve_local(converted), backend="torch", device=device, safety=False).pipeline
     ours_load = time.perf_counter() - t0
     g = ours.geometry
-
-    def ours_image() -> None:
-        ours.generate(prompt=PROMPT, steps=args.steps, guidance_scale=7.5, seed=0, scheduler="pndm")
-
-    ours_image()  # warm-up
-    ours_image_s = median_time(ours_image, args.repeats, sync)
     cond = ours.condition(PROMPT, "")
     latents = torch.randn(1, g.latent_channels, g.latent_height, g.latent_width)
-    ours_step_s = median_time(lambda: ours.predict_noise(latents, 500, cond, (0, 1)), args.repeats, sync)
-    del ours
-    gc.collect()
 
-    # ---- diffusers on the PyTorch weights the files were converted from ---------------------
+    # diffusers on the PyTorch weights the files were converted from
     dtype = torch.float32 if device == "cpu" else torch.float16
     t0 = time.perf_counter()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(source), torch_dtype=dtype)
@@ -166,27 +159,31 @@ def bench_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     ref_load = time.perf_counter() - t0
-    size = g.image_height
+    sample = torch.randn(2, 4, g.latent_height, g.latent_width, device=device, dtype=dtype)
+    hidden = torch.randn(2, g.text_length, g.hidden_size, device=device, dtype=dtype)
+    t = torch.tensor([500, 500], device=device)
+
+    def ours_image() -> None:
+        ours.generate(prompt=PROMPT, steps=args.steps, guidance_scale=7.5, seed=0, scheduler="pndm")
 
     def ref_image() -> None:
-        pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, height=size, width=size,
-             generator=torch.Generator().manual_seed(0), output_type="np")
+        pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=7.5, height=g.image_height,
+             width=g.image_width, generator=torch.Generator().manual_seed(0), output_type="np")
 
     with torch.inference_mode():
+        ours_image()  # warm-up, both sides
         ref_image()
-        ref_image_s = median_time(ref_image, args.repeats, sync)
-        sample = torch.randn(2, 4, g.latent_height, g.latent_width, device=device, dtype=dtype)
-        hidden = torch.randn(2, 77, g.hidden_size, device=device, dtype=dtype)
-        t = torch.tensor([500, 500], device=device)
-        ref_step_s = median_time(lambda: pipe.unet(sample, t, hidden), args.repeats, sync)
-    del pipe
+        image_s = alternate({"ours": ours_image, "ref": ref_image}, args.repeats, sync)
+        step_s = alternate({"ours": lambda: ours.predict_noise(latents, 500, cond, (0, 1)),
+                            "ref": lambda: pipe.unet(sample, t, hidden)}, args.repeats, sync)
+    del ours, pipe
     gc.collect()
     return {
         "model": model, "size": f"{g.image_width}x{g.image_height}", "steps": args.steps, "device": device,
-        "coreml_hub": {"load_s": ours_load, "image_s": ours_image_s, "unet_steps_per_s": 1.0 / ours_step_s},
-        "diffusers": {"load_s": ref_load, "image_s": ref_image_s, "unet_steps_per_s": 1.0 / ref_step_s},
-        "ratio_image_time": ours_image_s / ref_image_s,
-        "ratio_unet_speed": ref_step_s / ours_step_s,
+        "coreml_hub": {"load_s": ours_load, "image_s": image_s["ours"], "unet_steps_per_s": 1.0 / step_s["ours"]},
+        "diffusers": {"load_s": ref_load, "image_s": image_s["ref"], "unet_steps_per_s": 1.0 / step_s["ref"]},
+        "ratio_image_time": image_s["ours"] / image_s["ref"],
+        "ratio_unet_speed": step_s["ref"] / step_s["ours"],
     }
 
 

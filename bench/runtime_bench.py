@@ -329,21 +329,29 @@ def ab_timing(bundle: Path, widths: tuple[int, ...], device: str, runs: int, war
         call_runtime(runtime, rt_inputs)
         call_anchor(anchor, an_inputs)
     _sync(device)
-    a_times, b_times = [], []
+    a_times, b_times, a_cpu, b_cpu = [], [], [], []
     for _ in range(runs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out_rt = call_runtime(runtime, rt_inputs)
         _sync(device)
         a_times.append(time.perf_counter() - t)
-        t = time.perf_counter()
+        a_cpu.append(time.process_time() - c)
+        t, c = time.perf_counter(), time.process_time()
         out_an = call_anchor(anchor, an_inputs)
         _sync(device)
         b_times.append(time.perf_counter() - t)
+        b_cpu.append(time.process_time() - c)
     ref = out_an.float().cpu()
     diff = float((out_rt.float().cpu() - ref).abs().max() / ref.abs().max())
     return {
         "runtime_s": statistics.median(a_times),
         "anchor_s": statistics.median(b_times),
+        "runtime_min_s": min(a_times),
+        "anchor_min_s": min(b_times),
+        # CPU time of the process (all threads): the work done, less sensitive than wall time
+        # to other processes on a shared machine
+        "runtime_cpu_s": statistics.median(a_cpu),
+        "anchor_cpu_s": statistics.median(b_cpu),
         "runtime_all_s": a_times,
         "anchor_all_s": b_times,
         "output_rel_diff": diff,
@@ -431,7 +439,15 @@ def main() -> None:
     print(f"runtime: {result['steps']} steps/call, {result['fused_attention']} attention + "
           f"{result['fused_group_norm']} group-norm fusions; output vs anchor (rel. max) {result['output_rel_diff']:.2e}")
     print(f"time per call   runtime {timing['runtime_s'] * 1e3:8.1f} ms   {anchor_name} {timing['anchor_s'] * 1e3:8.1f} ms   "
-          f"ratio {result['time_ratio']:.3f}")
+          f"ratio {result['time_ratio']:.3f}  (medians of {args.runs})")
+    print(f"  fastest call  runtime {timing['runtime_min_s'] * 1e3:8.1f} ms   {anchor_name} {timing['anchor_min_s'] * 1e3:8.1f} ms   "
+          f"ratio {timing['runtime_min_s'] / timing['anchor_min_s']:.3f}")
+    if args.device == "cpu":
+        print(f"  CPU time      runtime {timing['runtime_cpu_s'] * 1e3:8.1f} ms   {anchor_name} {timing['anchor_cpu_s'] * 1e3:8.1f} ms   "
+              f"ratio {timing['runtime_cpu_s'] / timing['anchor_cpu_s']:.3f}  (process CPU time, medians)")
+    wall = sorted(timing["runtime_all_s"] + timing["anchor_all_s"])
+    if wall[-1] > 2 * wall[0]:
+        print("  note: call times vary more than 2x: the machine is busy; compare the CPU-time ratio")
     if "rss_ratio" in result:
         print(f"peak RSS        runtime {result['runtime_peak_rss'] / 2**20:8.0f} MiB  anchor {result['anchor_peak_rss'] / 2**20:8.0f} MiB  "
               f"ratio {result['rss_ratio']:.3f}")

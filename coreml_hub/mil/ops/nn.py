@@ -67,6 +67,10 @@ def conv(
     groups: int = 1,
 ) -> torch.Tensor:
     nd = x.dim() - 2
+    if not x.is_contiguous():
+        # a permuted activation (e.g. tokens transposed back to NCHW) would make torch pick the
+        # channels-last path and re-lay the weight out on every call: one activation copy is cheaper
+        x = x.contiguous()
     strides = strides or [1] * nd
     dilations = dilations or [1] * nd
     pads = spatial_pads(pad_type, pad, x.shape[2:], weight.shape[2:], strides, dilations)
@@ -365,15 +369,14 @@ def _nearest_along(x: torch.Tensor, dim: int, size_out: int, scale: float | None
 
 
 def _nearest(x: torch.Tensor, h: int, w: int, scale_h: float | None = None, scale_w: float | None = None) -> torch.Tensor:
-    if h % x.shape[-2] == 0 and w % x.shape[-1] == 0 and scale_h in (None, h // x.shape[-2]) and scale_w in (
-        None,
-        w // x.shape[-1],
-    ):
-        # integer factors: each source pixel repeats; the common Unet/VAE upsampling
-        lead = x.shape[:-2]
-        flat = x.reshape((-1, 1) + tuple(x.shape[-2:]))
-        out = F.interpolate(flat, size=(h, w), mode="nearest")
-        return out.reshape(lead + (h, w))
+    in_h, in_w = x.shape[-2], x.shape[-1]
+    if h % in_h == 0 and w % in_w == 0 and scale_h in (None, h // in_h) and scale_w in (None, w // in_w):
+        # integer factors (the Unet/VAE upsampling): every source pixel repeats, written with
+        # one broadcast copy, several times faster than interpolate's NCHW nearest kernel
+        fh, fw = h // in_h, w // in_w
+        lead = tuple(x.shape[:-2])
+        grid = x.reshape(lead + (in_h, 1, in_w, 1)).expand(lead + (in_h, fh, in_w, fw))
+        return grid.reshape(lead + (h, w))
     return _nearest_along(_nearest_along(x, x.dim() - 2, h, scale_h), x.dim() - 1, w, scale_w)
 
 

@@ -180,8 +180,8 @@ def test_unsupported_ops_fail_at_load(tmp_path: Path) -> None:
 
     x = Var("x", TensorType("fp32", (2, 3)))
     ops = [
-        Operation("lstm", {"x": "x"}, (Var("a", TensorType("fp32", (2, 3))),)),
-        Operation("lstm", {"x": "a"}, (Var("b", TensorType("fp32", (2, 3))),)),
+        Operation("non_maximum_suppression", {"x": "x"}, (Var("a", TensorType("fp32", (2, 3))),)),
+        Operation("non_maximum_suppression", {"x": "a"}, (Var("b", TensorType("fp32", (2, 3))),)),
         Operation("crop_resize", {"x": "b"}, (Var("c", TensorType("fp32", (2, 3))),)),
     ]
     program = Program("1.0", {"main": Function("main", "ios16", (x,), MilBlock(ops, ("c",)))})
@@ -194,7 +194,7 @@ def test_unsupported_ops_fail_at_load(tmp_path: Path) -> None:
         load_model(bundle)
     message = str(info.value)
     assert "Broken.mlmodelc" in message and "3 op(s) of 2 type(s)" in message
-    assert "lstm (2)" in message and "crop_resize (1)" in message
+    assert "non_maximum_suppression (2)" in message and "crop_resize (1)" in message
 
 
 def test_not_a_model(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu dry-runs the script on a machine without a GPU
 status=0
 
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
@@ -57,17 +58,20 @@ tail -n 15 "$OUT/cuda_tests.log" | tee -a "$OUT/summary.txt"
 BENCH="$CARRY/sd15-w128-original.carry.tar.gz"
 if [ -f "$BENCH" ]; then
   tar -xzf "$BENCH" -C "$WORK"
-  log "bench/runtime_bench.py --device cuda (widths 128/256/512/512, batch 2, 32x32 latents)"
-  timeout 300 $PY bench/runtime_bench.py --device cuda --bundle "$WORK/sd15-w128-original.mlmodelc" \
-    --runs 30 --warmup 5 --calls 5 --json >"$OUT/bench_cuda.json" 2>"$OUT/bench_cuda.err"
+  log "bench/runtime_bench.py --device $DEVICE (widths 128/256/512/512, batch 2, 32x32 latents)"
+  timeout 300 $PY bench/runtime_bench.py --device "$DEVICE" --bundle "$WORK/sd15-w128-original.mlmodelc" \
+    --runs "${RUNS:-30}" --warmup 5 --calls 5 --json >"$OUT/bench_cuda.json" 2>"$OUT/bench_cuda.err"
   rc=$?
   if [ $rc -eq 0 ]; then
     $PY - "$OUT/bench_cuda.json" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"time/call runtime {r['runtime_s']*1e3:.2f} ms  diffusers fp16 SDPA {r['anchor_s']*1e3:.2f} ms  ratio {r['time_ratio']:.3f}")
+print(f"time/call runtime {r['runtime_s']*1e3:.2f} ms  diffusers {r['anchor_s']*1e3:.2f} ms  ratio {r['time_ratio']:.3f}"
+      f"  (fastest {r['runtime_min_s']*1e3:.2f} / {r['anchor_min_s']*1e3:.2f} ms)")
 if "cuda_memory_ratio" in r:
-    print(f"peak CUDA memory ratio {r['cuda_memory_ratio']:.3f}  peak RSS ratio {r['rss_ratio']:.3f}")
+    print(f"peak CUDA memory runtime {r['runtime_peak_cuda']/2**20:.0f} MiB  diffusers {r['anchor_peak_cuda']/2**20:.0f} MiB"
+          f"  ratio {r['cuda_memory_ratio']:.3f}")
+print(f"peak RSS ratio {r['rss_ratio']:.3f}; load {r['runtime_load_s']:.1f} s vs {r['anchor_load_s']:.1f} s")
 print(f"output rel. diff vs diffusers {r['output_rel_diff']:.2e}; {r['steps']} steps, "
       f"{r['fused_attention']} attention / {r['fused_group_norm']} group-norm fusions")
 EOF

@@ -483,6 +483,10 @@ def fused_attention(
         if m.dim() < len(mask_perm):  # broadcasting from the right, as the add did
             m = m.reshape((1,) * (len(mask_perm) - m.dim()) + tuple(m.shape))
         m = m.permute(mask_perm)
+    if m is not None and m.dtype != torch.bool and m.dtype != q.dtype:
+        m = m.to(q.dtype)  # a mask constant of another float type (SDPA wants the query's)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     q = q.expand(batch + q.shape[-2:])
     k = k.expand(batch + k.shape[-2:])

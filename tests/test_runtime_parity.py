@@ -173,6 +173,20 @@ def test_chunked_unet(style: str, precision: str) -> None:
 
 
 @NEEDS_FACTORY
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_fusions_preserve_results(attention: str) -> None:
+    """The attention and group-norm fusions change nothing beyond float32 rounding."""
+    out = factory.converted("sd1", attention, "fp32")
+    for component in ("unet", "vae_decoder"):
+        package = factory.package(out, component)
+        fused, plain = load_model(package), load_model(package, fuse=False)
+        assert fused.stats.group_norm_fused > 0 and plain.stats.group_norm_fused == 0
+        inputs = make_inputs(fused, seed=7)
+        a, b = fused.predict(inputs), plain.predict(inputs)
+        assert_parity(a, {k: v.astype(np.float64) for k, v in b.items()}, 1e-5, f"{attention} {component} fused")
+
+
+@NEEDS_FACTORY
 @pytest.mark.parametrize("attention", ["original", "split_einsum"])
 @pytest.mark.parametrize("style", STYLES)
 def test_compiled_bundles(style: str, attention: str, tmp_path: Path) -> None:

@@ -573,3 +573,22 @@ def materialize_folder(downloaded_dir: Path, variant: Variant, dest: Path) -> No
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
+
+
+class LayoutBase:
+    """What the built-in layouts share: a guarded finder, exact paths, folder materialization."""
+
+    name = ""
+
+    @staticmethod
+    def find(files: list[RepoFile]) -> list[Variant]:
+        raise NotImplementedError
+
+    def variants(self, files: list[RepoFile]) -> list[Variant]:
+        return guarded(self.name, self.find, files)
+
+    def allow_patterns(self, variant: Variant) -> list[str]:
+        return [glob_escape(path) for path in variant.files]
+
+    def materialize(self, downloaded_dir: Path, variant: Variant, dest: Path, **_: object) -> None:
+        materialize_folder(downloaded_dir, variant, dest)

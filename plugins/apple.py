@@ -20,12 +20,12 @@ of bundles; the flat layout stays silent on such repos.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from coreml_hub.hookspecs import hookimpl
 from coreml_hub.layouts import RepoFile, Variant
 
 from ._common import (
+    LayoutBase,
     attention_in,
     basename,
     bundle_folders,
@@ -34,9 +34,6 @@ from ._common import (
     find_bundles,
     folder_plans,
     folder_variant,
-    glob_escape,
-    guarded,
-    materialize_folder,
     resolution_in,
     tags_in,
 )
@@ -81,19 +78,11 @@ def find_apple_variants(files: list[RepoFile]) -> list[Variant]:
     return dedupe_ids(variants)
 
 
-class AppleLayout:
+class AppleLayout(LayoutBase):
     """Apple's folder layouts (SD 1.x/2.x, SDXL, palettized, mixed-bit)."""
 
     name = "apple"
-
-    def variants(self, files: list[RepoFile]) -> list[Variant]:
-        return guarded(self.name, find_apple_variants, files)
-
-    def allow_patterns(self, variant: Variant) -> list[str]:
-        return [glob_escape(path) for path in variant.files]
-
-    def materialize(self, downloaded_dir: Path, variant: Variant, dest: Path, **_: object) -> None:
-        materialize_folder(downloaded_dir, variant, dest)
+    find = staticmethod(find_apple_variants)
 
 
 @hookimpl

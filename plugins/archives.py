@@ -40,6 +40,7 @@ from coreml_hub.hookspecs import hookimpl
 from coreml_hub.layouts import RepoFile, Variant, sort_components, variant_id
 
 from ._common import (
+    LayoutBase,
     BUNDLE_SUFFIXES,
     COMPILED_MARKERS,
     CONTROLNET_DIR,
@@ -51,7 +52,6 @@ from ._common import (
     clean_files,
     find_bundles,
     format_in,
-    glob_escape,
     guarded,
     looks_xl,
     order_tags,
@@ -250,16 +250,11 @@ def _strip_junk(folder: Path) -> None:
                 (Path(dirpath) / name).unlink(missing_ok=True)
 
 
-class ArchiveLayout:
+class ArchiveLayout(LayoutBase):
     """Zip archives: Apple root zips, zip mirrors, community zips."""
 
     name = "archives"
-
-    def variants(self, files: list[RepoFile]) -> list[Variant]:
-        return guarded(self.name, find_archive_variants, files)
-
-    def allow_patterns(self, variant: Variant) -> list[str]:
-        return [glob_escape(path) for path in variant.files]
+    find = staticmethod(find_archive_variants)
 
     def materialize(
         self,

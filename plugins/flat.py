@@ -11,12 +11,12 @@ Folders whose bundles are no known Stable Diffusion component give nothing.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from coreml_hub.hookspecs import hookimpl
 from coreml_hub.layouts import RepoFile, Variant
 
 from ._common import (
+    LayoutBase,
     attention_in,
     bundle_folders,
     clean_files,
@@ -24,9 +24,6 @@ from ._common import (
     find_bundles,
     folder_plans,
     folder_variant,
-    glob_escape,
-    guarded,
-    materialize_folder,
     resolution_in,
     tags_in,
 )
@@ -58,19 +55,11 @@ def find_flat_variants(files: list[RepoFile]) -> list[Variant]:
     return dedupe_ids(variants)
 
 
-class FlatLayout:
+class FlatLayout(LayoutBase):
     """Bundles at the repo root or in plain folders, found by content."""
 
     name = "flat"
-
-    def variants(self, files: list[RepoFile]) -> list[Variant]:
-        return guarded(self.name, find_flat_variants, files)
-
-    def allow_patterns(self, variant: Variant) -> list[str]:
-        return [glob_escape(path) for path in variant.files]
-
-    def materialize(self, downloaded_dir: Path, variant: Variant, dest: Path, **_: object) -> None:
-        materialize_folder(downloaded_dir, variant, dest)
+    find = staticmethod(find_flat_variants)
 
 
 @hookimpl

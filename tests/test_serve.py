@@ -374,7 +374,7 @@ def test_concurrent_clients_and_a_stalled_one(hub_server: HubServer, tmp_path: P
     folder = make_repo(hub_server.root, "org/many", files)
     # a client that asks for a file and never reads must not hold up the others
     stalled = socket.create_connection(("127.0.0.1", hub_server.port))
-    stalled.sendall(f"GET /org/many/resolve/main/part-0.bin HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    stalled.sendall("GET /org/many/resolve/main/part-0.bin HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     errors: list[BaseException] = []
 
     def fetch(name: str) -> None:

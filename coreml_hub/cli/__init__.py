@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from .. import __version__
-from ..errors import CoremlHubError, translate
+from ..errors import translate
 from ..paths import debug
 
 # command name -> "module:attribute", relative to coreml_hub.cli

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field

@@ -217,13 +217,14 @@ def is_fixture(bundle: Path) -> bool:
 def compile_folder(out: Path, attention: str) -> Path:
     """`out/<attention>/compiled/`: every package of `out/<attention>/packages/` as Apple names it
     (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ...) plus vocab.json and merges.txt."""
-    from coreml_hub.convert.naming import COMPILED_NAMES, compiled_name
+    from coreml_hub.convert.naming import compiled_name
+    from coreml_hub.layouts import COMPILED_FILE_OF
 
     packages = out / attention / "packages"
     compiled = out / attention / "compiled"
     compiled.mkdir(parents=True, exist_ok=True)
     for pkg in sorted(packages.glob("*.mlpackage")):
-        component = next((c for c in sorted(COMPILED_NAMES, key=len, reverse=True) if pkg.stem.endswith("_" + c)), None)
+        component = next((c for c in sorted(COMPILED_FILE_OF, key=len, reverse=True) if pkg.stem.endswith("_" + c)), None)
         if component is None:
             continue
         build_mlmodelc(pkg, compiled / compiled_name(component))

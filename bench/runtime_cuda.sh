@@ -8,6 +8,7 @@
 # a machine with coremltools:
 #   cuda-fixtures.tar.gz               tiny compiled SD1/SDXL components + source-module outputs
 #   sd15-w128-original.carry.tar.gz    the benchmark Unet, weights regenerated here from a seed
+#   sd15-w320-original.carry.tar.gz    the same at SD 1.5's full widths (FULL=0 skips it)
 #   wheels/ (optional)                 wheels to install offline when diffusers is missing
 # Nothing here needs coremltools: compiled bundles are read by the runtime's own parser.
 # Logs and JSON results go to $OUT (default ./runtime-cuda-out).
@@ -54,16 +55,18 @@ rc=$?
 tail -n 15 "$OUT/cuda_tests.log" | tee -a "$OUT/summary.txt"
 [ $rc -eq 0 ] || { log "CUDA tests exit status $rc"; status=1; }
 
-# 2. the benchmark: runtime (fp16 program in fp16) vs diffusers fp16 + SDPA, same weights
-BENCH="$CARRY/sd15-w128-original.carry.tar.gz"
-if [ -f "$BENCH" ]; then
-  tar -xzf "$BENCH" -C "$WORK"
-  log "bench/runtime_bench.py --device $DEVICE (widths 128/256/512/512, batch 2, 32x32 latents)"
-  timeout 300 $PY bench/runtime_bench.py --device "$DEVICE" --bundle "$WORK/sd15-w128-original.mlmodelc" \
-    --runs "${RUNS:-30}" --warmup 5 --calls 5 --json >"$OUT/bench_cuda.json" 2>"$OUT/bench_cuda.err"
-  rc=$?
+# 2. the benchmark: runtime (fp16 program in fp16) vs diffusers fp16 + SDPA, same weights;
+#    the narrow Unet, then (FULL=0 skips it) SD 1.5's full widths
+bench() {  # bench NAME WIDTHS-LABEL
+  local name="$1" label="$2" archive="$CARRY/$1.carry.tar.gz"
+  if [ ! -f "$archive" ]; then log "no $archive: benchmark skipped"; return; fi
+  tar -xzf "$archive" -C "$WORK"
+  log "bench/runtime_bench.py --device $DEVICE ($label, batch 2, 32x32 latents)"
+  timeout 300 $PY bench/runtime_bench.py --device "$DEVICE" --bundle "$WORK/$name.mlmodelc" \
+    --runs "${RUNS:-30}" --warmup 5 --calls 5 --json >"$OUT/bench_$name.json" 2>"$OUT/bench_$name.err"
+  local rc=$?
   if [ $rc -eq 0 ]; then
-    $PY - "$OUT/bench_cuda.json" <<'EOF' | tee -a "$OUT/summary.txt"
+    $PY - "$OUT/bench_$name.json" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"time/call runtime {r['runtime_s']*1e3:.2f} ms  diffusers {r['anchor_s']*1e3:.2f} ms  ratio {r['time_ratio']:.3f}"
@@ -76,11 +79,12 @@ print(f"output rel. diff vs diffusers {r['output_rel_diff']:.2e}; {r['steps']} s
       f"{r['fused_attention']} attention / {r['fused_group_norm']} group-norm fusions")
 EOF
   else
-    log "benchmark exit status $rc"; tail -n 20 "$OUT/bench_cuda.err" | tee -a "$OUT/summary.txt"; status=1
+    log "benchmark exit status $rc"; tail -n 20 "$OUT/bench_$name.err" | tee -a "$OUT/summary.txt"; status=1
   fi
-else
-  log "no $BENCH: benchmark skipped"
-fi
+  rm -rf "$WORK/$name.mlmodelc"
+}
+bench sd15-w128-original "widths 128/256/512/512"
+[ "${FULL:-1}" = "0" ] || bench sd15-w320-original "SD 1.5 full widths 320/640/1280/1280"
 
 rm -rf "$WORK"
 log "done (status $status); logs in $OUT"

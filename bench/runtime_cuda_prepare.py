@@ -7,14 +7,14 @@ Writes into OUT (default bench-carry/):
   source torch module (computed here on the CPU in float32). The runtime loads `.mlmodelc`
   with its own model.mil parser, so the GPU machine needs only torch and numpy.
 - `sd15-w128-original.carry.tar.gz`: the benchmark Unet as a compiled bundle with its
-  weights zeroed, plus the map that regenerates them (see bench/runtime_bench.py).
+  weights zeroed, plus the map that regenerates them (see bench/runtime_bench.py);
+  with `--full` also `sd15-w320-original.carry.tar.gz`, SD 1.5's full widths.
 
-    python bench/runtime_cuda_prepare.py [OUT]
+    python bench/runtime_cuda_prepare.py [OUT] [--full]
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -64,7 +64,8 @@ def tiny_fixtures(dest: Path) -> Path:
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "bench-carry")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = Path(args[0] if args else ROOT / "bench-carry")
     out.mkdir(parents=True, exist_ok=True)
     import runtime_bench
 
@@ -72,11 +73,12 @@ def main() -> None:
     fixtures = tiny_fixtures(out / "cuda-fixtures.tar.gz")
     print("benchmark Unet ...", file=sys.stderr)
     work = Path(tempfile.gettempdir()) / "coreml-hub-runtime-bench"
-    _, bundle = runtime_bench.prepare(work, runtime_bench.NARROW, "original")
-    carry = runtime_bench.write_carry(bundle, runtime_bench.NARROW, out / f"{bundle.stem}.carry.tar.gz")
-    for path in (fixtures, carry):
+    written = [fixtures]
+    for widths in (runtime_bench.NARROW,) + ((runtime_bench.FULL,) if "--full" in sys.argv else ()):
+        _, bundle = runtime_bench.prepare(work, widths, "original")
+        written.append(runtime_bench.write_carry(bundle, widths, out / f"{bundle.stem}.carry.tar.gz"))
+    for path in written:
         print(f"{path}  {path.stat().st_size / 1e6:.2f} MB")
-    shutil.rmtree(out / "unused", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,18 @@ def _collect(hook_name: str) -> list[Any]:
     return found
 
 
+def registered_by(name: str) -> dict[str, list[Any]]:
+    """What one loaded plugin registers: {"layouts": [...], "backends": [...]}."""
+    load_plugins()
+    plugin = pm.get_plugin(name)
+    found: dict[str, list[Any]] = {"layouts": [], "backends": []}
+    for hook, key in (("register_layouts", "layouts"), ("register_backends", "backends")):
+        impl = getattr(plugin, hook, None)
+        if callable(impl):
+            impl(register=found[key].append)
+    return found
+
+
 def get_layouts() -> list[Any]:
     """Layout objects from every plugin, in registration order."""
     return _collect("register_layouts")

@@ -49,16 +49,11 @@ class TorchBackend:
     description = "portable ML Program runtime on PyTorch (cpu, cuda, mps)"
 
     def available(self) -> tuple[bool, str]:
-        try:
-            import torch  # noqa: F401
-
-            from coreml_hub import mil
-        except Exception as exc:  # any import failure makes the backend unusable
-            return False, f"PyTorch or the runtime could not be imported ({type(exc).__name__}: {exc})"
+        # find_spec, not import: `coreml-hub plugins` asks every backend and must stay fast.
         import importlib.util
 
-        if not hasattr(mil, "load_model") or importlib.util.find_spec("coreml_hub.mil.model") is None:
-            return False, "this coreml-hub build has no portable runtime (coreml_hub.mil.model is missing)"
+        if importlib.util.find_spec("torch") is None:
+            return False, "PyTorch is not installed (pip install torch)"
         return True, "runs everywhere PyTorch does"
 
     def resolve_device(self, device: str | None) -> str:

@@ -103,8 +103,20 @@ def test_packaged_plugin_is_listed(plugin_site: Path) -> None:
     builtin = [r for r in records.values() if r["distribution"] == "coreml-hub"]
     assert builtin, "built-in plugins register through the same entry-point group"
     table = cli(["plugins"], plugin_site).stdout
-    assert table.splitlines()[0].split() == ["NAME", "VERSION", "DISTRIBUTION", "STATUS", "HOOKS"]
+    assert table.splitlines()[0].split() == ["NAME", "VERSION", "DISTRIBUTION", "STATUS", "HOOKS", "PROVIDES"]
     assert any(line.split()[:4] == ["xyz", "0.1", "xyz-layouts", "loaded"] for line in table.splitlines())
+    assert xyz["layouts"] == ["xyz"] and xyz["backends"] == []
+
+
+def test_plugins_say_which_backends_can_run_here() -> None:
+    result = cli(["plugins", "--json"], None)
+    assert result.returncode == 0, result.stderr
+    backends = {b["name"]: b for r in json.loads(result.stdout) for b in r["backends"]}
+    assert backends["torch"]["available"] is True
+    if sys.platform != "darwin":
+        assert backends["coreml"]["available"] is False and "macOS" in backends["coreml"]["reason"]
+    table = cli(["plugins"], None).stdout
+    assert "backend torch (available)" in table
 
 
 def test_packaged_plugin_layout_is_used_by_show(plugin_site: Path, hub_server: HubServer) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from .output import Column, Output
@@ -24,16 +26,14 @@ that fails to import is reported and skipped.""",
 @click.option("-q", "--quiet", is_flag=True, help="Print plugin names only.")
 def plugins_cmd(json_mode: bool, quiet: bool) -> None:
     """List installed plugins: name, version, hooks and the distribution that provides each."""
-    from ..plugins import failures, list_plugins
+    from ..plugins import failures, list_plugins, registered_by
 
-    rows = [
-        {"name": p.name, "version": p.version, "hooks": list(p.hooks), "distribution": p.distribution,
-         "module": p.module, "status": "loaded", "error": None}
-        for p in list_plugins()
-    ]
+    rows = [{"name": p.name, "version": p.version, "hooks": list(p.hooks), "distribution": p.distribution,
+             "module": p.module, "status": "loaded", "error": None, **_provides(registered_by(p.name))}
+            for p in list_plugins()]
     rows += [
         {"name": f.name, "version": None, "hooks": [], "distribution": None, "module": None, "status": "failed",
-         "error": f.error}
+         "error": f.error, "layouts": [], "backends": []}
         for f in failures()
     ]
     out = Output(json_mode=json_mode, quiet=quiet)
@@ -46,4 +46,19 @@ def plugins_cmd(json_mode: bool, quiet: bool) -> None:
         Column("distribution", "DISTRIBUTION", lambda v: v or "-"),
         Column("status", "STATUS"),
         Column("hooks", "HOOKS", lambda v: ", ".join(v) or "-"),
+        Column("provides", "PROVIDES"),
     ])
+
+
+def _provides(found: dict[str, list[Any]]) -> dict[str, Any]:
+    """Layouts and backends a plugin registers; a backend says whether it can run here and why."""
+    layouts = [getattr(layout, "name", "?") for layout in found["layouts"]]
+    backends = []
+    for backend in found["backends"]:
+        ok, reason = backend.available()
+        backends.append({"name": backend.name, "formats": list(getattr(backend, "formats", ())),
+                         "available": ok, "reason": reason})
+    parts = [f"layout {name}" for name in layouts]
+    parts += [f"backend {b['name']} ({'available' if b['available'] else 'unavailable: ' + b['reason']})"
+              for b in backends]
+    return {"layouts": layouts, "backends": backends, "provides": "; ".join(parts) or "-"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .output import Output
+from .output import Output, stderr_is_tty
 
 SCHEDULER_CHOICES = ("pndm", "dpmpp", "euler", "euler_a", "ddim", "lms")
 COMPUTE_UNIT_CHOICES = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
@@ -74,7 +74,8 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
         model, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
         scheduler=scheduler, image=init_image, strength=strength, num_images=num_images, output_dir=output_dir,
         backend=backend, device=device, compute_unit=compute_unit.upper(), disable_safety=disable_safety,
-        save_every=save_every, pull=not no_pull, progress=not quiet and not json_mode, on_message=notify)
+        save_every=save_every, pull=not no_pull, progress=not quiet and not json_mode and stderr_is_tty(),
+        on_message=notify)
     if json_mode:
         out.json(result.to_dict())
         return

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import struct
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from .errors import CoremlHubError, UnsafeArchive
+from .atomic import building_dir, check_empty_dest
+from .errors import UnsafeArchive
 
 RATIO_BOUND = 20
 ABSOLUTE_BOUND = 64 * 1024**3
@@ -229,14 +228,6 @@ def _copy_other(zf: zipfile.ZipFile, info: zipfile.ZipInfo, sink: _Counter) -> N
     sink.finish(check_crc=False)  # zipfile checked it
 
 
-def _check_dest(dest: Path) -> None:
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise CoremlHubError(f"Cannot extract into {dest}: it exists and is not a folder.")
-    if dest.is_dir() and any(dest.iterdir()):
-        raise CoremlHubError(f"Cannot extract into {dest}: the folder is not empty.",
-                             hint="Remove it or choose another destination.")
-
-
 def safe_extract(
     zip_path: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -253,7 +244,7 @@ def safe_extract(
     """
     zip_path = Path(zip_path)
     dest = Path(dest)
-    _check_dest(dest)
+    check_empty_dest(dest, "extract into")
     entries = plan(zip_path, max_total_bytes=max_total_bytes)
     total = sum(e.info.file_size for e in entries if not e.is_dir)
     done = 0
@@ -264,32 +255,22 @@ def safe_extract(
         if progress is not None:
             progress(done, total)
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".extracting", dir=dest.parent))
-    root = staging.resolve()
-    written: list[str] = []
-    try:
-        with zipfile.ZipFile(zip_path) as zf, open(zip_path, "rb") as fp:
-            for entry in entries:
-                target = staging.joinpath(*entry.parts)
-                if not target.resolve().is_relative_to(root):  # belt and braces over _parts
-                    raise UnsafeArchive(f"Archive entry {entry.info.filename!r} points outside the destination.")
-                if entry.is_dir:
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "xb") as out:
-                    sink = _Counter(entry.info, out, on_bytes)
-                    if entry.info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-                        _copy_raw(fp, entry.info, sink)
-                    else:
-                        _copy_other(zf, entry.info, sink)
-                written.append(entry.relpath)
+    with building_dir(dest, "extracting") as staging, zipfile.ZipFile(zip_path) as zf, open(zip_path, "rb") as fp:
+        root = staging.resolve()
+        for entry in entries:
+            target = staging.joinpath(*entry.parts)
+            if not target.resolve().is_relative_to(root):  # belt and braces over _parts
+                raise UnsafeArchive(f"Archive entry {entry.info.filename!r} points outside the destination.")
+            if entry.is_dir:
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "xb") as out:
+                sink = _Counter(entry.info, out, on_bytes)
+                if entry.info.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    _copy_raw(fp, entry.info, sink)
+                else:
+                    _copy_other(zf, entry.info, sink)
         if progress is not None:
             progress(done, total)
-        staging.chmod(0o755)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return [dest.joinpath(*rel.split("/")) for rel in written]
+    return [dest.joinpath(*e.parts) for e in entries if not e.is_dir]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .atomic import write_text_atomic
 from .errors import CoremlHubError, DownloadError, EntryNotFound, GatedRepo, RepoNotFound, RevisionNotFound
 
 BATCH = 4 << 20  # received bytes gathered before one vectored write
@@ -194,9 +195,7 @@ class _FileState:
                                 "sha256": self.job.sha256}
         if self.segments is not None:
             data["segments"] = self.segments
-        tmp = self.meta.with_name(self.meta.name + ".tmp")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, self.meta)
+        write_text_atomic(self.meta, json.dumps(data))
 
 
 class Downloader:

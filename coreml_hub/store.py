@@ -19,9 +19,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Iterator
 from urllib.parse import quote, unquote
 
 from . import paths
+from .atomic import write_json_atomic, write_text_atomic
 from .errors import CoremlHubError, ModelNotPulled, UsageError
 
 MANIFEST_NAME = "coreml-hub.json"
@@ -205,44 +205,6 @@ def read_manifest(entry: Path) -> dict[str, Any]:
     return data
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temp file and a rename: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_os_error():
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with _suppress_os_error():
-            os.unlink(tmp)
-        raise
-
-
-@contextmanager
-def _suppress_os_error() -> Iterator[None]:
-    try:
-        yield
-    except OSError:
-        pass
-
-
 def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
@@ -333,7 +295,7 @@ def _tree_size(root: Path) -> int:
     total = 0
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            with _suppress_os_error():
+            with suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
 
@@ -692,7 +654,7 @@ def _remove_orphans(*, dry_run: bool, repos: set[str] | None = None, entries: bo
                 items.append(PruneItem(commit_dir, "empty-dir", 0))
                 gone.add(commit_dir)
                 if not dry_run:
-                    with _suppress_os_error():
+                    with suppress(OSError):
                         commit_dir.rmdir()
         commits = {p.name for p in repo_dir.iterdir() if p.is_dir() and p.name != "refs" and p not in gone}
         refs = repo_dir / "refs"
@@ -710,12 +672,12 @@ def _remove_orphans(*, dry_run: bool, repos: set[str] | None = None, entries: bo
             if not any(p for p in refs.iterdir() if p not in gone):
                 gone.add(refs)
                 if not dry_run:
-                    with _suppress_os_error():
+                    with suppress(OSError):
                         refs.rmdir()
         if not any(p for p in repo_dir.iterdir() if p not in gone):
             items.append(PruneItem(repo_dir, "empty-dir", 0))
             if not dry_run:
-                with _suppress_os_error():
+                with suppress(OSError):
                     repo_dir.rmdir()
     return items
 

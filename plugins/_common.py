@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from coreml_hub.atomic import building_dir, check_empty_dest
 from coreml_hub.layouts import RepoFile, Variant, sort_components, variant_id
 
 log = logging.getLogger("coreml_hub.layouts")
@@ -526,21 +525,6 @@ def guarded(name: str, find: Callable[[list[RepoFile]], list[Variant]], files: l
         return []
 
 
-def staging_for(dest: Path, what: str) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=f".{what}", dir=dest.parent))
-
-
-def check_dest(dest: Path) -> None:
-    from coreml_hub.errors import CoremlHubError
-
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise CoremlHubError(f"Cannot build the variant in {dest}: it exists and is not a folder.")
-    if dest.is_dir() and any(dest.iterdir()):
-        raise CoremlHubError(f"Cannot build the variant in {dest}: the folder is not empty.",
-                             hint="Remove it or choose another destination.")
-
-
 def place(src: Path, target: Path) -> None:
     """Move a downloaded file into the variant folder; a symlink (a Hub cache entry) is copied, never moved."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -555,7 +539,7 @@ def materialize_folder(downloaded_dir: Path, variant: Variant, dest: Path) -> No
     from coreml_hub.errors import EntryNotFound
 
     downloaded_dir, dest = Path(downloaded_dir), Path(dest)
-    check_dest(dest)
+    check_empty_dest(dest, "build the variant in")
     sources = [(downloaded_dir.joinpath(*p.split("/")), relative(variant.root, p)) for p in variant.files]
     missing = [str(src) for src, _ in sources if not src.is_file()]
     if missing:
@@ -563,16 +547,9 @@ def materialize_folder(downloaded_dir: Path, variant: Variant, dest: Path) -> No
             f"{len(missing)} file(s) of {variant.id} are missing from the download, e.g. {missing[0]}.",
             hint="Pull the variant again; the download resumes.",
         )
-    staging = staging_for(dest, "building")
-    try:
+    with building_dir(dest, "building") as staging:
         for src, rel in sources:
             place(src, staging.joinpath(*rel.split("/")))
-        staging.chmod(0o755)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
 
 
 class LayoutBase:

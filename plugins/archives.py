@@ -36,6 +36,7 @@ import re
 import shutil
 from pathlib import Path
 
+from coreml_hub.atomic import check_empty_dest, temp_dir_beside
 from coreml_hub.hookspecs import hookimpl
 from coreml_hub.layouts import RepoFile, Variant, sort_components, variant_id
 
@@ -48,7 +49,6 @@ from ._common import (
     PACKAGE_MARKERS,
     attention_in,
     basename,
-    check_dest,
     clean_files,
     find_bundles,
     format_in,
@@ -58,7 +58,6 @@ from ._common import (
     parent,
     resolution_in,
     slug,
-    staging_for,
     tags_in,
 )
 from .apple import DEFAULT_ATTENTION, find_apple_variants
@@ -274,12 +273,12 @@ class ArchiveLayout(LayoutBase):
         from coreml_hub.errors import EntryNotFound
 
         dest = Path(dest)
-        check_dest(dest)
+        check_empty_dest(dest, "build the variant in")
         zip_path = Path(downloaded_dir).joinpath(*variant.root.split("/"))
         if not zip_path.is_file():
             raise EntryNotFound(f"The archive {variant.root} is missing from the download ({zip_path}).",
                                 hint="Pull the variant again; the download resumes.")
-        work = staging_for(dest, "unpacking")
+        work = temp_dir_beside(dest, "unpacking")
         try:
             extracted = work / "archive"
             safe_extract(zip_path, extracted, max_total_bytes=max_total_bytes, progress=progress)

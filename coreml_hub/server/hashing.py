@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text_atomic
+
 # The Hub refuses plain-git files of 10 MB and more.
 LFS_THRESHOLD = 10 * 1024 * 1024
 
@@ -133,9 +135,7 @@ class DigestCache:
             self._dirty = False
             rows = [[*key, d.blob_id, d.sha256, d.pointer_size] for key, d in list(self._done.items())
                     if os.path.exists(key[0])]
-        tmp = self._persist_to.with_name(f"{self._persist_to.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            tmp.write_text(json.dumps(rows))
-            os.replace(tmp, self._persist_to)
+            write_text_atomic(self._persist_to, json.dumps(rows))
         except OSError:
-            tmp.unlink(missing_ok=True)
+            pass

@@ -154,14 +154,10 @@ class PulledVariant:
     files: int = 0
     problems: tuple[str, ...] = ()
     refs: tuple[str, ...] = ()  # revisions of this repo that point at this commit
-
-    @property
-    def variant_id(self) -> str:
-        return self.variant
-
-    @property
-    def manifest_path(self) -> Path:
-        return self.path / MANIFEST_NAME
+    # from the manifest's variant record, for matching and ranking (not shown by `ls`)
+    root: str = ""
+    resolution: str | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -257,14 +253,12 @@ def load_entry(entry: Path, refs: tuple[str, ...] = ()) -> PulledVariant:
     repo_guess = entry.parent.parent.name.replace("--", "/", 1)
     try:
         manifest = read_manifest(entry)
-    except FileNotFoundError:
-        return PulledVariant(repo=repo_guess, commit=commit, revision=None, variant=entry.name.replace("--", "/"),
-                             path=entry, size=_tree_size(entry), pulled_at=None, status=STATUS_INCOMPLETE,
-                             problems=("no manifest",), refs=refs)
     except (OSError, ValueError) as exc:
+        status, problem = ((STATUS_INCOMPLETE, "no manifest") if isinstance(exc, FileNotFoundError)
+                           else (STATUS_INVALID, f"unreadable manifest: {exc}"))
         return PulledVariant(repo=repo_guess, commit=commit, revision=None, variant=entry.name.replace("--", "/"),
-                             path=entry, size=_tree_size(entry), pulled_at=None, status=STATUS_INVALID,
-                             problems=(f"unreadable manifest: {exc}",), refs=refs)
+                             path=entry, size=_tree_size(entry), pulled_at=None, status=status,
+                             problems=(problem,), refs=refs)
     variant = manifest.get("variant") or {}
     files = manifest.get("files") or []
     status, problems = _check_files(entry, files)
@@ -288,6 +282,9 @@ def load_entry(entry: Path, refs: tuple[str, ...] = ()) -> PulledVariant:
         files=len(files),
         problems=tuple(problems),
         refs=refs,
+        root=str(variant.get("root") or ""),
+        resolution=variant.get("resolution"),
+        tags=tuple(variant.get("tags") or ()),
     )
 
 
@@ -333,11 +330,7 @@ def _matches_variant(pulled: PulledVariant, wanted: str) -> bool:
     base = wanted.strip("/")
     if pulled.variant.startswith(base + "@") or pulled.variant.startswith(base + "+"):
         return True
-    try:
-        variant = (read_manifest(pulled.path).get("variant") or {})
-    except (OSError, ValueError):
-        return False
-    root = str(variant.get("root") or "").strip("/")
+    root = pulled.root.strip("/")
     return bool(root) and root == base
 
 
@@ -346,17 +339,22 @@ def _matches_revision(pulled: PulledVariant, revision: str) -> bool:
         len(revision) >= 7 and pulled.commit.startswith(revision))
 
 
-def match_pulled(ref: ModelRef | str) -> list[PulledVariant]:
-    """Store entries a reference names, best first (see `find_pulled`)."""
-    if isinstance(ref, str):
-        ref = parse_ref(ref)
-    found = [p for p in list_pulled(ref.repo)]
+def _named_by(ref: ModelRef) -> list[PulledVariant]:
+    """Store entries of the ref's repo, narrowed by its revision and variant when it names them."""
+    found = list_pulled(ref.repo)
     if ref.revision:
         found = [p for p in found if _matches_revision(p, ref.revision)]
     if ref.variant:
         exact = [p for p in found if p.variant == ref.variant]
         found = exact or [p for p in found if _matches_variant(p, ref.variant)]
-    return sorted(found, key=_preference)
+    return found
+
+
+def match_pulled(ref: ModelRef | str) -> list[PulledVariant]:
+    """Store entries a reference names, best first (see `find_pulled`)."""
+    if isinstance(ref, str):
+        ref = parse_ref(ref)
+    return sorted(_named_by(ref), key=_preference)
 
 
 def _preference(pulled: PulledVariant) -> tuple:
@@ -364,22 +362,9 @@ def _preference(pulled: PulledVariant) -> tuple:
 
     status_rank = {STATUS_OK: 0, STATUS_INVALID: 1, STATUS_INCOMPLETE: 2}.get(pulled.status, 3)
     newest = -(pulled.pulled_at.timestamp() if pulled.pulled_at else 0.0)
-    return (status_rank, 0 if "main" in pulled.refs else 1, variant_rank_of(pulled, variant_rank), newest)
-
-
-def variant_rank_of(pulled: PulledVariant, rank: Any) -> tuple:
-    try:
-        variant = read_manifest(pulled.path).get("variant") or {}
-    except (OSError, ValueError):
-        variant = {}
-    return rank(
-        attention=pulled.attention or "",
-        fmt=pulled.format or "",
-        tags=tuple(variant.get("tags") or ()),
-        resolution=variant.get("resolution"),
-        size=pulled.size,
-        unet_form=pulled.unet_form,
-    )
+    rank = variant_rank(attention=pulled.attention or "", fmt=pulled.format or "", tags=pulled.tags,
+                        resolution=pulled.resolution, size=pulled.size, unet_form=pulled.unet_form)
+    return (status_rank, 0 if "main" in pulled.refs else 1, rank, newest)
 
 
 def find_pulled(model_ref: str | ModelRef | os.PathLike[str], *, variant: str | None = None,
@@ -420,9 +405,7 @@ def _require(pulled: PulledVariant, require_ok: bool) -> PulledVariant:
 def is_complete(key: EntryKey) -> bool:
     """True when the entry exists with a manifest and every listed file at its size."""
     entry = key.path()
-    if not (entry / MANIFEST_NAME).is_file():
-        return False
-    return load_entry(entry).status == STATUS_OK
+    return (entry / MANIFEST_NAME).is_file() and load_entry(entry).status == STATUS_OK
 
 
 def record_validation(entry: Path, status: str, problems: list[str]) -> None:
@@ -495,11 +478,18 @@ def _try_lock(lock_path: Path) -> Any:
 # Moving entries in and out
 
 
-def trash_dir() -> Path:
-    """A fresh folder on the store's file system for things about to be deleted."""
+def _trash_dir() -> Path:
+    """A fresh folder name on the store's file system for things about to be deleted."""
     path = paths.staging_dir() / f".trash-{uuid.uuid4().hex[:12]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _discard(folder: Path) -> None:
+    """Take a folder out of `models/` with one rename, then delete it (a crash leaves only a trash folder)."""
+    doomed = _trash_dir()
+    os.rename(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def install_entry(built: Path, key: EntryKey, *, replace: bool = False) -> Path:
@@ -510,7 +500,7 @@ def install_entry(built: Path, key: EntryKey, *, replace: bool = False) -> Path:
     if final.exists():
         if not replace:
             raise CoremlHubError(f"{final} already exists.")
-        old = trash_dir()
+        old = _trash_dir()
         os.rename(final, old)
     try:
         os.rename(built, final)
@@ -539,12 +529,7 @@ class Removal:
 def plan_remove(model_ref: str | ModelRef, *, variant: str | None = None, revision: str | None = None) -> list[PulledVariant]:
     """Entries `remove` would delete: every variant and commit of the repo unless narrowed."""
     ref = model_ref if isinstance(model_ref, ModelRef) else parse_ref(model_ref, variant=variant, revision=revision)
-    found = list_pulled(ref.repo)
-    if ref.revision:
-        found = [p for p in found if _matches_revision(p, ref.revision)]
-    if ref.variant:
-        exact = [p for p in found if p.variant == ref.variant]
-        found = exact or [p for p in found if _matches_variant(p, ref.variant)]
+    found = _named_by(ref)
     if not found:
         raise ModelNotPulled(f"Nothing pulled matches {ref}.", hint="List pulled models with `coreml-hub ls`.")
     return found
@@ -560,11 +545,8 @@ def remove(model_ref: str | ModelRef, *, variant: str | None = None, revision: s
     for pulled in entries:
         key = EntryKey(pulled.repo, pulled.commit, pulled.variant, pulled.unet_form)
         with entry_lock(key, timeout=30):
-            if not pulled.path.exists():
-                continue
-            doomed = trash_dir()
-            os.rename(pulled.path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            if pulled.path.exists():
+                _discard(pulled.path)
     # tidy only the repos touched: their refs to removed commits and their empty folders
     _remove_orphans(dry_run=False, repos={repo_folder(p.repo) for p in entries}, entries=False)
     return Removal(tuple(entries), size, False)
@@ -647,9 +629,7 @@ def _remove_orphans(*, dry_run: bool, repos: set[str] | None = None, entries: bo
                     items.append(PruneItem(entry, "no-manifest", _tree_size(entry)))
                     gone.add(entry)
                     if not dry_run:
-                        doomed = trash_dir()
-                        os.rename(entry, doomed)
-                        shutil.rmtree(doomed, ignore_errors=True)
+                        _discard(entry)
             if not any(p for p in commit_dir.iterdir() if p not in gone):
                 items.append(PruneItem(commit_dir, "empty-dir", 0))
                 gone.add(commit_dir)
@@ -680,10 +660,6 @@ def _remove_orphans(*, dry_run: bool, repos: set[str] | None = None, entries: bo
                 with suppress(OSError):
                     repo_dir.rmdir()
     return items
-
-
-def store_size() -> int:
-    return _tree_size(paths.home()) if paths.home().is_dir() else 0
 
 
 def pull(model_ref: str, **kwargs: Any) -> Any:

@@ -132,17 +132,20 @@ def _cause_chain(exc: BaseException) -> list[BaseException]:
 
 def _endpoint_of(exc: BaseException) -> str:
     """Scheme and host the failing request went to, else HF_ENDPOINT as set now."""
-    import os
-
     try:
         url = getattr(getattr(exc, "request", None), "url", None)
         if url is not None:
-            text = str(url)
-            scheme, _, rest = text.partition("://")
+            scheme, _, rest = str(url).partition("://")
             return f"{scheme}://{rest.split('/', 1)[0]}"
     except Exception:  # pragma: no cover - a request without a readable url
         pass
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    from .hub import endpoint
+
+    return endpoint()
+
+
+def unreachable_hint(where: str) -> str:
+    return f"Check your network or HF_ENDPOINT (now {where}); set HF_HUB_OFFLINE=1 to use only pulled models."
 
 
 def _repo_of(exc: BaseException) -> str | None:
@@ -150,7 +153,7 @@ def _repo_of(exc: BaseException) -> str | None:
     return repo_id if isinstance(repo_id, str) and repo_id else None
 
 
-def _translate_one(exc: BaseException) -> CoremlHubError | None:
+def _translate_one(exc: BaseException, repo: str | None, revision: str | None) -> CoremlHubError | None:
     if isinstance(exc, CoremlHubError):
         return exc
     try:
@@ -158,16 +161,23 @@ def _translate_one(exc: BaseException) -> CoremlHubError | None:
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         return None
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    repo = _repo_of(exc)
+    detail = getattr(exc, "server_message", None) or text
+    repo = repo or _repo_of(exc)
     named = f" {repo}" if repo else ""
     if isinstance(exc, hf_errors.GatedRepoError):
-        return GatedRepo(f"The repo{named} is gated and needs an access token with access to it"
-                         f" ({getattr(exc, 'server_message', None) or text}).")
+        if repo:
+            return GatedRepo(f"{repo} is gated on {_endpoint_of(exc)}: downloading it needs an access token "
+                             "that was granted access.")
+        return GatedRepo(f"The repo is gated and needs an access token with access to it ({detail}).")
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
-        return RepoNotFound(f"Repository{named} not found on {_endpoint_of(exc)}." if repo
-                            else f"Repository not found: {text}")
+        if repo:
+            return RepoNotFound(f"Repository {repo} not found on {_endpoint_of(exc)} "
+                                "(or it is private and no valid token was sent).")
+        return RepoNotFound(f"Repository not found: {text}")
     if isinstance(exc, hf_errors.RevisionNotFoundError):
-        return RevisionNotFound(f"Revision not found in{named}: {getattr(exc, 'server_message', None) or text}")
+        if repo and revision:
+            return RevisionNotFound(f"Revision {revision!r} not found in {repo}.")
+        return RevisionNotFound(f"Revision not found in{named}: {detail}")
     if isinstance(exc, hf_errors.LocalEntryNotFoundError):
         return None  # says "not in the local cache"; the reason (offline, refused connection) is its cause
     if isinstance(exc, hf_errors.EntryNotFoundError):
@@ -183,19 +193,21 @@ def _translate_one(exc: BaseException) -> CoremlHubError | None:
                 else None)
         return CoremlHubError(f"The Hub answered with an error: {text}", hint=hint)
     if type(exc).__name__ in _CONNECTION_ERRORS or isinstance(exc, ConnectionError):
-        return EndpointUnreachable(f"Cannot reach {_endpoint_of(exc)}: {text}")
+        where = _endpoint_of(exc)
+        return EndpointUnreachable(f"Cannot reach {where}: {text}", hint=unreachable_hint(where))
     return None
 
 
-def translate(exc: BaseException) -> CoremlHubError | None:
+def translate(exc: BaseException, repo_id: str | None = None, revision: str | None = None) -> CoremlHubError | None:
     """Map an exception from huggingface_hub or the HTTP stack to a typed coreml-hub error.
 
-    Looks through the `raise ... from` chain too: huggingface_hub wraps a refused
-    connection into a "cannot find the requested files in the local cache" error.
+    `repo_id` and `revision` name what was asked for, when the caller knows. Looks through
+    the `raise ... from` chain too: huggingface_hub wraps a refused connection into a
+    "cannot find the requested files in the local cache" error.
     """
     first: CoremlHubError | None = None
     for item in _cause_chain(exc):
-        found = _translate_one(item)
+        found = _translate_one(item, repo_id, revision)
         if found is None:
             continue
         if first is None:

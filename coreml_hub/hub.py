@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from . import __version__
-from .errors import CoremlHubError, EndpointUnreachable, GatedRepo, OfflineError, RepoNotFound, RevisionNotFound, translate
+from .errors import CoremlHubError, EndpointUnreachable, OfflineError, translate, unreachable_hint
 from .layouts import RepoFile, Variant, find_variants
 
 if TYPE_CHECKING:
@@ -85,16 +85,6 @@ class RepoSnapshot:
     private: bool = False
     endpoint: str = DEFAULT_ENDPOINT
 
-    def file(self, path: str) -> RepoFile | None:
-        for item in self.files:
-            if item.path == path:
-                return item
-        return None
-
-    @property
-    def total_size(self) -> int:
-        return sum(f.size for f in self.files)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "repo_id": self.repo_id,
@@ -152,6 +142,20 @@ def _iso(when: datetime | None) -> str | None:
     return when.isoformat().replace("+00:00", "Z") if when is not None else None
 
 
+def _metadata(info: Any) -> dict[str, Any]:
+    """The fields RepoSnapshot and ModelSummary share, from a huggingface_hub ModelInfo."""
+    return {
+        "likes": info.likes,
+        "downloads": info.downloads,
+        "last_modified": info.last_modified,
+        "tags": tuple(info.tags or ()),
+        "pipeline_tag": info.pipeline_tag,
+        "library_name": info.library_name,
+        "gated": info.gated or False,
+        "private": bool(info.private),
+    }
+
+
 def _check_reachable() -> None:
     """Fail at once when nothing listens at the endpoint.
 
@@ -174,10 +178,7 @@ def _check_reachable() -> None:
         socket.create_connection((parts.hostname, port), timeout=10).close()
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise EndpointUnreachable(
-            f"Cannot reach {where}: {reason}.",
-            hint=f"Check your network or HF_ENDPOINT (now {where}); set HF_HUB_OFFLINE=1 to use only pulled models.",
-        ) from None
+        raise EndpointUnreachable(f"Cannot reach {where}: {reason}.", hint=unreachable_hint(where)) from None
 
 
 def _require_online(what: str) -> None:
@@ -193,26 +194,10 @@ def hub_errors(repo_id: str | None = None, revision: str | None = None) -> Itera
     except CoremlHubError:
         raise
     except Exception as exc:
-        known = translate(exc)
+        known = translate(exc, repo_id, revision)
         if known is None:
             raise
-        if repo_id is not None:
-            known = _name_repo(known, repo_id, revision)
         raise known from exc
-
-
-def _name_repo(err: CoremlHubError, repo_id: str, revision: str | None) -> CoremlHubError:
-    where = endpoint()
-    if isinstance(err, GatedRepo):
-        return GatedRepo(f"{repo_id} is gated on {where}: downloading it needs an access token that was granted access.")
-    if isinstance(err, RepoNotFound):
-        return RepoNotFound(f"Repository {repo_id} not found on {where} (or it is private and no valid token was sent).")
-    if isinstance(err, RevisionNotFound):
-        return RevisionNotFound(f"Revision {revision!r} not found in {repo_id}.")
-    if isinstance(err, EndpointUnreachable):
-        return EndpointUnreachable(err.message, hint=f"Check your network or HF_ENDPOINT (now {where}); "
-                                                     "set HF_HUB_OFFLINE=1 to use only pulled models.")
-    return err
 
 
 def _files_from_siblings(siblings: Iterable[Any]) -> tuple[RepoFile, ...]:
@@ -244,22 +229,8 @@ def repo_files(repo_id: str, revision: str | None = None) -> RepoSnapshot:
     if not info.sha:
         raise CoremlHubError(f"{endpoint()} did not say which commit {repo_id} is at.",
                              hint="Check that HF_ENDPOINT points at a Hugging Face Hub or a coreml-hub mirror.")
-    return RepoSnapshot(
-        repo_id=info.id or repo_id,
-        revision=revision or "main",
-        sha=info.sha,
-        files=files,
-        last_modified=info.last_modified,
-        created_at=info.created_at,
-        likes=info.likes,
-        downloads=info.downloads,
-        tags=tuple(info.tags or ()),
-        pipeline_tag=info.pipeline_tag,
-        library_name=info.library_name,
-        gated=info.gated or False,
-        private=bool(info.private),
-        endpoint=endpoint(),
-    )
+    return RepoSnapshot(repo_id=info.id or repo_id, revision=revision or "main", sha=info.sha, files=files,
+                        created_at=info.created_at, endpoint=endpoint(), **_metadata(info))
 
 
 def repo_variants(repo_id: str, revision: str | None = None) -> tuple[RepoSnapshot, list[Variant]]:
@@ -297,24 +268,8 @@ def search_models(
         ))
     out = []
     for info in models:
-        if info.siblings is None:
-            # only when a server ignored `expand`: one request for this repo
-            snapshot = repo_files(info.id)
-            files = snapshot.files
-        else:
-            files = tuple(RepoFile(path=s.rfilename, size=int(s.size or 0)) for s in info.siblings)
-        out.append(ModelSummary(
-            repo_id=info.id,
-            author=info.author,
-            likes=info.likes,
-            downloads=info.downloads,
-            last_modified=info.last_modified,
-            tags=tuple(info.tags or ()),
-            pipeline_tag=info.pipeline_tag,
-            library_name=info.library_name,
-            gated=info.gated or False,
-            private=bool(info.private),
-            files=tuple(f.path for f in files),
-            variants=tuple(find_variants(list(files))),
-        ))
+        # siblings are missing only when a server ignored `expand`: then one request for this repo
+        files = repo_files(info.id).files if info.siblings is None else _files_from_siblings(info.siblings)
+        out.append(ModelSummary(repo_id=info.id, author=info.author, files=tuple(f.path for f in files),
+                                variants=tuple(find_variants(list(files))), **_metadata(info)))
     return out

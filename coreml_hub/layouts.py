@@ -137,6 +137,12 @@ def sort_components(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(set(names), key=_component_order))
 
 
+def in_variant(root: str, path: str) -> str:
+    """A repo path as it lies in the variant folder: relative to the variant's root folder when inside it."""
+    root = root.strip("/")
+    return path[len(root) + 1:] if root and path.startswith(root + "/") else path
+
+
 def variant_id(attention: str, fmt: str, resolution: str | None = None, tags: Iterable[str] = ()) -> str:
     """`<attention>/<format>[@WxH][+tag...]`, hyphens in attention normalized to underscores."""
     vid = f"{attention.replace('-', '_')}/{fmt}"

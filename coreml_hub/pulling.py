@@ -29,7 +29,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +37,7 @@ from typing import Any, Callable
 from . import paths, store
 from .errors import (CoremlHubError, InvalidBundle, NoVariants, NotEnoughDiskSpace, OfflineError, RepoNotFound,
                      UsageError, VariantNotFound)
-from .layouts import Variant
+from .layouts import Variant, in_variant
 
 # What a packages variant needs from the PyTorch model it was converted from: never weights.
 SOURCE_MODEL_FILES = (
@@ -116,7 +116,7 @@ def choose_variant(variants: list[Variant]) -> Variant:
     def key(v: Variant) -> tuple:
         rank = variant_rank(attention=v.attention, fmt=v.format, tags=v.tags, resolution=v.resolution,
                             size=v.size_bytes)
-        return (bool(getattr(v, "partial", False)), rank, v.id)
+        return (v.partial, rank, v.id)
 
     return min(variants, key=key)
 
@@ -202,10 +202,9 @@ class PullPlan:
     commit: str
     endpoint: str
     variant: Variant
-    layout: str
     files: tuple[PlannedFile, ...]
     source_model: SourceModel | None
-    path: Path  # where the variant will live in the store
+    key: store.EntryKey  # the store entry it fills
     up_to_date: bool  # the store already holds it complete
     chosen_by_default: bool = False
     other_variants: tuple[str, ...] = ()
@@ -213,11 +212,29 @@ class PullPlan:
     keep_archive: bool = False
     offline: bool = False
     warnings: tuple[str, ...] = ()
-    key: store.EntryKey = field(default=None, compare=False)  # type: ignore[assignment]
+
+    @property
+    def layout(self) -> str:
+        return self.variant.layout
+
+    @property
+    def path(self) -> Path:
+        """Where the variant lives (or will live) in the store."""
+        return self.key.path()
+
+    @property
+    def needs_download(self) -> bool:
+        return self.force or not self.up_to_date
+
+    @property
+    def staged_files(self) -> tuple[tuple[str, PlannedFile], ...]:
+        """Every planned file with its staging folder: `files` for the variant's, `source` for the source model's."""
+        source = self.source_model.files if self.source_model else ()
+        return tuple(("files", f) for f in self.files) + tuple(("source", f) for f in source)
 
     @property
     def all_files(self) -> tuple[PlannedFile, ...]:
-        return self.files + (self.source_model.files if self.source_model else ())
+        return tuple(f for _folder, f in self.staged_files)
 
     @property
     def total_bytes(self) -> int:
@@ -226,7 +243,7 @@ class PullPlan:
     @property
     def download_bytes(self) -> int:
         """Bytes that would come over the network."""
-        if self.up_to_date and not self.force:
+        if not self.needs_download:
             return 0
         return sum(f.size - (0 if self.force else f.present) for f in self.all_files)
 
@@ -237,7 +254,7 @@ class PullPlan:
     @property
     def disk_bytes_needed(self) -> int:
         """Free space needed: what is left to download, plus room to extract an archive."""
-        if self.up_to_date and not self.force:
+        if not self.needs_download:
             return 0
         return self.download_bytes + self.archive_bytes
 
@@ -309,10 +326,6 @@ class PullResult:
         }
 
 
-def _key_for(repo: str, commit: str, variant: Variant) -> store.EntryKey:
-    return store.EntryKey(repo=repo, commit=commit, variant=variant.id, unet_form=variant.unet_form)
-
-
 def _present(staging_files: Path, path: str, size: int) -> int:
     from .download import DownloadJob, present_bytes
 
@@ -331,8 +344,7 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
                                hint="Unset HF_HUB_OFFLINE to download it again.")
         return _offline_plan(ref, chunked=chunked)
     snapshot, variants = hub.repo_variants(ref.repo, ref.revision)
-    repo = getattr(snapshot, "repo_id", None) or ref.repo
-    commit = getattr(snapshot, "sha", None) or getattr(snapshot, "commit")
+    repo, commit = snapshot.repo_id, snapshot.sha
     if not variants:
         raise NoVariants(f"{repo} has no Core ML variant coreml-hub recognizes ({len(snapshot.files)} files).")
     if ref.variant:
@@ -343,7 +355,7 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
         by_default = len(variants) > 1
     chosen = choose_unet_form(chosen, chunked)
     others = tuple(v.id for v in variants if v.id != chosen.id)
-    key = _key_for(repo, commit, chosen)
+    key = store.EntryKey(repo=repo, commit=commit, variant=chosen.id, unet_form=chosen.unet_form)
     up_to_date = store.is_complete(key)
     warnings: list[str] = []
     staging_files = key.staging() / "files"
@@ -353,15 +365,14 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
         for f in chosen.file_entries
     )
     source = None
-    if not (up_to_date and not force):
+    if force or not up_to_date:
         source = _plan_source_model(chosen, model_version, warnings, force, key)
     elif model_version and chosen.format != "packages":
         warnings.append(f"--model-version is ignored: {chosen.id} is a compiled variant with its own tokenizer.")
     return PullPlan(
         repo=repo, revision=ref.revision or "main", commit=commit, endpoint=hub.endpoint(), variant=chosen,
-        layout=chosen.layout, files=files, source_model=source, path=key.path(), up_to_date=up_to_date,
-        chosen_by_default=by_default, other_variants=others, force=force, keep_archive=keep_archive,
-        warnings=tuple(warnings), key=key,
+        files=files, source_model=source, key=key, up_to_date=up_to_date, chosen_by_default=by_default,
+        other_variants=others, force=force, keep_archive=keep_archive, warnings=tuple(warnings),
     )
 
 
@@ -388,7 +399,7 @@ def _plan_source_model(variant: Variant, model_version: str | None, warnings: li
         return SourceModel(repo="", error="source model unknown")
     try:
         snapshot = hub.repo_files(source)
-    except (OfflineError, CoremlHubError) as exc:
+    except CoremlHubError as exc:
         moved = MOVED_MODELS.get(source)
         snapshot = None
         if moved and not model_version and isinstance(exc, RepoNotFound):
@@ -411,7 +422,7 @@ def _plan_source_model(variant: Variant, model_version: str | None, warnings: li
     if "tokenizer_2/vocab.json" not in by_path and "tokenizer_2/tokenizer.json" in by_path \
             and "text_encoder_2" in variant.components:
         wanted.append("tokenizer_2/tokenizer.json")
-    commit = getattr(snapshot, "sha", None) or getattr(snapshot, "commit")
+    commit = snapshot.sha
     staging_files = key.staging() / "source"
     files = tuple(PlannedFile(path=p, size=by_path[p].size, sha256=by_path[p].sha256, repo=source, commit=commit,
                               present=0 if force else _present(staging_files, p, by_path[p].size))
@@ -445,9 +456,8 @@ def _offline_plan(ref: store.ModelRef, *, chunked: bool | None) -> PullPlan:
                       components=tuple(vdict.get("components") or ()), unet_form=pulled.unet_form,
                       model_version=vdict.get("model_version"))
     return PullPlan(repo=pulled.repo, revision=ref.revision or pulled.revision or "main", commit=pulled.commit,
-                    endpoint=str(manifest.get("endpoint") or ""), variant=variant, layout=variant.layout,
-                    files=(), source_model=None, path=pulled.path, up_to_date=True, offline=True,
-                    key=store.EntryKey(pulled.repo, pulled.commit, pulled.variant, pulled.unet_form))
+                    endpoint=str(manifest.get("endpoint") or ""), variant=variant, files=(), source_model=None,
+                    key=pulled.key, up_to_date=True, offline=True)
 
 
 # ---------------------------------------------------------------------------
@@ -505,7 +515,7 @@ def check_disk_space(where: Path, needed: int) -> None:
 def _execute(plan: PullPlan, *, progress: bool | None, on_phase: PhaseFn | None,
              on_wait: Callable[[], None] | None, workers: int | None) -> PullResult:
     started = time.monotonic()
-    if plan.offline or (plan.up_to_date and not plan.force):
+    if plan.offline or not plan.needs_download:
         return _result_from_store(plan, started, already=True)
     show = sys.stderr.isatty() if progress is None else progress
     phase = on_phase or ((lambda msg: print(msg, file=sys.stderr, flush=True)) if show else (lambda msg: None))
@@ -519,9 +529,7 @@ def _execute(plan: PullPlan, *, progress: bool | None, on_phase: PhaseFn | None,
             shutil.rmtree(staging, ignore_errors=True)
         build = staging / "build"
         shutil.rmtree(build, ignore_errors=True)
-        remaining = sum(f.size - _present(staging / "files", f.path, f.size) for f in plan.files)
-        remaining += sum(f.size - _present(staging / "source", f.path, f.size)
-                         for f in (plan.source_model.files if plan.source_model else ()))
+        remaining = sum(f.size - _present(staging / folder, f.path, f.size) for folder, f in plan.staged_files)
         check_disk_space(paths.home(), remaining + plan.archive_bytes)
         downloaded = _download(plan, staging, show, workers)
         _materialize(plan, staging, build, phase)
@@ -572,13 +580,11 @@ def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) ->
 
     jobs = []
     keys: dict[str, tuple[str, str]] = {}
-    for folder, files in (("files", plan.files), ("source", plan.source_model.files if plan.source_model else ())):
-        for f in files:
-            url = hf_hub_url(f.repo, f.path, revision=f.commit, endpoint=plan.endpoint)
-            name = f.path if folder == "files" else f"{f.repo}:{f.path}"  # what messages call the file
-            keys[name] = (folder, f.path)
-            jobs.append(DownloadJob(name=name, url=url, dest=staging / folder / f.path, size=f.size,
-                                    sha256=f.sha256))
+    for folder, f in plan.staged_files:
+        url = hf_hub_url(f.repo, f.path, revision=f.commit, endpoint=plan.endpoint)
+        name = f.path if folder == "files" else f"{f.repo}:{f.path}"  # what messages call the file
+        keys[name] = (folder, f.path)
+        jobs.append(DownloadJob(name=name, url=url, dest=staging / folder / f.path, size=f.size, sha256=f.sha256))
     initial = sum(present_bytes(j) for j in jobs)
     total = sum(j.size or 0 for j in jobs)
     bar = _Bar(show and initial < total, total, initial, plan.variant.id)
@@ -664,11 +670,9 @@ def _materialize_plain(files_dir: Path, variant: Variant, build: Path) -> None:
             raise CoremlHubError(f"{variant.id}: expected one archive, found {len(zips)}.")
         safe_extract(files_dir / zips[0], build)
         return
-    root = variant.root.strip("/")
     build.mkdir(parents=True, exist_ok=True)
     for rel in variant.files:
-        inner = rel[len(root) + 1:] if root and rel.startswith(root + "/") else rel
-        target = build / inner
+        target = build / in_variant(variant.root, rel)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(files_dir / rel, target)
 
@@ -695,19 +699,14 @@ def _place_source_files(plan: PullPlan, staging: Path, build: Path) -> dict[str,
 
 def _structural_check(path: Path) -> dict[str, Any]:
     """The verify module's structural checks: {'status': ok|invalid|unchecked, 'problems': [...], ...}."""
-    try:
-        from .bundle import verify_variant
-    except ImportError:
-        return {"status": "unchecked", "problems": [], "checker": None}
+    from .bundle import verify_variant
+
     try:
         report = verify_variant(path)
     except ImportError as exc:  # a checker that cannot load leaves the variant unchecked, not unusable
         return {"status": "unchecked", "problems": [], "checker": None, "error": str(exc)}
-    problems = list(getattr(report, "problems", None) or ())
-    errors = [p for p in problems if str(getattr(p, "severity", "error")).lower() == "error"]
-    ok = getattr(report, "ok", not errors)
-    return {"status": store.STATUS_OK if ok else store.STATUS_INVALID,
-            "problems": [str(p) for p in (errors if not ok else problems)][:50],
+    return {"status": store.STATUS_OK if report.ok else store.STATUS_INVALID,
+            "problems": [str(p) for p in (report.problems if report.ok else report.errors)][:50],
             "checker": "coreml_hub.bundle.verify_variant",
             "checked_at": datetime.now(timezone.utc).isoformat()}
 
@@ -737,7 +736,6 @@ def _manifest(plan: PullPlan, build: Path, downloaded: dict[tuple[str, str], Any
 def _known_hashes(plan: PullPlan, downloaded: dict[tuple[str, str], Any]) -> dict[str, tuple[int, str]]:
     """Store-relative path -> (size, sha256) for files moved without change, so they need no second read."""
     known: dict[str, tuple[int, str]] = {}
-    root = plan.variant.root.strip("/")
     for (folder, repo_path), result in downloaded.items():
         if folder == "source":
             known[repo_path] = (result.size, result.sha256)
@@ -746,8 +744,7 @@ def _known_hashes(plan: PullPlan, downloaded: dict[tuple[str, str], Any]) -> dic
             if plan.keep_archive:
                 known[repo_path.rsplit("/", 1)[-1]] = (result.size, result.sha256)
             continue
-        inner = repo_path[len(root) + 1:] if root and repo_path.startswith(root + "/") else repo_path
-        known[inner] = (result.size, result.sha256)
+        known[in_variant(plan.variant.root, repo_path)] = (result.size, result.sha256)
     return known
 
 

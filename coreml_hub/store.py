@@ -167,6 +167,10 @@ class PulledVariant:
         tok = self.path / "tokenizer"
         return tok if tok.is_dir() else None
 
+    @property
+    def key(self) -> EntryKey:
+        return EntryKey(self.repo, self.commit, self.variant, self.unet_form)
+
     def manifest(self) -> dict[str, Any]:
         return read_manifest(self.path)
 
@@ -543,8 +547,7 @@ def remove(model_ref: str | ModelRef, *, variant: str | None = None, revision: s
     if dry_run:
         return Removal(tuple(entries), size, True)
     for pulled in entries:
-        key = EntryKey(pulled.repo, pulled.commit, pulled.variant, pulled.unet_form)
-        with entry_lock(key, timeout=30):
+        with entry_lock(pulled.key, timeout=30):
             if pulled.path.exists():
                 _discard(pulled.path)
     # tidy only the repos touched: their refs to removed commits and their empty folders

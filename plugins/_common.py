@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from coreml_hub.atomic import building_dir, check_empty_dest
-from coreml_hub.layouts import RepoFile, Variant, sort_components, variant_id
+from coreml_hub.layouts import RepoFile, Variant, in_variant, sort_components, variant_id
 
 log = logging.getLogger("coreml_hub.layouts")
 
@@ -437,7 +437,7 @@ def folder_variant(
         resolution=resolution,
         tags=tuple(all_tags),
         components=components_t,
-        tokenizer_files=tuple(sorted(relative(plan.root, f.path) for f in plan.aux if basename(f.path) in AUX_NAMES)),
+        tokenizer_files=tuple(sorted(in_variant(plan.root, f.path) for f in plan.aux if basename(f.path) in AUX_NAMES)),
         common_files=tuple(sorted(_files_of(common) + tuple(plan.aux), key=lambda f: f.path)),
         unet_files=unet_files,
         unet_form=unet_form,
@@ -445,10 +445,6 @@ def folder_variant(
         partial=ptag is not None,
         extra=info,
     )
-
-
-def relative(root: str, path: str) -> str:
-    return path[len(root) + 1:] if root else path
 
 
 def folder_plans(bundles: list[Bundle], loose: list[RepoFile], folders: Iterable[str]) -> list[FolderPlan]:
@@ -540,7 +536,7 @@ def materialize_folder(downloaded_dir: Path, variant: Variant, dest: Path) -> No
 
     downloaded_dir, dest = Path(downloaded_dir), Path(dest)
     check_empty_dest(dest, "build the variant in")
-    sources = [(downloaded_dir.joinpath(*p.split("/")), relative(variant.root, p)) for p in variant.files]
+    sources = [(downloaded_dir.joinpath(*p.split("/")), in_variant(variant.root, p)) for p in variant.files]
     missing = [str(src) for src, _ in sources if not src.is_file()]
     if missing:
         raise EntryNotFound(

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import UsageError
 from .output import Column, Output, human_size, relative_time, stderr_is_tty
+
+if TYPE_CHECKING:
+    from ..pulling import PlannedFile, PullPlan
+    from ..store import PulledVariant
 
 
 @click.command(
@@ -87,24 +92,24 @@ def pull_cmd(model: str, variant: str | None, revision: str | None, force: bool,
     click.echo(str(result.path))
 
 
-def _print_plan(out: Output, plan: object) -> None:
-    from ..pulling import PullPlan
+def _file_state(plan: PullPlan, f: PlannedFile) -> str:
+    if not plan.needs_download or (f.size and f.present == f.size):
+        return "have"
+    return "partial" if 0 < f.present < f.size else "fetch"
 
-    assert isinstance(plan, PullPlan)
+
+def _print_plan(out: Output, plan: PullPlan) -> None:
     if out.json_mode:
         out.json(plan.to_dict())
         return
-    rows = [{"path": f.path, "size": f.size, "repo": f.repo,
-             "state": "have" if (plan.up_to_date and not plan.force) else
-             ("partial" if 0 < f.present < f.size else ("have" if f.present == f.size and f.size else "fetch"))}
-            for f in plan.all_files]
+    rows = [{"path": f.path, "size": f.size, "repo": f.repo, "state": _file_state(plan, f)} for f in plan.all_files]
     if not out.quiet:
         click.echo(f"{plan.repo}:{plan.variant.id} @ {plan.commit[:12]}"
                    + (f" (Unet: {plan.variant.unet_form})" if plan.variant.unet_form else ""))
     out.table(rows, [Column("path", "File"), Column("size", "Size", human_size), Column("state", "State"),
                      Column("repo", "Repo")])
     if not out.quiet:
-        if plan.up_to_date and not plan.force:
+        if not plan.needs_download:
             click.echo(f"Already pulled: {plan.path}. Nothing to download (use --force to download again).")
         else:
             click.echo(f"Would download {human_size(plan.download_bytes)} of {human_size(plan.total_bytes)} "
@@ -120,7 +125,7 @@ LS_COLUMNS = [
 ]
 
 
-def ls_rows(pulled: list) -> list[dict]:
+def ls_rows(pulled: list[PulledVariant]) -> list[dict[str, Any]]:
     """Rows for `ls` / `list --local`; the commit shows only where one repo has several."""
     commits: dict[str, set[str]] = {}
     for p in pulled:

@@ -134,18 +134,24 @@ def present_bytes(job: DownloadJob) -> int:
     return n if job.size is None or n <= job.size else 0
 
 
-def sha256_file(path: Path, limit: int | None = None) -> tuple[Any, int]:
-    """A running sha256 of the first `limit` bytes of a file (all of it when None), and the count read."""
+def sha256_file(path: Path, limit: int | None = None, *, buffer: bytearray | None = None,
+                on_bytes: ProgressFn | None = None) -> tuple[Any, int]:
+    """A running sha256 of the first `limit` bytes of a file (all of it when None), and the count read.
+
+    Reads into one buffer, reusable across files; hashlib releases the GIL, so threads hash in parallel.
+    """
     h = hashlib.sha256()
+    view = memoryview(buffer if buffer is not None else bytearray(HASH_BLOCK))
     read = 0
     with open(path, "rb", buffering=0) as fh:
         while limit is None or read < limit:
-            want = HASH_BLOCK if limit is None else min(HASH_BLOCK, limit - read)
-            block = fh.read(want)
-            if not block:
+            n = fh.readinto(view if limit is None else view[:min(len(view), limit - read)])
+            if not n:
                 break
-            h.update(block)
-            read += len(block)
+            h.update(view[:n])
+            read += n
+            if on_bytes is not None:
+                on_bytes(n)
     return h, read
 
 

@@ -6,7 +6,6 @@ not a crash. Each problem names the file concerned and says what is wrong in one
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,7 +19,6 @@ from .errors import CoremlHubError
 from .layouts import COMPILED_FILE_OF
 
 MAX_BLOB_PROBLEMS = 20  # per weight file; a wholly broken file gives a summary line after these
-HASH_CHUNK = 8 << 20
 BUG_HINT = "This is a bug in coreml-hub's checks; please report it with the file."
 
 # metadata.json dataType -> MIL dtype
@@ -547,34 +545,20 @@ def _display(bundle: Bundle, name: str, compiled: bool) -> str:
 # -- hashes ------------------------------------------------------------------------------
 
 
-def sha256_of(path: Path, buffer: bytearray | None = None, on_bytes: Callable[[int], None] | None = None) -> str:
-    """sha256 of a file read in large chunks into one reused buffer (hashlib releases the GIL)."""
-    digest = hashlib.sha256()
-    buf = buffer if buffer is not None else bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            if on_bytes is not None:
-                on_bytes(n)
-    return digest.hexdigest()
-
-
 def hash_files(paths: list[Path], workers: int | None = None,
                on_bytes: Callable[[int], None] | None = None) -> dict[Path, str | OSError]:
     """sha256 of several files in parallel threads; an unreadable file maps to its OSError."""
+    from .download import HASH_BLOCK, sha256_file
+
     workers = workers or min(8, max(1, len(paths)), (os.cpu_count() or 2) * 2)
     local = threading.local()
 
     def one(path: Path) -> tuple[Path, str | OSError]:
         buf = getattr(local, "buf", None)
         if buf is None:
-            buf = local.buf = bytearray(HASH_CHUNK)
+            buf = local.buf = bytearray(HASH_BLOCK)
         try:
-            return path, sha256_of(path, buf, on_bytes)
+            return path, sha256_file(path, buffer=buf, on_bytes=on_bytes)[0].hexdigest()
         except OSError as exc:
             return path, exc
 

@@ -64,20 +64,15 @@ class Digest:
 
 
 def digest_file(path: Path, size: int, lfs: bool) -> Digest:
-    """Read the file once and derive its ids."""
-    if lfs:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        sha = h.hexdigest()
-        pointer = lfs_pointer(sha, size)
-        return Digest(blob_id=git_blob_sha1(pointer), sha256=sha, pointer_size=len(pointer))
-    h = hashlib.sha1(b"blob %d\0" % size)
+    """Read the file once and derive its ids: an LFS file's sha256 and pointer, else its git blob sha1."""
+    h = hashlib.sha256() if lfs else hashlib.sha1(b"blob %d\0" % size)
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
-    return Digest(blob_id=h.hexdigest(), sha256=None, pointer_size=None)
+    if not lfs:
+        return Digest(blob_id=h.hexdigest(), sha256=None, pointer_size=None)
+    pointer = lfs_pointer(h.hexdigest(), size)
+    return Digest(blob_id=git_blob_sha1(pointer), sha256=h.hexdigest(), pointer_size=len(pointer))
 
 
 class DigestCache:

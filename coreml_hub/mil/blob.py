@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import CoremlHubError
+from .program import DTYPES, dtype_nbits, integer_range
 
 HEADER_SIZE = 64
 METADATA_SIZE = 64
@@ -58,23 +59,9 @@ DTYPE_NAMES: dict[int, str] = {
 }
 DTYPE_CODES: dict[str, int] = {name: code for code, name in DTYPE_NAMES.items()}
 
-# storage bits per element
-NBITS: dict[str, int] = {
-    "fp16": 16, "fp32": 32, "uint8": 8, "int8": 8, "bf16": 16, "int16": 16, "uint16": 16,
-    "int4": 4, "uint1": 1, "uint2": 2, "uint4": 4, "uint3": 3, "uint6": 6, "int32": 32,
-    "uint32": 32, "fp8e4m3fn": 8, "fp8e5m2": 8,
-}
-
+NBITS: dict[str, int] = {name: dtype_nbits(name) for name in DTYPE_NAMES.values()}  # storage bits per element
 # numpy type a blob reads as (bf16 and fp8 as raw bits; sub-byte types unpacked)
-NUMPY_TYPES: dict[str, np.dtype] = {
-    "fp16": np.dtype("<f2"), "fp32": np.dtype("<f4"), "uint8": np.dtype(np.uint8),
-    "int8": np.dtype(np.int8), "bf16": np.dtype("<u2"), "int16": np.dtype("<i2"),
-    "uint16": np.dtype("<u2"), "int32": np.dtype("<i4"), "uint32": np.dtype("<u4"),
-    "fp8e4m3fn": np.dtype(np.uint8), "fp8e5m2": np.dtype(np.uint8),
-    "int4": np.dtype(np.int8), "uint1": np.dtype(np.uint8), "uint2": np.dtype(np.uint8),
-    "uint3": np.dtype(np.uint8), "uint4": np.dtype(np.uint8), "uint6": np.dtype(np.uint8),
-}
-SUB_BYTE = frozenset(name for name, bits in NBITS.items() if bits < 8)
+NUMPY_TYPES: dict[str, np.dtype] = {name: DTYPES[name].newbyteorder("<") for name in DTYPE_NAMES.values()}
 
 _METADATA = struct.Struct("<IIQQQ")
 _HEADER = struct.Struct("<II")
@@ -246,8 +233,9 @@ class BlobFile:
 _CHUNK = 1 << 22  # bytes unpacked per step, to bound temporaries on big palettized weights
 
 
-def unpack_bits(packed: np.ndarray, bits: int, count: int, signed: bool = False) -> np.ndarray:
+def unpack_bits(packed: np.ndarray | bytes, bits: int, count: int, signed: bool = False) -> np.ndarray:
     """`count` elements of `bits` bits each from LSB-first packed bytes (uint8, or int8 when signed)."""
+    packed = np.frombuffer(packed, np.uint8) if isinstance(packed, bytes) else np.asarray(packed, np.uint8).reshape(-1)
     if count * bits > packed.size * 8:
         raise BlobError(f"{count} elements of {bits} bits need more than the {packed.size} bytes given")
     out = np.empty(count, dtype=np.uint8)
@@ -265,7 +253,8 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int, signed: bool = False)
             n = min(flat.size, count - first)
             out[first:first + n] = flat[:n]
     else:
-        # n-bit values straddle bytes: 3 bytes hold exactly 24 bits = 8 x 3-bit or 4 x 6-bit
+        # n-bit values straddle bytes: a group of bytes holds a whole number of them
+        # (3 bytes = 8 x 3-bit or 4 x 6-bit; 5 bytes = 8 x 5-bit), at most 7 bytes, one uint64 word
         group_bytes = bits * 8 // np.gcd(bits, 8) // 8
         per_group = group_bytes * 8 // bits
         mask = (1 << bits) - 1
@@ -276,12 +265,12 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int, signed: bool = False)
             chunk = packed[g0 * group_bytes:g1 * group_bytes]
             if chunk.size < (g1 - g0) * group_bytes:  # last group may be partial
                 chunk = np.concatenate([chunk, np.zeros((g1 - g0) * group_bytes - chunk.size, np.uint8)])
-            words = np.zeros(g1 - g0, dtype=np.uint32)
+            words = np.zeros(g1 - g0, dtype=np.uint64)
             for b in range(group_bytes):
-                words |= chunk[b::group_bytes].astype(np.uint32) << (8 * b)
+                words |= chunk[b::group_bytes].astype(np.uint64) << np.uint64(8 * b)
             spread = np.empty((g1 - g0, per_group), dtype=np.uint8)
             for k in range(per_group):
-                spread[:, k] = (words >> (k * bits)) & mask
+                spread[:, k] = (words >> np.uint64(k * bits)) & np.uint64(mask)
             flat = spread.reshape(-1)
             first = g0 * per_group
             n = min(flat.size, count - first)
@@ -382,7 +371,7 @@ class BlobWriter:
         bits = NBITS[dtype]
         count = array.size
         if bits < 8:
-            low, high = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if dtype == "int4" else (0, (1 << bits) - 1)
+            low, high = integer_range(dtype)
             if count and (array.min() < low or array.max() > high):
                 raise ValueError(f"values out of range for {dtype} [{low}, {high}]")
             payload = pack_bits(array, bits)

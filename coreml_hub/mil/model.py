@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import InvalidBundle, ModelInputError, UnsupportedOperation
-from .program import Function, Program, TensorType
+from .program import FLOAT_DTYPES, Function, Program, TensorType
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
 
@@ -107,15 +107,14 @@ def float_types(fp16_program: bool, device: Any, dtype: Any = None) -> dict[str,
     """The torch dtype each MIL float type runs as (see the module docstring)."""
     import torch
 
-    names = ("fp16", "fp32", "fp64", "bf16")
     if dtype is not None:
         wanted = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                   "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}.get(str(dtype).replace("torch.", ""), dtype)
         if wanted not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"unsupported dtype {dtype!r}; use 'fp32', 'fp16' or a torch float dtype")
-        return {n: wanted for n in names}
+        return dict.fromkeys(FLOAT_DTYPES, wanted)
     if device.type == "cpu" or not fp16_program:
-        return {n: torch.float32 for n in names}
+        return dict.fromkeys(FLOAT_DTYPES, torch.float32)
     return {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float32, "bf16": torch.float16}
 
 

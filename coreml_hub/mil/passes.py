@@ -21,11 +21,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .program import Function, Operation, TensorType, TensorValue, Value, ValueType, Var
+from .program import FLOAT_DTYPES, Function, Operation, TensorType, TensorValue, Value, ValueType, Var
 
 ATTENTION = "coreml_hub.attention"
 GROUP_NORM = "coreml_hub.group_norm"
-FLOATS = ("fp16", "fp32", "fp64", "bf16")
 
 
 @dataclass
@@ -145,7 +144,7 @@ def _noop_source(graph: Graph, op: Operation, same_float: Callable[[str, str], b
     if op.type == "cast":
         target = graph.const_value(op.inputs.get("dtype"))
         source = graph.dtype(x)
-        if target is not None and source in FLOATS and str(target.item()) in FLOATS:
+        if target is not None and source in FLOAT_DTYPES and str(target.item()) in FLOAT_DTYPES:
             return x if same_float(source, str(target.item())) else None
         return x if source is not None and target is not None and source == str(target.item()) else None
     if op.type in ("reshape", "squeeze", "expand_dims"):
@@ -245,7 +244,7 @@ def _is_float_cast(graph: Graph, op: Operation) -> bool:
     if op.type != "cast":
         return False
     target = graph.const_value(op.inputs.get("dtype"))
-    return target is not None and str(target.item()) in FLOATS and graph.dtype(op.inputs["x"]) in FLOATS
+    return target is not None and str(target.item()) in FLOAT_DTYPES and graph.dtype(op.inputs["x"]) in FLOAT_DTYPES
 
 
 def _scalar_const(graph: Graph, arg: Any) -> float | None:

@@ -43,6 +43,9 @@ DTYPES: dict[str, np.dtype] = {
     "fp8e4m3fn": np.dtype(np.uint8),
     "fp8e5m2": np.dtype(np.uint8),
 }
+FLOAT_DTYPES = ("fp16", "fp32", "fp64", "bf16")
+# Storage bits of the types narrower than a byte; they are packed least significant bit first.
+SUB_BYTE_BITS = {"int4": 4, "uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6}
 
 # Input parameters that take a tuple of arguments even when the tuple has one element.
 # A protobuf binding with several arguments is always a tuple; with one, only for these.
@@ -53,6 +56,13 @@ VARIADIC_INPUTS: frozenset[tuple[str, str]] = frozenset({
     ("identity_n", "x"),
     ("while_loop", "loop_vars"),
 })
+
+
+
+def binding(op_type: str, key: str, args: tuple["Arg", ...]) -> "Binding":
+    """The arguments of one input as the program model keeps them (see `VARIADIC_INPUTS`)."""
+    return args[0] if len(args) == 1 and (op_type, key) not in VARIADIC_INPUTS else args
+
 
 # Function opsets use the model.mil spelling; the protobuf's "CoreML<N>" maps to these.
 OPSETS_FROM_PROTO = {"CoreML5": "ios15", "CoreML6": "ios16", "CoreML7": "ios17", "CoreML8": "ios18"}
@@ -66,10 +76,6 @@ class TensorType:
 
     dtype: str
     shape: tuple[Dim, ...] | None = ()
-
-    @property
-    def is_scalar(self) -> bool:
-        return self.shape == ()
 
     @property
     def rank(self) -> int | None:
@@ -277,11 +283,15 @@ class Program:
 
 def dtype_nbits(dtype: str) -> int:
     """Storage bits per element of a MIL dtype (sub-byte types included)."""
-    special = {"int4": 4, "uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6, "bool": 8, "bf16": 16,
-               "fp8e4m3fn": 8, "fp8e5m2": 8}
-    if dtype in special:
-        return special[dtype]
-    return DTYPES[dtype].itemsize * 8
+    return SUB_BYTE_BITS.get(dtype) or DTYPES[dtype].itemsize * 8
+
+
+def integer_range(dtype: str) -> tuple[int, int]:
+    """Smallest and largest value of an integer dtype (of the raw bits, for 8-bit floats)."""
+    bits = dtype_nbits(dtype)
+    if dtype.startswith("int"):
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
 
 
 def describe(t: Any) -> str:

@@ -22,10 +22,11 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import InvalidBundle, UnsupportedOperation
+from .blob import unpack_bits
 from .program import (
     DTYPES,
     OPSETS_FROM_PROTO,
-    VARIADIC_INPUTS,
+    SUB_BYTE_BITS,
     BlobRef,
     Block,
     DictType,
@@ -41,6 +42,7 @@ from .program import (
     Value,
     ValueType,
     Var,
+    binding,
 )
 
 # MIL.proto DataType enum value -> MIL dtype name as written in model.mil.
@@ -67,10 +69,8 @@ PROTO_DTYPES: dict[int, str] = {
     39: "uint3",
 }
 
-_SUB_BYTE_BITS = {"int4": 4, "uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6}
-
 # FeatureTypes.proto ArrayFeatureType.ArrayDataType -> MIL dtype name.
-_ARRAY_DTYPES = {65552: "fp16", 65568: "fp32", 65600: "fp64", 131104: "int32", 131080: "int8"}
+ARRAY_DTYPES = {65552: "fp16", 65568: "fp32", 65600: "fp64", 131104: "int32", 131080: "int8"}
 
 
 @dataclass(frozen=True)
@@ -199,7 +199,7 @@ def _feature(feature: Any) -> FeatureDescription:
     shape: tuple[int, ...] | None = None
     if kind == "multiArrayType":
         array = feature.type.multiArrayType
-        dtype = _ARRAY_DTYPES.get(array.dataType, f"array{array.dataType}")
+        dtype = ARRAY_DTYPES.get(array.dataType, f"array{array.dataType}")
         if array.WhichOneof("ShapeFlexibility") is None and len(array.shape):
             shape = tuple(int(d) for d in array.shape)
         elif array.WhichOneof("ShapeFlexibility") == "enumeratedShapes" and len(array.shape):
@@ -244,26 +244,19 @@ class _Reader:
         )
 
     def operation(self, op: Any) -> Operation:
-        inputs: dict[str, Any] = {}
-        for key, argument in op.inputs.items():
-            args = tuple(self.argument(b) for b in argument.arguments)
-            if len(args) == 1 and (op.type, key) not in VARIADIC_INPUTS:
-                inputs[key] = args[0]
-            else:
-                inputs[key] = args
         return Operation(
             type=op.type,
-            inputs=inputs,
+            inputs={key: binding(op.type, key, tuple(self.argument(b) for b in argument.arguments))
+                    for key, argument in op.inputs.items()},
             outputs=tuple(self.var(v) for v in op.outputs),
             attributes={k: self.value(v) for k, v in op.attributes.items()},
             blocks=tuple(self.block(b) for b in op.blocks),
         )
 
-    def argument(self, binding: Any) -> Any:
-        which = binding.WhichOneof("binding")
-        if which == "name":
-            return binding.name
-        return self.value(binding.value)
+    def argument(self, arg: Any) -> Any:
+        if arg.WhichOneof("binding") == "name":
+            return arg.name
+        return self.value(arg.value)
 
     def var(self, named: Any) -> Var:
         return Var(named.name, self.type(named.type))
@@ -342,8 +335,11 @@ def tensor_data(ttype: TensorType, tensor: Any) -> np.ndarray:
         return arr.reshape(shape)
     if which == "bytes":
         raw = bytes(tensor.bytes.values)
-        if ttype.dtype in _SUB_BYTE_BITS:
-            arr = unpack_bits(raw, _SUB_BYTE_BITS[ttype.dtype], size, signed=ttype.dtype == "int4")
+        if ttype.dtype in SUB_BYTE_BITS:
+            nbits = SUB_BYTE_BITS[ttype.dtype]
+            if len(raw) * 8 < size * nbits:
+                raise InvalidBundle(f"Packed {nbits}-bit data holds {len(raw) * 8 // nbits} values, {size} expected")
+            arr = unpack_bits(raw, nbits, size, signed=ttype.dtype == "int4")
         else:
             arr = np.frombuffer(raw, dtype=npdtype)[:size].copy() if size else np.zeros(0, npdtype)
     elif which is None:
@@ -355,18 +351,3 @@ def tensor_data(ttype: TensorType, tensor: Any) -> np.ndarray:
         raise InvalidBundle(f"Immediate {ttype.dtype} tensor of shape {shape} holds {arr.size} values")
     return arr.reshape(shape)
 
-
-def unpack_bits(raw: bytes, nbits: int, count_: int, signed: bool = False) -> np.ndarray:
-    """Unpack `count_` little-endian-bit-order `nbits`-wide integers (sub-byte storage)."""
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-    needed = count_ * nbits
-    if bits.size < needed:
-        raise InvalidBundle(f"Packed {nbits}-bit data holds {bits.size // nbits} values, {count_} expected")
-    groups = bits[:needed].reshape(count_, nbits).astype(np.uint8)
-    weights = (1 << np.arange(nbits, dtype=np.uint16)).astype(np.uint16)
-    values = (groups * weights).sum(axis=1).astype(np.uint8)
-    if signed:
-        values = values.astype(np.int16)
-        values[values >= 1 << (nbits - 1)] -= 1 << nbits
-        return values.astype(np.int8)
-    return values

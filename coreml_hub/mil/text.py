@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import CoremlHubError
 from .program import (
     DTYPES,
-    VARIADIC_INPUTS,
+    FLOAT_DTYPES,
     BlobRef,
     Block,
     DictType,
@@ -61,6 +61,8 @@ from .program import (
     Value,
     ValueType,
     Var,
+    binding,
+    integer_range,
 )
 
 MAX_DEPTH = 48  # nesting of types, literals and blocks; keeps recursion far from Python's limit
@@ -106,18 +108,10 @@ _TOKEN = re.compile(
 _EOF = "\0EOF"
 
 _CONTAINER_TYPES = ("dict", "list", "tuple", "state", "tensor")
-_FLOATS = frozenset({"fp16", "fp32", "fp64", "bf16"})
-_INTS = frozenset({"int4", "int8", "int16", "int32", "int64", "uint1", "uint2", "uint3", "uint4", "uint6",
-                   "uint8", "uint16", "uint32", "uint64"})
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
-_INT_RANGES = {
-    "int4": (-8, 7), "int8": (-(1 << 7), (1 << 7) - 1), "int16": (-(1 << 15), (1 << 15) - 1),
-    "int32": (-(1 << 31), (1 << 31) - 1), "int64": (-(1 << 63), (1 << 63) - 1),
-    "uint1": (0, 1), "uint2": (0, 3), "uint3": (0, 7), "uint4": (0, 15), "uint6": (0, 63),
-    "uint8": (0, 255), "uint16": (0, (1 << 16) - 1), "uint32": (0, (1 << 32) - 1), "uint64": (0, (1 << 64) - 1),
-    # 8-bit floats are written as their raw bits (no public compiler output shows another spelling)
-    "fp8e4m3fn": (0, 255), "fp8e5m2": (0, 255),
-}
+# 8-bit floats are written as their raw bits (no public compiler output shows another spelling)
+_INT_RANGES = {name: integer_range(name) for name in DTYPES if name not in (*FLOAT_DTYPES, "bool", "string")}
+_INTS = frozenset(name for name in _INT_RANGES if name.startswith(("int", "uint")))
 
 
 class _Parser:
@@ -271,10 +265,7 @@ class _Parser:
                         self.i += 1
                         args.append(self.argument())
                     self.expect(")")
-                    if len(args) == 1 and (op_type, key) not in VARIADIC_INPUTS:
-                        inputs[key] = args[0]
-                    else:
-                        inputs[key] = tuple(args)
+                    inputs[key] = binding(op_type, key, tuple(args))
                 else:
                     inputs[key] = self.argument()
                 if toks[self.i] != ",":
@@ -569,7 +560,7 @@ class _Parser:
             return self.string
         if dtype == "bool":
             return self.boolean
-        if dtype in _FLOATS:
+        if dtype in FLOAT_DTYPES:
             return self.floating
         low, high = _INT_RANGES[dtype]
 
@@ -862,7 +853,7 @@ def _formatter(dtype: str) -> Callable[[Any], str]:
         return lambda x: "true" if x else "false"
     if dtype == "bf16":
         return lambda bits: _hex_float(_bf16_float(bits))
-    if dtype in _FLOATS:
+    if dtype in FLOAT_DTYPES:
         return _hex_float
     return lambda x: str(int(x))
 

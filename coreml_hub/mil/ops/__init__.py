@@ -25,9 +25,6 @@ import numpy as np
 import torch
 
 
-FLOAT_TYPES = ("fp16", "fp32", "fp64", "bf16")
-
-
 @dataclass(frozen=True)
 class Context:
     """Where a program runs, and the torch dtype each MIL float type runs as.

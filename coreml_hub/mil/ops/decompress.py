@@ -11,15 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from ..blob import unpack_bits
 from . import constexpr
-
-
-def _unpack_lsb_first(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8).reshape(-1), bitorder="little")
-    if bits.size < count * nbits:
-        raise ValueError(f"packed data holds {bits.size // nbits} values of {nbits} bits, {count} needed")
-    groups = bits[: count * nbits].reshape(count, nbits).astype(np.uint16)
-    return (groups << np.arange(nbits, dtype=np.uint16)).sum(axis=1).astype(np.uint8)
 
 
 def _along(v: np.ndarray, axis: int, rank: int) -> np.ndarray:
@@ -87,7 +80,7 @@ def lut_to_dense(
         shape = tuple(int(s) for s in np.asarray(shape).reshape(-1))
         count = int(np.prod(shape))
         nbits = int(np.log2(lut.size))
-        flat = _unpack_lsb_first(indices, nbits, count)
+        flat = unpack_bits(indices, nbits, count)
         return lut.reshape(-1)[flat.astype(np.int64)].reshape(shape)
     return _lut_lookup(indices, lut, vector_axis)
 
@@ -97,7 +90,7 @@ def sparse_to_dense(nonzero_data: np.ndarray, mask: np.ndarray, shape: Any = Non
     if shape is not None:  # iOS16: a packed bit mask over the flattened shape
         shape = tuple(int(s) for s in np.asarray(shape).reshape(-1))
         count = int(np.prod(shape))
-        mask = _unpack_lsb_first(mask, 1, count).reshape(shape)
+        mask = unpack_bits(mask, 1, count).reshape(shape)
     out = np.zeros(mask.shape, dtype=nonzero_data.dtype)
     out[mask != 0] = nonzero_data
     return out

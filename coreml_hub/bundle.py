@@ -11,19 +11,20 @@ file against the manifest written at pull time.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from .layouts import COMPILED_FILE_OF, COMPILED_NAMES, COMPONENTS, TOKENIZER_FILES
+from .layouts import COMPILED_FILE_OF, COMPILED_NAMES, COMPONENTS, TOKENIZER_FILES, component_order
+from .store import MANIFEST_NAME
 
 if TYPE_CHECKING:
     from .mil.program import Program
 
 ERROR = "error"
 WARNING = "warning"
-MANIFEST_NAME = "coreml-hub.json"  # written by the store next to a pulled variant's files
 BUNDLE_SUFFIXES = (".mlmodelc", ".mlpackage")
 REPULL_HINT = "Re-pull the model with `coreml-hub pull MODEL --variant VARIANT --force`."
 
@@ -79,12 +80,12 @@ class Component:
     def inputs(self) -> tuple[Port, ...]:
         if self.program is None or "main" not in self.program.functions:
             return ()
-        return tuple(_port(v.name, v.type) for v in self.program.main.inputs)
+        return _input_ports(self.program.main)
 
     def outputs(self) -> tuple[Port, ...]:
         if self.program is None or "main" not in self.program.functions:
             return ()
-        return tuple(_port(name, t) for name, t in self.program.main.output_types().items())
+        return _output_ports(self.program.main)
 
     def port(self, name: str, output: bool = False) -> Port | None:
         for port in self.outputs() if output else self.inputs():
@@ -102,6 +103,14 @@ def _port(name: str, vtype: Any) -> Port:
     if isinstance(vtype, TensorType):
         return Port(name, vtype.dtype, vtype.shape)
     return Port(name, type(vtype).__name__, None)
+
+
+def _input_ports(function: Any) -> tuple[Port, ...]:
+    return tuple(_port(v.name, v.type) for v in function.inputs)
+
+
+def _output_ports(function: Any) -> tuple[Port, ...]:
+    return tuple(_port(name, t) for name, t in function.output_types().items())
 
 
 @dataclass
@@ -197,15 +206,11 @@ def open_bundle(path: str | os.PathLike[str], attention: str | None = None) -> B
         name, known = component_name(bundle_path.name)
         components.append(Component(name=name, path=bundle_path, format=_bundle_format(bundle_path), known=known))
     # compiled first: when a folder holds both forms of a component, the contract reads the compiled one
-    components.sort(key=lambda c: (c.format != "compiled", _order(c.name), c.path.name))
+    components.sort(key=lambda c: (c.format != "compiled", component_order(c.name), c.path.name))
     if attention is None and manifest is not None:
         declared = (manifest.get("variant") or {}).get("attention") if isinstance(manifest.get("variant"), dict) else None
         attention = declared if isinstance(declared, str) else None
     return Bundle(path=path, components=components, is_variant=True, attention=attention, manifest=manifest)
-
-
-def _order(name: str) -> int:
-    return COMPONENTS.index(name) if name in COMPONENTS else len(COMPONENTS)
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -331,18 +336,9 @@ def resolve_target(target: str | os.PathLike[str]) -> Path:
 
         raise InvalidBundle(f"{text} does not exist.",
                             hint="Give a variant folder or a bundle, or a pulled model as ORG/NAME[:VARIANT].")
-    try:
-        from . import store
-    except ImportError:  # pragma: no cover - the store ships with coreml-hub
-        from .errors import ModelNotPulled
+    from .store import find_pulled
 
-        raise ModelNotPulled(f"{text} is neither a path nor a pulled model.") from None
-    return Path(store.find_pulled(text).path)
-
-
-def iter_problems(reports: list[VerifyReport]) -> Iterator[Problem]:
-    for report in reports:
-        yield from report.problems
+    return find_pulled(text).path
 
 
 # -- inspect -----------------------------------------------------------------------------
@@ -409,8 +405,8 @@ def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspectio
     path = Path(path)
     program = load_bundle_program(path)
     main = program.functions.get("main") or next(iter(program.functions.values()), None)
-    inputs = tuple(_port(v.name, v.type) for v in main.inputs) if main else ()
-    outputs = tuple(_port(n, t) for n, t in main.output_types().items()) if main else ()
+    inputs = _input_ports(main) if main else ()
+    outputs = _output_ports(main) if main else ()
     weights: dict[str, int] = {}
     seen: set[tuple[str, int]] = set()
     for _op, _key, value in program.blob_values():
@@ -418,12 +414,9 @@ def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspectio
         if (ref.path, ref.offset) in seen:
             continue
         seen.add((ref.path, ref.offset))
-        count = 1
-        for dim in value.type.static_shape or ():
-            count *= dim
         dtype = value.type.dtype
         try:
-            nbytes = packed_size(dtype, count)
+            nbytes = packed_size(dtype, math.prod(value.type.static_shape or ()))
         except KeyError:
             continue
         weights[dtype] = weights.get(dtype, 0) + nbytes

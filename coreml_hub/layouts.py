@@ -106,7 +106,7 @@ class Variant:
             )
         comps = [c for c in self.components if c not in ("unet", "unet_chunk1", "unet_chunk2")]
         comps += ["unet"] if form == "full" else ["unet_chunk1", "unet_chunk2"]
-        return dataclasses.replace(self, unet_form=form, components=tuple(sorted(comps, key=_component_order)))
+        return dataclasses.replace(self, unet_form=form, components=sort_components(comps))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,12 +129,13 @@ class Variant:
         }
 
 
-def _component_order(name: str) -> int:
+def component_order(name: str) -> int:
+    """Pipeline order of a component name (COMPONENTS); unknown names last."""
     return COMPONENTS.index(name) if name in COMPONENTS else len(COMPONENTS)
 
 
 def sort_components(names: Iterable[str]) -> tuple[str, ...]:
-    return tuple(sorted(set(names), key=_component_order))
+    return tuple(sorted(set(names), key=component_order))
 
 
 def in_variant(root: str, path: str) -> str:

@@ -7,6 +7,7 @@ not a crash. Each problem names the file concerned and says what is wrong in one
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .bundle import ERROR, MANIFEST_NAME, REPULL_HINT, WARNING, Bundle, Component, Port, Problem
-from .errors import CoremlHubError
+from .errors import CoremlHubError, UnsupportedOperation
 from .layouts import COMPILED_FILE_OF
 
 MAX_BLOB_PROBLEMS = 20  # per weight file; a wholly broken file gives a summary line after these
@@ -90,13 +91,20 @@ def check_compiled(bundle: Bundle, component: Component) -> list[Problem]:
     return problems
 
 
-def _read_metadata(bundle: Bundle, path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
+def _read_json(bundle: Bundle, path: Path) -> tuple[Any, list[Problem]]:
+    """A JSON file's content, or None and the problem that stops it being read."""
     try:
-        data = json.loads(path.read_bytes())
+        return json.loads(path.read_bytes()), []
     except ValueError as exc:
         return None, [_problem(bundle, path, f"is not valid JSON ({exc})")]
     except OSError as exc:
         return None, [_problem(bundle, path, f"cannot be read ({exc.strerror})")]
+
+
+def _read_metadata(bundle: Bundle, path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
+    data, problems = _read_json(bundle, path)
+    if problems:
+        return None, problems
     if isinstance(data, list) and data and isinstance(data[0], dict):
         data = data[0]
     if not isinstance(data, dict):
@@ -190,7 +198,7 @@ def check_package(bundle: Bundle, component: Component) -> list[Problem]:
     try:
         program = program_from_proto(spec.mlProgram, base_dir=spec_path.parent)
     except CoremlHubError as exc:
-        severity = WARNING if type(exc).__name__ == "UnsupportedOperation" else ERROR
+        severity = WARNING if isinstance(exc, UnsupportedOperation) else ERROR
         problems.append(_problem(bundle, spec_path, f"the ML Program cannot be read: {exc.message}",
                                  severity=severity))
         return problems
@@ -208,12 +216,9 @@ def _check_manifest(bundle: Bundle, root: Path) -> tuple[list[Problem], Path | N
     path = root / "Manifest.json"
     if not path.is_file():
         return [_problem(bundle, path, "is missing")], None
-    try:
-        data = json.loads(path.read_bytes())
-    except ValueError as exc:
-        return [_problem(bundle, path, f"is not valid JSON ({exc})")], None
-    except OSError as exc:
-        return [_problem(bundle, path, f"cannot be read ({exc.strerror})")], None
+    data, problems = _read_json(bundle, path)
+    if problems:
+        return problems, None
     if not isinstance(data, dict):
         return [_problem(bundle, path, "is not a JSON object")], None
     problems = []
@@ -343,10 +348,7 @@ def _check_one_blob(blob_file: Any, offset: int, ttype: Any, what: str, packed_s
     shape = ttype.static_shape
     if shape is None:
         return f"blob at offset {offset} for {what} has no static shape in the program"
-    count = 1
-    for dim in shape:
-        count *= dim
-    expected = packed_size(info.dtype, count)
+    expected = packed_size(info.dtype, math.prod(shape))
     if info.size != expected:
         return (f"blob at offset {offset} for {what} holds {info.size} bytes; "
                 f"{ttype.dtype}{list(shape)} needs {expected}")
@@ -381,15 +383,15 @@ def check_contract(bundle: Bundle) -> list[Problem]:
         return [Problem(WARNING, ".", "no Stable Diffusion components recognized by name; only each bundle was checked")]
 
     compiled = any(c.format == "compiled" for c in bundle.components)
-    te_name = _display(bundle, "text_encoder", compiled)
+    te_name = _display("text_encoder", compiled)
     need(te is not None, None, f"no {te_name} bundle: every variant needs the text encoder")
-    need(vd is not None, None, f"no {_display(bundle, 'vae_decoder', compiled)} bundle: every variant needs the VAE decoder")
+    need(vd is not None, None, f"no {_display('vae_decoder', compiled)} bundle: every variant needs the VAE decoder")
     if unet is None and (c1 is None or c2 is None):
         if c1 is not None or c2 is not None:
             have = c1 or c2
             need(False, None, f"only {have.display_name} of the chunked Unet is present: both chunks are needed")
         else:
-            need(False, None, f"no {_display(bundle, 'unet', compiled)} bundle (or UnetChunk1 + UnetChunk2)")
+            need(False, None, f"no {_display('unet', compiled)} bundle (or UnetChunk1 + UnetChunk2)")
     if unet is not None and (c1 is not None or c2 is not None):
         problems.append(Problem(WARNING, ".", "both the full Unet and its chunks are present; one form is enough",
                                 "Remove one form, or pull with --chunked/--no-chunked to fetch one."))
@@ -431,7 +433,7 @@ def check_contract(bundle: Bundle) -> list[Problem]:
             if shape is not None:
                 need(len(shape) == 2 and (batch is None or shape[0] == batch) and (want is None or shape[1] == want),
                      first_unet, f"{name} is {_fmt_shape(shape)}; expected [{batch or 'B'}, {want or 'N'}]")
-        need(te2 is not None, None, f"no {_display(bundle, 'text_encoder_2', compiled)} bundle: SDXL variants need "
+        need(te2 is not None, None, f"no {_display('text_encoder_2', compiled)} bundle: SDXL variants need "
                                     "the second text encoder")
 
     # text encoders: hidden sizes sum to the Unet's channels, sequence length matches
@@ -538,7 +540,7 @@ def attention_from_bundles(bundle: Bundle) -> str | None:
     return "split_einsum" if any(p.op_histogram().get("einsum") for p in programs) else "original"
 
 
-def _display(bundle: Bundle, name: str, compiled: bool) -> str:
+def _display(name: str, compiled: bool) -> str:
     return COMPILED_FILE_OF.get(name, name) if compiled else name
 
 
@@ -580,10 +582,9 @@ def check_hashes(bundle: Bundle, progress: bool = False) -> tuple[list[Problem],
     manifest = bundle.manifest
     hint = "Re-pull with `--force` to fetch the file again."
     if manifest is None or "_unreadable" in manifest:
-        what = "is unreadable" if manifest else f"({MANIFEST_NAME}) was found"
-        message = f"the pull manifest {what}; there are no recorded hashes to compare with" if manifest else \
-            f"no pull manifest ({MANIFEST_NAME}) was found; there are no recorded hashes to compare with"
-        return [Problem(ERROR, ".", message, "--hashes works on pulled models (`coreml-hub ls`).")], 0
+        what = "the pull manifest is unreadable" if manifest else f"no pull manifest ({MANIFEST_NAME}) was found"
+        return [Problem(ERROR, ".", f"{what}; there are no recorded hashes to compare with",
+                        "--hashes works on pulled models (`coreml-hub ls`).")], 0
     entries = manifest.get("files")
     if not isinstance(entries, list):
         return [Problem(ERROR, MANIFEST_NAME, "the pull manifest lists no files", hint)], 0

@@ -91,22 +91,18 @@ def _object_id(repo_id: str) -> str:
     return hashlib.sha1(repo_id.encode()).hexdigest()[:24]
 
 
-def file_entry(store: RepoStore, entry: Entry, *, expand: bool = False, commit: str | None = None,
-               last_modified: str | None = None) -> dict[str, Any]:
-    digest = store.digest(entry)
-    item: dict[str, Any] = {"type": "file", "oid": digest.blob_id, "size": entry.size, "path": entry.path}
-    if digest.sha256 is not None:
-        item["lfs"] = {"oid": digest.sha256, "size": entry.size, "pointerSize": digest.pointer_size}
-    if expand and commit is not None:
-        item["lastCommit"] = {"id": commit, "title": "Mirror", "date": last_modified}
-    return item
-
-
-def folder_entry(store: RepoStore, repo: Repo, path: str, *, expand: bool = False, commit: str | None = None,
-                 last_modified: str | None = None) -> dict[str, Any]:
-    item: dict[str, Any] = {"type": "directory", "oid": store.tree_oid(repo, path), "size": 0, "path": path}
-    if expand and commit is not None:
-        item["lastCommit"] = {"id": commit, "title": "Mirror", "date": last_modified}
+def path_entry(store: RepoStore, repo: Repo, path: str, *, expand: bool, commit: str) -> dict[str, Any]:
+    """A file (`RepoFile`) or folder (`RepoFolder`) of a tree or paths-info listing; `path` must exist."""
+    entry = repo.entry(path)
+    if entry is None:
+        item: dict[str, Any] = {"type": "directory", "oid": store.tree_oid(repo, path), "size": 0, "path": path}
+    else:
+        digest = store.digest(entry)
+        item = {"type": "file", "oid": digest.blob_id, "size": entry.size, "path": entry.path}
+        if digest.sha256 is not None:
+            item["lfs"] = {"oid": digest.sha256, "size": entry.size, "pointerSize": digest.pointer_size}
+    if expand:
+        item["lastCommit"] = {"id": commit, "title": "Mirror", "date": repo.last_modified}
     return item
 
 

@@ -35,6 +35,21 @@ def _truthy(values: list[str] | None) -> bool:
     return bool(values) and values[-1].lower() in ("1", "true", "yes", "on")
 
 
+def _last(params: dict[str, list[str]], name: str) -> str | None:
+    """The last value given for a query parameter; None when absent or empty."""
+    values = params.get(name)
+    return values[-1] or None if values else None
+
+
+def _expand(params: dict[str, list[str]]) -> tuple[str, ...]:
+    """The properties `expand` names (either spelling) that this mirror can answer."""
+    return tuple(p for p in params.get("expand", []) + params.get("expand[]", []) if p in api.EXPANDABLE)
+
+
+def _repo_id(org: str, name: str) -> str:
+    return f"{unquote(org)}/{unquote(name)}"
+
+
 class MirrorHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "coreml-hub-mirror"
@@ -137,7 +152,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
                 self._list_models(params, head)
                 return
             if len(parts) >= 4:
-                repo_id = f"{unquote(parts[2])}/{unquote(parts[3])}"
+                repo_id = _repo_id(parts[2], parts[3])
                 rest = parts[4:]
                 if not rest:
                     self._model_info(repo_id, "main", params, head)
@@ -153,8 +168,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
         if parts[:2] in (["api", "datasets"], ["api", "spaces"]) or parts[:1] in (["datasets"], ["spaces"]):
             raise HubError(404, "RepoNotFound", "This mirror serves models only.")
         if len(parts) >= 5 and parts[2] == "resolve" and self.command in ("GET", "HEAD"):
-            repo_id = f"{unquote(parts[0])}/{unquote(parts[1])}"
-            self._resolve(repo_id, unquote(parts[3]), unquote("/".join(parts[4:])), head)
+            self._resolve(_repo_id(parts[0], parts[1]), unquote(parts[3]), unquote("/".join(parts[4:])), head)
             return
         if raw_path in ("", "/"):
             self._send_json({"mirror": "coreml-hub", "repos": len(self.server.store.repo_ids())}, head=head)
@@ -197,21 +211,18 @@ class MirrorHandler(BaseHTTPRequestHandler):
     # -- endpoints -----------------------------------------------------------------------------------
 
     def _list_models(self, params: dict[str, list[str]], head: bool) -> None:
-        sort = (params.get("sort") or [None])[-1]
-        direction = (params.get("direction") or ["-1"])[-1]
         gated = params.get("gated")
         query = api.Query(
             filters=tuple(f for f in params.get("filter", []) + params.get("filter[]", []) if f),
-            author=(params.get("author") or [None])[-1] or None,
-            search=(params.get("search") or [None])[-1] or None,
-            pipeline_tag=(params.get("pipeline_tag") or [None])[-1] or None,
+            author=_last(params, "author"),
+            search=_last(params, "search"),
+            pipeline_tag=_last(params, "pipeline_tag"),
             library=tuple(v for v in params.get("library", []) if v),
             gated=None if not gated else _truthy(gated),
-            sort=sort,
-            descending=direction != "1",
+            sort=_last(params, "sort"),
+            descending=_last(params, "direction") != "1",
         )
-        expand = tuple(p for p in params.get("expand", []) + params.get("expand[]", []) if p in api.EXPANDABLE)
-        props = expand or (api.FULL_LIST_PROPS if _truthy(params.get("full")) else api.DEFAULT_LIST_PROPS)
+        props = _expand(params) or (api.FULL_LIST_PROPS if _truthy(params.get("full")) else api.DEFAULT_LIST_PROPS)
         if _truthy(params.get("cardData")) and "cardData" not in props:
             props = props + ("cardData",)
 
@@ -232,8 +243,8 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def _model_info(self, repo_id: str, revision: str, params: dict[str, list[str]], head: bool) -> None:
         repo = self._repo(repo_id)
         self._check_revision(repo, revision)
-        expand = tuple(p for p in params.get("expand", []) + params.get("expand[]", []) if p in api.EXPANDABLE)
-        doc = api.model_document(self.server.store, repo, expand or api.INFO_PROPS, blobs=_truthy(params.get("blobs")))
+        doc = api.model_document(self.server.store, repo, _expand(params) or api.INFO_PROPS,
+                                 blobs=_truthy(params.get("blobs")))
         self._send_json(doc, head=head)
 
     def _tree(self, repo_id: str, revision: str, folder: str, params: dict[str, list[str]], head: bool) -> None:
@@ -249,24 +260,14 @@ class MirrorHandler(BaseHTTPRequestHandler):
         page_size = min(self.server.page_size, 50) if expand else self.server.page_size
         start = _int_param(params, "cursor") or 0
         page = items[start:start + page_size]
-        store = self.server.store
-        docs = []
-        for kind, path in page:
-            if kind == "directory":
-                docs.append(api.folder_entry(store, repo, path, expand=expand, commit=commit,
-                                             last_modified=repo.last_modified))
-            else:
-                entry = repo.entry(path)
-                assert entry is not None
-                docs.append(api.file_entry(store, entry, expand=expand, commit=commit,
-                                           last_modified=repo.last_modified))
+        docs = [api.path_entry(self.server.store, repo, path, expand=expand, commit=commit) for _kind, path in page]
         headers = {"X-Repo-Commit": commit}
         if start + page_size < len(items):
             headers["Link"] = self._next_link(self.path.partition("?")[0], params, start + page_size)
         self._send_json(docs, head=head, headers=headers)
 
     def _paths_info(self, parts: list[str], body: bytes, head: bool) -> None:
-        repo = self._repo(f"{unquote(parts[2])}/{unquote(parts[3])}")
+        repo = self._repo(_repo_id(parts[2], parts[3]))
         revision = unquote("/".join(parts[5:])) or "main"
         commit = self._check_revision(repo, revision)
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
@@ -280,18 +281,9 @@ class MirrorHandler(BaseHTTPRequestHandler):
             paths = form.get("paths", []) + form.get("paths[]", [])
             expand = _truthy(form.get("expand"))
         directories = set(repo.directories())
-        docs = []
-        for path in paths:
-            path = path.strip("/")
-            if not valid_repo_path(path):
-                continue
-            entry = repo.entry(path)
-            if entry is not None:
-                docs.append(api.file_entry(self.server.store, entry, expand=expand, commit=commit,
-                                           last_modified=repo.last_modified))
-            elif path in directories:
-                docs.append(api.folder_entry(self.server.store, repo, path, expand=expand, commit=commit,
-                                             last_modified=repo.last_modified))
+        wanted = [p.strip("/") for p in paths]
+        docs = [api.path_entry(self.server.store, repo, path, expand=expand, commit=commit) for path in wanted
+                if valid_repo_path(path) and (path in directories or repo.entry(path) is not None)]
         self._send_json(docs, head=head, headers={"X-Repo-Commit": commit})
 
     def _resolve(self, repo_id: str, revision: str, path: str, head: bool) -> None:

@@ -13,9 +13,10 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .hashing import Digest, DigestCache, is_lfs
 
@@ -49,11 +50,12 @@ class Repo:
     def author(self) -> str:
         return self.repo_id.split("/", 1)[0]
 
+    @cached_property
+    def _by_path(self) -> dict[str, Entry]:
+        return {e.path: e for e in self.entries}
+
     def entry(self, path: str) -> Entry | None:
-        for item in self.entries:
-            if item.path == path:
-                return item
-        return None
+        return self._by_path.get(path)
 
     def directories(self) -> list[str]:
         dirs: set[str] = set()
@@ -101,19 +103,19 @@ class Repo:
 
     @property
     def last_modified(self) -> str:
-        declared = self.meta.get("lastModified")
-        if isinstance(declared, str) and declared:
-            return declared
-        newest = max((e.mtime_ns for e in self.entries), default=0)
-        return iso_time(newest)
+        """As `.hub.json` declares it, else the newest file's mtime."""
+        return self._time("lastModified", max)
 
     @property
     def created_at(self) -> str:
-        declared = self.meta.get("createdAt")
+        """As `.hub.json` declares it, else the oldest file's mtime."""
+        return self._time("createdAt", min)
+
+    def _time(self, key: str, pick: Callable[..., int]) -> str:
+        declared = self.meta.get(key)
         if isinstance(declared, str) and declared:
             return declared
-        oldest = min((e.mtime_ns for e in self.entries), default=0)
-        return iso_time(oldest)
+        return iso_time(pick((e.mtime_ns for e in self.entries), default=0))
 
 
 def iso_time(ns: int) -> str:
@@ -159,10 +161,9 @@ class RepoStore:
         return ids
 
     def get(self, repo_id: str) -> Repo | None:
-        parts = repo_id.split("/")
-        if len(parts) != 2 or not all(p and not _hidden(p) and p != ".." for p in parts):
+        if repo_id.count("/") != 1 or not valid_repo_path(repo_id):
             return None
-        folder = self.root / parts[0] / parts[1]
+        folder = self.root / repo_id
         if not folder.is_dir():
             return None
         return Repo(repo_id=repo_id, folder=folder, entries=tuple(self._walk(folder)), meta=self._meta(folder, repo_id))

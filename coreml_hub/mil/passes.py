@@ -15,7 +15,6 @@ a plain function `Graph -> None` and is verified by running models with and with
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -62,13 +61,6 @@ class Graph:
             for name in set(op.input_names()):
                 users.setdefault(name, []).append(op)
         return users
-
-    def use_counts(self) -> Counter[str]:
-        counts: Counter[str] = Counter()
-        for op in self.ops:
-            counts.update(op.input_names())
-        counts.update(self.outputs)
-        return counts
 
     def const_value(self, arg: Any) -> np.ndarray | None:
         """The numpy value of an argument when it is a constant tensor, else None."""
@@ -254,13 +246,13 @@ def _scalar_const(graph: Graph, arg: Any) -> float | None:
     return float(value.reshape(-1)[0])
 
 
-def fuse_attention(graph: Graph) -> int:
-    """Replace each softmax-attention pattern by one fused op; returns how many were fused."""
+Match = tuple[list[Operation], Operation, Operation]  # ops replaced, the fused op, the op it takes the place of
+
+
+def _fuse_each(graph: Graph, find: Callable[[Graph], Match | None]) -> int:
+    """Replace matches of a pattern one at a time (each replacement changes the graph); returns how many."""
     fused = 0
-    while True:
-        match = _find_attention(graph)
-        if match is None:
-            return fused
+    while (match := find(graph)) is not None:
         removed, fused_op, anchor = match
         index = graph.ops.index(anchor)
         removed_ids = {id(op) for op in removed}
@@ -268,9 +260,15 @@ def fuse_attention(graph: Graph) -> int:
         after = [op for op in graph.ops[index + 1 :] if id(op) not in removed_ids]
         graph.ops = before + [fused_op] + after
         fused += 1
+    return fused
 
 
-def _find_attention(graph: Graph) -> tuple[list[Operation], Operation, Operation] | None:
+def fuse_attention(graph: Graph) -> int:
+    """Replace each softmax-attention pattern by one fused op; returns how many were fused."""
+    return _fuse_each(graph, _find_attention)
+
+
+def _find_attention(graph: Graph) -> Match | None:
     producers = graph.producers()
     users = graph.consumers()
     for softmax in graph.ops:
@@ -284,7 +282,7 @@ def _find_attention(graph: Graph) -> tuple[list[Operation], Operation, Operation
 
 def _attention_at(
     graph: Graph, producers: dict[str, Operation], users: dict[str, list[Operation]], softmax: Operation
-) -> tuple[list[Operation], Operation, Operation] | None:
+) -> Match | None:
     chain: list[Operation] = [softmax]
     scale, mask = 1.0, None
     # walk back from the softmax input: [cast] [add mask] [cast] [scale] [cast] <- contraction
@@ -468,23 +466,10 @@ def _attention_layout(
 
 def fuse_group_norm(graph: Graph) -> int:
     """Replace each decomposed group normalization by one fused op; returns how many."""
-    fused = 0
-    while True:
-        match = _find_group_norm(graph)
-        if match is None:
-            return fused
-        removed, op, anchor = match
-        index = graph.ops.index(anchor)
-        removed_ids = {id(o) for o in removed}
-        graph.ops = (
-            [o for o in graph.ops[:index] if id(o) not in removed_ids]
-            + [op]
-            + [o for o in graph.ops[index + 1 :] if id(o) not in removed_ids]
-        )
-        fused += 1
+    return _fuse_each(graph, _find_group_norm)
 
 
-def _find_group_norm(graph: Graph) -> tuple[list[Operation], Operation, Operation] | None:
+def _find_group_norm(graph: Graph) -> Match | None:
     producers = graph.producers()
     users = graph.consumers()
     for op in graph.ops:
@@ -510,7 +495,7 @@ def _axes(graph: Graph, op: Operation, rank: int) -> list[int] | None:
 
 def _group_norm_at(
     graph: Graph, producers: dict[str, Operation], users: dict[str, list[Operation]], split: Operation
-) -> tuple[list[Operation], Operation, Operation] | None:
+) -> Match | None:
     x = split.inputs.get("x")
     grouped = split.outputs[0].name
     if not isinstance(x, str):

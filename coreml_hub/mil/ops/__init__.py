@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -132,6 +132,25 @@ def to_python(value: Any) -> Any:
     if isinstance(value, tuple):
         return [to_python(v) for v in value]
     return value
+
+
+def along_axis(v: Any, axis: int | None, rank: int) -> Any:
+    """A scalar or a vector (torch or numpy) shaped to broadcast along `axis` of a rank-`rank` tensor."""
+    if v.ndim == 0 or axis is None:
+        return v
+    shape = [1] * rank
+    shape[axis % rank] = -1
+    return v.reshape(shape)
+
+
+def pad_pairs(pad: Sequence[int]) -> list[tuple[int, int]]:
+    """MIL's flat pad list [before0, after0, before1, after1, ...] as (before, after) per dimension."""
+    return [(int(pad[2 * i]), int(pad[2 * i + 1])) for i in range(len(pad) // 2)]
+
+
+def torch_pad(pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """(before, after) per dimension, first dimension first, as F.pad wants it: last dimension first."""
+    return [n for before, after in reversed(pairs) for n in (before, after)]
 
 
 # Registration happens on import of the kernel modules.

@@ -12,24 +12,15 @@ from typing import Any
 import numpy as np
 
 from ..blob import unpack_bits
-from . import constexpr
-
-
-def _along(v: np.ndarray, axis: int, rank: int) -> np.ndarray:
-    v = np.asarray(v)
-    if v.ndim == 0 or v.size == 1:
-        return v.reshape(())
-    shape = [1] * rank
-    shape[axis % rank] = -1
-    return v.reshape(shape)
+from . import along_axis, constexpr
 
 
 @constexpr("constexpr_affine_dequantize")
 def affine_dequantize(quantized_data: np.ndarray, zero_point: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     rank = quantized_data.ndim
     scale = np.asarray(scale)
-    data = quantized_data.astype(np.float32) - _along(zero_point, axis, rank).astype(np.float32)
-    return (data * _along(scale, axis, rank).astype(np.float32)).astype(scale.dtype)
+    data = quantized_data.astype(np.float32) - along_axis(np.asarray(zero_point), axis, rank).astype(np.float32)
+    return (data * along_axis(scale, axis, rank).astype(np.float32)).astype(scale.dtype)
 
 
 @constexpr("constexpr_cast")

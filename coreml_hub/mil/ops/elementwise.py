@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import Context, kernel
+from . import Context, along_axis, kernel
 
 # -- unary ---------------------------------------------------------------------------
 
@@ -120,14 +120,9 @@ def linear_activation(x: torch.Tensor, alpha: float, beta: float) -> torch.Tenso
     return x * alpha + beta
 
 
-def _channel_broadcast(v: torch.Tensor, rank: int) -> torch.Tensor:
-    """A [C] vector shaped to broadcast along dimension 1 of a rank-`rank` tensor."""
-    return v.reshape((1, -1) + (1,) * (rank - 2))
-
-
 @kernel("prelu", tensors=("x", "alpha"))
 def prelu(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return torch.where(x > 0, x, x * _channel_broadcast(alpha, x.dim()))
+    return torch.where(x > 0, x, x * along_axis(alpha, 1, x.dim()))
 
 
 @kernel("scaled_tanh")
@@ -143,7 +138,7 @@ def sigmoid_hard(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
 @kernel("softplus_parametric", tensors=("x", "alpha", "beta"))
 def softplus_parametric(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     rank = x.dim()
-    return _channel_broadcast(alpha, rank) * F.softplus(x * _channel_broadcast(beta, rank))
+    return along_axis(alpha, 1, rank) * F.softplus(x * along_axis(beta, 1, rank))
 
 
 @kernel("thresholded_relu")

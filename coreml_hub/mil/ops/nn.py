@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import kernel
+from . import along_axis, kernel, pad_pairs, torch_pad
 
 # -- padding -------------------------------------------------------------------------
 
@@ -28,8 +28,7 @@ def spatial_pads(
     if pad_type == "valid":
         return [(0, 0)] * n
     if pad_type == "custom":
-        values = list(pad) if pad is not None else [0] * (2 * n)
-        return [(int(values[2 * i]), int(values[2 * i + 1])) for i in range(n)]
+        return pad_pairs(pad)[:n] if pad is not None else [(0, 0)] * n
     if pad_type in ("same", "same_lower"):
         pads = []
         for size, k, s, d in zip(sizes, kernel_sizes, strides, dilations):
@@ -39,14 +38,6 @@ def spatial_pads(
             pads.append((small, large) if pad_type == "same" else (large, small))
         return pads
     raise ValueError(f"unknown pad_type {pad_type!r}")
-
-
-def _torch_pad(pads: list[tuple[int, int]]) -> list[int]:
-    """F.pad wants the last dimension first."""
-    flat: list[int] = []
-    for before, after in reversed(pads):
-        flat += [before, after]
-    return flat
 
 
 # -- convolution ---------------------------------------------------------------------
@@ -77,7 +68,7 @@ def conv(
     if all(b == a for b, a in pads):
         padding: Any = [b for b, _ in pads]
     else:
-        x = F.pad(x, _torch_pad(pads))
+        x = F.pad(x, torch_pad(pads))
         padding = 0
     return _CONV[nd](x, weight, bias, strides, padding, dilations, groups)
 
@@ -101,12 +92,12 @@ def conv_transpose(
     # positions past the full extent receive no contributions.
     full = _CONV_T[nd](x, weight, None, strides, 0, 0, groups, dilations)
     sizes_in = x.shape[2:]
+    custom = pad_pairs(pad) if pad else [(0, 0)] * nd
     out = full
     for i in range(nd):
         length = full.shape[2 + i]
         if pad_type == "custom":
-            p = pad or [0] * (2 * nd)
-            before, after = int(p[2 * i]), int(p[2 * i + 1])
+            before, after = custom[i]
             target = length - before - after
         elif pad_type in ("same", "same_lower"):
             target = sizes_in[i] * strides[i]
@@ -126,7 +117,7 @@ def conv_transpose(
             extra[dim] = target - out.shape[dim]
             out = torch.cat([out, out.new_zeros(extra)], dim=dim)
     if bias is not None:
-        out = out + bias.reshape((1, -1) + (1,) * nd)
+        out = out + along_axis(bias, 1, out.dim())
     return out
 
 
@@ -283,11 +274,11 @@ def avg_pool(
     if implicit:
         kwargs: dict[str, Any] = {"count_include_pad": not exclude_padding_from_average}
         return _AVG[nd](x, kernel_sizes, strides, [b for b, _ in pads], ceil_mode, **kwargs)
-    padded = F.pad(x, _torch_pad(pads))
+    padded = F.pad(x, torch_pad(pads))
     total = _AVG[nd](padded, kernel_sizes, strides, 0, ceil_mode)
     if not exclude_padding_from_average:
         return total
-    ones = F.pad(torch.ones_like(x[:1, :1]), _torch_pad(pads))
+    ones = F.pad(torch.ones_like(x[:1, :1]), torch_pad(pads))
     share = _AVG[nd](ones, kernel_sizes, strides, 0, ceil_mode)
     return total / share
 
@@ -304,7 +295,7 @@ def max_pool(
     nd, strides, pads, implicit = _pool_setup(x, kernel_sizes, strides, pad_type, pad)
     if implicit:
         return _MAX[nd](x, kernel_sizes, strides, [b for b, _ in pads], 1, ceil_mode)
-    padded = F.pad(x, _torch_pad(pads), value=float("-inf"))
+    padded = F.pad(x, torch_pad(pads), value=float("-inf"))
     return _MAX[nd](padded, kernel_sizes, strides, 0, 1, ceil_mode)
 
 
@@ -318,7 +309,7 @@ def l2_pool(
     ceil_mode: bool = False,
 ) -> torch.Tensor:
     nd, strides, pads, _ = _pool_setup(x, kernel_sizes, strides, pad_type, pad)
-    padded = F.pad(x * x, _torch_pad(pads))
+    padded = F.pad(x * x, torch_pad(pads))
     mean = _AVG[nd](padded, kernel_sizes, strides, 0, ceil_mode)
     return torch.sqrt(mean * float(np.prod(kernel_sizes)))
 
@@ -498,14 +489,6 @@ def fused_attention(
 # -- quantization --------------------------------------------------------------------
 
 
-def _along_axis(v: torch.Tensor, axis: int | None, rank: int) -> torch.Tensor:
-    if v.dim() == 0 or axis is None:
-        return v
-    shape = [1] * rank
-    shape[axis % rank] = -1
-    return v.reshape(shape)
-
-
 @kernel("dequantize", tensors=("input", "scale", "zero_point"))
 def dequantize(
     out_dtype: torch.dtype,
@@ -517,8 +500,8 @@ def dequantize(
     x = input.to(out_dtype)
     rank = input.dim()
     if zero_point is not None:
-        x = x - _along_axis(zero_point.to(out_dtype), axis, rank)
-    return x * _along_axis(scale, axis, rank)
+        x = x - along_axis(zero_point.to(out_dtype), axis, rank)
+    return x * along_axis(scale, axis, rank)
 
 
 @kernel("quantize", tensors=("input", "scale", "zero_point"))
@@ -530,9 +513,9 @@ def quantize(
     axis: int | None = None,
 ) -> torch.Tensor:
     rank = input.dim()
-    q = torch.round(input / _along_axis(scale, axis, rank))
+    q = torch.round(input / along_axis(scale, axis, rank))
     if zero_point is not None:
-        q = q + _along_axis(zero_point.to(q.dtype), axis, rank)
+        q = q + along_axis(zero_point.to(q.dtype), axis, rank)
     low, high, dtype = (0, 255, torch.uint8) if output_dtype == "uint8" else (-128, 127, torch.int8)
     return torch.clamp(q, low, high).to(dtype)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import Context, kernel
+from . import Context, kernel, pad_pairs, torch_pad
 
 # -- shapes --------------------------------------------------------------------------
 
@@ -58,11 +59,7 @@ def transpose(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
 
 @kernel("flatten2d")
 def flatten2d(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
-    axis = axis % x.dim() if axis < 0 else axis
-    lead = 1
-    for d in x.shape[:axis]:
-        lead *= d
-    return x.reshape(lead, -1)
+    return x.reshape(math.prod(x.shape[:axis % x.dim()]), -1)
 
 
 @kernel("shape")
@@ -231,6 +228,12 @@ def split(
 # -- gather and scatter --------------------------------------------------------------
 
 
+def _merge_batch(x: torch.Tensor, indices: torch.Tensor, batch_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` and `indices` with their leading `batch_dims` dimensions merged into one."""
+    p = math.prod(x.shape[:batch_dims])
+    return x.reshape((p,) + x.shape[batch_dims:]), indices.reshape((p,) + indices.shape[batch_dims:])
+
+
 def _positive(indices: torch.Tensor, size: int) -> torch.Tensor:
     indices = indices.to(torch.int64)
     return torch.where(indices < 0, indices + size, indices)
@@ -249,11 +252,8 @@ def gather(
         return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1 :])
     # batched: x [B..., pre..., D, rest...], indices [B..., N...]
     batch = x.shape[:batch_dims]
-    p = 1
-    for d in batch:
-        p *= d
-    xb = x.reshape((p,) + x.shape[batch_dims:])
-    ib = idx.reshape((p,) + idx.shape[batch_dims:])
+    xb, ib = _merge_batch(x, idx, batch_dims)
+    p = xb.shape[0]
     a = axis - batch_dims  # axis inside one batch element
     moved = xb.movedim(a + 1, 1)  # [P, D, pre..., rest...]
     rows = torch.arange(p, device=x.device).reshape((p,) + (1,) * (ib.dim() - 1))
@@ -282,11 +282,8 @@ def gather_nd(
     if batch_dims == 0:
         return x[tuple(idx[..., i] for i in range(k))]
     batch = x.shape[:batch_dims]
-    p = 1
-    for d in batch:
-        p *= d
-    xb = x.reshape((p,) + x.shape[batch_dims:])
-    ib = idx.reshape((p,) + idx.shape[batch_dims:])
+    xb, ib = _merge_batch(x, idx, batch_dims)
+    p = xb.shape[0]
     rows = torch.arange(p, device=x.device).reshape((p,) + (1,) * (ib.dim() - 2))
     out = xb[(rows,) + tuple(ib[..., i] for i in range(k))]
     return out.reshape(batch + out.shape[1:])
@@ -490,14 +487,15 @@ for _name, _fn in _REDUCTIONS.items():
     kernel(_name)(_reduction(_fn))
 
 
-@kernel("reduce_argmax")
-def reduce_argmax(x: torch.Tensor, axis: int = -1, keep_dims: bool = False, output_dtype: str = "int32") -> torch.Tensor:
-    return torch.argmax(x, dim=axis, keepdim=keep_dims).to(torch.int32)
+def _arg_reduction(fn: Any) -> Any:
+    def run(x: torch.Tensor, axis: int = -1, keep_dims: bool = False, output_dtype: str = "int32") -> torch.Tensor:
+        return fn(x, dim=axis, keepdim=keep_dims).to(torch.int32)
+
+    return run
 
 
-@kernel("reduce_argmin")
-def reduce_argmin(x: torch.Tensor, axis: int = -1, keep_dims: bool = False, output_dtype: str = "int32") -> torch.Tensor:
-    return torch.argmin(x, dim=axis, keepdim=keep_dims).to(torch.int32)
+kernel("reduce_argmax")(_arg_reduction(torch.argmax))
+kernel("reduce_argmin")(_arg_reduction(torch.argmin))
 
 
 # -- padding -------------------------------------------------------------------------
@@ -518,13 +516,10 @@ def _edge_index(n: int, before: int, after: int, mode: str) -> list[int]:
 
 @kernel("pad")
 def pad(x: torch.Tensor, pad: list[int], mode: str = "constant", constant_val: float = 0.0) -> torch.Tensor:
-    pairs = [(int(pad[2 * i]), int(pad[2 * i + 1])) for i in range(len(pad) // 2)]
+    pairs = pad_pairs(pad)
     first = x.dim() - len(pairs)
     if mode == "constant":
-        flat: list[int] = []
-        for before, after in reversed(pairs):
-            flat += [before, after]
-        return F.pad(x, flat, value=constant_val)
+        return F.pad(x, torch_pad(pairs), value=constant_val)
     out = x
     for j, (before, after) in enumerate(pairs):
         if before == 0 and after == 0:

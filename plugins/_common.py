@@ -101,6 +101,7 @@ SIMPLE_COMPONENTS = {
     "controlnet": "controlnet",
 }
 TAG_ORDER = ("bits", "mbp", "palettized", "cn", "no-i2i", "other", "partial", "zip")
+DEFAULT_ATTENTION = "original"  # when no path names one: the file list cannot tell (a pulled Unet's ops can)
 
 _ORG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -475,6 +476,23 @@ def folder_plans(bundles: list[Bundle], loose: list[RepoFile], folders: Iterable
                 plan.aux = sorted(aux_by_folder.get(folder, []), key=lambda f: f.path)
             plans.append(plan)
     return plans
+
+
+def variants_by_folder(bundles: list[Bundle], loose: list[RepoFile], folders: Iterable[str], *, layout: str,
+                       attention_of: Callable[[str], tuple[str, str]]) -> list[Variant]:
+    """One variant per folder and format (see `folder_plans`), ids made unique.
+
+    `attention_of(root)` gives the attention and where it was read (`path` or `default`).
+    """
+    variants: list[Variant] = []
+    for plan in folder_plans(bundles, loose, folders):
+        attention, attention_from = attention_of(plan.root)
+        variant = folder_variant(plan, layout=layout, attention=attention, tags=tags_in(plan.root),
+                                 resolution=resolution_in(plan.root),
+                                 extra={"attention_from": attention_from, "format_from": "content"})
+        if variant is not None:
+            variants.append(variant)
+    return dedupe_ids(variants)
 
 
 def bundle_folders(bundles: list[Bundle]) -> set[str]:

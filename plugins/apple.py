@@ -20,26 +20,21 @@ of bundles; the flat layout stays silent on such repos.
 
 from __future__ import annotations
 
-
 from coreml_hub.hookspecs import hookimpl
 from coreml_hub.layouts import RepoFile, Variant
 
 from ._common import (
+    DEFAULT_ATTENTION,
     LayoutBase,
     attention_in,
     basename,
     bundle_folders,
     clean_files,
-    dedupe_ids,
     find_bundles,
-    folder_plans,
-    folder_variant,
-    resolution_in,
-    tags_in,
+    variants_by_folder,
 )
 
 FORMAT_FOLDERS = ("compiled", "packages")
-DEFAULT_ATTENTION = "original"
 
 
 def apple_roots(folders: set[str]) -> set[str]:
@@ -48,6 +43,7 @@ def apple_roots(folders: set[str]) -> set[str]:
 
 
 def _attention(root: str) -> tuple[str, str]:
+    """The attention the nearest folder names (`split_einsum_v2/packages` inside `original/`...)."""
     for part in reversed(root.split("/")):
         found = attention_in(part)
         if found:
@@ -62,20 +58,7 @@ def find_apple_variants(files: list[RepoFile]) -> list[Variant]:
     folders = bundle_folders(bundles)
     if not apple_roots(folders):
         return []
-    variants: list[Variant] = []
-    for plan in folder_plans(bundles, loose, folders):
-        attention, attention_from = _attention(plan.root)
-        variant = folder_variant(
-            plan,
-            layout=AppleLayout.name,
-            attention=attention,
-            tags=tags_in(plan.root),
-            resolution=resolution_in(plan.root),
-            extra={"attention_from": attention_from, "format_from": "content"},
-        )
-        if variant is not None:
-            variants.append(variant)
-    return dedupe_ids(variants)
+    return variants_by_folder(bundles, loose, folders, layout=AppleLayout.name, attention_of=_attention)
 
 
 class AppleLayout(LayoutBase):

@@ -41,12 +41,13 @@ from coreml_hub.hookspecs import hookimpl
 from coreml_hub.layouts import RepoFile, Variant, sort_components, variant_id
 
 from ._common import (
-    LayoutBase,
     BUNDLE_SUFFIXES,
     COMPILED_MARKERS,
     CONTROLNET_DIR,
+    DEFAULT_ATTENTION,
     JUNK_PARTS,
     PACKAGE_MARKERS,
+    LayoutBase,
     attention_in,
     basename,
     clean_files,
@@ -60,7 +61,7 @@ from ._common import (
     slug,
     tags_in,
 )
-from .apple import DEFAULT_ATTENTION, find_apple_variants
+from .apple import find_apple_variants
 from .flat import find_flat_variants
 
 _APPLE_ZIP = re.compile(r"^(?P<prefix>.+)_(?P<attention>original|split_einsum_v2|split_einsum)_(?P<fmt>compiled|packages)$")

@@ -11,23 +11,24 @@ Folders whose bundles are no known Stable Diffusion component give nothing.
 
 from __future__ import annotations
 
-
 from coreml_hub.hookspecs import hookimpl
 from coreml_hub.layouts import RepoFile, Variant
 
 from ._common import (
+    DEFAULT_ATTENTION,
     LayoutBase,
     attention_in,
     bundle_folders,
     clean_files,
-    dedupe_ids,
     find_bundles,
-    folder_plans,
-    folder_variant,
-    resolution_in,
-    tags_in,
+    variants_by_folder,
 )
-from .apple import DEFAULT_ATTENTION, apple_roots
+from .apple import apple_roots
+
+
+def _attention(root: str) -> tuple[str, str]:
+    found = attention_in(root)
+    return (found, "path") if found else (DEFAULT_ATTENTION, "default")
 
 
 def find_flat_variants(files: list[RepoFile]) -> list[Variant]:
@@ -39,20 +40,7 @@ def find_flat_variants(files: list[RepoFile]) -> list[Variant]:
     folders = bundle_folders(bundles)
     if apple_roots(folders):
         return []
-    variants: list[Variant] = []
-    for plan in folder_plans(bundles, loose, folders):
-        attention = attention_in(plan.root)
-        variant = folder_variant(
-            plan,
-            layout=FlatLayout.name,
-            attention=attention or DEFAULT_ATTENTION,
-            tags=tags_in(plan.root),
-            resolution=resolution_in(plan.root),
-            extra={"attention_from": "path" if attention else "default", "format_from": "content"},
-        )
-        if variant is not None:
-            variants.append(variant)
-    return dedupe_ids(variants)
+    return variants_by_folder(bundles, loose, folders, layout=FlatLayout.name, attention_of=_attention)
 
 
 class FlatLayout(LayoutBase):

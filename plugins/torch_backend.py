@@ -19,23 +19,20 @@ def resolve_device(device: str | None) -> str:
     import torch
 
     from coreml_hub.errors import BackendUnavailable, UsageError
+    from coreml_hub.mil.model import best_device, mps_available
 
     device = (device or "auto").lower()
     if device not in DEVICES and not device.startswith("cuda:"):
         raise UsageError(f"Unknown device {device!r}.", hint=f"Choose one of: {', '.join(DEVICES)}.")
     if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return best_device()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BackendUnavailable(
             "--device cuda was asked for, but PyTorch sees no CUDA GPU "
             f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA).",
             hint="Use --device cpu, or install a CUDA build of PyTorch on a machine with an NVIDIA GPU.",
         )
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device == "mps" and not mps_available():
         raise BackendUnavailable("--device mps was asked for, but MPS is not available on this machine.",
                                  hint="Use --device cpu (MPS needs Apple silicon and a PyTorch build with MPS).")
     return device

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..errors import UnsupportedOperation
+from ..errors import CoremlHubError, UnsupportedOperation
 from . import passes
 from .ops import CONSTEXPR, KERNELS, Context, Kernel, to_python
 from .program import BlobRef, Function, Operation, TensorType, TensorValue
@@ -70,7 +70,8 @@ class CompiledFunction:
         self._run: Callable[..., tuple[torch.Tensor, ...]] = run
         if torch_compile:
             self._run = torch.compile(run, dynamic=False)
-        _release_mapped_pages(lowering.blob_files)
+        for path in lowering.blob_files:
+            _drop_pages(path)
 
     def _same_float(self, a: str, b: str) -> bool:
         return self.ctx.dtype(a) == self.ctx.dtype(b)
@@ -134,23 +135,14 @@ class _Lowering:
         """A constant argument as numpy (constexpr inputs and kernel parameters)."""
         value = self.consts[arg] if isinstance(arg, str) else arg
         if isinstance(value, TensorValue):
-            if isinstance(value.data, BlobRef):
-                self._note_blob(value)
+            if value.is_blob and (path := _weight_file(value)) is not None:
+                self.blob_files.add(path)
             return value.array()
         if isinstance(value, torch.Tensor):
             return value.detach().cpu().numpy()
         if isinstance(value, np.ndarray):
             return value
         raise UnsupportedOperation(f"{self.model_name}: constant {arg!r} of kind {type(value).__name__} is not a tensor")
-
-    def _note_blob(self, value: TensorValue) -> None:
-        from .blob import resolve_blob_path
-
-        assert isinstance(value.data, BlobRef)
-        try:
-            self.blob_files.add(str(resolve_blob_path(value.data.path, value.base_dir)))
-        except Exception:  # the read itself reports a bad path
-            pass
 
     def tensor_const(self, arg: Any) -> torch.Tensor:
         """A constant argument as a device tensor, materialized once per name."""
@@ -164,7 +156,7 @@ class _Lowering:
                     tensor = self._to_device(array, self._mil_dtype(arg, value))
                     self.tensors[arg] = tensor
                     if isinstance(value, TensorValue) and value.is_blob and not _shares_memory(tensor, array):
-                        _release_blob_pages(value)
+                        _drop_pages(_weight_file(value), value.data.offset)
             return self.tensors[arg]
         assert isinstance(arg, TensorValue)
         return self._to_device(self.numpy_const(arg), arg.type.dtype)
@@ -362,58 +354,39 @@ def _shares_memory(tensor: torch.Tensor, array: np.ndarray) -> bool:
     return tensor.untyped_storage().data_ptr() <= start < tensor.untyped_storage().data_ptr() + tensor.untyped_storage().nbytes()
 
 
-def _mapping_of(blob: Any) -> mmap.mmap | None:
-    mapping = getattr(blob, "_mm", None)
-    return mapping if isinstance(mapping, mmap.mmap) else None
+def _weight_file(value: TensorValue) -> str | None:
+    """The weight file of a file-backed constant; None for a bad path, which reading it reports."""
+    from .blob import BlobError, resolve_blob_path
 
-
-def _release_blob_pages(value: TensorValue) -> None:
-    """Drop the mapped pages of one weight once a device copy of it exists.
-
-    Done weight by weight, so that loading an fp16 file into float32 never holds the whole
-    file resident next to the float32 copies; the pages come back from the page cache if read.
-    """
-    if not hasattr(mmap, "MADV_DONTNEED") or not isinstance(value.data, BlobRef):
-        return
-    from .blob import open_blob_file, resolve_blob_path
-
+    assert isinstance(value.data, BlobRef)
     try:
-        blob = open_blob_file(resolve_blob_path(value.data.path, value.base_dir))
-        info = blob.info(value.data.offset)
-    except Exception:
-        return
-    mapping = _mapping_of(blob)
-    if mapping is None:
-        return
-    start = info.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
-    try:
-        mapping.madvise(mmap.MADV_DONTNEED, start, info.data_offset + info.size - start)
-    except (OSError, ValueError):
-        pass
+        return str(resolve_blob_path(value.data.path, value.base_dir))
+    except BlobError:
+        return None
 
 
-def _release_mapped_pages(paths: set[str]) -> None:
-    """Let the kernel drop the weight file's pages from this process once weights are on the device.
+def _drop_pages(path: str | None, offset: int | None = None) -> None:
+    """Let the kernel drop a weight file's mapped pages: those of the blob at `offset`, or all.
 
-    Pages of a read-only file mapping are re-read from the page cache on demand, so this
-    is safe even where a tensor still views the map (fp32 weights on the CPU); it keeps
-    the fp16 file from counting against the process next to the float32 copies made from it.
+    Pages of a read-only file mapping come back from the page cache when read again, so this
+    is safe even where a tensor still views the map (fp32 weights on the CPU). Done weight by
+    weight as each reaches the device, it keeps an fp16 file from staying resident next to the
+    float32 copies made from it.
     """
-    if not hasattr(mmap, "MADV_DONTNEED"):
+    if path is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     from .blob import open_blob_file
 
-    for path in paths:
-        try:
-            blob = open_blob_file(path)
-        except Exception:
-            continue
-        mapping = _mapping_of(blob)
-        if mapping is not None:
-            try:
-                mapping.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):
-                pass
+    try:
+        blob = open_blob_file(path)
+        if offset is None:
+            blob._mm.madvise(mmap.MADV_DONTNEED)
+        else:
+            info = blob.info(offset)
+            start = info.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+            blob._mm.madvise(mmap.MADV_DONTNEED, start, info.data_offset + info.size - start)
+    except (CoremlHubError, OSError, ValueError):
+        pass  # only a hint to the kernel; reading the weights reports real problems
 
 
 def unsupported_ops(functions: list[Function]) -> dict[str, int]:

@@ -84,6 +84,21 @@ def program_is_fp16(fn: Function) -> bool:
     return False
 
 
+def mps_available() -> bool:
+    import torch
+
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def best_device() -> str:
+    """What `auto` means: a CUDA GPU, else Apple's MPS, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if mps_available() else "cpu"
+
+
 def resolve_device(device: str | Any) -> Any:
     import torch
 
@@ -91,11 +106,7 @@ def resolve_device(device: str | Any) -> Any:
         return device
     name = str(device)
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device(best_device())
     if name.split(":")[0] not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
     if name.startswith("cuda") and not torch.cuda.is_available():

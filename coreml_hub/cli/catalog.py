@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import CoremlHubError, NoVariants, UsageError
-from .output import Column, Output, human_count, human_size, relative_time
+from ..errors import NoVariants, UsageError
+from .output import Column, Output, human_count, human_size, plural, relative_time
+
+if TYPE_CHECKING:
+    from ..layouts import Variant
 
 FILTER_KEYS = ("library", "author", "pipeline_tag", "tag")
 DEFAULT_LIBRARY = "coreml"
@@ -106,11 +109,8 @@ def list_cmd(filters: tuple[str, ...], search: str | None, author: str | None, s
 
 def _list_local(json_mode: bool, quiet: bool) -> None:
     """Same output as `coreml-hub ls`: the store owns how pulled models are shown."""
-    try:
-        from .store_cmds import ls_cmd
-    except ImportError as exc:
-        raise CoremlHubError(f"This installation cannot list pulled models: the local store is missing ({exc}).",
-                             hint="Reinstall coreml-hub, or search the Hub with `coreml-hub list`.") from None
+    from .store_cmds import ls_cmd
+
     click.get_current_context().invoke(ls_cmd, repo=None, json_mode=json_mode, quiet=quiet)
 
 
@@ -122,12 +122,12 @@ def pull_command(repo_id: str, variant_id: str, revision: str | None = None) -> 
     return shlex.join(parts)
 
 
-def _form_sizes(variant: Any) -> dict[str, int]:
+def _form_sizes(variant: Variant) -> dict[str, int]:
     common = sum(f.size for f in variant.common_files)
     return {form: common + sum(f.size for f in variant.unet_files[form]) for form in variant.unet_forms}
 
 
-def _unet_cell(variant: Any) -> str:
+def _unet_cell(variant: Variant) -> str:
     forms = list(variant.unet_forms)
     if variant.unet_form in forms:
         forms.remove(variant.unet_form)
@@ -169,7 +169,7 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
     snapshot, variants = repo_variants(repo, revision)
     if not variants:
         raise NoVariants(f"{snapshot.repo_id} has no Core ML variant coreml-hub recognizes "
-                         f"({len(snapshot.files)} file{'s' if len(snapshot.files) != 1 else ''} at {snapshot.sha[:7]}).")
+                         f"({plural(len(snapshot.files), 'file')} at {snapshot.sha[:7]}).")
     out = Output(json_mode=json_mode)
     records = []
     for v in variants:
@@ -187,7 +187,7 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
         return
     updated = relative_time(snapshot.last_modified) if snapshot.last_modified else "-"
     click.echo(f"{snapshot.repo_id} @ {snapshot.revision} (commit {snapshot.sha[:7]}), updated {updated}, "
-               f"{len(variants)} variant{'s' if len(variants) != 1 else ''}")
+               f"{plural(len(variants), 'variant')}")
     click.echo()
     out.table(records, SHOW_COLUMNS)
     click.echo()

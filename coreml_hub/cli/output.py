@@ -23,6 +23,11 @@ def human_size(num: float | int | None) -> str:
     return f"{value:.1f} TB"  # pragma: no cover
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 file`, `3 files`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def human_count(num: int | None) -> str:
     if num is None:
         return "-"
@@ -48,7 +53,7 @@ def relative_time(when: datetime | str | None, now: datetime | None = None) -> s
                        ("hour", 3600), ("minute", 60)):
         if seconds >= size:
             n = seconds // size
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+            return f"{plural(n, unit)} ago"
     return "just now"
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from ..server import MirrorServer
 
 
 @click.command(
@@ -46,8 +50,8 @@ def serve_cmd(root: Path, host: str, port: int, log_requests: Path | None, page_
     """
     from ..server import serve
 
-    def announce(server: object) -> None:
-        click.echo(f"Serving {root} at {server.url}")  # type: ignore[attr-defined]
+    def announce(server: MirrorServer) -> None:
+        click.echo(f"Serving {root} at {server.url}")
         click.get_text_stream("stdout").flush()
 
     serve(root, host, port, log_path=log_requests, page_size=page_size, warm=not no_warm,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -254,10 +255,5 @@ def cache_prune_cmd(dry_run: bool, json_mode: bool) -> None:
     click.echo(f"{verb} {human_size(result.bytes_freed)} ({len(result.items)} item(s)).")
 
 
-def _rel(path: object, root: object) -> str:
-    from pathlib import Path
-
-    try:
-        return Path(str(path)).relative_to(Path(str(root))).as_posix()
-    except ValueError:
-        return str(path)
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)

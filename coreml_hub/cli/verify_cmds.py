@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
 
-from .output import Column, Output, human_size, stderr_is_tty
+from .output import Column, Output, format_table, human_size, plural, stderr_is_tty
+
+if TYPE_CHECKING:
+    from ..bundle import Port, VerifyReport
 
 
 @click.command(
@@ -45,37 +50,31 @@ def verify_cmd(target: str, hashes: bool, json_mode: bool, quiet: bool) -> None:
                 if problem.hint and problem.is_error:
                     out.info(f"Hint: {problem.hint}")
                     break
-        summary = f"{len(report.components)} bundle{'s' if len(report.components) != 1 else ''}"
+        summary = plural(len(report.components), "bundle")
         if report.attention:
             summary += f", {report.attention} attention"
         if report.hashed_files is not None:
             summary += f", {report.hashed_files} files hashed"
         if report.ok:
-            warn = f" ({len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''})" if report.warnings else ""
+            warn = f" ({plural(len(report.warnings), 'warning')})" if report.warnings else ""
             out.info(f"Valid: {report.path} ({summary}){warn}.")
         else:
-            out.info(f"Invalid: {report.path}: {len(report.errors)} error{'s' if len(report.errors) != 1 else ''}, "
-                     f"{len(report.warnings)} warning{'s' if len(report.warnings) != 1 else ''} ({summary}).")
+            out.info(f"Invalid: {report.path}: {plural(len(report.errors), 'error')}, "
+                     f"{plural(len(report.warnings), 'warning')} ({summary}).")
     if not report.ok:
         raise click.exceptions.Exit(1)
 
 
-def _record_in_store(report: object) -> None:
+def _record_in_store(report: VerifyReport) -> None:
     """A verified store entry remembers the result, so `ls` shows it."""
-    from pathlib import Path
+    from .. import paths, store
 
-    try:
-        from .. import paths, store
-    except ImportError:  # pragma: no cover
+    path = report.path
+    if report.kind != "variant" or not (path / store.MANIFEST_NAME).is_file():
         return
-    path = Path(getattr(report, "path"))
-    if getattr(report, "kind", None) != "variant" or not (path / store.MANIFEST_NAME).is_file():
-        return
-    try:
-        path.resolve().relative_to(paths.models_dir().resolve())
-    except ValueError:
+    if not path.resolve().is_relative_to(paths.models_dir().resolve()):
         return  # a folder outside the store keeps its manifest untouched
-    errors = [f"{p.path}: {p.message}" for p in getattr(report, "errors")]
+    errors = [f"{p.path}: {p.message}" for p in report.errors]
     try:
         store.record_validation(path, store.STATUS_OK if not errors else store.STATUS_INVALID, errors)
     except (OSError, ValueError):
@@ -119,15 +118,13 @@ def inspect_cmd(bundle: str, mil: bool, json_mode: bool) -> None:
     click.echo(_indent(_table(rows, [Column("dtype", "dtype"), Column("bytes", "size"), Column("exact", "bytes")])))
 
 
-def _ports_table(ports: tuple) -> str:
+def _ports_table(ports: tuple[Port, ...]) -> str:
     rows = [{"name": p.name, "dtype": p.dtype, "shape": "?" if p.shape is None else
              "[" + ", ".join(str(d) for d in p.shape) + "]"} for p in ports]
     return _table(rows, [Column("name", "name"), Column("dtype", "dtype"), Column("shape", "shape")])
 
 
-def _table(rows: list, columns: list) -> str:
-    from .output import format_table
-
+def _table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
     return format_table(rows, columns) if rows else "(none)"
 
 

@@ -117,21 +117,21 @@ def _valid_segments(data: dict[str, Any], size: int | None) -> list[list[int]] |
     return out if expect == size else None
 
 
-def present_bytes(job: DownloadJob) -> int:
-    """Bytes of this file already on disk and usable (complete file, or resumable part)."""
+def present_bytes(dest: Path, size: int | None) -> int:
+    """Bytes of the file bound for `dest` already on disk and usable (complete file, or resumable part)."""
     try:
-        if job.dest.is_file() and (job.size is None or job.dest.stat().st_size == job.size):
-            return job.dest.stat().st_size
-        n = part_path(job.dest).stat().st_size
+        if dest.is_file() and (size is None or dest.stat().st_size == size):
+            return dest.stat().st_size
+        n = part_path(dest).stat().st_size
     except OSError:
         return 0
-    data = _read_meta(meta_path(job.dest))
-    segs = _valid_segments(data, job.size)
+    data = _read_meta(meta_path(dest))
+    segs = _valid_segments(data, size)
     if segs is not None:
         return sum(done for _s, _e, done in segs)
     if not data:
         return 0  # a part without its sidecar cannot be trusted
-    return n if job.size is None or n <= job.size else 0
+    return n if size is None or n <= size else 0
 
 
 def sha256_file(path: Path, limit: int | None = None, *, buffer: bytearray | None = None,
@@ -291,7 +291,7 @@ class Downloader:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.is_file() and (job.size is None or dest.stat().st_size == job.size):
             return self._already_complete(job)
-        started_with = present_bytes(job)
+        started_with = present_bytes(job.dest, job.size)
         restarted = False
         while True:
             try:
@@ -305,7 +305,7 @@ class Downloader:
                     raise DownloadError(f"{job.name}: the server kept sending content that does not match "
                                         "what the repo lists.") from None
                 restarted = True
-                report(-present_bytes(job))
+                report(-present_bytes(job.dest, job.size))
                 part.unlink(missing_ok=True)
                 meta.unlink(missing_ok=True)
         size = part.stat().st_size
@@ -558,7 +558,7 @@ class Downloader:
 
 
 def _on_disk(pos: int, job: DownloadJob) -> int:
-    found = present_bytes(job)
+    found = present_bytes(job.dest, job.size)
     return found if found else pos
 
 

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from . import __version__
-from .errors import CoremlHubError, EndpointUnreachable, OfflineError, translate, unreachable_hint
+from .errors import CoremlHubError, EndpointUnreachable, OfflineError, UsageError, translate, unreachable_hint
 from .layouts import RepoFile, Variant, find_variants
 
 if TYPE_CHECKING:
@@ -251,8 +251,6 @@ def search_models(
     """Search the Hub; each hit carries its variants, found from the file names in the same response."""
     _require_online("search the Hub")
     if sort is not None and sort not in SORTS:
-        from .errors import UsageError
-
         raise UsageError(f"Unknown sort {sort!r}.", hint=f"Use one of: {', '.join(sorted(set(SORTS)))}.")
     filters = [filter] if isinstance(filter, str) else list(filter or [])
     _check_reachable()

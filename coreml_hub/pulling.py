@@ -327,9 +327,9 @@ class PullResult:
 
 
 def _present(staging_files: Path, path: str, size: int) -> int:
-    from .download import DownloadJob, present_bytes
+    from .download import present_bytes
 
-    return present_bytes(DownloadJob(name=path, url="", dest=staging_files / path, size=size))
+    return present_bytes(staging_files / path, size)
 
 
 def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | None = None, force: bool = False,
@@ -585,7 +585,7 @@ def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) ->
         name = f.path if folder == "files" else f"{f.repo}:{f.path}"  # what messages call the file
         keys[name] = (folder, f.path)
         jobs.append(DownloadJob(name=name, url=url, dest=staging / folder / f.path, size=f.size, sha256=f.sha256))
-    initial = sum(present_bytes(j) for j in jobs)
+    initial = sum(present_bytes(j.dest, j.size) for j in jobs)
     total = sum(j.size or 0 for j in jobs)
     bar = _Bar(show and initial < total, total, initial, plan.variant.id)
     try:

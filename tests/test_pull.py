@@ -26,7 +26,7 @@ from coreml_hub.errors import (DownloadError, NotEnoughDiskSpace, OfflineError, 
                                VariantNotFound)
 from coreml_hub.pulling import check_disk_space, plan_pull, pull
 from coreml_hub.testing import model_version
-from coreml_hub.download import DownloadJob, present_bytes
+from coreml_hub.download import present_bytes
 from coreml_hub.testing.hubrepo import filler
 from coreml_hub.testing.publish import publish, publish_source
 
@@ -481,7 +481,7 @@ def _on_disk() -> int:
     for sidecar in paths.staging_dir().rglob("weight.bin.part.json"):
         dest = sidecar.with_name("weight.bin")
         if dest.parent.parent.name == "Unet.mlmodelc":
-            return present_bytes(DownloadJob(name=UNET_WEIGHTS, url="", dest=dest, size=BIG))
+            return present_bytes(dest, BIG)
     return 0
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from coreml_hub.atomic import building_dir, check_empty_dest
-from coreml_hub.layouts import RepoFile, Variant, in_variant, sort_components, variant_id
+from coreml_hub.layouts import COMPILED_NAMES, RepoFile, Variant, in_variant, sort_components, variant_id
 
 log = logging.getLogger("coreml_hub.layouts")
 
@@ -50,23 +50,15 @@ JUNK_PARTS = frozenset({"__MACOSX", ".DS_Store", ".git"})
 CONTROLNET_DIR = "controlnet"
 
 # Bundle roles. A role names a bundle's job; components (the public names) derive from roles.
+# Roles are the component names, except that Unet forms a variant can choose between keep their chunks apart.
 COMPILED_ROLES = {
-    "TextEncoder": "text_encoder",
-    "TextEncoder2": "text_encoder_2",
-    "Unet": "unet",
-    "UnetChunk1": "unet_chunk1",
-    "UnetChunk2": "unet_chunk2",
-    "VAEDecoder": "vae_decoder",
-    "VAEEncoder": "vae_encoder",
-    "SafetyChecker": "safety_checker",
-    "UnetRefiner": "refiner",
+    **COMPILED_NAMES,
     "UnetRefinerChunk1": "refiner_chunk1",
     "UnetRefinerChunk2": "refiner_chunk2",
     "ControlledUnet": "controlled_unet",
     "ControlledUNet": "controlled_unet",
     "ControlledUnetChunk1": "controlled_unet_chunk1",
     "ControlledUnetChunk2": "controlled_unet_chunk2",
-    "ControlNet": "controlnet",
 }
 PACKAGE_PREFIX = "Stable_Diffusion_version_"
 # Apple's converter suffixes (torch2coreml `_get_out_path`), longest first so `text_encoder_2` wins.

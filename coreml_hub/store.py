@@ -238,16 +238,26 @@ def _check_files(entry: Path, files: list[dict[str, Any]]) -> tuple[str, list[st
     return STATUS_OK, []
 
 
+def _ref_path(repo: str, revision: str) -> Path:
+    return paths.models_dir() / repo_folder(repo) / "refs" / revision_file_name(revision)
+
+
+def _read_ref(ref: Path) -> str | None:
+    """The commit a ref file names; None when it cannot be read or is empty."""
+    try:
+        return ref.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
 def _refs_by_commit(repo_dir: Path) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     refs = repo_dir / "refs"
     if refs.is_dir():
         for ref in sorted(refs.iterdir()):
-            try:
-                commit = ref.read_text(encoding="utf-8").strip()
-            except OSError:
-                continue
-            found.setdefault(commit, []).append(unquote(ref.name))
+            commit = _read_ref(ref)
+            if commit is not None:
+                found.setdefault(commit, []).append(unquote(ref.name))
     return found
 
 
@@ -423,16 +433,12 @@ def record_validation(entry: Path, status: str, problems: list[str]) -> None:
 def set_ref(repo: str, revision: str, commit: str) -> None:
     if revision == commit:
         return
-    write_text_atomic(paths.models_dir() / repo_folder(repo) / "refs" / revision_file_name(revision), commit + "\n")
+    write_text_atomic(_ref_path(repo, revision), commit + "\n")
 
 
 def resolve_ref(repo: str, revision: str) -> str | None:
     """The commit a revision pointed to at the last pull, if any."""
-    ref = paths.models_dir() / repo_folder(repo) / "refs" / revision_file_name(revision)
-    try:
-        return ref.read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
+    return _read_ref(_ref_path(repo, revision))
 
 
 # ---------------------------------------------------------------------------
@@ -643,11 +649,7 @@ def _remove_orphans(*, dry_run: bool, repos: set[str] | None = None, entries: bo
         refs = repo_dir / "refs"
         if refs.is_dir():
             for ref in sorted(refs.iterdir()):
-                try:
-                    target = ref.read_text(encoding="utf-8").strip()
-                except OSError:
-                    target = ""
-                if target not in commits:
+                if _read_ref(ref) not in commits:
                     items.append(PruneItem(ref, "orphan-ref", ref.lstat().st_size))
                     gone.add(ref)
                     if not dry_run:

@@ -240,20 +240,17 @@ _NO_I2I = re.compile(r"(?<![a-z0-9])no[-_ ]?i2i(?![a-z0-9])")
 _XL = re.compile(r"(?<![a-z0-9])(?:sd)?xl(?![a-z0-9])|sdxl")
 
 
-def attention_in(text: str) -> str | None:
+def _first_named(patterns: tuple[tuple[str, re.Pattern[str]], ...], text: str) -> str | None:
     lower = text.lower()
-    for name, pattern in _ATTENTION_PATTERNS:
-        if pattern.search(lower):
-            return name
-    return None
+    return next((name for name, pattern in patterns if pattern.search(lower)), None)
+
+
+def attention_in(text: str) -> str | None:
+    return _first_named(_ATTENTION_PATTERNS, text)
 
 
 def format_in(text: str) -> str | None:
-    lower = text.lower()
-    for name, pattern in _FORMAT_PATTERNS:
-        if pattern.search(lower):
-            return name
-    return None
+    return _first_named(_FORMAT_PATTERNS, text)
 
 
 def resolution_in(text: str) -> str | None:

@@ -185,30 +185,26 @@ def _copy_raw(fp: BinaryIO, info: zipfile.ZipInfo, sink: _Counter) -> None:
     fp.seek(_data_start(fp, info))
     remaining = info.compress_size
     inflater = zlib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
-    while remaining > 0:
-        raw = fp.read(min(CHUNK, remaining))
-        if not raw:
-            raise UnsafeArchive(f"Archive entry {info.filename!r} is cut short (the archive is damaged).")
-        remaining -= len(raw)
-        if inflater is None:
-            sink.write(raw)
-            continue
-        pending = raw
-        while pending and not inflater.eof:
-            try:
+    try:
+        while remaining > 0:
+            raw = fp.read(min(CHUNK, remaining))
+            if not raw:
+                raise UnsafeArchive(f"Archive entry {info.filename!r} is cut short (the archive is damaged).")
+            remaining -= len(raw)
+            if inflater is None:
+                sink.write(raw)
+                continue
+            pending = raw
+            while pending and not inflater.eof:
                 sink.write(inflater.decompress(pending, CHUNK))
-            except zlib.error as exc:
-                raise UnsafeArchive(f"Archive entry {info.filename!r} is not valid deflate data ({exc}).") from exc
-            pending = inflater.unconsumed_tail
-    if inflater is not None:
-        while not inflater.eof:
-            try:
-                data = inflater.decompress(inflater.unconsumed_tail, CHUNK)
-            except zlib.error as exc:
-                raise UnsafeArchive(f"Archive entry {info.filename!r} is not valid deflate data ({exc}).") from exc
+                pending = inflater.unconsumed_tail
+        while inflater is not None and not inflater.eof:
+            data = inflater.decompress(inflater.unconsumed_tail, CHUNK)
             if not data:
                 raise UnsafeArchive(f"Archive entry {info.filename!r} ends early (the archive is damaged).")
             sink.write(data)
+    except zlib.error as exc:
+        raise UnsafeArchive(f"Archive entry {info.filename!r} is not valid deflate data ({exc}).") from exc
     sink.finish()
 
 

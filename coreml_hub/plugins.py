@@ -35,8 +35,10 @@ class PluginInfo:
     module: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Failure:
+    """A plugin that failed to import, and why."""
+
     name: str
     error: str
 

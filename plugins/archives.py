@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from coreml_hub.atomic import check_empty_dest, temp_dir_beside
 from coreml_hub.hookspecs import hookimpl
@@ -76,7 +77,7 @@ def _is_variant_zip(path: str) -> bool:
     return not any(stem.endswith(suffix) for suffix in BUNDLE_SUFFIXES)
 
 
-def _first(found_in, stem: str, folders: list[str]):  # type: ignore[no-untyped-def]
+def _first(found_in: Callable[[str], str | None], stem: str, folders: list[str]) -> str | None:
     """Search the file name, then its folders from the nearest outwards."""
     for text in [stem, *reversed(folders)]:
         value = found_in(text)

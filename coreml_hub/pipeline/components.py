@@ -1,8 +1,10 @@
 """A variant folder's components, loaded through a backend, with one calling convention.
 
-Whatever backend loaded it, a component is called with torch tensors and returns float32
-CPU tensors; inputs are cast to the dtype the model declares. Shapes come from the
-models' own input descriptions.
+Whatever backend loaded it, a component is called with torch tensors (on any device) and
+returns float32 tensors on its own `device`: the model's device for a backend that runs
+on torch tensors (so a GPU pipeline does not copy every output to the CPU), the CPU
+otherwise. Inputs are cast to the dtype the model declares. Shapes come from the models'
+own input descriptions.
 """
 
 from __future__ import annotations
@@ -77,15 +79,18 @@ def describe(description: Any) -> dict[str, TensorSpec]:
 
 
 class Component:
-    """One loaded model: `component(inputs)` with torch tensors -> dict of float32 CPU tensors."""
+    """One loaded model: `component(inputs)` with torch tensors -> dict of float32 tensors on `device`."""
 
     def __init__(self, name: str, path: Path, model: Any) -> None:
+        import torch
+
         self.name = name
         self.path = path
         self.model = model
         self.inputs = describe(getattr(model, "input_description", None))
         self.outputs = describe(getattr(model, "output_description", None))
         self._torch_path = hasattr(model, "predict_torch")
+        self.device = torch.device(getattr(model, "device", "cpu") if self._torch_path else "cpu")
 
     def input_shape(self, name: str) -> tuple[int, ...]:
         if name not in self.inputs:
@@ -108,8 +113,7 @@ class Component:
         if self._torch_path:
             cast = {k: v.to(getattr(torch, self.inputs[k].dtype, torch.float32)) for k, v in feed.items()}
             raw = self.model.predict_torch(cast)
-            return {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
-                    for k, v in raw.items()}
+            return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in raw.items()}
         arrays = {k: v.detach().cpu().numpy().astype(np.dtype(self.inputs[k].dtype)) for k, v in feed.items()}
         raw = self.model.predict(arrays)
         out = {}
@@ -204,19 +208,15 @@ class LoadedComponents:
     device: str | None
 
 
-def load_components(folder: Path, names: Iterable[str], backend: Any, *, device: str | None = "auto",
-                     compute_unit: str | None = "ALL", progress: bool = False) -> LoadedComponents:
-    """Load the named components of the variant in `folder` with `backend`."""
-    found = find_components(folder)
+def load_components(found: dict[str, Path], names: Iterable[str], backend: Any, *, device: str | None = "auto",
+                    compute_unit: str | None = "ALL", progress: bool = False) -> LoadedComponents:
+    """Load the named components with `backend`; `found` is `find_components` of the variant folder."""
     fmt = "compiled" if any(p.suffix == ".mlmodelc" for p in found.values()) else "packages"
     if fmt not in getattr(backend, "formats", ("packages", "compiled")):
         raise BackendUnavailable(f"The {backend.name} backend cannot load {fmt} bundles.",
                                  hint="Pull the other format of the model, or choose another --backend.")
     resolved = backend.resolve_device(device) if hasattr(backend, "resolve_device") else device
     wanted = list(names)
-    missing = [n for n in wanted if n not in found]
-    if missing:
-        raise InvalidBundle(f"{folder} lacks component(s): {', '.join(missing)}.")
     loaded: dict[str, Component] = {}
     start = time.perf_counter()
     from tqdm import tqdm

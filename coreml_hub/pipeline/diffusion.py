@@ -4,7 +4,8 @@ Everything the pipeline needs to know about sizes is read from the components' i
 descriptions: latent size and Unet batch from `sample`, text length and hidden size from
 `encoder_hidden_states` ([B, C, 1, L]), image size from the VAE decoder. Random draws use
 a CPU torch.Generator in the same order diffusers uses, so a seed means the same image
-on every backend and device.
+on every backend and device. Latents stay on the Unet's device from the first draw to
+the decoded image.
 """
 
 from __future__ import annotations
@@ -101,14 +102,13 @@ class StableDiffusion:
     # ---- sizes ------------------------------------------------------------------------
     def unet_inputs(self) -> dict[str, Any]:
         """Inputs of the whole Unet: chunk 1's, plus chunk 2's that chunk 1 does not produce."""
-        specs = dict(self.unet_parts[0].inputs)
-        for part in self.unet_parts[1:]:
-            produced = set()
-            for earlier in self.unet_parts[: self.unet_parts.index(part)]:
-                produced |= set(earlier.outputs)
+        specs: dict[str, Any] = {}
+        produced: set[str] = set()
+        for part in self.unet_parts:
             for name, spec in part.inputs.items():
                 if name not in produced:
                     specs.setdefault(name, spec)
+            produced |= set(part.outputs)
         return specs
 
     def _read_geometry(self) -> Geometry:
@@ -161,7 +161,8 @@ class StableDiffusion:
             extras["text_embeds"] = pooled2
             g = self.geometry
             extras["time_ids"] = torch.tensor(
-                [[g.image_height, g.image_width, 0, 0, g.image_height, g.image_width]], dtype=torch.float32)
+                [[g.image_height, g.image_width, 0, 0, g.image_height, g.image_width]], dtype=torch.float32,
+                device=hidden.device)
         if hidden.shape[-1] != self.geometry.hidden_size:
             raise InvalidBundle(f"The text encoder makes {hidden.shape[-1]}-wide states but the Unet takes "
                                 f"{self.geometry.hidden_size}.")
@@ -198,7 +199,7 @@ class StableDiffusion:
             padded = group + [group[-1]] * (batch - len(group))
             feed: dict[str, Any] = {
                 "sample": torch.cat([sample] * batch),
-                "timestep": torch.full((batch,), float(t), dtype=torch.float32),
+                "timestep": torch.full((batch,), float(t), dtype=torch.float32, device=sample.device),
                 "encoder_hidden_states": torch.cat([cond.hidden[i] for i in padded]),
             }
             for key in cond.extras[1]:
@@ -224,7 +225,7 @@ class StableDiffusion:
         moments = _first_output(encoder({next(iter(encoder.inputs)): image}), ("latent",), rank=4)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
         return (mean + std * noise) * self.scale_factor
 
     # ---- the loop ---------------------------------------------------------------------
@@ -258,12 +259,12 @@ class StableDiffusion:
                                  hint="Raise --strength or --steps.")
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
-            noise = torch.randn(init.shape, generator=generator, dtype=torch.float32)
+            noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(init.device)
             current = sched.add_noise(init, noise, timesteps[:1])
-        elif latents is not None:
-            current = latents.to(torch.float32) * sched.init_noise_sigma
         else:
-            current = torch.randn(shape, generator=generator, dtype=torch.float32) * sched.init_noise_sigma
+            if latents is None:
+                latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+            current = (latents.to(torch.float32) * sched.init_noise_sigma).to(self.unet_parts[0].device)
 
         step_params = inspect.signature(sched.step).parameters
         step_kwargs: dict[str, Any] = {}

@@ -106,8 +106,7 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     tokenizers = [load_tokenizer(model.path, 1, also=beside)]
     if "text_encoder_2" in names:
         tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
-    loaded = load_components(model.path, names, chosen, device=device, compute_unit=compute_unit,
-                             progress=progress)
+    loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
     pipe = StableDiffusion(loaded.components, tokenizers, scheduler_config(model.path, also=beside))
     return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
 

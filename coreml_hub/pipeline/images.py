@@ -54,8 +54,8 @@ def image_to_tensor(image: Any) -> Any:
 
 
 def tensor_to_unit(image: Any) -> Any:
-    """Decoder output [1, 3, H, W] in [-1, 1] -> float numpy [H, W, 3] in [0, 1]."""
-    return (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).float().numpy()
+    """Decoder output [1, 3, H, W] in [-1, 1] (on any device) -> float numpy [H, W, 3] in [0, 1]."""
+    return (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
 
 
 def unit_to_pil(array: Any) -> Any:

@@ -50,7 +50,8 @@ JUNK_PARTS = frozenset({"__MACOSX", ".DS_Store", ".git"})
 CONTROLNET_DIR = "controlnet"
 
 # Bundle roles. A role names a bundle's job; components (the public names) derive from roles.
-# Roles are the component names, except that Unet forms a variant can choose between keep their chunks apart.
+# Roles extend the component names: each chunk of the refiner and of the controlled Unet has a role of
+# its own, so that a variant can offer their full and chunked forms like the Unet's.
 COMPILED_ROLES = {
     **COMPILED_NAMES,
     "UnetRefinerChunk1": "refiner_chunk1",
@@ -61,7 +62,7 @@ COMPILED_ROLES = {
     "ControlledUnetChunk2": "controlled_unet_chunk2",
 }
 PACKAGE_PREFIX = "Stable_Diffusion_version_"
-# Apple's converter suffixes (torch2coreml `_get_out_path`), longest first so `text_encoder_2` wins.
+# Apple's converter suffixes (torch2coreml `_get_out_path`); matched longest first, so `text_encoder_2` wins.
 PACKAGE_ROLES = {
     "text_encoder_2": "text_encoder_2",
     "text_encoder": "text_encoder",

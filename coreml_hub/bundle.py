@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .layouts import COMPILED_FILE_OF, COMPILED_NAMES, COMPONENTS, TOKENIZER_FILES, component_order
-from .store import MANIFEST_NAME
+from .store import MANIFEST_NAME, tree_size
 
 if TYPE_CHECKING:
     from .mil.program import Program
@@ -420,13 +420,6 @@ def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspectio
         except KeyError:
             continue
         weights[dtype] = weights.get(dtype, 0) + nbytes
-    size = 0
-    for dirpath, _dirs, names in os.walk(path):
-        for name in names:
-            try:
-                size += (Path(dirpath) / name).stat().st_size
-            except OSError:
-                pass
     histogram = program.op_histogram()
     return Inspection(
         path=path,
@@ -438,6 +431,6 @@ def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspectio
         ops=dict(histogram.most_common()),
         weights=dict(sorted(weights.items(), key=lambda kv: -kv[1])),
         weight_count=len(seen),
-        size_bytes=size,
+        size_bytes=tree_size(path),
         mil=dumps(program) if mil else None,
     )

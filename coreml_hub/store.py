@@ -271,7 +271,7 @@ def load_entry(entry: Path, refs: tuple[str, ...] = ()) -> PulledVariant:
         status, problem = ((STATUS_INCOMPLETE, "no manifest") if isinstance(exc, FileNotFoundError)
                            else (STATUS_INVALID, f"unreadable manifest: {exc}"))
         return PulledVariant(repo=repo_guess, commit=commit, revision=None, variant=entry.name.replace("--", "/"),
-                             path=entry, size=_tree_size(entry), pulled_at=None, status=status,
+                             path=entry, size=tree_size(entry), pulled_at=None, status=status,
                              problems=(problem,), refs=refs)
     variant = manifest.get("variant") or {}
     files = manifest.get("files") or []
@@ -302,7 +302,8 @@ def load_entry(entry: Path, refs: tuple[str, ...] = ()) -> PulledVariant:
     )
 
 
-def _tree_size(root: Path) -> int:
+def tree_size(root: Path) -> int:
+    """Bytes of every file under `root` (links counted as links, unreadable files skipped)."""
     total = 0
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
@@ -549,7 +550,7 @@ def remove(model_ref: str | ModelRef, *, variant: str | None = None, revision: s
            dry_run: bool = False) -> Removal:
     """Delete pulled variants. Each entry leaves `models/` by one rename, then is deleted."""
     entries = plan_remove(model_ref, variant=variant, revision=revision)
-    size = sum(_tree_size(p.path) for p in entries)
+    size = sum(tree_size(p.path) for p in entries)
     if dry_run:
         return Removal(tuple(entries), size, True)
     for pulled in entries:
@@ -598,7 +599,7 @@ def prune(*, dry_run: bool = False) -> PruneResult:
     if staging.is_dir():
         for leftover in sorted(staging.iterdir()):
             if leftover.name.startswith(".trash-"):
-                items.append(PruneItem(leftover, "staging", _tree_size(leftover)))
+                items.append(PruneItem(leftover, "staging", tree_size(leftover)))
                 if not dry_run:
                     shutil.rmtree(leftover, ignore_errors=True)
                 continue
@@ -607,7 +608,7 @@ def prune(*, dry_run: bool = False) -> PruneResult:
                 skipped.append(leftover)
                 continue
             try:
-                items.append(PruneItem(leftover, "staging", _tree_size(leftover) if leftover.is_dir()
+                items.append(PruneItem(leftover, "staging", tree_size(leftover) if leftover.is_dir()
                                        else leftover.lstat().st_size))
                 if not dry_run:
                     if leftover.is_dir() and not leftover.is_symlink():
@@ -635,7 +636,7 @@ def _remove_orphans(*, dry_run: bool, repos: set[str] | None = None, entries: bo
             for entry in sorted(p for p in commit_dir.iterdir()):
                 if entries and entry.is_dir() and not (entry / MANIFEST_NAME).exists() \
                         and not entry.name.startswith("."):
-                    items.append(PruneItem(entry, "no-manifest", _tree_size(entry)))
+                    items.append(PruneItem(entry, "no-manifest", tree_size(entry)))
                     gone.add(entry)
                     if not dry_run:
                         _discard(entry)

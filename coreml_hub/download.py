@@ -239,9 +239,6 @@ class Downloader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def cancel(self) -> None:
-        self._cancel.set()
-
     # -- many files ------------------------------------------------------------------------------
 
     def fetch_all(self, jobs: Iterable[DownloadJob], progress: ProgressFn | None = None) -> list[Downloaded]:

@@ -84,13 +84,6 @@ class Output:
     def json(self, data: Any) -> None:
         click.echo(json.dumps(data, indent=2, default=_json_default))
 
-    def record(self, data: dict[str, Any], text: str | None = None) -> None:
-        """One result: JSON when asked, else the given text (or nothing when quiet)."""
-        if self.json_mode:
-            self.json(data)
-        elif not self.quiet and text is not None:
-            click.echo(text)
-
     def info(self, message: str) -> None:
         if not self.quiet:
             click.echo(message, err=True)

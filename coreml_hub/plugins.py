@@ -11,11 +11,14 @@ import sys
 import threading
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
+
+if TYPE_CHECKING:
+    from .layouts import Layout
 
 GROUP = "coreml_hub"
 
@@ -118,7 +121,7 @@ def registered_by(name: str) -> dict[str, list[Any]]:
     return found
 
 
-def get_layouts() -> list[Any]:
+def get_layouts() -> list[Layout]:
     """Layout objects from every plugin, in registration order."""
     return _collect("register_layouts")
 

@@ -37,7 +37,7 @@ from typing import Any, Callable
 from . import paths, store
 from .errors import (CoremlHubError, InvalidBundle, NoVariants, NotEnoughDiskSpace, OfflineError, RepoNotFound,
                      UsageError, VariantNotFound)
-from .layouts import Variant, in_variant
+from .layouts import Layout, Variant, in_variant
 
 # What a packages variant needs from the PyTorch model it was converted from: never weights.
 SOURCE_MODEL_FILES = (
@@ -596,7 +596,7 @@ def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) ->
     return {keys[r.name]: r for r in results}
 
 
-def _layout_plugin(name: str) -> Any:
+def _layout_plugin(name: str) -> Layout | None:
     try:
         from .plugins import get_layouts
 

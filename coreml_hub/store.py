@@ -24,7 +24,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import quote, unquote
 
 from . import paths
@@ -622,50 +622,55 @@ def prune(*, dry_run: bool = False) -> PruneResult:
 
 
 def _remove_orphans(*, dry_run: bool, repos: set[str] | None = None, entries: bool = True) -> list[PruneItem]:
-    """Refs pointing at no pulled commit, variant folders without a manifest (with `entries`),
-    empty folders; in every repo folder, or only in those named in `repos`."""
-    items: list[PruneItem] = []
+    """`_tidy_repo` over every repo folder, or only over those named in `repos`."""
     models = paths.models_dir()
     if not models.is_dir():
-        return items
+        return []
+    items: list[PruneItem] = []
     for repo_dir in sorted(p for p in models.iterdir() if p.is_dir()):
-        if repos is not None and repo_dir.name not in repos:
-            continue
-        gone: set[Path] = set()
-        for commit_dir in sorted(p for p in repo_dir.iterdir() if p.is_dir() and p.name != "refs"):
-            for entry in sorted(p for p in commit_dir.iterdir()):
-                if entries and entry.is_dir() and not (entry / MANIFEST_NAME).exists() \
-                        and not entry.name.startswith("."):
-                    items.append(PruneItem(entry, "no-manifest", tree_size(entry)))
-                    gone.add(entry)
-                    if not dry_run:
-                        _discard(entry)
-            if not any(p for p in commit_dir.iterdir() if p not in gone):
-                items.append(PruneItem(commit_dir, "empty-dir", 0))
-                gone.add(commit_dir)
-                if not dry_run:
-                    with suppress(OSError):
-                        commit_dir.rmdir()
-        commits = {p.name for p in repo_dir.iterdir() if p.is_dir() and p.name != "refs" and p not in gone}
-        refs = repo_dir / "refs"
-        if refs.is_dir():
-            for ref in sorted(refs.iterdir()):
-                if _read_ref(ref) not in commits:
-                    items.append(PruneItem(ref, "orphan-ref", ref.lstat().st_size))
-                    gone.add(ref)
-                    if not dry_run:
-                        ref.unlink(missing_ok=True)
-            if not any(p for p in refs.iterdir() if p not in gone):
-                gone.add(refs)
-                if not dry_run:
-                    with suppress(OSError):
-                        refs.rmdir()
-        if not any(p for p in repo_dir.iterdir() if p not in gone):
-            items.append(PruneItem(repo_dir, "empty-dir", 0))
-            if not dry_run:
-                with suppress(OSError):
-                    repo_dir.rmdir()
+        if repos is None or repo_dir.name in repos:
+            items += _tidy_repo(repo_dir, dry_run=dry_run, entries=entries)
     return items
+
+
+def _tidy_repo(repo_dir: Path, *, dry_run: bool, entries: bool) -> list[PruneItem]:
+    """Refs pointing at no pulled commit, variant folders without a manifest (with `entries`), empty folders."""
+    items: list[PruneItem] = []
+    gone: set[Path] = set()
+
+    def drop(path: Path, kind: str | None, size: int, remove: Callable[[Path], None]) -> None:
+        if kind is not None:
+            items.append(PruneItem(path, kind, size))
+        gone.add(path)
+        if not dry_run:
+            remove(path)
+
+    def emptied(folder: Path) -> bool:
+        return all(p in gone for p in folder.iterdir())
+
+    for commit_dir in sorted(p for p in repo_dir.iterdir() if p.is_dir() and p.name != "refs"):
+        for entry in sorted(commit_dir.iterdir()):
+            if entries and entry.is_dir() and not entry.name.startswith(".") and not (entry / MANIFEST_NAME).exists():
+                drop(entry, "no-manifest", tree_size(entry), _discard)
+        if emptied(commit_dir):
+            drop(commit_dir, "empty-dir", 0, _rmdir_quietly)
+    commits = {p.name for p in repo_dir.iterdir() if p.is_dir() and p.name != "refs" and p not in gone}
+    refs = repo_dir / "refs"
+    if refs.is_dir():
+        for ref in sorted(refs.iterdir()):
+            if _read_ref(ref) not in commits:
+                drop(ref, "orphan-ref", ref.lstat().st_size, lambda path: path.unlink(missing_ok=True))
+        if emptied(refs):
+            drop(refs, None, 0, _rmdir_quietly)
+    if emptied(repo_dir):
+        drop(repo_dir, "empty-dir", 0, _rmdir_quietly)
+    return items
+
+
+def _rmdir_quietly(folder: Path) -> None:
+    """Remove an empty folder; one that gained an entry meanwhile (a concurrent pull) stays."""
+    with suppress(OSError):
+        folder.rmdir()
 
 
 def pull(model_ref: str, **kwargs: Any) -> Any:

@@ -468,12 +468,17 @@ def folder_plans(bundles: list[Bundle], loose: list[RepoFile], folders: Iterable
     return plans
 
 
-def variants_by_folder(bundles: list[Bundle], loose: list[RepoFile], folders: Iterable[str], *, layout: str,
+def variants_by_folder(files: list[RepoFile], *, layout: str, claims: Callable[[set[str]], bool],
                        attention_of: Callable[[str], tuple[str, str]]) -> list[Variant]:
-    """One variant per folder and format (see `folder_plans`), ids made unique.
+    """One variant per folder of bundles and format (see `folder_plans`), ids made unique.
 
-    `attention_of(root)` gives the attention and where it was read (`path` or `default`).
+    `claims(folders)` says whether the layout applies, given the folders that hold bundles;
+    `attention_of(root)` gives a folder's attention and where it was read (`path` or `default`).
     """
+    bundles, loose = find_bundles(clean_files(files))
+    folders = bundle_folders(bundles)
+    if not claims(folders):
+        return []
     variants: list[Variant] = []
     for plan in folder_plans(bundles, loose, folders):
         attention, attention_from = attention_of(plan.root)

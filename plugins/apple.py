@@ -28,9 +28,6 @@ from ._common import (
     LayoutBase,
     attention_in,
     basename,
-    bundle_folders,
-    clean_files,
-    find_bundles,
     variants_by_folder,
 )
 
@@ -43,7 +40,7 @@ def apple_roots(folders: set[str]) -> set[str]:
 
 
 def _attention(root: str) -> tuple[str, str]:
-    """The attention the nearest folder names (`split_einsum_v2/packages` inside `original/`...)."""
+    """The attention named by the innermost folder of `root` that names one, else the default."""
     for part in reversed(root.split("/")):
         found = attention_in(part)
         if found:
@@ -53,12 +50,8 @@ def _attention(root: str) -> tuple[str, str]:
 
 def find_apple_variants(files: list[RepoFile]) -> list[Variant]:
     """Variants of an Apple-shaped repo; [] for any other repo."""
-    files = clean_files(files)
-    bundles, loose = find_bundles(files)
-    folders = bundle_folders(bundles)
-    if not apple_roots(folders):
-        return []
-    return variants_by_folder(bundles, loose, folders, layout=AppleLayout.name, attention_of=_attention)
+    return variants_by_folder(files, layout=AppleLayout.name, claims=lambda folders: bool(apple_roots(folders)),
+                              attention_of=_attention)
 
 
 class AppleLayout(LayoutBase):

@@ -14,16 +14,13 @@ from __future__ import annotations
 from coreml_hub.hookspecs import hookimpl
 from coreml_hub.layouts import RepoFile, Variant
 
-from ._common import (
-    DEFAULT_ATTENTION,
-    LayoutBase,
-    attention_in,
-    bundle_folders,
-    clean_files,
-    find_bundles,
-    variants_by_folder,
-)
+from ._common import DEFAULT_ATTENTION, LayoutBase, attention_in, variants_by_folder
 from .apple import apple_roots
+
+
+def _claims(folders: set[str]) -> bool:
+    """Any folder of bundles, unless Apple's `compiled/`/`packages/` folders make it an Apple repo."""
+    return bool(folders) and not apple_roots(folders)
 
 
 def _attention(root: str) -> tuple[str, str]:
@@ -33,14 +30,7 @@ def _attention(root: str) -> tuple[str, str]:
 
 def find_flat_variants(files: list[RepoFile]) -> list[Variant]:
     """Variants of a flat repo; [] for Apple-shaped repos and repos without bundles."""
-    files = clean_files(files)
-    bundles, loose = find_bundles(files)
-    if not bundles:
-        return []
-    folders = bundle_folders(bundles)
-    if apple_roots(folders):
-        return []
-    return variants_by_folder(bundles, loose, folders, layout=FlatLayout.name, attention_of=_attention)
+    return variants_by_folder(files, layout=FlatLayout.name, claims=_claims, attention_of=_attention)
 
 
 class FlatLayout(LayoutBase):

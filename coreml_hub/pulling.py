@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import paths, store
+from .atomic import write_json_atomic
 from .errors import (CoremlHubError, InvalidBundle, NoVariants, NotEnoughDiskSpace, OfflineError, RepoNotFound,
                      UsageError, VariantNotFound)
 from .layouts import Layout, Variant, in_variant
@@ -542,7 +543,7 @@ def _execute(plan: PullPlan, *, progress: bool | None, on_phase: PhaseFn | None,
                 + "; ".join(validation["problems"][:5]),
                 hint="The downloaded files stay in staging; report the repo, or try another variant.")
         manifest = _manifest(plan, build, downloaded, validation, source_record)
-        store.write_json_atomic(build / store.MANIFEST_NAME, manifest)
+        write_json_atomic(build / store.MANIFEST_NAME, manifest)
         final = store.install_entry(build, key, replace=plan.force)
         store.set_ref(plan.repo, plan.revision, plan.commit)
         shutil.rmtree(staging, ignore_errors=True)

@@ -17,11 +17,23 @@ from typing import Any, Iterator
 from .errors import CoremlHubError
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: changing the umask to read it is not safe while other threads create files.
+_UMASK = _read_umask()
+
+
 def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
     """Write `text` through a temp file and a rename; `fsync` also waits until it is on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; a store shared between users needs the umask's usual mode.
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             if fsync:

@@ -210,7 +210,8 @@ def _files_from_siblings(siblings: Iterable[Any]) -> tuple[RepoFile, ...]:
 
 
 def repo_files(repo_id: str, revision: str | None = None) -> RepoSnapshot:
-    """The repo's files with sizes and LFS sha256 at `revision` (default `main`), in one request."""
+    """The repo's files with sizes and LFS sha256 at `revision` (default `main`): one request,
+    or two when a server leaves the sizes out of its model info."""
     _require_online(f"list the files of {repo_id}")
     client = api()
     with hub_errors(repo_id, revision):

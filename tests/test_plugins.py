@@ -219,3 +219,32 @@ def test_reset_rediscovers_entry_points(plugin_site: Path, monkeypatch: pytest.M
         plugins._reset_for_tests()
         sys.modules.pop("xyz_layouts", None)
     assert "xyz" not in {p.name for p in plugins.list_plugins()}
+
+
+class _PlainBoolBackend:
+    """A third-party backend whose `available()` answers a bare bool instead of (bool, reason)."""
+
+    name = "plainbool"
+    formats = ("packages",)
+
+    def available(self) -> bool:
+        return False
+
+
+class _PlainBoolPlugin:
+    @hookimpl
+    def register_backends(self, register: Any) -> None:
+        register(_PlainBoolBackend())
+
+
+def test_plugins_lists_a_backend_answering_a_bare_bool(capsys: pytest.CaptureFixture[str]) -> None:
+    plugins.load_plugins()
+    plugin = _PlainBoolPlugin()
+    plugins.pm.register(plugin, name="plainbool-test")
+    try:
+        assert run_cli(["plugins", "--json"]) == 0
+    finally:
+        plugins.pm.unregister(plugin)
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert records["plainbool-test"]["backends"] == [
+        {"name": "plainbool", "formats": ["packages"], "available": False, "reason": ""}]

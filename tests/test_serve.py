@@ -219,6 +219,14 @@ def test_get_paths_info(hub_server: HubServer) -> None:
                                                           ("RepoFolder", "original/compiled")]
 
 
+@pytest.mark.parametrize("body", [b"{not json", b'["README.md"]'])
+def test_paths_info_rejects_a_malformed_body(hub_server: HubServer, body: bytes) -> None:
+    make_repo(hub_server.root, REPO, SMALL)
+    response = httpx2.post(f"{hub_server.url}/api/models/{REPO}/paths-info/main", content=body,
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.headers["X-Error-Code"] == "BadRequest"
+
+
 # --- downloads -------------------------------------------------------------------------------------
 
 

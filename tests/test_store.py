@@ -169,3 +169,12 @@ def test_write_json_atomic_leaves_no_temp_files(tmp_path):
     store.write_json_atomic(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_manifests_are_readable_by_other_users_of_a_shared_store(tmp_path: Path) -> None:
+    from coreml_hub import atomic
+
+    target = tmp_path / "manifest.json"
+    atomic.write_json_atomic(target, {"a": 1})
+    # not mkstemp's private 0600: the mode any file made under this umask gets
+    assert target.stat().st_mode & 0o777 == 0o666 & ~atomic._UMASK

@@ -55,7 +55,9 @@ def _provides(found: dict[str, list[Any]]) -> dict[str, Any]:
     layouts = [getattr(layout, "name", "?") for layout in found["layouts"]]
     backends = []
     for backend in found["backends"]:
-        ok, reason = backend.available()
+        answer = backend.available()
+        # the contract is (bool, reason); a plain bool from a third-party backend still works
+        ok, reason = answer if isinstance(answer, tuple) else (bool(answer), "")
         backends.append({"name": backend.name, "formats": list(getattr(backend, "formats", ())),
                          "available": ok, "reason": reason})
     parts = [f"layout {name}" for name in layouts]

@@ -272,7 +272,12 @@ class MirrorHandler(BaseHTTPRequestHandler):
         commit = self._check_revision(repo, revision)
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
         if content_type == "application/json":
-            data = json.loads(body or b"{}")
+            try:
+                data = json.loads(body or b"{}")
+            except ValueError:
+                raise HubError(400, "BadRequest", "The body is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise HubError(400, "BadRequest", "The body must be a JSON object with `paths`")
             paths = data.get("paths") or []
             paths = [paths] if isinstance(paths, str) else list(paths)
             expand = bool(data.get("expand"))

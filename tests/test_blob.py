@@ -149,6 +149,22 @@ def test_bf16_and_fp8_round_trip_with_their_codes(tmp_path: Path) -> None:
         assert [i.dtype for i in f] == ["bf16", "fp8e4m3fn", "fp8e5m2"]
 
 
+def test_copy_moves_blobs_byte_for_byte(tmp_path: Path) -> None:
+    """What the Unet chunker uses: a coremltools-written file, blobs copied in another order and subset."""
+    offsets = _ct_write(tmp_path / "src.bin", {d: v for d, (v, _) in CASES.items()})
+    chosen = ["uint3", "fp16", "int4", "uint32"]
+    with BlobFile(tmp_path / "src.bin") as src, BlobWriter(tmp_path / "dst.bin") as writer:
+        moved = {d: writer.copy(src, offsets[d]) for d in chosen}
+    src_raw, dst_raw = (tmp_path / "src.bin").read_bytes(), (tmp_path / "dst.bin").read_bytes()
+    with BlobFile(tmp_path / "src.bin") as src, BlobFile(tmp_path / "dst.bin") as dst:
+        assert dst.count == len(chosen)
+        for dtype in chosen:
+            a, b = src.info(offsets[dtype]), dst.info(moved[dtype])
+            assert (a.dtype_code, a.size, a.padding_bits) == (b.dtype_code, b.size, b.padding_bits)
+            assert src_raw[a.data_offset:a.data_offset + a.size] == dst_raw[b.data_offset:b.data_offset + b.size]
+            np.testing.assert_array_equal(_ct_read(tmp_path / "dst.bin", dtype, moved[dtype]), CASES[dtype][0])
+
+
 def test_tensor_value_array_resolves_model_path(tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
     values = np.arange(12, dtype=np.float32).reshape(3, 4)

@@ -12,32 +12,15 @@ from __future__ import annotations
 
 import copy
 import shutil
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..errors import ConversionError
+from ..mil.blob import BlobFile
 
 _FLOAT_TYPES = ("FLOAT16", "FLOAT32")
-# Blob dtype codes (weight file metadata) -> libmilstoragepython read/write suffix.
-_BLOB_IO = {
-    1: "fp16",
-    2: "float",
-    3: "uint8",
-    4: "int8",
-    6: "int16",
-    7: "uint16",
-    8: "int4",
-    9: "uint1",
-    10: "uint2",
-    11: "uint4",
-    12: "uint3",
-    13: "uint6",
-    14: "int32",
-    15: "uint32",
-}
 
 
 @dataclass(frozen=True)
@@ -72,15 +55,8 @@ def _reads(op: Any) -> Iterator[str]:
         yield from block.outputs
 
 
-def _blob_size(weights: bytes, offset: int) -> int:
-    sentinel, _dtype, size = struct.unpack_from("<IIQ", weights, offset)
-    if sentinel != 0xDEADBEEF:
-        raise ConversionError(f"weight file has no blob at offset {offset}")
-    return size
-
-
-def _op_bytes(op: Any, weights: bytes) -> int:
-    return sum(_blob_size(weights, v.blobFileValue.offset) for v in _values(op) if v.HasField("blobFileValue"))
+def _op_bytes(op: Any, weights: BlobFile) -> int:
+    return sum(weights.info(v.blobFileValue.offset).size for v in _values(op) if v.HasField("blobFileValue"))
 
 
 def _static_float_tensor(vtype: Any) -> bool:
@@ -94,7 +70,7 @@ def _static_float_tensor(vtype: Any) -> bool:
     return all(d.WhichOneof("dimension") == "constant" for d in tensor.dimensions)
 
 
-def plan(ops: list[Any], outputs: Iterable[str], weights: bytes) -> ChunkPlan:
+def plan(ops: list[Any], outputs: Iterable[str], weights: BlobFile) -> ChunkPlan:
     """Where to cut: after the first non-constant op at or past half the weight bytes whose cut is clean."""
     sizes = [_op_bytes(op, weights) for op in ops]
     total = sum(sizes)
@@ -202,27 +178,19 @@ def _feature(name: str, vtype: Any) -> Any:
 
 def _rewrite_weights(ops: list[Any], source: Path, dest_dir: Path) -> None:
     """Copy the blobs `ops` reference from `source` into a new `dest_dir/weight.bin`, updating offsets."""
-    from coremltools import libmilstoragepython as storage
+    from ..mil.blob import BlobWriter
 
-    data = source.read_bytes()
-    reader = storage._BlobStorageReader(str(source))
     dest_dir.mkdir(parents=True, exist_ok=True)
-    writer = storage._BlobStorageWriter(str(dest_dir / "weight.bin"))
     moved: dict[int, int] = {}
-    for op in ops:
-        for value in _values(op):
-            if not value.HasField("blobFileValue"):
-                continue
-            old = value.blobFileValue.offset
-            if old not in moved:
-                code = struct.unpack_from("<I", data, old + 4)[0]
-                if code not in _BLOB_IO:
-                    raise ConversionError(f"Cannot move a weight blob of dtype code {code} between chunks.")
-                kind = _BLOB_IO[code]
-                array = getattr(reader, f"read_{kind}_data")(old)
-                moved[old] = getattr(writer, f"write_{kind}_data")(array)
-            value.blobFileValue.offset = moved[old]
-    del writer  # flushes and closes the file
+    with BlobFile(source) as blobs, BlobWriter(dest_dir / "weight.bin") as writer:
+        for op in ops:
+            for value in _values(op):
+                if not value.HasField("blobFileValue"):
+                    continue
+                old = value.blobFileValue.offset
+                if old not in moved:
+                    moved[old] = writer.copy(blobs, old)
+                value.blobFileValue.offset = moved[old]
 
 
 def chunk_package(package: Path, out1: Path, out2: Path) -> tuple[Path, Path]:
@@ -238,7 +206,8 @@ def chunk_package(package: Path, out1: Path, out2: Path) -> tuple[Path, Path]:
         raise ConversionError("Cannot chunk a program with control flow.")
     ops = list(block.operations)
     outputs = list(block.outputs)
-    p = plan(ops, outputs, weights_file.read_bytes())
+    with BlobFile(weights_file) as weights:  # mapped, not read: a full Unet's file is gigabytes
+        p = plan(ops, outputs, weights)
     types = {v.name: v.type for op in ops for v in op.outputs}
 
     # chunk 1: everything before the cut, the boundary as float32 outputs

@@ -379,11 +379,19 @@ class BlobWriter:
         else:
             payload = np.ascontiguousarray(array, dtype=NUMPY_TYPES[dtype]).tobytes()
             padding = 0
+        return self._append(DTYPE_CODES[dtype], payload, padding)
+
+    def copy(self, source: BlobFile, offset: int) -> int:
+        """Append the blob at `offset` of `source` byte for byte (dtype and padding field kept)."""
+        info = source.info(offset)
+        return self._append(info.dtype_code, source.raw(offset), info.padding_bits)
+
+    def _append(self, code: int, payload: bytes | np.ndarray, padding: int) -> int:
         position = self._fh.tell()
         position += -position % ALIGNMENT
         self._fh.seek(position)
         data_offset = position + METADATA_SIZE
-        self._fh.write(_METADATA.pack(SENTINEL, DTYPE_CODES[dtype], len(payload), data_offset, padding)
+        self._fh.write(_METADATA.pack(SENTINEL, code, len(payload), data_offset, padding)
                        + bytes(METADATA_SIZE - _METADATA.size))
         self._fh.write(payload)
         self._count += 1

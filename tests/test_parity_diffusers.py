@@ -1,6 +1,6 @@
 """`run`'s pipeline against diffusers on the same weights.
 
-The tiny SD1- and SD2-style pipelines (and the SDXL-style one, text-to-image) are converted to Core ML (fp32, original attention)
+The tiny SD1-, SD2- and SDXL-style pipelines are converted to Core ML (fp32, original attention)
 and run with the torch backend (the portable ML Program runtime). diffusers runs the
 PyTorch pipeline they were converted from with the same initial latents (text-to-image)
 or the same generator (image-to-image) and the same scheduler. Mean absolute pixel
@@ -98,6 +98,30 @@ def test_sdxl_text_to_image_matches_diffusers(negative: str) -> None:
                latents=latents.clone(), generator=torch.Generator().manual_seed(5), output_type="np").images[0]
     diff = float(np.abs(got.image - ref).mean())
     assert diff <= TOLERANCE, f"sdxl: mean abs difference {diff * 255:.3f}/255"
+
+
+def test_sdxl_image_to_image_matches_diffusers() -> None:
+    """SDXL image-to-image: the VAE encoder, strength -> start step, time ids of the init image's size."""
+    import diffusers
+    import torch
+    from PIL import Image
+
+    pipe, _ = factory.tiny_pipeline("sdxl")
+    ours = load_pipeline(resolve_local(factory.converted("sdxl", attention="original", precision="fp32")),
+                         backend="torch", device="cpu", safety=False, img2img=True).pipeline
+    g = ours.geometry
+    init = Image.fromarray(np.random.default_rng(4).integers(0, 256, (g.image_height, g.image_width, 3),
+                                                             dtype=np.uint8))
+    got = ours.generate(prompt=PROMPT, negative_prompt=NEGATIVE, steps=10, guidance_scale=6.0, seed=9,
+                        scheduler="euler", init_image=init, strength=0.6)
+    img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    img2img.scheduler = make_scheduler("euler", ours.scheduler_config)
+    ref = img2img(PROMPT, image=init, negative_prompt=NEGATIVE, strength=0.6, num_inference_steps=10,
+                  guidance_scale=6.0, generator=torch.Generator().manual_seed(9), output_type="np").images[0]
+    diff = float(np.abs(got.image - ref).mean())
+    assert diff <= TOLERANCE, f"sdxl img2img: mean abs difference {diff * 255:.3f}/255"
+    assert float(np.abs(got.image - np.asarray(init, dtype=np.float32) / 255.0).mean()) < 0.5
 
 
 def test_run_command_png_matches_diffusers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -232,6 +232,29 @@ def test_sd2_and_sdxl_styles(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert pixels(image["path"]).shape == (64, 64, 3)
 
 
+def test_prediction_type_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--prediction-type replaces a missing or wrong scheduler config (Apple's compiled repos ship none)."""
+    out = factory.converted("sd2", attention="original", precision="fp32")  # its config says v_prediction
+    args = [PROMPT, "--seed", "8", "--steps", "3", "--scheduler", "ddim", "--disable-safety"]
+
+    def image(folder: Path, *extra: str) -> tuple[np.ndarray, str]:
+        record = run_json([str(folder), *args, *extra, "-o", str(tmp_path / "png")], capsys)["images"][0]
+        chunks = text_chunks(record["path"])
+        assert chunks["prediction_type"] == record["parameters"]["prediction_type"]
+        return pixels(record["path"]), chunks["prediction_type"]
+
+    from_config, kind = image(out)
+    assert kind == "v_prediction"
+    forced_eps, kind = image(out, "--prediction-type", "epsilon")
+    assert kind == "epsilon" and np.abs(from_config - forced_eps).mean() > 1
+    bare = copy_variant(out, tmp_path / "no-config")
+    shutil.rmtree(bare / "scheduler")
+    default, kind = image(bare)
+    assert kind == "epsilon" and np.array_equal(default, forced_eps)
+    forced_v, kind = image(bare, "--prediction-type", "v_prediction")
+    assert kind == "v_prediction" and np.array_equal(forced_v, from_config)
+
+
 def test_compiled_layout_variant_matches_packages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = factory.converted("sd1", attention="split_einsum", precision="fp16", compiled=True)
     compiled = out / "split_einsum" / "compiled"

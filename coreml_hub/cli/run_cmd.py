@@ -10,6 +10,7 @@ from .output import Output, stderr_is_tty
 
 SCHEDULER_CHOICES = ("pndm", "dpmpp", "euler", "euler_a", "ddim", "lms")
 COMPUTE_UNIT_CHOICES = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
+PREDICTION_CHOICES = ("epsilon", "v_prediction")  # pipeline.schedulers.PREDICTION_TYPES, kept here for a fast --help
 
 
 @click.command(
@@ -38,6 +39,9 @@ Image i of --num-images N uses seed SEED+i; the PNGs record every setting
               help="Classifier-free guidance; 1 or less turns it off.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Random seed (default: random).")
 @click.option("--scheduler", type=click.Choice(SCHEDULER_CHOICES), default="pndm", show_default=True)
+@click.option("--prediction-type", type=click.Choice(PREDICTION_CHOICES), default=None,
+              help="What the Unet predicts, when the model's scheduler config is missing or wrong "
+                   "(SD 2.x 768-px models: v_prediction). Default: the model's config, else epsilon.")
 @click.option("--image", "init_image", type=click.Path(path_type=Path), default=None,
               help="Init image for image-to-image.")
 @click.option("--strength", type=float, default=0.75, show_default=True,
@@ -56,9 +60,9 @@ Image i of --num-images N uses seed SEED+i; the PNGs record every setting
 @click.option("--json", "json_mode", is_flag=True, help="Print paths, parameters and timings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image paths.")
 def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int | None,
-            scheduler: str, init_image: Path | None, strength: float, num_images: int, output_dir: Path | None,
-            backend: str, device: str, compute_unit: str, disable_safety: bool, save_every: int | None,
-            no_pull: bool, json_mode: bool, quiet: bool) -> None:
+            scheduler: str, prediction_type: str | None, init_image: Path | None, strength: float,
+            num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str,
+            disable_safety: bool, save_every: int | None, no_pull: bool, json_mode: bool, quiet: bool) -> None:
     """Generate images from PROMPT with MODEL (text-to-image, or image-to-image with --image)."""
     from ..pipeline.generate import generate
 
@@ -72,7 +76,8 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
 
     result = generate(
         model, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
-        scheduler=scheduler, image=init_image, strength=strength, num_images=num_images, output_dir=output_dir,
+        scheduler=scheduler, prediction_type=prediction_type, image=init_image, strength=strength,
+        num_images=num_images, output_dir=output_dir,
         backend=backend, device=device, compute_unit=compute_unit.upper(), disable_safety=disable_safety,
         save_every=save_every, pull=not no_pull, progress=not quiet and not json_mode and stderr_is_tty(),
         on_message=notify)

@@ -14,7 +14,7 @@ from .components import BACKEND_CHOICES, find_components, load_components, selec
 from .diffusion import StableDiffusion
 from .png import ImageMetadata, save_png, slug
 from .resolve import ResolvedModel, resolve_model
-from .schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_config
+from .schedulers import DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS, scheduler_config
 from .tokenizer import load_tokenizer
 
 Notify = Callable[[str], None]
@@ -78,8 +78,11 @@ class LoadedPipeline:
 
 def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
                   compute_unit: str | None = "ALL", img2img: bool = False, safety: bool = True,
-                  progress: bool = False) -> LoadedPipeline:
-    """Load the components a run needs (the VAE encoder only for image-to-image)."""
+                  progress: bool = False, prediction_type: str | None = None) -> LoadedPipeline:
+    """Load the components a run needs (the VAE encoder only for image-to-image).
+
+    `prediction_type` overrides the scheduler config's (Apple's compiled repos ship no config).
+    """
     from ..errors import InvalidBundle
 
     chosen = select_backend(backend)
@@ -107,12 +110,12 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     if "text_encoder_2" in names:
         tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
     loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
-    pipe = StableDiffusion(loaded.components, tokenizers, scheduler_config(model.path, also=beside))
+    pipe = StableDiffusion(loaded.components, tokenizers, scheduler_config(model.path, prediction_type=prediction_type, also=beside))
     return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
 
 
 def _validate(steps: int, guidance_scale: float, num_images: int, strength: float, save_every: int | None,
-              scheduler: str, backend: str) -> None:
+              scheduler: str, backend: str, prediction_type: str | None) -> None:
     if steps < 1:
         raise UsageError("--steps must be at least 1.")
     if guidance_scale < 0:
@@ -127,6 +130,9 @@ def _validate(steps: int, guidance_scale: float, num_images: int, strength: floa
         raise UsageError(f"Unknown scheduler {scheduler!r}.", hint=f"Choose one of: {', '.join(SCHEDULERS)}.")
     if backend not in BACKEND_CHOICES:
         raise UsageError(f"Unknown backend {backend!r}.", hint=f"Choose one of: {', '.join(BACKEND_CHOICES)}.")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise UsageError(f"Unknown prediction type {prediction_type!r}.",
+                         hint=f"Choose one of: {', '.join(PREDICTION_TYPES)}.")
 
 
 def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps: int = 25,
@@ -134,21 +140,24 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              image: str | Path | None = None, strength: float = 0.75, num_images: int = 1,
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
-             pull: bool = True, progress: bool = False, on_message: Notify | None = None) -> RunResult:
+             pull: bool = True, progress: bool = False, on_message: Notify | None = None,
+             prediction_type: str | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
     Image i uses seed `seed + i`, so each file can be made again on its own.
+    `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
     """
     from .. import paths
 
-    _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend)
+    _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type)
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
         str(model), pull=pull, progress=progress, on_message=say)
     loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
-                           img2img=init is not None, safety=not disable_safety, progress=progress)
+                           img2img=init is not None, safety=not disable_safety, progress=progress,
+                           prediction_type=prediction_type)
     pipe = loaded.pipeline
     g = pipe.geometry
     say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
@@ -171,6 +180,7 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
             prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + index, steps=steps,
             scheduler=scheduler, guidance_scale=guidance_scale, width=g.image_width, height=g.image_height,
             model=resolved.name, variant=resolved.variant, revision=resolved.revision, backend=loaded.backend,
+            prediction_type=pipe.scheduler_config.get("prediction_type"),
             strength=strength if init is not None else None, init_image=str(image) if image is not None else None)
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
                                  f"Image {index + 1}/{num_images}", not disable_safety, say))

@@ -38,6 +38,7 @@ class ImageMetadata:
     strength: float | None = None  # image-to-image only
     init_image: str | None = None
     step: int | None = None  # intermediate decodes only
+    prediction_type: str | None = None  # from the model's scheduler config or --prediction-type
     extra: dict[str, str] = field(default_factory=dict)
 
     def parameters_text(self) -> str:
@@ -87,6 +88,8 @@ class ImageMetadata:
             data["init_image"] = self.init_image
         if self.step is not None:
             data["step"] = self.step
+        if self.prediction_type is not None:
+            data["prediction_type"] = self.prediction_type
         data.update(self.extra)
         return data
 

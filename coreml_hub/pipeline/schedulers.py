@@ -22,6 +22,8 @@ SCHEDULERS: dict[str, str] = {
     "lms": "LMSDiscreteScheduler",
 }
 DEFAULT_SCHEDULER = "pndm"
+# What the Unet predicts; SD 2.x 768-px models use v_prediction, everything else epsilon.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # A1111 "Sampler" names for the PNG `parameters` text.
 SAMPLER_NAMES = {

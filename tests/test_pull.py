@@ -310,6 +310,29 @@ def test_default_rule_off_macos_prefers_original_compiled_untagged_and_complete(
                 v("original/compiled@512x768", resolution="512x768", size=3)) == "original/compiled@512x768"
 
 
+def test_default_rule_with_native_core_ml_prefers_split_einsum(monkeypatch):
+    """The macOS branch of the rule, decided here by what _backends_here reports (Core ML cannot run on Linux)."""
+    from coreml_hub import pulling
+    from coreml_hub.layouts import RepoFile, Variant
+
+    def v(vid: str) -> Variant:
+        attention, fmt = vid.split("/")
+        return Variant(id=vid, attention=attention, format=fmt, layout="test", root=vid,
+                       common_files=(RepoFile(vid + "/x", 100),))
+
+    pick = lambda *vs: pulling.choose_variant(list(vs)).id  # noqa: E731
+    both = (v("original/compiled"), v("split_einsum/compiled"), v("split_einsum/packages"))
+    assert pick(*both) == "original/compiled"  # the portable rule, as installed here
+    monkeypatch.setattr(pulling, "_backends_here", lambda: (True, frozenset({"packages", "compiled"})))
+    assert pick(*both) == "split_einsum/compiled"
+    assert pick(v("original/compiled"), v("split_einsum_v2/packages")) == "split_einsum_v2/packages"
+    assert pick(v("original/packages"), v("original/compiled")) == "original/compiled"
+    assert "native Core ML" in pulling.default_rule_text()
+    # a backend set that runs only packages puts compiled variants last
+    monkeypatch.setattr(pulling, "_backends_here", lambda: (True, frozenset({"packages"})))
+    assert pick(v("split_einsum/compiled"), v("original/packages")) == "original/packages"
+
+
 def test_dry_run_plan_lists_files_and_bytes_and_fetches_nothing(hub_server, hub_root, store_home, capsys):
     repo_dir = sd15_repo(hub_root)
     code, out, err = cli(capsys, "pull", f"{SD15}:original/packages", "--dry-run", "--json")

@@ -34,7 +34,6 @@ import argparse
 import gc
 import hashlib
 import json
-import os
 import resource
 import shutil
 import statistics

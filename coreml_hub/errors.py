@@ -112,10 +112,6 @@ class UnsupportedArchitecture(ConversionError):
     default_hint = "coreml-hub converts Stable Diffusion 1.x/2.x and SDXL diffusers pipelines."
 
 
-class PluginError(CoremlHubError):
-    pass
-
-
 _CONNECTION_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
                       "RemoteProtocolError", "ReadError", "WriteError", "NetworkError", "ProxyError", "TooManyRedirects"}
 

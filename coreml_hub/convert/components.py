@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -170,10 +169,6 @@ def _trace(module: Any, inputs: "OrderedDict[str, np.ndarray]") -> Any:
     example = tuple(torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in inputs.values())
     with torch.no_grad(), _quiet():
         return torch.jit.trace(module.eval(), example, check_trace=False)
-
-
-def _config(folder: Path, subfolder: str) -> dict[str, Any]:
-    return json.loads((folder / subfolder / "config.json").read_text())
 
 
 def prepare_text_encoder(job: Job, rng: np.random.Generator) -> Prepared:

@@ -17,8 +17,6 @@ seconds on two cores, large enough for the VAE's three 2x stages.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -193,10 +191,6 @@ def style_config(style: str) -> dict[str, Any]:
             "safety_checker": None,
         }
     raise ValueError(f"unknown tiny style {style!r}; expected one of {', '.join(STYLES)}")
-
-
-def config_hash(style: str) -> str:
-    return hashlib.sha256(json.dumps(style_config(style), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _seeded(offset: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -34,8 +35,23 @@ from coreml_hub.mil.program import (
 from coreml_hub.mil.text import dumps
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "shared" / "mil"  # real model.mil files and bundles; see tests/data/mil/README.md
-SAMPLES_MISSING = (f"the public model.mil samples are not in {SAMPLES} (kept out of git; "
+
+
+def _samples_dir() -> Path:
+    """Where the real model.mil files and bundles are (tests/data/mil/README.md): $COREML_HUB_MIL_SAMPLES,
+    else shared/mil in the checkout, else shared/mil beside it (a read-only shared folder next to the clone)."""
+    if os.environ.get("COREML_HUB_MIL_SAMPLES"):
+        return Path(os.environ["COREML_HUB_MIL_SAMPLES"])
+    for candidate in (REPO / "shared" / "mil", REPO.parent / "shared" / "mil"):
+        if candidate.is_dir():
+            return candidate
+    return REPO / "shared" / "mil"
+
+
+SAMPLES = _samples_dir()
+_LOOKED_IN = (str(SAMPLES) if os.environ.get("COREML_HUB_MIL_SAMPLES")
+              else f"{REPO / 'shared' / 'mil'} or {REPO.parent / 'shared' / 'mil'}")
+SAMPLES_MISSING = (f"the public model.mil samples are not in {_LOOKED_IN} (kept out of git; "
                    "tests/data/mil/README.md names their origin)")
 
 METADATA_TYPES = {"fp16": "Float16", "fp32": "Float32", "int32": "Int32"}

@@ -17,6 +17,7 @@ from torch import nn
 
 from coreml_hub.errors import InvalidBundle, ModelInputError, UnsupportedOperation
 from coreml_hub.mil import load_model
+from _mil_fixtures import SAMPLES, SAMPLES_MISSING
 
 ct = pytest.importorskip("coremltools", reason="coremltools converts the test models")
 
@@ -253,10 +254,9 @@ def test_cuda_block(packages: dict[str, Path], block: Any, precision: str) -> No
 
 # -- models compiled by Apple's coremlc (public, third-party; see tests/data/mil/README.md) --
 
-SAMPLES = Path(__file__).resolve().parents[1] / "shared" / "mil"
 NEEDS_SAMPLES = pytest.mark.skipif(
     not (SAMPLES / "bundles").is_dir(),
-    reason=f"the public Core ML samples are not in {SAMPLES} (kept out of git; tests/data/mil/README.md names them)",
+    reason=SAMPLES_MISSING,
 )
 
 

@@ -667,7 +667,7 @@ def test_rm_asks_on_a_terminal(hub_server, hub_root, store_home):
     sd15_repo(hub_root)
     pulled = pull(SD15, variant="original/compiled")
     code, out = _rm_on_a_terminal(f"{SD15}:original/compiled", b"n\n")
-    assert code != 0 and "Remove 1 variant(s), freeing" in out and pulled.path.is_dir()
+    assert code == 1 and "Remove 1 variant(s), freeing" in out and "Aborted." in out and pulled.path.is_dir()
     code, out = _rm_on_a_terminal(f"{SD15}:original/compiled", b"y\n")
     assert code == 0 and "Removed 1 variant(s)" in out and not pulled.path.exists()
 

@@ -17,6 +17,8 @@ from .. import __version__
 from ..errors import translate
 from ..paths import debug
 
+INTERRUPTED = 130  # run_cli's status for Ctrl-C (128 + SIGINT); the process itself ends by SIGINT
+
 # command name -> "module:attribute", relative to coreml_hub.cli
 COMMANDS: dict[str, str] = {
     "list": "catalog:list_cmd",
@@ -133,15 +135,18 @@ def run_cli(argv: list[str] | None = None) -> int:
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        return 130
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo("Interrupted.", err=True)
+            return INTERRUPTED
+        click.echo("Aborted.", err=True)  # a prompt answered "no" or closed
+        return 1
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:
         return 0
     except Exception as exc:  # the one exit point for every failure
@@ -158,4 +163,24 @@ def run_cli(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run_cli(argv))
+    code = run_cli(argv)
+    if code == INTERRUPTED:
+        _exit_by_sigint()
+    sys.exit(code)
+
+
+def _exit_by_sigint() -> None:
+    """End the process by SIGINT, as shells expect of an interrupted program (a loop calling it stops too).
+
+    Python does the same for an uncaught KeyboardInterrupt, and on 3.11 also for one that merely
+    passed through `exec` of a string (an import in progress): doing it always keeps the status one.
+    """
+    import os
+    import signal
+
+    if os.name != "posix":
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)

@@ -53,17 +53,6 @@ SD15_UNET: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 32,
 }
-SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
 # Peak resident memory of a conversion beyond BASE_RSS, as a multiple of the fp32 weight
 # bytes: 1.81 measured at full width (7.43 GB for 3.44 GB of weights), rounded up. Used
 # only to pick --scale auto.
@@ -149,12 +138,14 @@ def child_prepare(folder: Path, scale: float) -> dict[str, Any]:
     import torch
     from diffusers import UNet2DConditionModel
 
+    from coreml_hub.testing.tiny import SD1_SCHEDULER
+
     torch.manual_seed(0)
     cfg = unet_config(scale)
     unet = UNet2DConditionModel(**cfg).eval()
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER))
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.30.0",

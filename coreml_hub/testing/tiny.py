@@ -73,7 +73,7 @@ _UNET = {
     "attention_head_dim": 2,
 }
 
-_SCHEDULER_SD1 = {
+SD1_SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -130,7 +130,7 @@ def style_config(style: str) -> dict[str, Any]:
             "text_encoder": dict(_TEXT_ENCODER),
             "unet": dict(_UNET),
             "vae": dict(_VAE),
-            "scheduler": dict(_SCHEDULER_SD1),
+            "scheduler": dict(SD1_SCHEDULER),
             "safety_checker": {
                 "projection_dim": 16,
                 "vision": {

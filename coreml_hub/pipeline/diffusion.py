@@ -18,7 +18,7 @@ from typing import Any, Callable
 from ..errors import InvalidBundle, UnsupportedSize, UsageError
 from . import images as imaging
 from .components import Component, unet_names
-from .schedulers import make_scheduler
+from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .tokenizer import ClipTokenizer
 
 SCALE_SD = 0.18215
@@ -98,6 +98,9 @@ class StableDiffusion:
                 tokenizer.length = components[name].input_shape("input_ids")[-1]
         self.scale_factor = scale_factor or (SCALE_SDXL if self.geometry.sdxl else SCALE_SD)
         self.zero_empty_negative = self.geometry.sdxl if zero_empty_negative is None else zero_empty_negative
+        # one scheduler built now imports diffusers and checks the config while loading, so neither
+        # is counted in the first image's time (or fails after the Unet is loaded and a run started)
+        make_scheduler(DEFAULT_SCHEDULER, scheduler_config)
 
     # ---- sizes ------------------------------------------------------------------------
     def unet_inputs(self) -> dict[str, Any]:

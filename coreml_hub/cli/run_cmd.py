@@ -6,11 +6,10 @@ from pathlib import Path
 
 import click
 
+from ..pipeline.schedulers import DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS  # stdlib only: fast --help
 from .output import Output, stderr_is_tty
 
-SCHEDULER_CHOICES = ("pndm", "dpmpp", "euler", "euler_a", "ddim", "lms")
 COMPUTE_UNIT_CHOICES = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
-PREDICTION_CHOICES = ("epsilon", "v_prediction")  # pipeline.schedulers.PREDICTION_TYPES, kept here for a fast --help
 
 
 @click.command(
@@ -38,8 +37,8 @@ Image i of --num-images N uses seed SEED+i; the PNGs record every setting
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True,
               help="Classifier-free guidance; 1 or less turns it off.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Random seed (default: random).")
-@click.option("--scheduler", type=click.Choice(SCHEDULER_CHOICES), default="pndm", show_default=True)
-@click.option("--prediction-type", type=click.Choice(PREDICTION_CHOICES), default=None,
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=DEFAULT_SCHEDULER, show_default=True)
+@click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
               help="What the Unet predicts, when the model's scheduler config is missing or wrong "
                    "(SD 2.x 768-px models: v_prediction). Default: the model's config, else epsilon.")
 @click.option("--image", "init_image", type=click.Path(path_type=Path), default=None,

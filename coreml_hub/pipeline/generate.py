@@ -110,7 +110,8 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     if "text_encoder_2" in names:
         tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
     loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
-    pipe = StableDiffusion(loaded.components, tokenizers, scheduler_config(model.path, prediction_type=prediction_type, also=beside))
+    config = scheduler_config(model.path, prediction_type=prediction_type, also=beside)
+    pipe = StableDiffusion(loaded.components, tokenizers, config)
     return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
 
 

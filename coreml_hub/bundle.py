@@ -392,6 +392,23 @@ class Inspection:
         return data
 
 
+def inspect_target(target: str | os.PathLike[str]) -> Path:
+    """The bundle `inspect` reads: a bundle path, or the one bundle of a single-model variant.
+
+    A pulled `MODEL[:VARIANT]` or a variant folder names its bundle when the variant is a single
+    model (plain Core ML repos); anything else is returned as given, for the usual checks.
+    """
+    path = resolve_target(target)
+    if path.is_dir() and not is_bundle(path):
+        manifest = _read_manifest(path)
+        variant = (manifest or {}).get("variant")
+        if isinstance(variant, dict) and variant.get("kind") == "model":
+            found = find_bundles(path)
+            if len(found) == 1:
+                return found[0]
+    return path
+
+
 def load_bundle_program(path: str | os.PathLike[str]) -> "Program":
     """The ML Program of a `.mlmodelc` (model.mil) or `.mlpackage` (protobuf spec)."""
     from .errors import InvalidBundle

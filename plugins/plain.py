@@ -43,8 +43,7 @@ from coreml_hub.layouts import RepoFile, Variant
 
 from ._common import (
     BUNDLE_SUFFIXES,
-    COMPILED_MARKERS,
-    PACKAGE_MARKERS,
+    JUNK_PARTS,
     Bundle,
     basename,
     bundle_role,
@@ -253,32 +252,20 @@ def _variant(model: _Model, name: str, extra_tags: list[str], companions: dict[s
 
 # ---------------------------------------------------------------- materialize
 
-def _bundle_kind(folder: Path) -> str | None:
-    try:
-        names = set(os.listdir(folder))
-    except OSError:
-        return None
-    if names & COMPILED_MARKERS:
-        return "compiled"
-    if names & PACKAGE_MARKERS:
-        return "packages"
-    return None
-
-
 def _find_extracted_bundle(root: Path, fmt: str) -> Path | None:
     """The bundle folder inside an extracted zip: the archive itself when it holds a bare bundle."""
+    from .archives import _bundle_kind  # content first, then the folder's suffix
+
     if _bundle_kind(root) == fmt:
         return root
     found = []
     for dirpath, dirnames, _ in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX" and not d.startswith("._"))
+        dirnames[:] = sorted(d for d in dirnames if d not in JUNK_PARTS and not d.startswith("._"))
         for name in list(dirnames):
-            child = here / name
-            if _bundle_kind(child) == fmt or name.lower().endswith(tuple(s for s, k in BUNDLE_SUFFIXES.items()
-                                                                          if k == fmt)):
-                found.append(child)
-                dirnames.remove(name)
+            if _bundle_kind(here / name) == fmt:
+                found.append(here / name)
+                dirnames.remove(name)  # never look inside a bundle
     return found[0] if len(found) == 1 else None
 
 

@@ -142,27 +142,33 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
-             prediction_type: str | None = None) -> RunResult:
+             prediction_type: str | None = None, loaded: LoadedPipeline | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
     Image i uses seed `seed + i`, so each file can be made again on its own.
     `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
+    `loaded` is a pipeline already in memory (from `load_pipeline`): `model` and the load options
+    are then not used, and the images are the ones a fresh load would make.
     """
     from .. import paths
 
     _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type)
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
-    resolved = model if isinstance(model, ResolvedModel) else resolve_model(
-        str(model), pull=pull, progress=progress, on_message=say)
-    loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
-                           img2img=init is not None, safety=not disable_safety, progress=progress,
-                           prediction_type=prediction_type)
+    warm = loaded is not None
+    if loaded is None:
+        resolved = model if isinstance(model, ResolvedModel) else resolve_model(
+            str(model), pull=pull, progress=progress, on_message=say)
+        loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
+                               img2img=init is not None, safety=not disable_safety, progress=progress,
+                               prediction_type=prediction_type)
+    resolved = loaded.model
     pipe = loaded.pipeline
     g = pipe.geometry
-    say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
-        f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
+    if not warm:
+        say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
+            f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
     if init is not None:
         init, resized = imaging.fit_init_image(init, g.image_width, g.image_height)
         if resized:
@@ -186,7 +192,8 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
                                  f"Image {index + 1}/{num_images}", not disable_safety, say))
     elapsed = time.perf_counter() - start
-    result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, loaded.load_seconds, elapsed,
+    result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, 0.0 if warm else loaded.load_seconds,
+                           elapsed,
                            sum(i.unet_steps for i in saved), tuple(saved))
     say(f"Generated {num_images} image{'s' if num_images != 1 else ''} in {elapsed:.1f} s "
         f"({result_obj.unet_steps_per_second:.2f} steps/s).")

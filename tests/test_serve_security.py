@@ -373,7 +373,7 @@ def test_chunked_and_missing_lengths(served: Served) -> None:
 
 # --- 3. slow and idle clients --------------------------------------------------------------------------------
 
-TIGHT = {"header_timeout": 1.5, "idle_timeout": 1.5, "max_connections": 40}
+TIGHT = {"header_timeout": 3.0, "idle_timeout": 1.5, "max_connections": 40}
 
 
 @pytest.fixture(scope="module", params=sorted(SERVERS))
@@ -461,7 +461,7 @@ def test_503_when_every_connection_is_working(tight: Served) -> None:
         busy.append(conn)
     try:
         r = httpx2.get(tight.url + tight.target("inside.txt"), timeout=30)
-        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.headers
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and r.headers["X-Request-Id"], r.headers
         assert "too many connections" in r.json()["error"]
     finally:
         for conn in busy:

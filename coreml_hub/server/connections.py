@@ -16,7 +16,13 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..safeserve import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, header_safe
+from ..safeserve import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    header_safe,
+    new_request_id,
+)
 
 DRAIN_SECONDS = 1.0  # how long a refused connection is read (and discarded) so the client sees the 503, not a reset
 MAX_DRAINING = 256  # refused connections being drained at once; more are closed at once
@@ -47,7 +53,8 @@ def refusal(status: int, message: str, retry_after: int | None = None) -> bytes:
     body = json.dumps({"error": message}).encode()
     reason = {503: "Service Unavailable"}.get(status, "Error")
     lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json; charset=utf-8",
-             f"Content-Length: {len(body)}", f"X-Error-Message: {header_safe(message)}", "Connection: close"]
+             f"Content-Length: {len(body)}", f"X-Error-Message: {header_safe(message)}",
+             f"X-Request-Id: {new_request_id()}", "Connection: close"]
     if retry_after is not None:
         lines.append(f"Retry-After: {retry_after}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -550,6 +550,8 @@ class MirrorHandler(BaseHTTPRequestHandler):
                            {"X-Repo-Commit": commit})
         self._log_extra["cache"] = "miss"
         transfer = upstream.transfer(repo.repo_id, commit, entry) if not head else None
+        if transfer is not None:
+            transfer.started()  # upstream's refusal (gated, gone) still reaches the client as an error status
         self._status = status
         self.send_response(status)
         for key, value in headers.items():

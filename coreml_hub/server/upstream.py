@@ -162,6 +162,7 @@ class Transfer:
         self.generation = 0  # bumped when the downloader starts the file over
         self.state = "running"  # running | done | failed
         self.error: str | None = None
+        self.failure: MirrorError | None = None  # how to answer a client that has not had headers yet
         self.cond = threading.Condition()
 
     @classmethod
@@ -186,11 +187,22 @@ class Transfer:
             self.available = self.size
             self.cond.notify_all()
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, failure: MirrorError) -> None:
         with self.cond:
             self.state = "failed"
             self.error = message
+            self.failure = failure
             self.cond.notify_all()
+
+    def started(self, wait: float = 60.0) -> None:
+        """Return once bytes arrive or the transfer ends; raise its failure (as the Hub would answer it) when
+        it failed before any byte came, so a client gets an error status instead of a cut-off body."""
+        deadline = time.monotonic() + wait
+        with self.cond:
+            while self.state == "running" and self.available == 0 and time.monotonic() < deadline:
+                self.cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+            if self.state == "failed" and self.failure is not None:
+                raise self.failure
 
     def _open(self) -> IO[bytes]:
         """The file under whichever name it has now (part, staged, blob); called with the lock held, so
@@ -434,7 +446,7 @@ class Upstream:
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             print(f"Warning: fetching {repo_id}/{entry.path} from {self.url} failed: {message}", file=sys.stderr,
                   flush=True)
-            transfer.fail(message)
+            transfer.fail(message, _as_answer(exc, self.url))
         finally:
             with self._lock:
                 if self._transfers.get((repo_id, key)) is transfer:
@@ -449,6 +461,22 @@ class Upstream:
         tmp.unlink(missing_ok=True)
         os.symlink(os.path.relpath(blob, link.parent), tmp)
         os.replace(tmp, link)
+
+
+def _as_answer(exc: BaseException, url: str) -> MirrorError:
+    """A failed transfer as the Hub's error for the client: upstream's refusal relayed, anything else a 502."""
+    from .. import errors
+
+    if isinstance(exc, MirrorError):
+        return exc
+    message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, errors.GatedRepo):
+        return MirrorError(403, "GatedRepo", f"The upstream {url} refused the file: {message}")
+    if isinstance(exc, errors.RepoNotFound):
+        return MirrorError(404, "RepoNotFound", message)
+    if isinstance(exc, (errors.EntryNotFound, errors.RevisionNotFound)):
+        return MirrorError(404, "EntryNotFound", message)
+    return MirrorError(502, "UpstreamUnavailable", f"Fetching from the upstream {url} failed: {message}")
 
 
 def _git_blob_id(path: Path) -> str:

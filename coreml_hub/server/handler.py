@@ -527,18 +527,21 @@ class MirrorHandler(BaseHTTPRequestHandler):
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise HubError(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
-            self._status = status
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(length))
-            self.end_headers()
+            self._send_file_headers(status, headers, length)
             if head or length == 0:
                 return
             self._stream(f, start, length)
         if self.server.upstream is not None and repo.commit is not None:
             self._log_extra["cache"] = "hit"
             self.server.upstream.stats.served(repo.repo_id, self._sent, hit=True)
+
+    def _send_file_headers(self, status: int, headers: dict[str, str], length: int) -> None:
+        self._status = status
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
 
     def _resolve_upstream(self, repo: Repo, commit: str, entry: Any, status: int, headers: dict[str, str],
                           start: int, length: int, head: bool) -> None:
@@ -552,12 +555,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
         transfer = upstream.transfer(repo.repo_id, commit, entry) if not head else None
         if transfer is not None:
             transfer.started()  # upstream's refusal (gated, gone) still reaches the client as an error status
-        self._status = status
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(length))
-        self.end_headers()
+        self._send_file_headers(status, headers, length)
         if transfer is None or length == 0:
             return
         sent_before = self._sent

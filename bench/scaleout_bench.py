@@ -3,7 +3,8 @@
 1. batch: images per minute for a JOBS file of 16 text-to-image jobs on the tiny SD1 model
    (coreml_hub.testing), run in this process (`batch`) and on a local Ray cluster of 2 CPUs with
    2 workers (`batch --ray auto --workers 2`). Each run starts cold (Ray: the actors load the
-   model), alternating, median of --rounds. Anchor: the local run.
+   model), alternating, median of --rounds. Anchor: the local run (also shown with one torch
+   thread, the thread count each one-CPU Ray worker runs with).
 2. mirror: one file (default 1 GiB) fetched with `hf_hub_download` straight from an upstream
    `coreml-hub serve` (the anchor), through a pull-through `serve --upstream` with an empty
    ROOT (cold: the mirror fetches it while streaming it), and through the same mirror again
@@ -38,13 +39,20 @@ def bench_batch(scratch: Path, jobs: int, steps: int, rounds: int) -> None:
     jobs_file.write_text("".join(json.dumps({"model": str(model), "prompt": f"a photo of thing {i}", "seed": i,
                                              "steps": steps, "disable_safety": True}) + "\n" for i in range(jobs)))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    rates: dict[str, list[float]] = {"local": [], "ray": []}
+    import torch
+
+    threads = torch.get_num_threads()
+    rates: dict[str, list[float]] = {"local": [], "local-1t": [], "ray": []}
     try:
         for r in range(rounds):
-            for engine in ("local", "ray"):
+            for engine in rates:
                 out = scratch / f"out-{engine}-{r}"
+                # local-1t: one torch thread, as each Ray worker on one CPU has (a busy machine punishes threads
+                # that wait on each other)
+                torch.set_num_threads(1 if engine == "local-1t" else threads)
                 result = run_batch(jobs_file, out, ray="auto" if engine == "ray" else None,
                                    workers=2 if engine == "ray" else None)
+                torch.set_num_threads(threads)
                 assert result.failed == 0 and result.images == jobs, result.to_dict()
                 rates[engine].append(result.images_per_minute)
                 print(f"  round {r + 1} {engine:5}: {result.images} images in {result.seconds:.1f} s "
@@ -52,10 +60,10 @@ def bench_batch(scratch: Path, jobs: int, steps: int, rounds: int) -> None:
                 shutil.rmtree(out)
     finally:
         ray.shutdown()
-    local, on_ray = statistics.median(rates["local"]), statistics.median(rates["ray"])
-    print(f"batch: local {local:.1f} images/min, Ray 2 workers {on_ray:.1f} images/min, "
-          f"ratio Ray/local {on_ray / local:.2f} (median of {rounds}, {jobs} jobs, {steps} steps, "
-          f"{os.cpu_count()} CPUs)")
+    local, single, on_ray = (statistics.median(rates[k]) for k in ("local", "local-1t", "ray"))
+    print(f"batch: local {local:.1f} images/min ({threads} threads), local {single:.1f} images/min (1 thread), "
+          f"Ray 2 workers {on_ray:.1f} images/min; ratio Ray/local {on_ray / local:.2f}, Ray/local-1-thread "
+          f"{on_ray / single:.2f} (median of {rounds}, {jobs} jobs, {steps} steps, {os.cpu_count()} CPUs)")
 
 
 def bench_mirror(scratch: Path, size: int, rounds: int) -> None:

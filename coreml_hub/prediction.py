@@ -126,6 +126,8 @@ def find_bundle(target: str | os.PathLike[str], component: str | None = None) ->
         if component and component_name(path.name)[0] != component and path.stem.lower() != component.lower():
             raise UsageError(f"{path.name} is a single bundle; --component is for folders that hold several.")
         return path
+    if path.is_file() and path.suffix == ".mlmodel":
+        return path  # a bare spec: what it is decides whether it runs (NeuralNetwork models do not)
     if not path.is_dir():
         raise InvalidBundle(f"{path} is a file; a Core ML bundle is a folder (.mlpackage or .mlmodelc).")
     bundles = find_bundles(path)

@@ -388,3 +388,16 @@ def test_silero_vad_bundles_match_their_packages(name: str) -> None:
     a, b = np.array(probabilities["compiled"]), np.array(probabilities["package"])
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert a.max() - a.min() > 0.05, "the chunks should not all get the same probability"
+
+
+def test_declared_shapes_and_sizes_in_words() -> None:
+    from coreml_hub.mil.spec import FeatureDescription, ImageFormat
+
+    unbounded = FeatureDescription("x", None, "fp32", ranges=((1, 1), (2, -1)))
+    assert unbounded.accepts_shape((1, 2)) and unbounded.accepts_shape((1, 5000)) and not unbounded.accepts_shape((1, 1))
+    assert unbounded.declared() == "fp32[1, 2..]"
+    assert FeatureDescription("x", (2, 3), "int32").declared() == "int32[2, 3]"
+    image = ImageFormat("RGB", 64, 64, width_range=(64, -1), height_range=(32, 128))
+    assert image.accepts(1000, 32) and not image.accepts(63, 64) and not image.accepts(64, 129)
+    assert image.describe() == "RGB 64.. x 32..128" and image.pil_mode == "RGB"
+    assert ImageFormat("GRAYSCALE_FLOAT16", 4, 4).pil_mode == "F"

@@ -221,6 +221,7 @@ def uninstall() -> None:
     for (owner, name), original in _originals.items():
         setattr(owner, name, original)
     _originals.clear()
+    _settings.update(device=None, force=False)
 
 
 def installed() -> bool:

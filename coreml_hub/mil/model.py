@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import InvalidBundle, ModelInputError, UnsupportedOperation
 from .features import ClassifierHead, array_to_image, check_array, prepare_inputs, strip_classifiers
 from .program import FLOAT_DTYPES, Function, Program, TensorType
-from .spec import FeatureDescription, Metadata, ModelSpec, choose_function, describe_function, read_spec
+from .spec import FeatureDescription, Metadata, ModelSpec, choose_function, describe_function, is_compiled, read_spec
 from .state import State, lower_states
 
 __all__ = ["DEVICES", "FeatureDescription", "Model", "State", "load_model", "read_program"]
@@ -58,6 +58,19 @@ def read_program(path: str | Path) -> Program:
     from .proto import load_program
 
     return load_program(path)
+
+
+def _read(path: Path) -> tuple[ModelSpec, Program]:
+    """The declared interface and the program, the spec checked first (a NeuralNetwork model fails
+    there, by name) and a package's protobuf parsed once for both."""
+    if is_compiled(path):
+        return read_spec(path), read_program(path)
+    from .proto import load_spec, program_from_proto, spec_file
+
+    file = spec_file(path)
+    message = load_spec(file)
+    spec = read_spec(path, message)
+    return spec, program_from_proto(message.mlProgram, base_dir=file.parent)
 
 
 def program_is_fp16(fn: Function) -> bool:
@@ -138,8 +151,7 @@ class Model:
         from .ops import Context
 
         self.path = Path(path)
-        self.spec: ModelSpec = read_spec(self.path)  # first: a NeuralNetwork model fails here, by name
-        self.program = read_program(self.path)
+        self.spec, self.program = _read(self.path)
         self.function_name = choose_function(self.spec, list(self.program.functions), function_name)
         function = self.program.functions[self.function_name]
         interface = describe_function(function, self.spec.function(self.function_name))

@@ -199,17 +199,23 @@ class ModelSpec:
         return next((f for f in self.functions if f.name == name), None)
 
 
-def read_spec(path: str | Path) -> ModelSpec:
+def read_spec(path: str | Path, message: Any = None) -> ModelSpec:
     """The declared interface of a `.mlpackage`, `.mlmodel` file or `.mlmodelc` folder.
 
+    `message`: the package's already parsed protobuf `Model`, to not parse it twice.
     Raises UnsupportedModel for anything but an ML Program (NeuralNetwork models, pipelines
     of them, tree ensembles, ...), naming the spec type.
     """
     path = Path(path)
-    if path.is_dir() and (path.suffix == ".mlmodelc" or (path / "metadata.json").is_file()) \
-            and not (path / "Manifest.json").is_file():
+    if is_compiled(path):
         return _read_compiled(path)
-    return _read_package(path)
+    return _read_package(path, message)
+
+
+def is_compiled(path: Path) -> bool:
+    """A `.mlmodelc` folder (model.mil and metadata.json) rather than a package or spec file."""
+    return path.is_dir() and (path.suffix == ".mlmodelc" or (path / "metadata.json").is_file()
+                              or (path / "model.mil").is_file()) and not (path / "Manifest.json").is_file()
 
 
 def choose_function(spec: ModelSpec, available: list[str], wanted: str | None) -> str:
@@ -279,10 +285,10 @@ def _merge(name: str, vtype: Any, declared: FeatureDescription | None, kind: str
 # -- .mlpackage / .mlmodel: the protobuf spec ------------------------------------------
 
 
-def _read_package(path: Path) -> ModelSpec:
+def _read_package(path: Path, message: Any = None) -> ModelSpec:
     from .proto import load_spec
 
-    spec = load_spec(path)
+    spec = message if message is not None else load_spec(path)
     model_type = spec.WhichOneof("Type") or "unknown"
     if model_type != "mlProgram":
         raise unsupported_model(path, model_type, inner_model_types(spec))

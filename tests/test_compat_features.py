@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -194,45 +193,48 @@ def _run(args: list[str], cwd: Path, env_extra: dict[str, str]) -> subprocess.Co
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _user_suite(tmp_path: Path) -> Path:
+def test_environment_variable_switches_it_on_for_a_user_suite(tmp_path: Path) -> None:
+    """A user's suite, untouched: the plugin pytest loads from the entry point arms the drop-in,
+    and it installs when the test imports coremltools."""
     (tmp_path / "test_user.py").write_text(_USER_TEST.format(path=str(fm.package("optional"))))
-    return tmp_path
-
-
-@pytest.mark.parametrize("how", ["-p", "environment"])
-def test_pytest_plugin_switches_it_on_for_a_user_suite(how: str, tmp_path: Path) -> None:
-    suite = _user_suite(tmp_path)
-    args = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", "-o", "addopts=",
-            "--rootdir", str(suite), "test_user.py"]  # not -q: the header names the drop-in
-    env = {}
-    if how == "-p":
-        args[3:3] = ["-p", "coreml_hub.pytest_plugin"]
-    else:
-        env[compat.ENV_VAR] = "1"
-    result = _run(args, suite, env)
+    result = _run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", "-o", "addopts=",
+                   "--rootdir", str(tmp_path), "test_user.py"], tmp_path, {compat.ENV_VAR: "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
     assert "coreml-hub: coremltools' MLModel.predict runs on the portable ML Program runtime" in result.stdout
 
 
-def test_plugin_is_inert_without_the_variable(tmp_path: Path) -> None:
-    suite = _user_suite(tmp_path)
-    result = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                   "--rootdir", str(suite), "test_user.py"], suite, {})
-    if NATIVE:
-        pytest.skip("on macOS coremltools predicts natively")
-    assert result.returncode == 1 and "1 failed" in result.stdout, result.stdout + result.stderr
+class _Config:
+    """What the plugin reads of pytest's config: the command line and the -p plugins."""
+
+    def __init__(self, args: list[str], plugins: list[str]) -> None:
+        self.invocation_params = type("Params", (), {"args": tuple(args)})()
+        self.option = type("Options", (), {"plugins": plugins})()
 
 
-def test_environment_variable_at_import(tmp_path: Path) -> None:
-    script = textwrap.dedent(f"""
-        import sys, numpy as np
-        import coreml_hub                      # arms the drop-in: coremltools is not imported yet
-        assert "coremltools" not in sys.modules
-        import coremltools as ct
-        out = ct.models.MLModel({str(fm.package("optional"))!r}).predict({{"x": np.zeros((2, 3), np.float32)}})
-        print(out["y"].tolist())
-    """)
+def test_pytest_plugin_installs_with_p_and_stays_inert_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from coreml_hub import pytest_plugin
+
+    compat.uninstall()
+    monkeypatch.delenv(compat.ENV_VAR, raising=False)
+    pytest_plugin.pytest_configure(_Config(["tests"], []))  # loaded from the entry point only
+    assert not compat.installed() and not compat.armed()
+    assert pytest_plugin.pytest_report_header(_Config([], [])) is None
+    pytest_plugin.pytest_configure(_Config(["-p", "coreml_hub.pytest_plugin", "tests"], ["coreml_hub.pytest_plugin"]))
+    assert compat.installed()  # coremltools is imported here, so it installs at once
+    assert "portable ML Program runtime" in pytest_plugin.pytest_report_header(_Config([], []))
+    compat.uninstall()
+    monkeypatch.setenv(compat.ENV_VAR, "1")
+    pytest_plugin.pytest_configure(_Config(["tests"], []))
+    assert compat.installed()
+
+
+def test_environment_variable_at_import_waits_for_coremltools(tmp_path: Path) -> None:
+    script = ("import sys, coreml_hub\n"
+              "from coreml_hub import coremltools_compat as c\n"
+              "print('coremltools' in sys.modules, 'torch' in sys.modules, c.armed(), c.installed())\n")
     result = _run([sys.executable, "-c", script], tmp_path, {compat.ENV_VAR: "1"})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == str([[3.0, 3.0, 3.0], [3.0, 3.0, 3.0]])
+    assert result.stdout.split() == ["False", "False", "True", "False"]  # armed, nothing heavy imported
+    result = _run([sys.executable, "-c", script], tmp_path, {})
+    assert result.stdout.split() == ["False", "False", "False", "False"]

@@ -222,7 +222,7 @@ def choose_function(spec: ModelSpec, available: list[str], wanted: str | None) -
     """The function to run: `wanted`, else the model's default, else `main`, else the only one."""
     if wanted:
         if wanted not in available:
-            raise InvalidBundle(f"{spec.path.name} has no function {wanted!r}; it has: {', '.join(available)}.",
+            raise InvalidBundle(f"{spec.path.name} has no function {wanted!r}; it has: {', '.join(sorted(available))}.",
                                 hint="Pass one of those as function_name (CLI: --function).")
         return wanted
     for candidate in (spec.default_function, "main"):

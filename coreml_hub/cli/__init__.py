@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert_cmd:convert_cmd",
     "run": "run_cmd:run_cmd",
     "serve": "serve_cmd:serve_cmd",
+    "app": "app_cmd:app_cmd",
     "plugins": "plugins_cmd:plugins_cmd",
     "demo": "demo_cmd:demo_cmd",
 }
@@ -48,6 +49,7 @@ SHORT_HELP: dict[str, str] = {
     "convert": "Convert a diffusers pipeline to Core ML packages.",
     "run": "Generate images with a Core ML Stable Diffusion model.",
     "serve": "Serve a folder of repos as a read-only Hub mirror.",
+    "app": "Serve the web app and HTTP API, with models kept warm.",
     "plugins": "List installed plugins.",
     "demo": "Run the offline demo on a bundled tiny model.",
 }

@@ -1,13 +1,13 @@
 """The gallery: every PNG in the outputs folder, newest first, with the settings read back
 from its metadata (coreml_hub.pipeline.png), whether this app made it or `coreml-hub run` did.
 
-Intermediate decodes (`--save-every`) are left out; files that are not images, hidden files and
-files still being written are too. Metadata is read once per file version (name, size, mtime).
+Intermediate decodes (`--save-every`) are left out; so are files that are not images, hidden files
+(files still being written are hidden) and links out of the folder: the gallery lists exactly what
+the file route serves. Metadata is read once per file version (name, size, mtime).
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,27 +48,20 @@ class Gallery:
 
     def images(self) -> list[GalleryImage]:
         """Newest first."""
+        from .files import output_entries
+
         found = []
-        try:
-            entries = list(os.scandir(self.folder))
-        except OSError:
-            return []
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_SUFFIXES):
+        names = set()
+        for name, st in output_entries(self.folder):
+            names.add(name)
+            if not name.lower().endswith(IMAGE_SUFFIXES):
                 continue
-            try:
-                if not entry.is_file(follow_symlinks=False):
-                    continue  # links are never served, so they are not listed either
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            params = self._metadata(Path(entry.path), (st.st_mtime_ns, st.st_size))
+            params = self._metadata(self.folder / name, (st.st_mtime_ns, st.st_size))
             if params is not None and params.get("step") is not None:
                 continue  # an intermediate decode
-            found.append(GalleryImage(entry.name, st.st_size, st.st_mtime, params))
+            found.append(GalleryImage(name, st.st_size, st.st_mtime, params))
         found.sort(key=lambda img: (img.modified, img.name), reverse=True)
         with self._lock:  # forget files that are gone
-            names = {e.name for e in entries}
             for stale in [n for n in self._cache if n not in names]:
                 del self._cache[stale]
         return found

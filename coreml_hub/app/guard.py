@@ -152,42 +152,37 @@ def login_cookie(token: str) -> str:
 
 
 class BodyLimit:
-    """Reads each request body (up to its route's limit) before the route runs; 413 beyond it.
-
-    `limit_for(method, path)` gives the limit in bytes. A Content-Length over the limit is refused
-    before any byte is read; a body without one is counted as it arrives.
-    """
+    """Reads each request body (up to its route's limit) before the route runs, by the shared rules
+    of coreml_hub.safeserve: a declared length over the limit is refused before any byte is read (413),
+    a chunked body is counted as it arrives, a malformed length is a 400."""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str, str], int]) -> None:
         self.app = app
         self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+        from ..safeserve import Refused, body_limit_check, body_size_check
+
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["method"], scope.get("path", "/"))
-        length = _headers(scope).get("content-length")
-        if length is not None:
-            if not length.strip().isdigit():
-                await send_json(send, 400, f"Malformed Content-Length: {length[:40]!r}.", code="bad_length")
-                return
-            if int(length) > limit:
-                await send_json(send, 413, f"The request body is {int(length)} bytes; this endpoint takes at most "
-                                           f"{limit}.", code="body_too_large")
-                return
+        limit = self.limit_for(scope.get("method", "GET"), scope.get("path", "/"))
+        lengths = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"content-length"]
+        coding = _headers(scope).get("transfer-encoding")
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > limit:
-                await send_json(send, 413, f"The request body is larger than {limit} bytes, the most this "
-                                           "endpoint takes.", code="body_too_large")
-                return
-            if not message.get("more_body", False):
-                break
+        try:
+            body_limit_check(lengths, limit, transfer_encoding=coding)
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                body_size_check(len(body), limit)
+                if not message.get("more_body", False):
+                    break
+        except Refused as err:  # the rest of the body is never read: the connection closes after the answer
+            await send_json(send, err.status, err.message, code=err.code, headers={"connection": "close"})
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -198,3 +193,33 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class CrashGuard:
+    """An exception no route handled: the client gets a 500 naming only a request id, the log gets the rest."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from ..safeserve import internal_error_message, log_internal_error, new_request_id
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            request_id = new_request_id()
+            log_internal_error(request_id, f"{scope.get('method')} {scope.get('path')}", exc)
+            if not started:  # once headers went out, hanging up is the only signal left
+                await send_json(send, 500, internal_error_message(request_id), kind="server_error",
+                                headers={"x-request-id": request_id})

@@ -76,6 +76,7 @@ def serve_app(settings: AppSettings, *, on_ready: Callable[[str], None] | None =
     """Serve until Ctrl-C or SIGTERM; `on_ready(url)` once the socket accepts connections."""
     import uvicorn
 
+    from ..safeserve import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
     from .web import AppConfig, make_app
 
     token = check_token(settings.host, settings.token)
@@ -85,9 +86,12 @@ def serve_app(settings: AppSettings, *, on_ready: Callable[[str], None] | None =
                        max_models=settings.max_models, preview_every=settings.preview_every,
                        max_waiting=settings.max_waiting)
     app = make_app(config)
+    # the connection limits every server of the project starts with (safeserve)
     uv_config = uvicorn.Config(app, log_level=os.environ.get("COREML_HUB_APP_LOG_LEVEL", "warning"),
                                access_log=False, timeout_graceful_shutdown=3, lifespan="on",
-                               server_header=False, h11_max_incomplete_event_size=64 * 1024)
+                               server_header=False, h11_max_incomplete_event_size=64 * 1024,
+                               limit_concurrency=DEFAULT_MAX_CONNECTIONS,
+                               timeout_keep_alive=int(DEFAULT_IDLE_TIMEOUT))
     server = uvicorn.Server(uv_config)
     if on_ready is not None:
         url = url_of(sock, settings.host)

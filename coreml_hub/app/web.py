@@ -2,7 +2,8 @@
 
 Every error is JSON in OpenAI's shape (`{"error": {"message", "type", "param", "code"}}`) with a
 4xx status for what the client can fix; an unexpected exception is logged with a request id and
-answered 500 with only that id. Blocking library calls run in worker threads, never on the loop.
+answered 500 with only that id (guard.CrashGuard). Blocking library calls run in worker threads,
+never on the loop.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import asyncio
 import base64
 import html
 import json
-import logging
-import secrets
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -32,13 +31,11 @@ from starlette.routing import Route
 
 from .. import __version__
 from .gallery import Gallery
-from .guard import COOKIE, AccessGuard, BodyLimit, login_cookie, same_token
+from .guard import COOKIE, AccessGuard, BodyLimit, CrashGuard, login_cookie, same_token
 from .jobs import DONE, FINISHED, EventBus, Job, JobQueue, QueueFull, wait_for
 from .requests import RequestError, parse_generate, parse_pull, response_format
 from .warm import WarmPipelines
 from .work import Generator, Puller, Uploads, classify, list_models, remove_model
-
-log = logging.getLogger("coreml_hub.app")
 
 JSON_LIMIT = 1024 * 1024
 UPLOAD_LIMIT = 20 * 1024 * 1024
@@ -441,13 +438,6 @@ async def on_library_error(request: Request, exc: Exception) -> Response:
     return error_response(failure.status, failure.message, kind=failure.kind, hint=failure.hint)
 
 
-async def on_crash(request: Request, exc: Exception) -> Response:
-    """Anything else: the client learns only that it happened (the server logs the traceback)."""
-    request_id = secrets.token_hex(6)
-    log.error("request %s (%s %s) failed: %s", request_id, request.method, request.url.path, type(exc).__name__)
-    return error_response(500, f"Internal error (request {request_id}); the server log has the details.",
-                          kind="server_error")
-
 
 # ---- the application -----------------------------------------------------------------------------
 
@@ -492,10 +482,11 @@ def make_app(config: AppConfig) -> Any:
 
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(AccessGuard, token=config.token, host=config.host, login_page=login_page),
+        middleware=[Middleware(CrashGuard),
+                    Middleware(AccessGuard, token=config.token, host=config.host, login_page=login_page),
                     Middleware(BodyLimit, limit_for=body_limit)],
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
-                            CoremlHubError: on_library_error, Exception: on_crash},
+                            CoremlHubError: on_library_error},
         lifespan=lifespan,
     )
     app.state.coreml_hub = state

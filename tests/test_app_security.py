@@ -186,6 +186,14 @@ def test_browsers_log_in_with_a_cookie(app: AppServer) -> None:
     assert stale.status == 401
 
 
+def test_links_out_are_named_once_at_start(app: AppServer) -> None:
+    log = app.log()
+    assert log.count("Warning: not serving") == 1, log
+    warned = {line.strip().split(" -> ")[0] for line in log.splitlines() if " -> " in line}
+    assert {"out-abs.png", "out-rel.png", "out-chain-hop.png", "out-dir", "out-dir-rel", "up"} <= warned
+    assert not warned & {"inside.png", "in-link.png", "in-chain.png", "out-and-back.png", "dangling.png"}
+
+
 def test_links_inside_the_folder_are_served_and_listed(app: AppServer) -> None:
     listed = {i["name"] for i in app.call("GET", "/api/gallery").json()["images"]}
     for name in ("inside.png", *SERVED_LINKS):

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +64,16 @@ class WarmEntry:
     last_used: float
 
 
+def _same(entry: WarmEntry, wanted: LoadOptions) -> bool:
+    """Whether the loaded pipeline is what `wanted` would load: naming the prediction type the model's
+    config gives anyway (as settings read back from a PNG do) needs no second load."""
+    if entry.options == wanted:
+        return True
+    effective = entry.loaded.pipeline.scheduler_config.get("prediction_type")
+    return (wanted.prediction_type is not None and wanted.prediction_type == effective
+            and replace(wanted, prediction_type=None) == replace(entry.options, prediction_type=None))
+
+
 class WarmPipelines:
     """Model folder -> loaded pipeline, least recently used first out."""
 
@@ -81,7 +91,7 @@ class WarmPipelines:
         key = str(model.path)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry.options == options:
+            if entry is not None and _same(entry, options):
                 entry.last_used = time.monotonic()
                 self._entries.move_to_end(key)
                 return entry.loaded, True

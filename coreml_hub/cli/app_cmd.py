@@ -63,6 +63,16 @@ def app_cmd(host: str, port: int, token: str | None, output_dir: Path | None, op
     settings = AppSettings(outputs=outputs, host=host, port=port, token=token, max_models=max_models or None,
                            preview_every=preview_every, max_waiting=max_queue)
 
+    if outputs.is_dir():
+        from ..safeserve import links_out_of
+
+        escaping = links_out_of(outputs)
+        if escaping:  # named once, at start: the gallery and the file routes leave them out
+            click.echo(f"Warning: not serving {len(escaping)} link{'s' if len(escaping) != 1 else ''} that lead "
+                       f"out of {outputs}:", err=True)
+            for path, target in escaping:
+                click.echo(f"  {path} -> {target}", err=True)
+
     def ready(url: str) -> None:
         click.echo(f"Serving coreml-hub app at {url}")
         click.get_text_stream("stdout").flush()

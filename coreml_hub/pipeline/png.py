@@ -172,18 +172,13 @@ def read_metadata(path: Path | str) -> dict[str, Any] | None:
             data["width"], data["height"] = width, height
     if "prompt" not in data:
         return None
-    for key in _INT_FIELDS:
-        if key in data:
-            try:
-                data[key] = int(data[key])
-            except (TypeError, ValueError):
-                data.pop(key)
-    for key in _FLOAT_FIELDS:
-        if key in data:
-            try:
-                data[key] = float(data[key])
-            except (TypeError, ValueError):
-                data.pop(key)
+    for keys, kind in ((_INT_FIELDS, int), (_FLOAT_FIELDS, float)):
+        for key in keys:
+            if key in data:
+                try:
+                    data[key] = kind(data[key])
+                except (TypeError, ValueError):
+                    data.pop(key)  # a value no tool could have meant: left out rather than guessed
     return data
 
 

@@ -311,3 +311,46 @@ def test_twenty_concurrent_api_requests_are_all_answered(app: AppServer) -> None
     jobs = [j for j in app.call("GET", "/api/jobs").json()["jobs"] if j["title"].startswith("image ")]
     assert len(jobs) == 20 and {j["state"] for j in jobs} == {"done"}
     assert app.running and app.call("GET", "/api/info").status == 200
+
+
+def test_slow_and_silent_clients_are_dropped_and_delay_no_one(tmp_path: Path) -> None:
+    """uvicorn waits for headers forever; the app gives them --header-timeout seconds."""
+    limit = 2.0
+    app = AppServer(store=tmp_path / "store", outputs=tmp_path / "outputs", hub_url="http://127.0.0.1:9",
+                    log_dir=tmp_path / "logs", extra_args=("--header-timeout", str(limit))).start()
+    host, port = app.url.split("//", 1)[1].rsplit(":", 1)
+    head = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: " + b"slow" * 8 + b"\r\n\r\n"
+    took: dict[int, float] = {}
+    answers: dict[int, bytes] = {}
+
+    def slow(n: int) -> None:
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            start = time.monotonic()
+            for byte in head if n else b"":  # client 0 connects and says nothing
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    break
+                if select.select([conn], [], [], 1.0)[0]:
+                    break
+            received = b""
+            try:
+                while chunk := conn.recv(65536):
+                    received += chunk
+            except ConnectionResetError:
+                pass
+            took[n], answers[n] = time.monotonic() - start, received
+
+    try:
+        threads = [threading.Thread(target=slow, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        statuses = [app.call("GET", "/api/info").status for _ in range(10)]
+        for t in threads:
+            t.join(30)
+        assert statuses == [200] * 10
+        for n in range(3):
+            assert answers[n] == b"" and limit * 0.9 <= took[n] < limit + 3, (n, took[n], answers[n][:80])
+        assert app.running and app.call("GET", "/api/info").status == 200
+    finally:
+        app.stop()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -66,10 +67,11 @@ async def send_json(send: Send, status: int, message: str, *, kind: str = "inval
 class AccessGuard:
     """Token, Host and Origin checks (see the module docstring)."""
 
-    def __init__(self, app: ASGIApp, *, token: str | None, host: str, login_page: Callable[[str], bytes]) -> None:
+    def __init__(self, app: ASGIApp, *, token: str | None, host: str, login_page: Callable[[str], bytes],
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
         self.app = app
         self.token = token
-        self.host = host
+        self.hosts = {name.strip("[]").lower() for name in (host, *allowed_hosts)}
         self.login_page = login_page
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -105,7 +107,7 @@ class AccessGuard:
 
     def _local_host(self, host_header: str) -> bool:
         host = urlsplit(f"//{host_header}").hostname or ""
-        return is_loopback(host) or host == self.host.strip("[]").lower()
+        return is_loopback(host) or host in self.hosts
 
     @staticmethod
     def _same_origin(headers: dict[str, str]) -> bool:
@@ -161,10 +163,10 @@ class BodyLimit:
         self.limit_for = limit_for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from ..safeserve import Refused, body_limit_check, body_size_check
+        from ..safeserve import DEFAULT_IDLE_TIMEOUT, Refused, body_limit_check, body_size_check
 
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)  # no route reads a body there: it is never read
             return
         limit = self.limit_for(scope.get("method", "GET"), scope.get("path", "/"))
         lengths = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"content-length"]
@@ -173,7 +175,12 @@ class BodyLimit:
         try:
             body_limit_check(lengths, limit, transfer_encoding=coding)
             while True:
-                message = await receive()
+                try:  # a client that stalls mid-body holds its connection no longer than an idle one
+                    message = await asyncio.wait_for(receive(), DEFAULT_IDLE_TIMEOUT)
+                except asyncio.TimeoutError:
+                    await send_json(send, 408, "The request body stopped arriving.", code="body_timeout",
+                                    headers={"connection": "close"})
+                    return
                 if message["type"] == "http.disconnect":
                     return
                 body += message.get("body", b"")

@@ -48,6 +48,7 @@ class AppConfig:
     outputs: Path
     token: str | None = None
     host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()  # more names this machine is reached by (without a token)
     max_models: int | None = None
     preview_every: int = 5
     max_waiting: int = 64
@@ -365,6 +366,23 @@ async def delete_image(request: Request) -> Response:
     return JSONResponse({"deleted": path.name})
 
 
+async def files(request: Request) -> Response:
+    from .files import list_files
+
+    return JSONResponse({"files": await run_in_threadpool(list_files, _state(request).config.outputs)})
+
+
+async def files_info(request: Request) -> Response:
+    """`{"paths": [...]}` -> the files among them, as `GET /api/files` lists them (an empty body names none)."""
+    from .files import files_info as info_of
+
+    body = await _json_body(request)
+    paths = [] if body is None else body.get("paths") if isinstance(body, dict) else None
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths) or len(paths) > 1000:
+        raise RequestError("Send {\"paths\": [...]}: at most 1000 paths, each a string.", "paths")
+    return JSONResponse(await run_in_threadpool(info_of, _state(request).config.outputs, paths))
+
+
 async def output(request: Request) -> Response:
     from .files import output_file
 
@@ -461,6 +479,8 @@ ROUTES = [
     Route("/api/events", all_events),
     Route("/api/gallery", gallery),
     Route("/api/gallery/{name:path}", delete_image, methods=["DELETE"]),
+    Route("/api/files", files),
+    Route("/api/files/info", files_info, methods=["POST"]),
     Route("/files/{name:path}", output),
     Route("/v1/models", openai_models),
     Route("/v1/images/generations", openai_generate, methods=["POST"]),
@@ -483,11 +503,13 @@ def make_app(config: AppConfig) -> Any:
     app = Starlette(
         routes=ROUTES,
         middleware=[Middleware(CrashGuard),
-                    Middleware(AccessGuard, token=config.token, host=config.host, login_page=login_page),
+                    Middleware(AccessGuard, token=config.token, host=config.host, login_page=login_page,
+                               allowed_hosts=config.allowed_hosts),
                     Middleware(BodyLimit, limit_for=body_limit)],
         exception_handlers={RequestError: on_request_error, HTTPException: on_http_error,
                             CoremlHubError: on_library_error},
         lifespan=lifespan,
     )
+    app.router.redirect_slashes = False  # a redirect would echo the request's Host header back
     app.state.coreml_hub = state
     return app

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..safeserve import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS  # stdlib only
+
 AUTO_TOKEN = "\0make-one"
 
 
@@ -44,8 +46,20 @@ or log in at /login).""",
               help="Decode a preview every K steps (0: none); a request may ask for another K.")
 @click.option("--max-queue", type=click.IntRange(1, 10000), default=64, show_default=True,
               help="Most jobs waiting at once; more are answered 429.")
+@click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Another name this machine is reached by (an /etc/hosts alias, a local proxy); without a "
+                   "token only requests addressed to this machine are answered. Repeatable.")
+@click.option("--header-timeout", default=DEFAULT_HEADER_TIMEOUT, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Time a client has to send a request's line and headers.")
+@click.option("--idle-timeout", default=DEFAULT_IDLE_TIMEOUT, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Time a connection may wait for its next request, or stall while sending a body.")
+@click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, show_default=True,
+              type=click.IntRange(min=1), help="Open connections at most; more are answered 503.")
 def app_cmd(host: str, port: int, token: str | None, output_dir: Path | None, open_browser: bool, max_models: int,
-            preview_every: int, max_queue: int) -> None:
+            preview_every: int, max_queue: int, allowed_hosts: tuple[str, ...], header_timeout: float,
+            idle_timeout: float, max_connections: int) -> None:
     """Serve the web app and HTTP API (OpenAI-compatible image generation) with models kept warm.
 
     Prints `Serving coreml-hub app at URL` on stdout once it accepts connections.
@@ -61,7 +75,9 @@ def app_cmd(host: str, port: int, token: str | None, output_dir: Path | None, op
     token = check_token(host, token)
     outputs = (output_dir or paths.outputs_dir()).expanduser()
     settings = AppSettings(outputs=outputs, host=host, port=port, token=token, max_models=max_models or None,
-                           preview_every=preview_every, max_waiting=max_queue)
+                           preview_every=preview_every, max_waiting=max_queue, allowed_hosts=allowed_hosts,
+                           header_timeout=header_timeout,
+                           idle_timeout=idle_timeout, max_connections=max_connections)
 
     if outputs.is_dir():
         from ..safeserve import links_out_of

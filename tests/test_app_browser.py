@@ -96,8 +96,15 @@ class Page:
     def all(self, css: str) -> list[Any]:
         return self.driver.find_elements(self.by.CSS_SELECTOR, css)
 
+    def click(self, css: str) -> None:
+        """Click once the element is there; the page re-renders lists on every event, so find it anew."""
+        self.wait(lambda: self.find(css).click() or True, f"a click on {css}")
+
+    def text(self, css: str, timeout: float = 240) -> str:
+        return self.wait(lambda: self.find(css).text, f"the text of {css}", timeout)
+
     def tab(self, name: str) -> None:
-        self.find(f'nav a[data-tab="{name}"]').click()
+        self.click(f'nav a[data-tab="{name}"]')
         self.wait(lambda: self.find(f"#tab-{name}").is_displayed(), f"the {name} tab")
 
     def fill(self, css: str, value: str) -> None:
@@ -141,20 +148,19 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
     # -- Library: search the mirror, pull the demo model, with progress ---------------------------------
     page.fill("#search-query", "tiny")
     page.find("#search-form button").click()
-    row = page.wait(lambda: page.find(f'#search-results tr[data-repo="{DEMO}"]'), "the search result")
-    assert "original/compiled" in row.text or row.find_element(page.by.CSS_SELECTOR, "select")
+    result_row = f'#search-results tr[data-repo="{DEMO}"]'
+    options = page.wait(lambda: [o.text for o in page.all(f"{result_row} select option")], "the search result")
+    assert "original/compiled" in options and "split_einsum/packages" in options
     record_changes(page)
-    row.find_element(page.by.CSS_SELECTOR, "button.pull").click()
-    page.wait(lambda: page.find(".pull-job[data-state='done']"), "the pull to finish")
-    card = page.find(".pull-job")
-    assert f"Pulled {MODEL}" in card.text and "Chose original/compiled" in card.text
+    page.click(f"{result_row} button.pull")
+    card = page.text(".pull-job[data-state='done']")
+    assert f"Pulled {MODEL}" in card and "Chose original/compiled" in card
     seen = page.js("return window.seen")
     assert any("Downloading original/compiled" in p for p in seen["phases"]), seen["phases"]
     total = app.call("GET", "/api/models").json()["models"][0]["size_bytes"]
     assert [total, total] in [[int(v), int(m)] for v, m in seen["progress"]]
-    assert int(card.find_element(page.by.CSS_SELECTOR, "progress").get_attribute("max")) == total
-    page.wait(lambda: page.find(f'#library-list tr[data-model="{MODEL}"]'), "the pulled model in the library")
-    assert "unet" in page.find(f'#library-list tr[data-model="{MODEL}"]').text
+    assert int(page.wait(lambda: page.find(".pull-job progress").get_attribute("max"), "the bar")) == total
+    assert "unet" in page.text(f'#library-list tr[data-model="{MODEL}"]')
     page.shot("library-pulled")
 
     # -- Generate: live progress, a preview, then the image -----------------------------------------------
@@ -164,10 +170,10 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
     page.fill("#negative_prompt", "fog")
     page.fill("#steps", "24")
     page.fill("#seed", "42")
-    page.find("#generate-form details summary").click()
-    page.find("#disable_safety").click()
+    page.click("#generate-form details summary")
+    page.click("#disable_safety")
     record_changes(page)
-    page.find("#generate-button").click()
+    page.click("#generate-button")
     page.wait(lambda: page.find("#preview-box").is_displayed(), "a preview image", timeout=240)
     assert page.find("#preview").get_attribute("src").startswith("data:image/jpeg;base64,")
     assert "preview at step" in page.find("#preview-caption").text
@@ -182,9 +188,10 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
 
     # -- Gallery: the image with its settings, newest first --------------------------------------------------
     page.tab("gallery")
-    first = page.wait(lambda: page.all("#gallery-grid .card")[0], "the gallery")
-    assert first.get_attribute("data-name") == "a-lighthouse-on-a-cliff-at-dusk-42.png"
-    text = first.text
+    first_card = "#gallery-grid .card:first-child"
+    assert page.wait(lambda: page.find(first_card).get_attribute("data-name"), "the gallery") == \
+        "a-lighthouse-on-a-cliff-at-dusk-42.png"
+    text = page.text(first_card)
     assert PROMPT in text and "not: fog" in text and "seed 42" in text and "24 steps" in text and "pndm" in text
     assert f"{DEMO}:original/compiled" in text and "64x64" in text
     page.shot("gallery")
@@ -195,12 +202,12 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
     page.fill("#seed", "")
     page.fill("#steps", "3")
     page.tab("gallery")
-    page.all("#gallery-grid .card")[0].find_element(page.by.CSS_SELECTOR, "button.same-seed").click()
+    page.click(f"{first_card} button.same-seed")
     page.wait(lambda: page.find("#tab-generate").is_displayed(), "the generate tab")
     assert page.find("#seed").get_attribute("value") == "42"
     assert page.find("#prompt").get_attribute("value") == "something else"
     page.tab("gallery")
-    page.all("#gallery-grid .card")[0].find_element(page.by.CSS_SELECTOR, "button.use-settings").click()
+    page.click(f"{first_card} button.use-settings")
     page.wait(lambda: page.find("#tab-generate").is_displayed(), "the generate tab")
     form = {name: page.find(f"#{name}").get_attribute("value")
             for name in ("prompt", "negative_prompt", "steps", "seed", "scheduler", "guidance_scale", "model")}
@@ -208,9 +215,9 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
                     "guidance_scale": "7.5", "model": MODEL}
     page.shot("reuse-settings")
     # the same settings make the same image
-    page.find("#generate-button").click()
-    again = page.wait(lambda: page.find("#current-results img"), "the image made again")
-    again_name = again.get_attribute("src").rsplit("/", 1)[1]
+    page.click("#generate-button")
+    again_name = page.wait(lambda: page.find("#current-results img").get_attribute("src").rsplit("/", 1)[1],
+                           "the image made again")
     assert again_name == "a-lighthouse-on-a-cliff-at-dusk-42-1.png"
     assert (app.outputs / again_name).read_bytes() != b""
     from PIL import Image
@@ -222,31 +229,30 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
     # -- Queue: two jobs in line, cancel the running one, the other finishes ------------------------------------
     page.fill("#steps", "400")
     page.fill("#prompt", "a long one")
-    page.find("#generate-button").click()
+    page.click("#generate-button")
     page.wait(lambda: "Generating" in page.find("#current-phase").text, "the long job to run")
     page.fill("#steps", "3")
     page.fill("#prompt", "a short one")
-    page.find("#generate-button").click()
+    page.click("#generate-button")
     page.tab("queue")
-    running = page.wait(lambda: page.find("#queue-list tr[data-state='running']"), "a running job")
-    queued = page.wait(lambda: page.find("#queue-list tr[data-state='queued']"), "a queued job")
-    assert "a long one" in running.text and "a short one" in queued.text and "queued (#1)" in queued.text
-    assert page.find("#queue-count").text == "(2)"
+    assert "a long one" in page.text("#queue-list tr[data-state='running']")
+    queued = page.text("#queue-list tr[data-state='queued']")
+    assert "a short one" in queued and "queued (#1)" in queued
+    assert page.text("#queue-count") == "(2)"
     page.shot("queue-two-jobs")
-    running.find_element(page.by.CSS_SELECTOR, "button.cancel").click()
-    cancelled = page.wait(lambda: page.find("#queue-list tr[data-state='cancelled']"), "the cancelled job")
-    assert "a long one" in cancelled.text and "Cancelled at step" in cancelled.text
-    done = page.wait(lambda: [r for r in page.all("#queue-list tr[data-state='done']") if "a short one" in r.text],
-                     "the queued job to finish")
-    assert done[0].find_elements(page.by.CSS_SELECTOR, "img.thumb")
+    page.click("#queue-list tr[data-state='running'] button.cancel")
+    cancelled = page.text("#queue-list tr[data-state='cancelled']")
+    assert "a long one" in cancelled and "Cancelled at step" in cancelled
+    page.wait(lambda: any("a short one" in r.text and r.find_elements(page.by.CSS_SELECTOR, "img.thumb")
+                          for r in page.all("#queue-list tr[data-state='done']")), "the queued job to finish")
     page.shot("queue-cancelled-and-done")
 
     # -- a bad input: a clear error beside the form, naming the field --------------------------------------------
     page.tab("generate")
     page.fill("#steps", "0")
-    page.find("#generate-button").click()
-    error = page.wait(lambda: page.find("#form-error").is_displayed() and page.find("#form-error"), "the error")
-    assert error.text == "`steps` must be between 1 and 500, got 0."
+    page.click("#generate-button")
+    assert page.wait(lambda: page.find("#form-error").is_displayed() and page.find("#form-error").text,
+                     "the error") == "`steps` must be between 1 and 500, got 0."
     assert page.find("#steps").get_attribute("aria-invalid") == "true"
     page.shot("bad-input")
     not_an_image = tmp_path / "notes.png"
@@ -259,8 +265,7 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
     # -- delete an image from the gallery ------------------------------------------------------------------------------
     page.tab("gallery")
     count = len(page.all("#gallery-grid .card"))
-    target = page.find('#gallery-grid .card[data-name="a-lighthouse-on-a-cliff-at-dusk-42-1.png"]')
-    target.find_element(page.by.CSS_SELECTOR, "button.delete").click()
+    page.click('#gallery-grid .card[data-name="a-lighthouse-on-a-cliff-at-dusk-42-1.png"] button.delete')
     browser.switch_to.alert.accept()
     page.wait(lambda: len(page.all("#gallery-grid .card")) == count - 1, "the card to go")
     assert not (app.outputs / "a-lighthouse-on-a-cliff-at-dusk-42-1.png").exists()

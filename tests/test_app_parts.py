@@ -170,8 +170,11 @@ def test_jobs_run_in_order_and_say_why_they_failed_or_stopped() -> None:
         return {"ok": job.title}
 
     queue = make_queue(runner, max_waiting=10)
-    jobs = [queue.submit("generate", title, {}) for title in ("one", "crash", "bad", "stop", "two", "skip")]
-    assert [j.position for j in jobs[1:]] == [1, 2, 3, 4, 5]  # "one" is running or first in line
+    first = queue.submit("generate", "one", {})
+    while first.state != "running":  # the worker took it, and waits at the gate
+        first.done.wait(0.01)
+    jobs = [first] + [queue.submit("generate", title, {}) for title in ("crash", "bad", "stop", "two", "skip")]
+    assert [j.position for j in jobs[1:]] == [1, 2, 3, 4, 5]
     queue.cancel(jobs[5].id)
     gate.set()
     for job in jobs:

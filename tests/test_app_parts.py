@@ -4,7 +4,6 @@ metadata read back, the job queue, request checking, and the guards as ASGI midd
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import threading
 from pathlib import Path

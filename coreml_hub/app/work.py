@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import CoremlHubError, InvalidImage, ModelNotPulled, UsageError, translate
-from .jobs import Failure, Job, JobCancelled, Reporter
+from .jobs import Failure, Job, Reporter
 from .requests import GenerateRequest, RequestError
 from .warm import LoadOptions, WarmPipelines
 

@@ -82,6 +82,13 @@ class UnsupportedOperation(CoremlHubError):
     default_hint = "Try the native Core ML backend on macOS (`--backend coreml`), or report the op."
 
 
+class UnsupportedModel(CoremlHubError):
+    """A Core ML model of a kind the portable runtime does not run (it runs ML Programs only)."""
+
+    default_hint = ("Convert the model to an ML Program (coremltools: convert_to='mlprogram'), "
+                    "or run it with Core ML on macOS (`--backend coreml`).")
+
+
 class ModelInputError(CoremlHubError):
     """Inputs given to a model's predict do not match its description (names, shapes, types)."""
 

@@ -32,7 +32,9 @@ COMMANDS: dict[str, str] = {
     "convert": "convert_cmd:convert_cmd",
     "run": "run_cmd:run_cmd",
     "batch": "batch_cmd:batch_cmd",
+    "predict": "predict_cmd:predict_cmd",
     "serve": "serve_cmd:serve_cmd",
+    "app": "app_cmd:app_cmd",
     "plugins": "plugins_cmd:plugins_cmd",
     "demo": "demo_cmd:demo_cmd",
 }
@@ -49,7 +51,9 @@ SHORT_HELP: dict[str, str] = {
     "convert": "Convert a diffusers pipeline to Core ML packages.",
     "run": "Generate images with a Core ML Stable Diffusion model.",
     "batch": "Run a file of run/predict jobs, here or on a Ray cluster.",
+    "predict": "Run any Core ML model (ML Program) on given inputs.",
     "serve": "Serve a folder of repos as a read-only Hub mirror.",
+    "app": "Serve the web app and HTTP API, with models kept warm.",
     "plugins": "List installed plugins.",
     "demo": "Run the offline demo on a bundled tiny model.",
 }

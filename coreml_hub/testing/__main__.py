@@ -63,6 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         out = factory.converted(style, attention, precision, **options)
         print(f"{time.perf_counter() - t0:7.1f} s  {label}  {out}", file=sys.stderr, flush=True)
+    from . import feature_models
+
+    for name in feature_models.NAMES:  # one small model per model-level feature, both forms
+        if args.list:
+            print(f"feature {name}")
+            continue
+        t0 = time.perf_counter()
+        out = feature_models.package(name)
+        if out.suffix == ".mlpackage":
+            feature_models.compiled(name)
+        print(f"{time.perf_counter() - t0:7.1f} s  feature {name}  {out}", file=sys.stderr, flush=True)
     if not args.list:
         print(f"{time.perf_counter() - total:7.1f} s  total ({factory.cache_dir()})", file=sys.stderr)
     return 0

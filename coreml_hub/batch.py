@@ -431,10 +431,11 @@ class Worker:
             return load_pipeline(resolved, backend=self.backend, device=self.device,
                                  img2img=bool(load.get("img2img")), safety=bool(load.get("safety")),
                                  prediction_type=options.get("prediction_type"))
-        from .prediction import load_target
+        from .mil.model import load_model
+        from .prediction import find_bundle
 
-        return load_target(payload["model"], component=options.get("component"), function=options.get("function"),
-                           device=self.device)
+        bundle = find_bundle(payload["model"], options.get("component"))
+        return load_model(bundle, device=self.device, function_name=options.get("function"))
 
     def _run(self, payload: dict[str, Any], folder: Path) -> dict[str, Any]:
         from .pipeline.generate import generate

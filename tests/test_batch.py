@@ -137,3 +137,36 @@ def test_local_batch_and_help_never_import_ray(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code, "batch", str(jobs), "-o", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=300, env={**os.environ})
     assert "NO-RAY [0, 0, 1]" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_predict_jobs_keep_the_model_warm(tmp_path: Path) -> None:
+    pytest.importorskip("coremltools", reason="coremltools converts the test models")
+    import torch
+
+    from coreml_hub.testing import feature_models as fm
+
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((1, 5, 8)).astype(np.float32), rng.standard_normal((1, 3, 8)).astype(np.float32)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    features = rng.standard_normal(10).astype(np.float32)
+    rows = str(fm.package("range_dim"))
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [
+        {"id": "rows-a", "type": "predict", "model": rows, "inputs": {"x": "a.npy"}},
+        {"id": "rows-b", "type": "predict", "model": rows, "inputs": {"x": "b.npy"}},
+        {"id": "label", "model": str(fm.package("classifier")), "inputs": {"features": json.dumps(features.tolist())}},
+        {"id": "wrong", "model": rows, "inputs": {"nope": "a.npy"}},
+    ])
+    result = run_batch(jobs, tmp_path / "out")
+    records = {r.id: r for r in result.results}
+    assert [records[i].ok for i in ("rows-a", "rows-b", "label", "wrong")] == [True, True, True, False]
+    assert records["rows-b"].seconds["load"] == 0  # the same model, still loaded
+    with torch.no_grad():
+        for job_id, x in (("rows-a", a), ("rows-b", b)):
+            want = fm.reference("range_dim")(torch.as_tensor(x)).numpy()
+            np.testing.assert_allclose(np.load(tmp_path / "out" / job_id / "y.npy"), want, atol=1e-5)
+        probs = fm.reference("classifier")(torch.as_tensor(features[None])).numpy()[0]
+    outputs = {o["name"]: o for o in records["label"].details["outputs"]}
+    assert outputs["classLabel"]["summary"] == fm.CLASS_LABELS[int(np.argmax(probs))]
+    assert records["wrong"].error["type"] == "ModelInputError" and "nope" in records["wrong"].error["message"]

@@ -2,10 +2,10 @@
 
 Everything the pipeline needs to know about sizes is read from the components' input
 descriptions: latent size and Unet batch from `sample`, text length and hidden size from
-`encoder_hidden_states` ([B, C, 1, L]), image size from the VAE decoder. Random draws use
-a CPU torch.Generator in the same order diffusers uses, so a seed means the same image
-on every backend and device. Latents stay on the Unet's device from the first draw to
-the decoded image.
+`encoder_hidden_states` ([B, C, 1, L]), image size from the VAE decoder. Random draws come
+from a CPU noise source (`rng`: torch in diffusers' order, numpy or nvidia as Apple's and
+Mochi's pipelines draw them), so a seed means the same image on every backend and device.
+Latents stay on the Unet's device from the first draw to the decoded image.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ..errors import InvalidBundle, UnsupportedSize, UsageError
 from . import images as imaging
 from .components import Component, unet_names
+from .rng import DEFAULT_RNG, NoiseSource, check_latent_dtype, make_noise
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .tokenizer import ClipTokenizer
 
@@ -38,6 +39,7 @@ class Geometry:
     image_height: int
     image_width: int
     sdxl: bool
+    latent_dtype: str = "float32"  # the dtype the denoiser takes its latents in
 
     @property
     def size(self) -> str:
@@ -140,7 +142,7 @@ class StableDiffusion:
             ih, iw = lh * 8, lw * 8
         return Geometry(unet_batch=batch, latent_channels=channels, latent_height=lh, latent_width=lw,
                         text_length=hidden[3], hidden_size=hidden[1], image_height=ih, image_width=iw,
-                        sdxl="time_ids" in specs and "text_embeds" in specs)
+                        sdxl="time_ids" in specs and "text_embeds" in specs, latent_dtype=specs["sample"].dtype)
 
     # ---- text -------------------------------------------------------------------------
     def _encode_one(self, encoder: Component, tokenizer: ClipTokenizer, text: str) -> tuple[Any, Any]:
@@ -217,7 +219,7 @@ class StableDiffusion:
         out = decoder({next(iter(decoder.inputs)): latents / self.scale_factor})
         return imaging.tensor_to_unit(_first_output(out, ("image",), rank=4))
 
-    def encode_image(self, image: Any, generator: Any) -> Any:
+    def encode_image(self, image: Any, noise: NoiseSource) -> Any:
         """Init image tensor [1, 3, H, W] -> scaled latents, sampled from the encoder's distribution."""
         import torch
 
@@ -228,16 +230,19 @@ class StableDiffusion:
         moments = _first_output(encoder({next(iter(encoder.inputs)): image}), ("latent",), rank=4)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-        return (mean + std * noise) * self.scale_factor
+        return noise.gaussian(mean, std) * self.scale_factor
 
     # ---- the loop ---------------------------------------------------------------------
     def generate(self, *, prompt: str, negative_prompt: str = "", steps: int = 25, guidance_scale: float = 7.5,
                  seed: int = 0, scheduler: str = "pndm", init_image: Any = None, strength: float = 0.75,
                  conditioning: Conditioning | None = None, on_step: StepCallback | None = None,
                  progress: bool = False, desc: str = "Generating", check_safety: bool = True,
-                 latents: Any = None) -> Generated:
-        """Make one image. `init_image` (PIL, model size) switches to image-to-image."""
+                 latents: Any = None, rng: str = DEFAULT_RNG, noise: NoiseSource | None = None) -> Generated:
+        """Make one image. `init_image` (PIL, model size) switches to image-to-image.
+
+        The initial noise comes from `noise` when given (a source shared by several images),
+        else from a fresh `rng` source seeded with `seed`; `latents` overrides the draw.
+        """
         import torch
         from tqdm import tqdm
 
@@ -247,13 +252,18 @@ class StableDiffusion:
         cond = conditioning or self.condition(prompt, negative_prompt)
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
+        if noise is None:
+            check_latent_dtype(rng, g.latent_dtype)
+            noise = make_noise(rng, seed)
+        generator = noise.step_generator
         shape = (1, g.latent_channels, g.latent_height, g.latent_width)
         timesteps = sched.timesteps
         if init_image is not None:
             if not 0.0 < strength <= 1.0:
                 raise UsageError(f"--strength must be in (0, 1], got {strength}.")
-            init = self.encode_image(imaging.image_to_tensor(init_image), generator)
+            pixels = imaging.image_to_tensor(init_image)
+            first = noise.latents(shape) if noise.noise_first else None  # the Swift order: noise, then sample
+            init = self.encode_image(pixels, noise)
             keep = min(int(steps * strength), steps)
             t_start = max(steps - keep, 0)
             timesteps = sched.timesteps[t_start * sched.order:]
@@ -262,12 +272,12 @@ class StableDiffusion:
                                  hint="Raise --strength or --steps.")
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
-            noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(init.device)
-            current = sched.add_noise(init, noise, timesteps[:1])
-        else:
-            if latents is None:
-                latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+            added = (first if first is not None else noise.latents(tuple(init.shape))).to(init.device)
+            current = sched.add_noise(init, added, timesteps[:1])
+        elif latents is not None:
             current = (latents.to(torch.float32) * sched.init_noise_sigma).to(self.unet_parts[0].device)
+        else:
+            current = noise.latents(shape, float(sched.init_noise_sigma)).to(self.unet_parts[0].device)
 
         step_params = inspect.signature(sched.step).parameters
         step_kwargs: dict[str, Any] = {}

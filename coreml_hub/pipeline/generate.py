@@ -14,6 +14,8 @@ from .components import BACKEND_CHOICES, find_components, load_components, selec
 from .diffusion import StableDiffusion
 from .png import ImageMetadata, save_png, slug
 from .resolve import ResolvedModel, resolve_model
+from .rng import (DEFAULT_RNG, DEFAULT_SEED_MODE, SEED_MODES, NoiseSource, check_latent_dtype, check_rng,
+                  check_seeds, make_noise)
 from .schedulers import DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS, scheduler_config
 from .tokenizer import load_tokenizer
 
@@ -116,7 +118,8 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
 
 
 def _validate(steps: int, guidance_scale: float, num_images: int, strength: float, save_every: int | None,
-              scheduler: str, backend: str, prediction_type: str | None) -> None:
+              scheduler: str, backend: str, prediction_type: str | None, rng: str = DEFAULT_RNG,
+              seed_mode: str = DEFAULT_SEED_MODE, seed: int | None = None) -> None:
     if steps < 1:
         raise UsageError("--steps must be at least 1.")
     if guidance_scale < 0:
@@ -134,6 +137,11 @@ def _validate(steps: int, guidance_scale: float, num_images: int, strength: floa
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UsageError(f"Unknown prediction type {prediction_type!r}.",
                          hint=f"Choose one of: {', '.join(PREDICTION_TYPES)}.")
+    check_rng(rng)
+    if seed_mode not in SEED_MODES:
+        raise UsageError(f"Unknown seed mode {seed_mode!r}.", hint=f"Choose one of: {', '.join(SEED_MODES)}.")
+    if seed is not None:
+        check_seeds(rng, int(seed), num_images if seed_mode == "increment" else 1)
 
 
 def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps: int = 25,
@@ -142,16 +150,20 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
-             prediction_type: str | None = None) -> RunResult:
+             prediction_type: str | None = None, rng: str = DEFAULT_RNG,
+             seed_mode: str = DEFAULT_SEED_MODE) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
-    Image i uses seed `seed + i`, so each file can be made again on its own.
+    `rng` (torch, numpy, nvidia) draws the initial noise as diffusers, Apple's pipelines and
+    Mochi Diffusion do. With `seed_mode="increment"` image i uses seed `seed + i`, so each file
+    can be made again on its own; `"stream"` draws every image from one source seeded once.
     `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
     """
     from .. import paths
 
-    _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type)
+    _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type,
+              rng, seed_mode, seed)
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
@@ -161,6 +173,7 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
                            prediction_type=prediction_type)
     pipe = loaded.pipeline
     g = pipe.geometry
+    check_latent_dtype(rng, g.latent_dtype)
     say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
         f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
     if init is not None:
@@ -168,23 +181,26 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         if resized:
             say(f"Resized the init image to {g.size}, the model's size.")
     folder = Path(output_dir) if output_dir is not None else paths.outputs_dir()
-    base_seed = secrets.randbelow(2**32) if seed is None else int(seed)
+    base_seed = secrets.randbelow(2**32 - num_images) if seed is None else int(seed)  # every source takes it
     for text, what in ((prompt, "prompt"), (negative_prompt, "negative prompt")):
         if pipe.tokenizers[0].truncated(text):
             say(f"Warning: the {what} is longer than the text encoder's {pipe.geometry.text_length} tokens; "
                 "the rest is ignored.")
     cond = pipe.condition(prompt, negative_prompt)
+    stream = make_noise(rng, base_seed) if seed_mode == "stream" else None
     saved: list[SavedImage] = []
     start = time.perf_counter()
     for index in range(num_images):
         meta = ImageMetadata(
-            prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + index, steps=steps,
-            scheduler=scheduler, guidance_scale=guidance_scale, width=g.image_width, height=g.image_height,
-            model=resolved.name, variant=resolved.variant, revision=resolved.revision, backend=loaded.backend,
-            prediction_type=pipe.scheduler_config.get("prediction_type"),
-            strength=strength if init is not None else None, init_image=str(image) if image is not None else None)
+            prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + (index if stream is None else 0),
+            steps=steps, scheduler=scheduler, guidance_scale=guidance_scale, width=g.image_width,
+            height=g.image_height, model=resolved.name, variant=resolved.variant, revision=resolved.revision,
+            backend=loaded.backend, prediction_type=pipe.scheduler_config.get("prediction_type"),
+            strength=strength if init is not None else None, init_image=str(image) if image is not None else None,
+            rng=rng, seed_mode=seed_mode if stream is not None else None,
+            image_index=index if stream is not None else None)
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
-                                 f"Image {index + 1}/{num_images}", not disable_safety, say))
+                                 f"Image {index + 1}/{num_images}", not disable_safety, say, stream))
     elapsed = time.perf_counter() - start
     result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, loaded.load_seconds, elapsed,
                            sum(i.unet_steps for i in saved), tuple(saved))
@@ -194,9 +210,10 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
 
 
 def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any, folder: Path,
-                save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify) -> SavedImage:
+                save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify,
+                stream: NoiseSource | None = None) -> SavedImage:
     """Denoise one image (saving intermediate decodes when asked), then write its PNG."""
-    stem = f"{slug(meta.prompt)}-{meta.seed}"
+    stem = f"{slug(meta.prompt)}-{meta.seed}" + (f"-{meta.image_index}" if meta.image_index else "")
     intermediates: list[Path] = []
 
     def on_step(step: int, total: int, latents: Any) -> None:
@@ -208,7 +225,8 @@ def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any
     result = pipe.generate(prompt=meta.prompt, negative_prompt=meta.negative_prompt, steps=meta.steps,
                            guidance_scale=meta.guidance_scale, seed=meta.seed, scheduler=meta.scheduler,
                            init_image=init, strength=meta.strength or 0.0, conditioning=cond, on_step=on_step,
-                           progress=progress, desc=desc, check_safety=check_safety)
+                           progress=progress, desc=desc, check_safety=check_safety, rng=meta.rng or DEFAULT_RNG,
+                           noise=stream)
     if result.flagged:
         say(f"Warning: the safety checker flagged the image with seed {meta.seed}; it was replaced by a black "
             "image. Use --disable-safety to keep such images.")

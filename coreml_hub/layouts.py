@@ -20,7 +20,7 @@ FORMATS = ("packages", "compiled")
 
 # Component names as used throughout coreml-hub (Apple's package suffixes).
 COMPONENTS = (
-    "text_encoder", "text_encoder_2", "unet", "unet_chunk1", "unet_chunk2",
+    "text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "unet_chunk1", "unet_chunk2", "mmdit",
     "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner",
 )
 
@@ -28,6 +28,8 @@ COMPONENTS = (
 COMPILED_NAMES = {
     "TextEncoder": "text_encoder",
     "TextEncoder2": "text_encoder_2",
+    "TextEncoderT5": "text_encoder_t5",  # SD3's optional T5 (argmaxinc's repos; Apple's Swift pipeline)
+    "MultiModalDiffusionTransformer": "mmdit",  # SD3's denoiser, in place of the Unet
     "Unet": "unet",
     "UnetChunk1": "unet_chunk1",
     "UnetChunk2": "unet_chunk2",

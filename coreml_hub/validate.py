@@ -381,6 +381,10 @@ def check_contract(bundle: Bundle) -> list[Problem]:
     known = [c for c in bundle.components if c.known]
     if not known:
         return [Problem(WARNING, ".", "no Stable Diffusion components recognized by name; only each bundle was checked")]
+    if bundle.get("mmdit") is not None:  # SD3: a transformer in place of the Unet
+        from .validate_sd3 import check_sd3_contract
+
+        return check_sd3_contract(bundle)
 
     compiled = any(c.format == "compiled" for c in bundle.components)
     te_name = _display("text_encoder", compiled)

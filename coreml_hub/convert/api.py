@@ -18,7 +18,7 @@ PRECISIONS = ("fp16", "fp32")
 QUANTIZE_NBITS = (2, 4, 6, 8)
 FORMATS = ("packages", "compiled")
 # Components whose weights `quantize_nbits` palettizes (as Apple's converter does).
-QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ConversionResult:
 
     out: Path
     model_version: str
-    arch: str  # "sd" or "sdxl"
+    arch: str  # "sd", "sdxl" or "sd3"
     attention: str
     precision: str
     format: str
@@ -101,8 +101,8 @@ def _parse_components(components: Iterable[str] | str | None) -> tuple[str, ...]
     return names
 
 
-def _validate(attention: str, precision: str, quantize_nbits: int | None, latent_size: Any, fmt: str) -> None:
-    if attention not in IMPLEMENTATIONS:
+def _validate(attention: str | None, precision: str, quantize_nbits: int | None, latent_size: Any, fmt: str) -> None:
+    if attention is not None and attention not in IMPLEMENTATIONS:
         raise UsageError(f"Unknown attention {attention!r}.", hint=f"Choose from: {', '.join(IMPLEMENTATIONS)}.")
     if precision not in PRECISIONS:
         raise UsageError(f"Unknown precision {precision!r}.", hint="Choose fp16 or fp32.")
@@ -115,6 +115,19 @@ def _validate(attention: str, precision: str, quantize_nbits: int | None, latent
         raise UsageError(f"Unknown format {fmt!r}.", hint="Choose packages or compiled.")
 
 
+def _attention_for(arch: str, attention: str | None, chunk_unet: bool) -> str:
+    """The attention to convert with: the asked one, else the family's default (SD3: original only)."""
+    if arch != "sd3":
+        return attention or "split_einsum"
+    if attention not in (None, "original"):
+        raise UsageError(f"SD3's transformer converts with original attention only (asked: {attention}).",
+                         hint="Drop --attention, or pass --attention original.")
+    if chunk_unet:
+        raise UsageError("--chunk-unet splits a Unet; SD3 has a transformer (MultiModalDiffusionTransformer).",
+                         hint="Drop --chunk-unet.")
+    return "original"
+
+
 def _geometry(folder: Path, latent_size: tuple[int, int] | None, batch: int) -> tuple[Any, tuple[int, int], int]:
     from .components import Geometry
 
@@ -125,7 +138,8 @@ def _geometry(folder: Path, latent_size: tuple[int, int] | None, batch: int) -> 
     vae = cfg("vae")
     scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
     if latent_size is None:
-        sample = cfg("unet").get("sample_size") or (vae.get("sample_size", 512) // scale)
+        denoiser = cfg("unet") or cfg("transformer")
+        sample = denoiser.get("sample_size") or (vae.get("sample_size", 512) // scale)
         h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
     else:
         h, w = int(latent_size[0]), int(latent_size[1])
@@ -165,7 +179,7 @@ def convert(
     source: str | Path,
     out: str | Path,
     *,
-    attention: str = "split_einsum",
+    attention: str | None = None,
     precision: str = "fp16",
     chunk_unet: bool = False,
     unet_batch_one: bool = False,
@@ -182,7 +196,10 @@ def convert(
 
     Writes `out/<attention>/packages/Stable_Diffusion_version_<org>_<name>_<component>.mlpackage`
     (and `out/<attention>/compiled/*.mlmodelc` with `format="compiled"`, macOS only), the
-    tokenizer(s) and scheduler config, a model card and `.hub.json`.
+    tokenizer(s) and scheduler config, a model card and `.hub.json`. `attention` defaults to
+    `split_einsum` (SD 1.x/2.x, SDXL) and is `original` for SD3, whose transformer is exported
+    with plain attention as DiffusionKit exports it; SD3's transformer is float32 whatever
+    `precision` says (Apple's contract).
     """
     from . import source as sources
     from .components import Job, convert_component, import_coremltools
@@ -215,6 +232,7 @@ def convert(
             hint="Pass a local diffusers pipeline folder, or a repo id such as runwayml/stable-diffusion-v1-5.",
         )
     version = model_version or default_version
+    attention = _attention_for(src.arch, attention, chunk_unet)
     batch = 1 if unet_batch_one else 2
     geometry, latent, scale = _geometry(src.folder, latent_size, batch)
 
@@ -310,12 +328,14 @@ def _write_repo_files(
     latent: tuple[int, int],
     scale: int,
 ) -> list[Path]:
-    from .repo_files import hub_metadata, write_card, write_scheduler, write_tokenizer
+    from .repo_files import hub_metadata, write_card, write_scheduler, write_t5_tokenizer, write_tokenizer
 
     written: list[Path] = []
     for name in ("tokenizer", "tokenizer_2"):
         if (src.folder / name).is_dir():
             written += write_tokenizer(src.folder / name, out / name)
+    if (src.folder / "tokenizer_3").is_dir():
+        written += write_t5_tokenizer(src.folder / "tokenizer_3", out / "tokenizer_3")
     written.append(write_scheduler(src.folder / "scheduler", out / "scheduler"))
     attentions = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name in IMPLEMENTATIONS)
     meta = hub_metadata(version, src.arch, attentions or [attention], quantize_nbits)

@@ -80,6 +80,13 @@ def _first_output(outputs: dict[str, Any], preferred: tuple[str, ...], rank: int
 class StableDiffusion:
     """Text-to-image and image-to-image over loaded components."""
 
+    # The denoiser's contract; SD3's transformer names these differently (pipeline.sd3).
+    sample_input = "sample"
+    context_input = "encoder_hidden_states"
+    prediction_output = "noise_pred"
+    default_scheduler = DEFAULT_SCHEDULER
+    shift_factor = 0.0  # latents = (VAE sample - shift) * scale; only SD3's VAE shifts
+
     def __init__(self, components: dict[str, Component], tokenizers: list[ClipTokenizer],
                  scheduler_config: dict[str, Any], *, scale_factor: float | None = None,
                  zero_empty_negative: bool | None = None) -> None:
@@ -102,7 +109,7 @@ class StableDiffusion:
         self.zero_empty_negative = self.geometry.sdxl if zero_empty_negative is None else zero_empty_negative
         # one scheduler built now imports diffusers and checks the config while loading, so neither
         # is counted in the first image's time (or fails after the Unet is loaded and a run started)
-        make_scheduler(DEFAULT_SCHEDULER, scheduler_config)
+        make_scheduler(self.default_scheduler, scheduler_config)
 
     # ---- sizes ------------------------------------------------------------------------
     def unet_inputs(self) -> dict[str, Any]:
@@ -191,7 +198,7 @@ class StableDiffusion:
         for part in self.unet_parts:
             out = part(values)
             values.update(out)
-        return _first_output(out, ("noise_pred",), rank=4)
+        return _first_output(out, (self.prediction_output,), rank=4)
 
     def predict_noise(self, sample: Any, t: Any, cond: Conditioning, which: tuple[int, ...]) -> Any:
         """Noise predictions for `sample` under each conditioning index in `which`, batched as the Unet takes."""
@@ -203,9 +210,9 @@ class StableDiffusion:
             group = list(which[start:start + batch])
             padded = group + [group[-1]] * (batch - len(group))
             feed: dict[str, Any] = {
-                "sample": torch.cat([sample] * batch),
+                self.sample_input: torch.cat([sample] * batch),
                 "timestep": torch.full((batch,), float(t), dtype=torch.float32, device=sample.device),
-                "encoder_hidden_states": torch.cat([cond.hidden[i] for i in padded]),
+                self.context_input: torch.cat([cond.hidden[i] for i in padded]),
             }
             for key in cond.extras[1]:
                 feed[key] = torch.cat([cond.extras[i][key] for i in padded])
@@ -216,7 +223,7 @@ class StableDiffusion:
     def decode(self, latents: Any) -> Any:
         """Latents -> float numpy [H, W, 3] in [0, 1]."""
         decoder = self.components["vae_decoder"]
-        out = decoder({next(iter(decoder.inputs)): latents / self.scale_factor})
+        out = decoder({next(iter(decoder.inputs)): latents / self.scale_factor + self.shift_factor})
         return imaging.tensor_to_unit(_first_output(out, ("image",), rank=4))
 
     def encode_image(self, image: Any, noise: NoiseSource) -> Any:
@@ -230,11 +237,19 @@ class StableDiffusion:
         moments = _first_output(encoder({next(iter(encoder.inputs)): image}), ("latent",), rank=4)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        return noise.gaussian(mean, std) * self.scale_factor
+        return (noise.gaussian(mean, std) - self.shift_factor) * self.scale_factor
+
+    def img2img_start(self, steps: int, strength: float) -> int:
+        """The first of `steps` steps an image-to-image run denoises (diffusers' rounding)."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
+    def noised(self, sched: Any, init: Any, noise: Any, t: Any) -> Any:
+        """The init image's latents noised to timestep `t`."""
+        return sched.add_noise(init, noise, t)
 
     # ---- the loop ---------------------------------------------------------------------
     def generate(self, *, prompt: str, negative_prompt: str = "", steps: int = 25, guidance_scale: float = 7.5,
-                 seed: int = 0, scheduler: str = "pndm", init_image: Any = None, strength: float = 0.75,
+                 seed: int = 0, scheduler: str | None = None, init_image: Any = None, strength: float = 0.75,
                  conditioning: Conditioning | None = None, on_step: StepCallback | None = None,
                  progress: bool = False, desc: str = "Generating", check_safety: bool = True,
                  latents: Any = None, rng: str = DEFAULT_RNG, noise: NoiseSource | None = None) -> Generated:
@@ -244,13 +259,12 @@ class StableDiffusion:
         else from a fresh `rng` source seeded with `seed`; `latents` overrides the draw.
         """
         import torch
-        from tqdm import tqdm
 
         if steps < 1:
             raise UsageError("--steps must be at least 1.")
         g = self.geometry
         cond = conditioning or self.condition(prompt, negative_prompt)
-        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched = make_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
         if noise is None:
             check_latent_dtype(rng, g.latent_dtype)
@@ -264,8 +278,7 @@ class StableDiffusion:
             pixels = imaging.image_to_tensor(init_image)
             first = noise.latents(shape) if noise.noise_first else None  # the Swift order: noise, then sample
             init = self.encode_image(pixels, noise)
-            keep = min(int(steps * strength), steps)
-            t_start = max(steps - keep, 0)
+            t_start = self.img2img_start(steps, strength)
             timesteps = sched.timesteps[t_start * sched.order:]
             if len(timesteps) == 0:
                 raise UsageError(f"--strength {strength} with --steps {steps} leaves no denoising step.",
@@ -273,11 +286,34 @@ class StableDiffusion:
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
             added = (first if first is not None else noise.latents(tuple(init.shape))).to(init.device)
-            current = sched.add_noise(init, added, timesteps[:1])
-        elif latents is not None:
-            current = (latents.to(torch.float32) * sched.init_noise_sigma).to(self.unet_parts[0].device)
+            current = self.noised(sched, init, added, timesteps[:1])
         else:
-            current = noise.latents(shape, float(sched.init_noise_sigma)).to(self.unet_parts[0].device)
+            sigma = getattr(sched, "init_noise_sigma", 1.0)  # flow matching starts from plain noise
+            if latents is not None:
+                current = (latents.to(torch.float32) * sigma).to(self.unet_parts[0].device)
+            else:
+                current = noise.latents(shape, float(sigma)).to(self.unet_parts[0].device)
+        total = len(timesteps)
+        current = self.denoise(sched, timesteps, current, cond, guidance_scale, generator, on_step=on_step,
+                               progress=progress, desc=desc)
+        image = self.decode(current)
+        flagged = False
+        if check_safety and "safety_checker" in self.components:
+            from .safety import blacked_out, is_flagged
+
+            flagged = is_flagged(self.components["safety_checker"], image, imaging.unit_to_pil(image))
+            if flagged:
+                image = blacked_out(image)
+        return Generated(image=image, seed=int(seed), flagged=flagged, unet_steps=total)
+
+    def denoise(self, sched: Any, timesteps: Any, current: Any, cond: Conditioning, guidance_scale: float,
+                generator: Any, *, on_step: StepCallback | None = None, progress: bool = False,
+                desc: str = "Generating", done: int = 0, total: int | None = None) -> Any:
+        """Step `current` through `timesteps` with this pipeline's denoiser; returns the last latents.
+
+        `done` steps of `total` were run before (by another denoiser), for the progress callback.
+        """
+        from tqdm import tqdm
 
         step_params = inspect.signature(sched.step).parameters
         step_kwargs: dict[str, Any] = {}
@@ -286,12 +322,13 @@ class StableDiffusion:
         if "eta" in step_params:
             step_kwargs["eta"] = 0.0
         guided = guidance_scale > 1.0
-        total = len(timesteps)
-        bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr,
+        total = total or done + len(timesteps)
+        bar = tqdm(total=total, initial=done, desc=desc, unit="step", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, leave=False)
+        scale_input = getattr(sched, "scale_model_input", None)  # flow matching has none
         try:
-            for i, t in enumerate(timesteps):
-                model_in = sched.scale_model_input(current, t)
+            for i, t in enumerate(timesteps, start=done):
+                model_in = scale_input(current, t) if scale_input is not None else current
                 if guided:
                     uncond, text = self.predict_noise(model_in, t, cond, (0, 1)).chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
@@ -303,12 +340,4 @@ class StableDiffusion:
                     on_step(i + 1, total, current)
         finally:
             bar.close()
-        image = self.decode(current)
-        flagged = False
-        if check_safety and "safety_checker" in self.components:
-            from .safety import blacked_out, is_flagged
-
-            flagged = is_flagged(self.components["safety_checker"], image, imaging.unit_to_pil(image))
-            if flagged:
-                image = blacked_out(image)
-        return Generated(image=image, seed=int(seed), flagged=flagged, unet_steps=total)
+        return current

@@ -16,7 +16,7 @@ from .png import ImageMetadata, save_png, slug
 from .resolve import ResolvedModel, resolve_model
 from .rng import (DEFAULT_RNG, DEFAULT_SEED_MODE, SEED_MODES, NoiseSource, check_latent_dtype, check_rng,
                   check_seeds, make_noise)
-from .schedulers import DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS, scheduler_config
+from .schedulers import PREDICTION_TYPES, SCHEDULERS, scheduler_config
 from .tokenizer import load_tokenizer
 
 Notify = Callable[[str], None]
@@ -80,15 +80,29 @@ class LoadedPipeline:
 
 def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
                   compute_unit: str | None = "ALL", img2img: bool = False, safety: bool = True,
-                  progress: bool = False, prediction_type: str | None = None) -> LoadedPipeline:
+                  progress: bool = False, prediction_type: str | None = None, t5: bool = True,
+                  shift: float | None = None) -> LoadedPipeline:
     """Load the components a run needs (the VAE encoder only for image-to-image).
 
     `prediction_type` overrides the scheduler config's (Apple's compiled repos ship no config).
+    SD3 variants (a MultiModalDiffusionTransformer): `t5=False` leaves TextEncoderT5 out (zeros in
+    its place), `shift` overrides the flow-matching shift.
     """
     from ..errors import InvalidBundle
 
     chosen = select_backend(backend)
     found = find_components(model.path)
+    if "mmdit" in found:
+        from .sd3 import load_sd3
+
+        if prediction_type is not None:
+            raise UsageError("--prediction-type is for Unets; SD3's transformer predicts the flow's velocity.",
+                             hint="Drop --prediction-type.")
+        sd3, loaded = load_sd3(model, found, chosen, device=device, compute_unit=compute_unit, img2img=img2img,
+                               progress=progress, use_t5=t5, shift=shift)
+        return LoadedPipeline(sd3, model, loaded.backend, loaded.device, loaded.seconds)
+    if shift is not None:
+        raise UsageError("--shift sets SD3's flow-matching schedule; this model is not SD3.", hint="Drop --shift.")
     unet = unet_names(found)
     if not unet:
         raise InvalidBundle(f"{model.path} has no Unet (neither Unet nor both UnetChunk1 and UnetChunk2).",
@@ -118,7 +132,7 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
 
 
 def _validate(steps: int, guidance_scale: float, num_images: int, strength: float, save_every: int | None,
-              scheduler: str, backend: str, prediction_type: str | None, rng: str = DEFAULT_RNG,
+              scheduler: str | None, backend: str, prediction_type: str | None, rng: str = DEFAULT_RNG,
               seed_mode: str = DEFAULT_SEED_MODE, seed: int | None = None) -> None:
     if steps < 1:
         raise UsageError("--steps must be at least 1.")
@@ -130,7 +144,7 @@ def _validate(steps: int, guidance_scale: float, num_images: int, strength: floa
         raise UsageError(f"--strength must be in (0, 1], got {strength}.")
     if save_every is not None and save_every < 1:
         raise UsageError("--save-every must be at least 1.")
-    if scheduler not in SCHEDULERS:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise UsageError(f"Unknown scheduler {scheduler!r}.", hint=f"Choose one of: {', '.join(SCHEDULERS)}.")
     if backend not in BACKEND_CHOICES:
         raise UsageError(f"Unknown backend {backend!r}.", hint=f"Choose one of: {', '.join(BACKEND_CHOICES)}.")
@@ -145,13 +159,13 @@ def _validate(steps: int, guidance_scale: float, num_images: int, strength: floa
 
 
 def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps: int = 25,
-             guidance_scale: float = 7.5, seed: int | None = None, scheduler: str = DEFAULT_SCHEDULER,
+             guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
              image: str | Path | None = None, strength: float = 0.75, num_images: int = 1,
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
              prediction_type: str | None = None, rng: str = DEFAULT_RNG,
-             seed_mode: str = DEFAULT_SEED_MODE) -> RunResult:
+             seed_mode: str = DEFAULT_SEED_MODE, t5: bool = True, shift: float | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
@@ -159,8 +173,11 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     Mochi Diffusion do. With `seed_mode="increment"` image i uses seed `seed + i`, so each file
     can be made again on its own; `"stream"` draws every image from one source seeded once.
     `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
+    `scheduler` defaults to the model family's (pndm; SD3: flow_euler). SD3: `t5=False` runs
+    without TextEncoderT5, `shift` overrides the flow-matching shift.
     """
     from .. import paths
+    from .sd3 import StableDiffusion3, check_scheduler
 
     _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type,
               rng, seed_mode, seed)
@@ -170,10 +187,14 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         str(model), pull=pull, progress=progress, on_message=say)
     loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                            img2img=init is not None, safety=not disable_safety, progress=progress,
-                           prediction_type=prediction_type)
+                           prediction_type=prediction_type, t5=t5, shift=shift)
     pipe = loaded.pipeline
     g = pipe.geometry
     check_latent_dtype(rng, g.latent_dtype)
+    sd3 = isinstance(pipe, StableDiffusion3)
+    check_scheduler(scheduler, flow=sd3)
+    scheduler = scheduler or pipe.default_scheduler
+    extra = {"t5": "yes" if pipe.uses_t5 else "no", "shift": f"{pipe.scheduler_config['shift']:g}"} if sd3 else {}
     say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
         f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
     if init is not None:
@@ -195,10 +216,10 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
             prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + (index if stream is None else 0),
             steps=steps, scheduler=scheduler, guidance_scale=guidance_scale, width=g.image_width,
             height=g.image_height, model=resolved.name, variant=resolved.variant, revision=resolved.revision,
-            backend=loaded.backend, prediction_type=pipe.scheduler_config.get("prediction_type"),
+            backend=loaded.backend, prediction_type=None if sd3 else pipe.scheduler_config.get("prediction_type"),
             strength=strength if init is not None else None, init_image=str(image) if image is not None else None,
             rng=rng, seed_mode=seed_mode if stream is not None else None,
-            image_index=index if stream is not None else None)
+            image_index=index if stream is not None else None, extra=dict(extra))
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
                                  f"Image {index + 1}/{num_images}", not disable_safety, say, stream))
     elapsed = time.perf_counter() - start

@@ -134,6 +134,8 @@ def model_version(style: str) -> str:
 
 def components_of(style: str) -> tuple[str, ...]:
     """Components a full conversion of `style` produces (Unet chunks not included)."""
+    if style == "sd3":
+        return ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder", "vae_encoder")
     comps = ["text_encoder"]
     if style == "sdxl":
         comps.append("text_encoder_2")
@@ -173,6 +175,8 @@ def converted(
     """
     comps = components_of(style)
     latent = tuple(latent_size) if latent_size else None
+    if style == "sd3" and attention != "original":
+        raise ValueError("SD3 converts with original attention only")
 
     def build(tmp: Path) -> None:
         parts = [(_component_part(style, comp, attention, precision, chunk, quantize, batch_one, latent), comp)
@@ -249,10 +253,10 @@ def _assemble(
     for part, part_attention in parts:
         for pkg in sorted((part / part_attention / "packages").glob("*.mlpackage")):
             _link_tree(pkg, packages / pkg.name)
-        for sub in ("tokenizer", "tokenizer_2", "scheduler"):
+        for sub in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"):
             if (part / sub).is_dir() and not (out / sub).exists():
                 _link_tree(part / sub, out / sub)
-    arch = "sdxl" if style == "sdxl" else "sd"
+    arch = style if style in ("sdxl", "sd3") else "sd"
     meta = hub_metadata(model_version(style), arch, [attention], quantize)
     write_card(out, meta, list(components_of(style)), precision, (latent[0], latent[1]), 8)
 

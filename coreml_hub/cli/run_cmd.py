@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..pipeline.refiner import DEFAULT_REFINER_START  # no torch: fast --help
 from ..pipeline.rng import DEFAULT_RNG, DEFAULT_SEED_MODE, RNGS, SEED_MODES  # numpy only: fast --help
 from ..pipeline.schedulers import (  # stdlib only: fast --help
     DEFAULT_FLOW_SCHEDULER, DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS)
@@ -25,6 +26,7 @@ Examples:
       --image cat.png --strength 0.6
   coreml-hub run ./converted "a red fox" --num-images 4 --json   # the -o folder of `convert`
   coreml-hub run argmaxinc/coreml-stable-diffusion-3-medium "a red fox" --guidance-scale 5 --steps 28
+  coreml-hub run apple/coreml-stable-diffusion-xl-base-with-refiner "a red fox" --refiner-start 0.7
   coreml-hub run MODEL "a red fox" --seed 42 --rng numpy          # Mochi Diffusion's image for seed 42
   coreml-hub run MODEL "a red fox" --seed 42 --rng numpy --num-images 4 --seed-mode stream
                                                                   # the Swift CLI's --image-count 4
@@ -61,6 +63,12 @@ overwritten.""",
               "pipeline runs without it).")
 @click.option("--shift", type=float, default=None,
               help="SD3: the flow-matching schedule's shift [default: the model's scheduler config, else 3].")
+@click.option("--refiner", "refiner_model", metavar="MODEL[:VARIANT]", default=None,
+              help="SDXL: take the refiner from another pulled variant or folder (its UnetRefiner, or its Unet "
+                   "when that is a refiner).")
+@click.option("--no-refiner", is_flag=True, help="SDXL: do not use the variant's refiner.")
+@click.option("--refiner-start", type=float, default=DEFAULT_REFINER_START, show_default=True,
+              help="SDXL with a refiner: the fraction of the schedule the base Unet runs before the refiner.")
 @click.option("--image", "init_image", type=click.Path(path_type=Path), default=None,
               help="Init image for image-to-image.")
 @click.option("--strength", type=float, default=0.75, show_default=True,
@@ -80,12 +88,17 @@ overwritten.""",
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image paths.")
 def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int | None,
             scheduler: str | None, prediction_type: str | None, rng: str, seed_mode: str, no_t5: bool,
-            shift: float | None, init_image: Path | None,
+            shift: float | None, refiner_model: str | None, no_refiner: bool, refiner_start: float,
+            init_image: Path | None,
             strength: float,
             num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str,
             disable_safety: bool, save_every: int | None, no_pull: bool, json_mode: bool, quiet: bool) -> None:
     """Generate images from PROMPT with MODEL (text-to-image, or image-to-image with --image)."""
+    from ..errors import UsageError
     from ..pipeline.generate import generate
+
+    if refiner_model and no_refiner:
+        raise UsageError("--refiner and --no-refiner contradict each other.", hint="Pass one of them.")
 
     out = Output(json_mode=json_mode, quiet=quiet)
 
@@ -98,7 +111,8 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
     result = generate(
         model, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
         scheduler=scheduler, prediction_type=prediction_type, rng=rng, seed_mode=seed_mode, t5=not no_t5,
-        shift=shift, image=init_image,
+        shift=shift, refiner=refiner_model if refiner_model else not no_refiner, refiner_start=refiner_start,
+        image=init_image,
         strength=strength,
         num_images=num_images, output_dir=output_dir,
         backend=backend, device=device, compute_unit=compute_unit.upper(), disable_safety=disable_safety,

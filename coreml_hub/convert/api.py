@@ -13,12 +13,15 @@ from typing import Any, Iterable
 from ..errors import ConversionError, UsageError
 from .naming import ATTENTIONS as IMPLEMENTATIONS
 from .naming import COMPONENTS, DEFAULT_QUERY_CHUNK_SIZE, package_name
+from .refiner import BASE_TIME_IDS, REFINER, REFINER_TIME_IDS, refiner_source
 
 PRECISIONS = ("fp16", "fp32")
 QUANTIZE_NBITS = (2, 4, 6, 8)
 FORMATS = ("packages", "compiled")
 # Components whose weights `quantize_nbits` palettizes (as Apple's converter does).
-QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit")
+QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit", "refiner")
+# Unets that --chunk-unet writes as two chunks as well (Apple chunks the refiner with the Unet).
+CHUNKED_COMPONENTS = ("unet", "refiner")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class ConversionResult:
     components: tuple[ComponentResult, ...]
     extra_files: tuple[Path, ...] = field(default=())
     seconds: float = 0.0
+    refiner_version: str | None = None  # the refiner pipeline converted beside the base, if any
 
     @property
     def packages(self) -> dict[str, Path]:
@@ -71,6 +75,7 @@ class ConversionResult:
             "image_size": list(self.image_size),
             "unet_batch": self.unet_batch,
             "quantize_nbits": self.quantize_nbits,
+            "refiner_version": self.refiner_version,
             "seconds": round(self.seconds, 2),
             "components": [
                 {"name": c.name, "path": str(c.path), "size_bytes": c.size_bytes, "seconds": round(c.seconds, 2)}
@@ -85,17 +90,19 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _parse_components(components: Iterable[str] | str | None) -> tuple[str, ...] | None:
+def _parse_components(components: Iterable[str] | str | None, refiner: bool = False) -> tuple[str, ...] | None:
     if components is None:
         return None
     if isinstance(components, str):
         components = [c for c in components.split(",")]
     names = tuple(dict.fromkeys(c.strip() for c in components if c.strip()))
-    unknown = [c for c in names if c not in COMPONENTS]
+    known = COMPONENTS + ((REFINER,) if refiner else ())
+    unknown = [c for c in names if c not in known]
     if unknown:
-        raise UsageError(
-            f"Unknown component(s): {', '.join(unknown)}.", hint=f"Choose from: {', '.join(COMPONENTS)}."
-        )
+        hint = f"Choose from: {', '.join(known)}."
+        if REFINER in unknown:
+            hint = "The refiner is converted with --refiner REFINER_SOURCE; " + hint
+        raise UsageError(f"Unknown component(s): {', '.join(unknown)}.", hint=hint)
     if not names:
         raise UsageError("--components is empty.", hint=f"Choose from: {', '.join(COMPONENTS)}.")
     return names
@@ -191,6 +198,7 @@ def convert(
     format: str = "packages",
     revision: str | None = None,
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
+    refiner: str | Path | None = None,
 ) -> ConversionResult:
     """Convert a diffusers pipeline (local folder or Hub repo id) to Core ML.
 
@@ -199,7 +207,9 @@ def convert(
     tokenizer(s) and scheduler config, a model card and `.hub.json`. `attention` defaults to
     `split_einsum` (SD 1.x/2.x, SDXL) and is `original` for SD3, whose transformer is exported
     with plain attention as DiffusionKit exports it; SD3's transformer is float32 whatever
-    `precision` says (Apple's contract).
+    `precision` says (Apple's contract). `refiner` (an SDXL refiner's folder or repo id; only
+    its Unet is read) adds `..._refiner.mlpackage` beside an SDXL base, as Apple's
+    `--refiner-version` does; `components` may then name `refiner` alone.
     """
     from . import source as sources
     from .components import Job, convert_component, import_coremltools
@@ -207,7 +217,10 @@ def convert(
 
     started = time.time()
     _validate(attention, precision, quantize_nbits, latent_size, format)
-    wanted = _parse_components(components)
+    wanted = _parse_components(components, refiner=refiner is not None)
+    with_refiner = refiner is not None and (wanted is None or REFINER in wanted)
+    if wanted is not None:
+        wanted = tuple(c for c in wanted if c != REFINER)
     if format == "compiled":
         from .compile import ensure_compiler
 
@@ -233,6 +246,7 @@ def convert(
         )
     version = model_version or default_version
     attention = _attention_for(src.arch, attention, chunk_unet)
+    refiner_src = refiner_source(refiner, src, revision) if refiner is not None else None
     batch = 1 if unet_batch_one else 2
     geometry, latent, scale = _geometry(src.folder, latent_size, batch)
 
@@ -240,25 +254,27 @@ def convert(
     packages_dir = out / attention / "packages"
     packages_dir.mkdir(parents=True, exist_ok=True)
     results: list[ComponentResult] = []
-    order = [c for c in COMPONENTS if c in chosen]
+    order = [c for c in COMPONENTS if c in chosen] + ([REFINER] if with_refiner else [])
     for comp in order:
         stages = ["trace + convert", "save"]
         if quantize_nbits and comp in QUANTIZED_COMPONENTS:
             stages.append(f"palettize {quantize_nbits}-bit")
-        if comp == "unet" and chunk_unet:
+        if comp in CHUNKED_COMPONENTS and chunk_unet:
             stages.append("chunk")
         bar = _Progress(comp, stages, progress)
         t0 = time.time()
+        comp_src = refiner_src if comp == REFINER else src
         job = Job(
             component=comp,
-            folder=src.folder,
-            variant=src.variants.get(sources.SUBFOLDERS[comp]),
-            arch=src.arch,
+            folder=comp_src.folder,
+            variant=comp_src.variants.get(sources.SUBFOLDERS.get(comp, "unet")),
+            arch=comp_src.arch,
             attention=attention,
             precision=precision,
             geometry=geometry,
             model_version=version,
             query_chunk_size=query_chunk_size,
+            time_ids=REFINER_TIME_IDS if comp == REFINER else BASE_TIME_IDS,
         )
         dest = packages_dir / package_name(version, comp)
         try:
@@ -273,15 +289,15 @@ def convert(
                 palettize(dest, quantize_nbits)
                 bar.step()
             extra: list[Path] = []
-            if comp == "unet" and chunk_unet:
+            if comp in CHUNKED_COMPONENTS and chunk_unet:
                 from .chunking import chunk_package
 
                 bar.start("chunk")
                 extra = list(
                     chunk_package(
                         dest,
-                        packages_dir / package_name(version, "unet_chunk1"),
-                        packages_dir / package_name(version, "unet_chunk2"),
+                        packages_dir / package_name(version, f"{comp}_chunk1"),
+                        packages_dir / package_name(version, f"{comp}_chunk2"),
                     )
                 )
                 bar.step()
@@ -292,7 +308,7 @@ def convert(
         bar.close(f"{human_size(_size(dest))} in {seconds:.1f}s")
         results.append(ComponentResult(comp, dest, _size(dest), seconds))
         for i, path in enumerate(extra, start=1):
-            results.append(ComponentResult(f"unet_chunk{i}", path, _size(path), 0.0))
+            results.append(ComponentResult(f"{comp}_chunk{i}", path, _size(path), 0.0))
         gc.collect()
 
     extra_files = _write_repo_files(src, out, version, attention, precision, quantize_nbits, order, latent, scale)
@@ -314,6 +330,7 @@ def convert(
         components=tuple(results),
         extra_files=tuple(extra_files),
         seconds=time.time() - started,
+        refiner_version=(refiner_src.repo_id or str(refiner_src.folder)) if with_refiner and refiner_src else None,
     )
 
 

@@ -103,6 +103,7 @@ class Job:
     geometry: Geometry
     model_version: str
     query_chunk_size: int
+    time_ids: int = 6  # SDXL Unets: 6 time ids; the refiner's: 5 (its last is the aesthetic score)
 
 
 @dataclass
@@ -256,8 +257,10 @@ def prepare_unet(job: Job, rng: np.random.Generator) -> Prepared:
     inputs["timestep"] = np.full((b,), 981.0, dtype=dtype)
     inputs["encoder_hidden_states"] = rng.standard_normal((b, context_dim, 1, g.seq_len)).astype(dtype)
     if cfg.addition_embed_type == "text_time":
-        text_embeds_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        row = [g.image_h, g.image_w, 0, 0, g.image_h, g.image_w]
+        text_embeds_dim = cfg.projection_class_embeddings_input_dim - job.time_ids * cfg.addition_time_embed_dim
+        row = [g.image_h, g.image_w, 0, 0, g.image_h, g.image_w][: job.time_ids]
+        if job.time_ids == 5:
+            row[4] = 6.0  # the refiner's aesthetic score
         inputs["time_ids"] = np.array([row] * b, dtype=dtype)
         inputs["text_embeds"] = rng.standard_normal((b, text_embeds_dim)).astype(dtype)
         module: Any = UnetXL(unet)
@@ -326,6 +329,7 @@ PREPARERS: dict[str, Callable[[Job, np.random.Generator], Prepared]] = {
     "text_encoder_t5": prepare_text_encoder_t5,
     "unet": prepare_unet,
     "mmdit": prepare_mmdit,
+    "refiner": prepare_unet,  # the refiner pipeline's Unet (Job.folder is the refiner's)
     "vae_decoder": prepare_vae_decoder,
     "vae_encoder": prepare_vae_encoder,
     "safety_checker": prepare_safety_checker,
@@ -371,7 +375,7 @@ def describe(mlmodel: Any, job: Job, extra: dict[str, str] | None = None) -> Non
     meta["com.github.coreml-hub.version"] = __version__
     meta["com.github.coreml-hub.model_version"] = job.model_version
     meta["com.github.coreml-hub.component"] = job.component
-    if job.component in ("unet", "mmdit"):
+    if job.component in ("unet", "mmdit", "refiner"):
         meta["com.github.coreml-hub.attention"] = job.attention
     for key, value in (extra or {}).items():
         meta[key] = value

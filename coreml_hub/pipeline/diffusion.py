@@ -86,6 +86,7 @@ class StableDiffusion:
     prediction_output = "noise_pred"
     default_scheduler = DEFAULT_SCHEDULER
     shift_factor = 0.0  # latents = (VAE sample - shift) * scale; only SD3's VAE shifts
+    refiner: Any = None  # an SDXL refiner (pipeline.refiner) that takes over the last part of the schedule
 
     def __init__(self, components: dict[str, Component], tokenizers: list[ClipTokenizer],
                  scheduler_config: dict[str, Any], *, scale_factor: float | None = None,
@@ -264,7 +265,8 @@ class StableDiffusion:
             raise UsageError("--steps must be at least 1.")
         g = self.geometry
         cond = conditioning or self.condition(prompt, negative_prompt)
-        sched = make_scheduler(scheduler or self.default_scheduler, self.scheduler_config)
+        scheduler = scheduler or self.default_scheduler
+        sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
         if noise is None:
             check_latent_dtype(rng, g.latent_dtype)
@@ -294,8 +296,13 @@ class StableDiffusion:
             else:
                 current = noise.latents(shape, float(sigma)).to(self.unet_parts[0].device)
         total = len(timesteps)
-        current = self.denoise(sched, timesteps, current, cond, guidance_scale, generator, on_step=on_step,
-                               progress=progress, desc=desc)
+        if self.refiner is not None:
+            current = self.refiner.finish(self, sched, scheduler, steps, timesteps, current, cond, guidance_scale,
+                                          generator, prompt=prompt, negative_prompt=negative_prompt,
+                                          on_step=on_step, progress=progress, desc=desc)
+        else:
+            current = self.denoise(sched, timesteps, current, cond, guidance_scale, generator, on_step=on_step,
+                                   progress=progress, desc=desc)
         image = self.decode(current)
         flagged = False
         if check_safety and "safety_checker" in self.components:

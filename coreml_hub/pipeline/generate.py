@@ -14,6 +14,7 @@ from .components import BACKEND_CHOICES, find_components, load_components, selec
 from .diffusion import StableDiffusion
 from .png import ImageMetadata, save_png, slug
 from .resolve import ResolvedModel, resolve_model
+from .refiner import DEFAULT_REFINER_START, check_refiner_start
 from .rng import (DEFAULT_RNG, DEFAULT_SEED_MODE, SEED_MODES, NoiseSource, check_latent_dtype, check_rng,
                   check_seeds, make_noise)
 from .schedulers import PREDICTION_TYPES, SCHEDULERS, scheduler_config
@@ -81,19 +82,27 @@ class LoadedPipeline:
 def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
                   compute_unit: str | None = "ALL", img2img: bool = False, safety: bool = True,
                   progress: bool = False, prediction_type: str | None = None, t5: bool = True,
-                  shift: float | None = None) -> LoadedPipeline:
+                  shift: float | None = None, refiner: bool = True, refiner_model: ResolvedModel | None = None,
+                  refiner_start: float = DEFAULT_REFINER_START) -> LoadedPipeline:
     """Load the components a run needs (the VAE encoder only for image-to-image).
 
     `prediction_type` overrides the scheduler config's (Apple's compiled repos ship no config).
     SD3 variants (a MultiModalDiffusionTransformer): `t5=False` leaves TextEncoderT5 out (zeros in
-    its place), `shift` overrides the flow-matching shift.
+    its place), `shift` overrides the flow-matching shift. SDXL: the variant's refiner (or
+    `refiner_model`'s) takes over at `refiner_start` of the schedule unless `refiner=False`.
     """
     from ..errors import InvalidBundle
 
     chosen = select_backend(backend)
     found = find_components(model.path)
+    if refiner_model is not None and not refiner:
+        raise UsageError("--refiner and --no-refiner contradict each other.", hint="Pass one of them.")
     if "mmdit" in found:
         from .sd3 import load_sd3
+
+        if refiner_model is not None:
+            raise UsageError("A refiner continues an SDXL model's latents; this model is SD3.",
+                             hint="Drop --refiner.")
 
         if prediction_type is not None:
             raise UsageError("--prediction-type is for Unets; SD3's transformer predicts the flow's velocity.",
@@ -128,7 +137,13 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
     config = scheduler_config(model.path, prediction_type=prediction_type, also=beside)
     pipe = StableDiffusion(loaded.components, tokenizers, config)
-    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
+    seconds = loaded.seconds
+    if refiner:
+        from .refiner import attach_refiner
+
+        seconds += attach_refiner(pipe, found, chosen, refiner_model=refiner_model, start=refiner_start,
+                                  device=device, compute_unit=compute_unit, progress=progress)
+    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, seconds)
 
 
 def _validate(steps: int, guidance_scale: float, num_images: int, strength: float, save_every: int | None,
@@ -165,7 +180,8 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
              prediction_type: str | None = None, rng: str = DEFAULT_RNG,
-             seed_mode: str = DEFAULT_SEED_MODE, t5: bool = True, shift: float | None = None) -> RunResult:
+             seed_mode: str = DEFAULT_SEED_MODE, t5: bool = True, shift: float | None = None,
+             refiner: str | Path | bool = True, refiner_start: float = DEFAULT_REFINER_START) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
@@ -174,20 +190,28 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     can be made again on its own; `"stream"` draws every image from one source seeded once.
     `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
     `scheduler` defaults to the model family's (pndm; SD3: flow_euler). SD3: `t5=False` runs
-    without TextEncoderT5, `shift` overrides the flow-matching shift.
+    without TextEncoderT5, `shift` overrides the flow-matching shift. SDXL: `refiner` is True (the
+    variant's refiner when it has one), False (none), or a MODEL[:VARIANT]/folder holding one;
+    it takes over at `refiner_start` of the schedule.
     """
     from .. import paths
     from .sd3 import StableDiffusion3, check_scheduler
 
     _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type,
               rng, seed_mode, seed)
+    check_refiner_start(refiner_start)
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
         str(model), pull=pull, progress=progress, on_message=say)
+    refiner_model = None
+    if not isinstance(refiner, bool):
+        refiner_model = refiner if isinstance(refiner, ResolvedModel) else resolve_model(
+            str(refiner), pull=pull, progress=progress, on_message=say)
     loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                            img2img=init is not None, safety=not disable_safety, progress=progress,
-                           prediction_type=prediction_type, t5=t5, shift=shift)
+                           prediction_type=prediction_type, t5=t5, shift=shift, refiner=refiner is not False,
+                           refiner_model=refiner_model, refiner_start=refiner_start)
     pipe = loaded.pipeline
     g = pipe.geometry
     check_latent_dtype(rng, g.latent_dtype)
@@ -195,6 +219,9 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     check_scheduler(scheduler, flow=sd3)
     scheduler = scheduler or pipe.default_scheduler
     extra = {"t5": "yes" if pipe.uses_t5 else "no", "shift": f"{pipe.scheduler_config['shift']:g}"} if sd3 else {}
+    if pipe.refiner is not None:
+        extra.update(refiner=pipe.refiner.name or "UnetRefiner", refiner_start=f"{pipe.refiner.start:g}")
+        say(f"The refiner takes over at {pipe.refiner.start:g} of the schedule (--refiner-start).")
     say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
         f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
     if init is not None:

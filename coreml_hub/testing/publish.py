@@ -105,16 +105,17 @@ def _zip_folder(src: Path, zip_path: Path, arcroot: str) -> Path:
 
 
 def _converted(style: str, attention: str, precision: str, chunk: bool, quantize: int | None,
-               latent: tuple[int, int] | None = None) -> Path:
+               latent: tuple[int, int] | None = None, refiner: bool = False) -> Path:
     return factory.converted(style, attention, precision, chunk=chunk, quantize=quantize, latent_size=latent,
-                             compiled=True)
+                             compiled=True, refiner=refiner)
 
 
 def _stage_compiled(out: Path, attention: str, dest: Path, drop: Iterable[str] = (), chunks: bool = False) -> None:
     """Copy the compiled bundles (and tokenizer files) of `out` into `dest`, leaving out `drop` bundles."""
     dropped = set(drop)
     if not chunks:
-        dropped |= {"UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"}
+        dropped |= {"UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc", "UnetRefinerChunk1.mlmodelc",
+                    "UnetRefinerChunk2.mlmodelc"}
     for item in sorted((out / attention / "compiled").iterdir()):
         if item.name not in dropped:
             _copy(item, dest / item.name)
@@ -122,7 +123,7 @@ def _stage_compiled(out: Path, attention: str, dest: Path, drop: Iterable[str] =
 
 def _stage_packages(out: Path, attention: str, dest: Path, chunks: bool = True) -> None:
     for pkg in sorted((out / attention / "packages").glob("*.mlpackage")):
-        if not chunks and "_unet_chunk" in pkg.name:
+        if not chunks and ("_unet_chunk" in pkg.name or "_refiner_chunk" in pkg.name):
             continue
         _copy(pkg, dest / pkg.name)
 
@@ -164,6 +165,7 @@ def publish(
     with_source: bool | None = None,
     chunks: bool = True,
     t5: str = "zip",
+    refiner: bool = False,
 ) -> Path:
     """Write `repo_id` into the serve ROOT `root` in `layout`; returns the repo folder.
 
@@ -172,7 +174,8 @@ def publish(
     community name tags (`no-i2i`, `cn`, `6bit`). `folder`: for ``flat``, the one folder
     holding the bundles (None = the repo root). `with_source`: also publish the tiny
     diffusers repo the packages name (default: when packages are published). `t5`: for
-    ``argmax``, T5 inside the zip (`zip`) or beside it at the root (`root`).
+    ``argmax``, T5 inside the zip (`zip`) or beside it at the root (`root`). `refiner`: for
+    ``apple-sdxl``, the tiny SDXL refiner beside the Unet (`apple/coreml-stable-diffusion-xl-base-with-refiner`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -200,7 +203,7 @@ def publish(
                 _stage_compiled(out, attention, repo / attention / "compiled", chunks=chunks)
     elif layout == "apple-sdxl":
         attention = attentions[0] if attentions else "original"
-        out = _converted(style, attention, precision, chunks, quantize)
+        out = _converted(style, attention, precision, chunks, quantize, refiner=refiner)
         if "packages" in formats:
             _stage_packages(out, attention, repo / "packages", chunks=chunks)
         if "compiled" in formats:

@@ -8,6 +8,10 @@ Three styles, structurally like the real models but a few hundred kilobytes each
   scheduler, the tokenizer pads with "!", no safety checker.
 - ``sdxl``: SDXL. Two text encoders (the second with a projection), the Unet's
   ``text_time`` added conditioning (``time_ids`` + ``text_embeds``), VAE scale 0.13025.
+- ``sdxl-refiner``: the SDXL refiner for ``sdxl``: no first text encoder, the same second
+  text encoder and VAE (the same weights), its own Unet that takes only the second encoder's
+  states and five time ids (sizes, crop, aesthetic score); diffusers'
+  StableDiffusionXLImg2ImgPipeline with `requires_aesthetics_score`, as the real refiner ships.
 - ``sd3``: Stable Diffusion 3. Two CLIP encoders with projections, a T5 encoder (gated
   GELU, relative position buckets) and its SentencePiece-style tokenizer, the MMDiT
   transformer (2x2 patches, joint attention), a 16-channel VAE without quant convs
@@ -27,7 +31,7 @@ from typing import Any
 from .tokenizer import (EOS, build_t5_vocab, load_clip_tokenizer, load_t5_tokenizer, write_t5_tokenizer,
                         write_tokenizer_config, write_tokenizer_files)
 
-STYLES = ("sd1", "sd2", "sdxl", "sd3")
+STYLES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3")
 VOCAB_SIZE = 1000
 LATENT = 8  # latent height and width; pixels are 8x this
 SEED = 20240229
@@ -37,6 +41,7 @@ MODEL_VERSIONS = {
     "sd1": "coreml-hub-test/tiny-sd1",
     "sd2": "coreml-hub-test/tiny-sd2",
     "sdxl": "coreml-hub-test/tiny-sdxl",
+    "sdxl-refiner": "coreml-hub-test/tiny-sdxl-refiner",
     "sd3": "coreml-hub-test/tiny-sd3",
 }
 
@@ -196,6 +201,25 @@ def style_config(style: str) -> dict[str, Any]:
             "scheduler": dict(_SCHEDULER_SDXL),
             "safety_checker": None,
         }
+    if style == "sdxl-refiner":
+        base = style_config("sdxl")
+        text_2 = base["text_encoder_2"]
+        time_dim = base["unet"]["addition_time_embed_dim"]
+        unet = _merged(
+            base["unet"],
+            cross_attention_dim=text_2["hidden_size"],  # the second encoder's states only
+            projection_class_embeddings_input_dim=text_2["projection_dim"] + 5 * time_dim,  # 5 time ids
+        )
+        return {
+            "style": "sdxl-refiner",
+            "model_version": MODEL_VERSIONS["sdxl-refiner"],
+            "pad_token_2": base["pad_token_2"],
+            "text_encoder_2": text_2,
+            "unet": unet,
+            "vae": base["vae"],
+            "scheduler": base["scheduler"],
+            "safety_checker": None,
+        }
     if style == "sd3":
         text_1 = _merged(_TEXT_ENCODER, projection_dim=32)
         text_2 = _merged(
@@ -310,6 +334,8 @@ def build_pipeline(style: str = "sd1", tokenizer_dir: Path | None = None):  # ty
     if tokenizer_dir is None:
         tokenizer_dir = Path(tempfile.mkdtemp(prefix="coreml-hub-tiny-tok-"))
     write_tokenizer_files(tokenizer_dir, VOCAB_SIZE)
+    if style == "sdxl-refiner":
+        return _build_refiner(cfg, load_clip_tokenizer(tokenizer_dir, pad_token=cfg["pad_token_2"]))
     tokenizer = load_clip_tokenizer(tokenizer_dir, pad_token=cfg["pad_token"])
 
     if style == "sd3":
@@ -358,6 +384,21 @@ def build_pipeline(style: str = "sd1", tokenizer_dir: Path | None = None):  # ty
     )
 
 
+def _build_refiner(cfg: dict[str, Any], tokenizer_2: Any):  # type: ignore[no-untyped-def]
+    import diffusers
+
+    _seeded(7)
+    unet = diffusers.UNet2DConditionModel(**cfg["unet"]).eval()
+    _seeded(2)  # the base's seed and config: the same VAE weights, as the real pair shares its VAE
+    vae = diffusers.AutoencoderKL(**cfg["vae"]).eval()
+    text_encoder_2 = _text_encoder(cfg["text_encoder_2"], 4, with_projection=True)  # the base's too
+    return diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=_scheduler(cfg["scheduler"]), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )
+
+
 def _build_sd3(cfg: dict[str, Any], tokenizer: Any, tokenizer_2: Any):  # type: ignore[no-untyped-def]
     import tempfile
 
@@ -402,8 +443,8 @@ def save_pipeline(pipe: Any, folder: Path, style: str) -> None:
     """
     cfg = style_config(style)
     pipe.save_pretrained(folder, safe_serialization=True)
-    names = [("tokenizer", cfg["pad_token"])]
-    if style in ("sdxl", "sd3"):
+    names = [("tokenizer", cfg["pad_token"])] if "pad_token" in cfg else []
+    if style in ("sdxl", "sdxl-refiner", "sd3"):
         names.append(("tokenizer_2", cfg["pad_token_2"]))
     for name, pad in names:
         write_tokenizer_files(folder / name, VOCAB_SIZE)

@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 from ..errors import UsageError
 from . import images as imaging
-from .components import BACKEND_CHOICES, find_components, load_components, select_backend, unet_names
+from .components import (BACKEND_CHOICES, find_components, load_components, require_vae_encoder, select_backend,
+                         unet_names)
 from .diffusion import StableDiffusion
 from .png import ImageMetadata, save_png, slug
 from .resolve import ResolvedModel, resolve_model
@@ -120,10 +121,7 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     if "text_encoder_2" in found:
         names.insert(1, "text_encoder_2")
     if img2img:
-        if "vae_encoder" not in found:
-            raise InvalidBundle(f"{model.path} has no VAEEncoder, so it cannot do image-to-image.",
-                                hint="Drop --image, or use a variant that ships a VAE encoder.")
-        names.append("vae_encoder")
+        names.append(require_vae_encoder(found, model.path))
     if safety and "safety_checker" in found:
         names.append("safety_checker")
     missing = [n for n in names if n not in found]

@@ -232,7 +232,7 @@ def check_scheduler(name: str | None, flow: bool) -> None:
 def load_sd3(model: Any, found: dict[str, Path], backend: Any, *, device: str | None, compute_unit: str | None,
              img2img: bool, progress: bool, use_t5: bool = True, shift: float | None = None) -> Any:
     """Load an SD3 variant's components (T5 when present and wanted) -> (pipeline, LoadedComponents)."""
-    from .components import load_components
+    from .components import load_components, require_vae_encoder
     from .schedulers import FLOW_DEFAULT_CONFIG, scheduler_config
 
     names = ["text_encoder", "text_encoder_2", "mmdit", "vae_decoder"]
@@ -251,10 +251,7 @@ def load_sd3(model: Any, found: dict[str, Path], backend: Any, *, device: str | 
         t5_tokenizer = T5Tokenizer(folder)
         names.insert(2, "text_encoder_t5")
     if img2img:
-        if "vae_encoder" not in found:
-            raise InvalidBundle(f"{model.path} has no VAEEncoder, so it cannot do image-to-image.",
-                                hint="Drop --image, or use a variant that ships a VAE encoder.")
-        names.append("vae_encoder")
+        names.append(require_vae_encoder(found, model.path))
     loaded = load_components(found, names, backend, device=device, compute_unit=compute_unit, progress=progress)
     config = scheduler_config(model.path, also=beside, defaults=FLOW_DEFAULT_CONFIG)
     if shift is not None:

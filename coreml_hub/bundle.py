@@ -123,6 +123,13 @@ class Bundle:
     attention: str | None = None  # as the variant declares it (pull manifest), when known
     manifest: dict[str, Any] | None = None
 
+    @property
+    def kind(self) -> str:
+        """`model` for a single-model variant (plain Core ML repos), else `pipeline`, as the pull manifest says."""
+        variant = (self.manifest or {}).get("variant")
+        declared = variant.get("kind") if isinstance(variant, dict) else None
+        return "model" if declared == "model" else "pipeline"
+
     def get(self, name: str) -> Component | None:
         """The first component of that name (compiled before packages when a folder has both)."""
         for component in self.components:
@@ -277,18 +284,23 @@ def verify(target: str | os.PathLike[str], *, hashes: bool = False, attention: s
     return verify_bundle(bundle, hashes=hashes, progress=progress, plugins=plugins)
 
 
-def verify_variant(path: str | os.PathLike[str]) -> VerifyReport:
-    """The structural checks `pull` runs before marking a variant complete (no hashing)."""
-    return verify_bundle(open_bundle(Path(path)), hashes=False)
+def verify_variant(path: str | os.PathLike[str], kind: str | None = None) -> VerifyReport:
+    """The structural checks `pull` runs before marking a variant complete (no hashing).
+
+    `kind="model"` checks a single-model variant (its bundle only, no pipeline contract)
+    before its manifest exists.
+    """
+    return verify_bundle(open_bundle(Path(path)), hashes=False, kind=kind)
 
 
 def verify_bundle(bundle: Bundle, *, hashes: bool = False, progress: bool = False,
-                  plugins: bool = True) -> VerifyReport:
+                  plugins: bool = True, kind: str | None = None) -> VerifyReport:
     from . import validate
 
     problems: list[Problem] = []
     problems.extend(validate.check_components(bundle))
-    if bundle.is_variant:
+    # a single-model variant is valid when its bundle is: the diffusion contract is not its own
+    if bundle.is_variant and (kind or bundle.kind) != "model":
         problems.extend(validate.guarded(validate.check_contract, bundle, where="."))
     if plugins:
         problems.extend(_plugin_problems(bundle))
@@ -378,6 +390,23 @@ class Inspection:
         if self.mil is not None:
             data["mil"] = self.mil
         return data
+
+
+def inspect_target(target: str | os.PathLike[str]) -> Path:
+    """The bundle `inspect` reads: a bundle path, or the one bundle of a single-model variant.
+
+    A pulled `MODEL[:VARIANT]` or a variant folder names its bundle when the variant is a single
+    model (plain Core ML repos); anything else is returned as given, for the usual checks.
+    """
+    path = resolve_target(target)
+    if path.is_dir() and not is_bundle(path):
+        manifest = _read_manifest(path)
+        variant = (manifest or {}).get("variant")
+        if isinstance(variant, dict) and variant.get("kind") == "model":
+            found = find_bundles(path)
+            if len(found) == 1:
+                return found[0]
+    return path
 
 
 def load_bundle_program(path: str | os.PathLike[str]) -> "Program":

@@ -6,6 +6,13 @@ A layout plugin turns a repo's file list into variants. It has:
 - `allow_patterns(variant) -> list[str]`: the repo paths to fetch (defaults to `variant.files`)
 - `materialize(downloaded_dir, variant, dest) -> None`: turn the fetched files into a
   variant folder in `dest` (copy/move bundles, extract a zip)
+- optional `store_path(variant, repo_path) -> str | None`: where a fetched file lands in the
+  variant folder when that is not its path relative to `variant.root`, so a pull can reuse
+  the download's hash instead of reading the file again
+
+A variant's `kind` says what it is: `pipeline` (a diffusion pipeline: its components are
+checked against each other) or `model` (one Core ML model with its companion files, valid
+when its bundle is).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol, runtime_checkable
 
 ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
+KINDS = ("pipeline", "model")
 FORMATS = ("packages", "compiled")
 
 # Component names as used throughout coreml-hub (Apple's package suffixes).
@@ -79,6 +87,7 @@ class Variant:
     unet_form: str | None = None  # "full", "chunked" or None when the variant has no Unet choice
     model_version: str | None = None  # PyTorch model the packages were converted from
     partial: bool = False  # lacks a text encoder, a Unet or a VAE decoder (e.g. a lone Unet): never a default pick
+    kind: str = "pipeline"  # "pipeline" (diffusion components) or "model" (one model and its companion files)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -114,6 +123,7 @@ class Variant:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "kind": self.kind,
             "attention": self.attention,
             "format": self.format,
             "resolution": self.resolution,

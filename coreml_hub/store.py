@@ -158,6 +158,7 @@ class PulledVariant:
     root: str = ""
     resolution: str | None = None
     tags: tuple[str, ...] = ()
+    kind: str = "pipeline"  # "model" for a single-model variant of a plain Core ML repo
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -299,6 +300,7 @@ def load_entry(entry: Path, refs: tuple[str, ...] = ()) -> PulledVariant:
         root=str(variant.get("root") or ""),
         resolution=variant.get("resolution"),
         tags=tuple(variant.get("tags") or ()),
+        kind=str(variant.get("kind") or "pipeline"),
     )
 
 
@@ -378,7 +380,8 @@ def _preference(pulled: PulledVariant) -> tuple:
     status_rank = {STATUS_OK: 0, STATUS_INVALID: 1, STATUS_INCOMPLETE: 2}.get(pulled.status, 3)
     newest = -(pulled.pulled_at.timestamp() if pulled.pulled_at else 0.0)
     rank = variant_rank(attention=pulled.attention or "", fmt=pulled.format or "", tags=pulled.tags,
-                        resolution=pulled.resolution, size=pulled.size, unet_form=pulled.unet_form)
+                        resolution=pulled.resolution, size=pulled.size, unet_form=pulled.unet_form,
+                        kind=pulled.kind)
     return (status_rank, 0 if "main" in pulled.refs else 1, rank, newest)
 
 

@@ -115,6 +115,25 @@ EXPECTED_IDS = {
     "runwayml__stable-diffusion-v1-5-diffusers": set(),
     "argmaxinc__coreml-stable-diffusion-3-medium": {"original/compiled", "original/compiled+partial"},
     "argmaxinc__coreml-stable-diffusion-3-medium-1024-t5": {"original/compiled"},
+    # plain Core ML repos (the plain layout): one variant per bundle, named by its path
+    "apple__coreml-depth-anything-v2-small": {
+        "DepthAnythingV2SmallF32", "DepthAnythingV2SmallF16", "DepthAnythingV2SmallF16INT8",
+        "DepthAnythingV2SmallF16P6", "DepthAnythingV2SmallF16P8",
+    },
+    "apple__coreml-depth-anything-small": {"DepthAnythingSmallF32", "DepthAnythingSmallF16", "DepthAnythingSmallF16P6"},
+    "apple__coreml-FastViT-T8": {"FastViTT8F16"},
+    "apple__coreml-FastViT-MA36": {"FastViTMA36F16"},
+    "apple__coreml-detr-semantic-segmentation": {
+        "DETRResnet50SemanticSegmentationF32", "DETRResnet50SemanticSegmentationF16",
+        "DETRResnet50SemanticSegmentationF16P8",
+    },
+    "apple__coreml-mobileclip": {f"mobileclip_{size}_{part}" for size in ("s0", "s1", "s2", "blt")
+                                 for part in ("image", "text")},
+    "apple__mistral-coreml": {"StatefulMistral7BInstructInt4", "StatefulMistral7BInstructFP16"},
+    "coreml-projects__Llama-2-7b-chat-coreml": {"llama-2-7b-chat"},
+    "apple__coreml-sam2.1-tiny": {"SAM2_1TinyImageEncoderFLOAT16", "SAM2_1TinyPromptEncoderFLOAT16",
+                                  "SAM2_1TinyMaskDecoderFLOAT16"},
+    "apple__coreml-resnet-50": set(),  # neural-network `.mlmodel` files only: no ML Program bundle
 }
 
 
@@ -148,7 +167,10 @@ def test_invariants(name: str) -> None:
         assert v.files and set(v.files) <= set(sizes)
         assert v.size_bytes == sum(sizes[p] for p in v.files)
         assert not both_unet_forms(bundles_in(v)), f"{v.id} fetches both Unet forms"
+        shared = set(v.extra.get("shared_files") or ())  # a plain repo's companions go with every variant
         for path in v.files:
+            if path in shared:
+                continue
             assert path not in seen, f"{path} is in {seen.get(path)} and {v.id}"
             seen[path] = v.id
         # the patterns the store hands to huggingface_hub select exactly the variant's files
@@ -405,18 +427,21 @@ def test_layouts_stay_in_their_lane() -> None:
     assert find_apple_variants(flat) == [] and find_archive_variants(flat) == []
 
 
-@pytest.mark.parametrize("files", [
-    [],
-    [RepoFile("README.md", 10)],
-    load("runwayml__stable-diffusion-v1-5-diffusers"),
-    [RepoFile("data.zip", 100), RepoFile("weights/model.mlmodelc.zip", 100)],  # no attention/format; zipped bundle
-    [RepoFile("Resnet50.mlmodelc/model.mil", 10), RepoFile("Resnet50.mlmodelc/coremldata.bin", 10)],  # not SD
-    [RepoFile("compiled/notes.txt", 1)],
+@pytest.mark.parametrize(("files", "plain_ids"), [
+    ([], []),
+    ([RepoFile("README.md", 10)], []),
+    (load("runwayml__stable-diffusion-v1-5-diffusers"), []),
+    # no attention/format in the name; a zipped bundle is a plain model, not a pipeline
+    ([RepoFile("data.zip", 100), RepoFile("weights/model.mlmodelc.zip", 100)], ["weights/model"]),
+    ([RepoFile("Resnet50.mlmodelc/model.mil", 10), RepoFile("Resnet50.mlmodelc/coremldata.bin", 10)],
+     ["Resnet50"]),  # not SD: a plain model
+    ([RepoFile("compiled/notes.txt", 1)], []),
 ])
-def test_unknown_layouts_give_nothing(files: list[RepoFile]) -> None:
+def test_unknown_layouts_give_nothing(files: list[RepoFile], plain_ids: list[str]) -> None:
     for finder in FINDERS:
         assert finder(files) == []
-    assert find_variants(files) == []
+    found = find_variants(files)
+    assert [v.id for v in found] == plain_ids and all(v.layout == "plain" for v in found)
 
 
 def test_dedupe_of_colliding_flat_folders() -> None:

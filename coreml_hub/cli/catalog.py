@@ -68,7 +68,8 @@ Examples:
 Without --filter, --search or --author the search is limited to library=coreml, so
 the list shows Core ML models; pass any of them to search beyond that.
 Filter keys: library, author, pipeline_tag, tag (repeat --filter to combine).
-VARIANTS counts the runnable forms (attention x format) found in each repo's files.""",
+VARIANTS counts the runnable forms found in each repo's files (attention x format for
+diffusion pipelines, one per model bundle in plain Core ML repos).""",
 )
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="library=, author=, pipeline_tag= or tag=; repeatable.")
@@ -147,6 +148,17 @@ SHOW_COLUMNS = [
 ]
 
 
+# Single-model variants (plain Core ML repos) have no attention, resolution or Unet: show the bundle instead.
+MODEL_SHOW_COLUMNS = [
+    Column("id", "VARIANT"),
+    Column("size_bytes", "SIZE", human_size),
+    Column("format", "FORMAT"),
+    Column("tags", "TAGS", lambda v: ",".join(v) or "-"),
+    Column("root", "BUNDLE"),
+    Column("companions", "WITH", lambda v: ", ".join(v) or "-"),
+]
+
+
 @click.command(
     "show",
     epilog="""\b
@@ -157,7 +169,10 @@ Examples:
 
 \b
 SIZE is what a pull downloads. UNET lists the Unet forms a variant offers,
-the one pulled by default first (full Unet, or UnetChunk1 + UnetChunk2).""",
+the one pulled by default first (full Unet, or UnetChunk1 + UnetChunk2).
+In a plain Core ML repo every bundle is a variant: BUNDLE is its path in the repo,
+TAGS its precision and compression, WITH the companion files (tokenizer, config,
+labels) pulled with it.""",
 )
 @click.argument("repo")
 @click.option("--revision", help="Branch or commit sha (default: main).")
@@ -177,6 +192,8 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
         record["unet"] = _unet_cell(v)
         record["unet_form_sizes"] = _form_sizes(v)
         record["pull_command"] = pull_command(snapshot.repo_id, v.id, revision)
+        if v.kind == "model":
+            record["companions"] = list(v.extra.get("companions") or ())
         records.append(record)
     if json_mode:
         doc = snapshot.to_dict()
@@ -189,7 +206,8 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
     click.echo(f"{snapshot.repo_id} @ {snapshot.revision} (commit {snapshot.sha[:7]}), updated {updated}, "
                f"{plural(len(variants), 'variant')}")
     click.echo()
-    out.table(records, SHOW_COLUMNS)
+    single_models = all(v.kind == "model" for v in variants)
+    out.table(records, MODEL_SHOW_COLUMNS if single_models else SHOW_COLUMNS)
     click.echo()
     click.echo("Pull with:")
     for record in records:

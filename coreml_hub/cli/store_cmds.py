@@ -24,6 +24,7 @@ Examples:
   coreml-hub pull apple/coreml-stable-diffusion-v1-5:original/packages --chunked
   coreml-hub pull coreml-community/coreml-anything-v3.0 --variant original/512x768/anything_original_512x768.zip
   coreml-hub pull apple/coreml-stable-diffusion-2-1-base --dry-run --json
+  coreml-hub pull apple/coreml-depth-anything-v2-small --variant DepthAnythingV2SmallF16
 
 \b
 Default variant (no --variant, several in the repo):
@@ -34,6 +35,8 @@ Default variant (no --variant, several in the repo):
     carries its own tokenizer).
   Then untagged before tagged, default resolution first, smaller download first;
   a partial variant (a lone Unet) is never the default.
+  Single models (plain Core ML repos: one variant per bundle): fp32 first on a CPU,
+    fp16 first on a GPU or with Core ML; quantized ones last.
 The full Unet is fetched unless --chunked is given or the variant only ships chunks.
 Packages variants also get the tokenizer and scheduler config files (never weights) of the
 PyTorch model they were converted from, named by the files or by --model-version.
@@ -46,7 +49,7 @@ COREML_HUB_HOME, COREML_HUB_DOWNLOAD_WORKERS (files at once, 4), COREML_HUB_DOWN
 (first backoff, 1 s).""",
 )
 @click.argument("model")
-@click.option("--variant", "variant", metavar="ID", help="Variant id, or its folder or archive path in the repo.")
+@click.option("--variant", "variant", metavar="ID", help="Variant id, or its folder, bundle or archive path in the repo.")
 @click.option("--revision", metavar="REV", help="Branch, tag or commit (default: main).")
 @click.option("--force", is_flag=True, help="Download again even if the store holds the variant.")
 @click.option("--dry-run", is_flag=True, help="Print the files and bytes it would fetch; fetch nothing.")

@@ -87,17 +87,22 @@ def _record_in_store(report: VerifyReport) -> None:
 Examples:
   coreml-hub inspect Unet.mlmodelc
   coreml-hub inspect Stable_Diffusion_version_runwayml_stable-diffusion-v1-5_text_encoder.mlpackage --json
-  coreml-hub inspect VAEDecoder.mlmodelc --mil > vae_decoder.mil""",
+  coreml-hub inspect VAEDecoder.mlmodelc --mil > vae_decoder.mil
+  coreml-hub inspect apple/coreml-depth-anything-v2-small:DepthAnythingV2SmallF16
+
+\b
+BUNDLE is a .mlmodelc or .mlpackage folder, or a pulled single-model variant
+(MODEL[:VARIANT] of a plain Core ML repo, or its folder in the store).""",
 )
-@click.argument("bundle", metavar="BUNDLE", type=click.Path(exists=True, file_okay=False))
+@click.argument("bundle", metavar="BUNDLE")
 @click.option("--mil", "mil", is_flag=True, help="Print the whole program as model.mil text instead of the summary.")
 @click.option("--json", "json_mode", is_flag=True, help="Print as JSON (with --mil: the text under \"mil\").")
 def inspect_cmd(bundle: str, mil: bool, json_mode: bool) -> None:
     """Show a bundle's inputs, outputs, op histogram and weight bytes by dtype."""
-    from ..bundle import inspect_bundle
+    from ..bundle import inspect_bundle, inspect_target
 
     out = Output(json_mode=json_mode)
-    info = inspect_bundle(bundle, mil=mil)
+    info = inspect_bundle(inspect_target(bundle), mil=mil)
     if json_mode:
         out.json(info.to_dict())
         return

@@ -4,6 +4,10 @@ ROOT/<org>/<name>/ holds a repo's files as plain files; ROOT/<org>/<name>/.hub.j
 optional metadata (likes, downloads, tags, pipeline_tag, library_name, lastModified,
 createdAt, gated, private). The unmodified huggingface_hub client pointed at the server
 with HF_ENDPOINT can search, inspect and download, with Range requests.
+
+Safe by construction (coreml_hub/safeserve.py holds the rules, shared with the app): nothing
+whose real path is outside ROOT is listed or served, request bodies are bounded before they are
+read, slow and idle clients are cut off (connections.py), and a 500 names only a request id.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import sys
 import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from .connections import Connections, Limits
 from .handler import MirrorHandler, _InFlight
 from .repos import RepoStore
 from .requestlog import RequestLog
 
-__all__ = ["MirrorServer", "make_server", "serve"]
+__all__ = ["Limits", "MirrorServer", "make_server", "serve"]
 
 DEFAULT_PAGE_SIZE = 1000
 
@@ -28,16 +33,43 @@ class MirrorServer(ThreadingHTTPServer):
     """One thread per connection; files stream with sendfile so memory stays flat."""
 
     daemon_threads = True
-    request_queue_size = 128
+    request_queue_size = 1024  # a burst of connects waits in the kernel, not in SYN retries
     allow_reuse_address = True
 
     def __init__(self, root: Path, host: str, port: int, *, log_path: Path | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE, remember_digests: bool = True) -> None:
+                 page_size: int = DEFAULT_PAGE_SIZE, remember_digests: bool = True,
+                 limits: Limits | None = None) -> None:
         self.store = RepoStore(root, remember_digests=remember_digests)
         self.log = RequestLog(log_path)
         self.page_size = max(1, page_size)
+        self.limits = limits or Limits()
         self._inflight = _InFlight()
         super().__init__((host, port), MirrorHandler)
+        self.connections = Connections(self.limits)  # after binding: a failed bind leaves no reaper thread
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Runs on the accept loop: a new connection gets a thread, or 503 at once when all slots work."""
+        if not self.connections.admit():
+            self.connections.refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread could be started: give the slot back (the caller closes the socket)
+            self.connections.release(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection's thread failed outside any request (the handler answers errors inside one)."""
+        import traceback
+
+        print(f"Error: connection from {client_address[0]} failed:\n{traceback.format_exc()}", file=sys.stderr,
+              end="", flush=True)
 
     @property
     def url(self) -> str:
@@ -63,12 +95,15 @@ class MirrorServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        if hasattr(self, "connections"):
+            self.connections.close()
         self.store.digests.save()
         self.log.close()
 
 
 def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path: Path | None = None,
-                page_size: int = DEFAULT_PAGE_SIZE, remember_digests: bool = True) -> MirrorServer:
+                page_size: int = DEFAULT_PAGE_SIZE, remember_digests: bool = True,
+                limits: Limits | None = None) -> MirrorServer:
     """A bound, not yet serving mirror; port 0 picks a free port (see `.url`)."""
     root = Path(root)
     if not root.is_dir():
@@ -77,7 +112,7 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path:
         raise UsageError(f"{root} is not a folder.", hint="Pass a folder laid out as ROOT/<org>/<name>/.")
     try:
         return MirrorServer(root, host, port, log_path=log_path, page_size=page_size,
-                            remember_digests=remember_digests)
+                            remember_digests=remember_digests, limits=limits)
     except OSError as exc:
         from ..errors import CoremlHubError
 
@@ -87,10 +122,11 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path:
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path: Path | None = None,
           page_size: int = DEFAULT_PAGE_SIZE, warm: bool = True, remember_digests: bool = True,
-          on_ready: Callable[[MirrorServer], None] | None = None) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM)."""
+          limits: Limits | None = None, on_ready: Callable[[MirrorServer], None] | None = None) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM); links out of ROOT are named once on stderr first."""
     server = make_server(root, host, port, log_path=log_path, page_size=page_size,
-                         remember_digests=remember_digests)
+                         remember_digests=remember_digests, limits=limits)
+    warn_links_out(server.store)
 
     def _stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -107,3 +143,16 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path: Path 
         print("Stopped.", file=sys.stderr, flush=True)
     finally:
         server.server_close()
+
+
+def warn_links_out(store: RepoStore, shown: int = 20) -> None:
+    """One warning naming the links that lead out of ROOT (they are left out of every listing and 404)."""
+    links = store.links_out()
+    if not links:
+        return
+    what = "1 link that leads" if len(links) == 1 else f"{len(links)} links that lead"
+    lines = [f"Warning: not serving {what} out of {store.root} (or to hidden files):"]
+    lines += [f"  {path} -> {target}" for path, target in links[:shown]]
+    if len(links) > shown:
+        lines.append(f"  ... and {len(links) - shown} more")
+    print("\n".join(lines), file=sys.stderr, flush=True)

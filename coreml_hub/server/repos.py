@@ -1,7 +1,7 @@
 """A folder of repos as the Hub sees them: `ROOT/<org>/<name>/` plain files plus optional `.hub.json`.
 
 Paths with a component starting with "." (`.hub.json`, `.git`, editor droppings) are not part
-of a repo. The commit sha is a real git commit id over the files' git trees, so it changes
+of a repo, and neither is anything whose real path is outside ROOT (see coreml_hub/safeserve.py). The commit sha is a real git commit id over the files' git trees, so it changes
 exactly when the content does.
 """
 
@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..safeserve import clean_parts, links_out_of, resolve_under, walk_under
 from .hashing import Digest, DigestCache, is_lfs
 
 META_FILE = ".hub.json"
@@ -124,18 +125,27 @@ def iso_time(ns: int) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
 def valid_repo_path(path: str) -> bool:
-    """A repo-relative path that names something a listing could show (no dotfiles, no `..`)."""
-    parts = path.split("/")
-    return bool(path) and all(part and not _hidden(part) and part != ".." for part in parts)
+    """A repo-relative path that names something a listing could show (the rules of `safeserve.clean_parts`)."""
+    return bool(path) and clean_parts(path) is not None
+
+
+def cache_repo_id(name: str) -> str | None:
+    """`models--org--name` (a Hugging Face cache folder) -> `org/name`; None for anything else."""
+    kind, _, rest = name.partition("--")
+    org, sep, repo = rest.partition("--")
+    if kind != "models" or not sep or not org or not repo or "--" in repo:
+        return None
+    return f"{org}/{repo}"
 
 
 class RepoStore:
-    """Reads repos from ROOT on every request (cheap: a walk and stats); caches digests and commits."""
+    """Reads repos from ROOT on every request (cheap: a walk and stats); caches digests and commits.
+
+    A repo is ROOT/<org>/<name>/, or, when ROOT is a Hugging Face cache folder (`~/.cache/huggingface/hub`),
+    ROOT/models--<org>--<name>/snapshots/<refs/main>/. Files and folders are found by
+    `safeserve.walk_under`: nothing whose real path is outside ROOT is listed or served.
+    """
 
     def __init__(self, root: Path, *, remember_digests: bool = True) -> None:
         self.root = Path(root)
@@ -147,26 +157,32 @@ class RepoStore:
     # -- discovery ---------------------------------------------------------------------------
 
     def repo_ids(self) -> list[str]:
-        ids = []
-        try:
-            orgs = sorted(os.scandir(self.root), key=lambda d: d.name)
-        except FileNotFoundError:
-            return []
-        for org in orgs:
-            if _hidden(org.name) or not org.is_dir():
+        ids: set[str] = set()
+        for top in self._names(""):
+            if "--" in top:  # no Hub org has "--" in its name: a cache folder (datasets and spaces are skipped)
+                repo_id = cache_repo_id(top)
+                if repo_id is not None and self._cache_snapshot(top) is not None:
+                    ids.add(repo_id)
                 continue
-            for repo in sorted(os.scandir(org.path), key=lambda d: d.name):
-                if not _hidden(repo.name) and repo.is_dir():
-                    ids.append(f"{org.name}/{repo.name}")
-        return ids
+            if not self._is_dir(top):
+                continue
+            for name in self._names(top):
+                if self._is_dir(f"{top}/{name}"):
+                    ids.add(f"{top}/{name}")
+        return sorted(ids)
 
     def get(self, repo_id: str) -> Repo | None:
-        if repo_id.count("/") != 1 or not valid_repo_path(repo_id):
+        if repo_id.count("/") != 1 or not valid_repo_path(repo_id) or "--" in repo_id:  # the Hub forbids "--"
             return None
-        folder = self.root / repo_id
-        if not folder.is_dir():
+        rel = self._folder(repo_id)
+        if rel is None:
             return None
-        return Repo(repo_id=repo_id, folder=folder, entries=tuple(self._walk(folder)), meta=self._meta(folder, repo_id))
+        folder = resolve_under(self.root, rel)
+        if folder is None:
+            return None
+        entries = tuple(Entry(path=f.path, abs_path=f.real, size=f.size, mtime_ns=f.mtime_ns)
+                        for f in walk_under(self.root, rel))
+        return Repo(repo_id=repo_id, folder=folder, entries=entries, meta=self._meta(rel, repo_id))
 
     def repos(self) -> Iterable[Repo]:
         for repo_id in self.repo_ids():
@@ -174,33 +190,61 @@ class RepoStore:
             if repo is not None:
                 yield repo
 
-    def _walk(self, folder: Path) -> list[Entry]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-            rel_dir = os.path.relpath(dirpath, folder)
-            for name in filenames:
-                if _hidden(name):
-                    continue
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(full)
-                except OSError:  # a dangling link or a file removed while walking
-                    continue
-                rel = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
-                found.append(Entry(path=rel, abs_path=Path(full), size=st.st_size, mtime_ns=st.st_mtime_ns))
-        return sorted(found, key=lambda e: e.path)
+    def links_out(self) -> list[tuple[str, str]]:
+        """(path in ROOT, link text) of every link that leads out of ROOT: never served, named at start."""
+        return links_out_of(self.root)
 
-    def _meta(self, folder: Path, repo_id: str) -> dict[str, Any]:
-        meta_path = folder / META_FILE
+    def _names(self, rel: str) -> list[str]:
+        folder = resolve_under(self.root, rel)
+        if folder is None:
+            return []
+        try:
+            with os.scandir(folder) as it:
+                return sorted(e.name for e in it if clean_parts(e.name) is not None)
+        except OSError:
+            return []
+
+    def _is_dir(self, rel: str) -> bool:
+        found = resolve_under(self.root, rel)
+        return found is not None and found.is_dir()
+
+    def _folder(self, repo_id: str) -> str | None:
+        """Where the repo's files are, relative to ROOT: a plain folder first, else a cache snapshot."""
+        if self._is_dir(repo_id):
+            return repo_id
+        return self._cache_snapshot("models--" + repo_id.replace("/", "--"))
+
+    def _cache_snapshot(self, cache_name: str) -> str | None:
+        """The snapshot `refs/main` names, else the newest one."""
+        snapshots = f"{cache_name}/snapshots"
+        ref = resolve_under(self.root, f"{cache_name}/refs/main")
+        if ref is not None and ref.is_file():
+            try:
+                commit = ref.read_text(errors="replace").strip()
+            except OSError:
+                commit = ""
+            if "/" not in commit and clean_parts(commit) is not None and self._is_dir(f"{snapshots}/{commit}"):
+                return f"{snapshots}/{commit}"
+        newest: tuple[int, str] | None = None
+        for name in self._names(snapshots):
+            found = resolve_under(self.root, f"{snapshots}/{name}")
+            if found is not None and found.is_dir():
+                stamp = found.stat().st_mtime_ns
+                if newest is None or stamp > newest[0]:
+                    newest = (stamp, f"{snapshots}/{name}")
+        return newest[1] if newest else None
+
+    def _meta(self, rel: str, repo_id: str) -> dict[str, Any]:
+        meta_path = resolve_under(self.root, f"{rel}/{META_FILE}", allow_hidden=True)
+        if meta_path is None or not meta_path.is_file():
+            return {}
         try:
             data = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            return {}
         except (OSError, ValueError) as exc:
             if repo_id not in self._bad_meta_warned:
                 self._bad_meta_warned.add(repo_id)
-                print(f"Warning: ignoring unreadable {meta_path}: {exc}", file=sys.stderr, flush=True)
+                print(f"Warning: ignoring unreadable {self.root / rel / META_FILE}: {exc}", file=sys.stderr,
+                      flush=True)
             return {}
         return data if isinstance(data, dict) else {}
 

@@ -76,20 +76,20 @@ def test_base_and_refiner_match_the_diffusers_ensemble(ours, scheduler: str, neg
     base, _ = factory.tiny_pipeline("sdxl")
     refiner, _ = factory.tiny_pipeline("sdxl-refiner")
     latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11))
-    got = ours.generate(prompt=PROMPT, negative_prompt=negative, steps=10, guidance_scale=6.0, seed=5,
+    got = ours.generate(prompt=PROMPT, negative_prompt=negative, steps=6, guidance_scale=6.0, seed=5,
                         scheduler=scheduler, latents=latents.clone())
     for pipe in (base, refiner):
         pipe.scheduler = make_scheduler(scheduler, ours.scheduler_config)
-    handed_over = base(PROMPT, negative_prompt=negative or None, num_inference_steps=10, guidance_scale=6.0,
+    handed_over = base(PROMPT, negative_prompt=negative or None, num_inference_steps=6, guidance_scale=6.0,
                        denoising_end=0.8, latents=latents.clone(), output_type="latent").images
-    ref = refiner(PROMPT, negative_prompt=negative or None, image=handed_over, num_inference_steps=10,
+    ref = refiner(PROMPT, negative_prompt=negative or None, image=handed_over, num_inference_steps=6,
                   guidance_scale=6.0, denoising_start=0.8, output_type="np").images[0]
     diff = float(np.abs(got.image - ref).mean())
     assert diff <= TOLERANCE, f"{scheduler}: mean abs difference {diff * 255:.3f}/255"
     # the refiner really ran: the base alone ends elsewhere
     refiner_obj, ours.refiner = ours.refiner, None
     try:
-        alone = ours.generate(prompt=PROMPT, negative_prompt=negative, steps=10, guidance_scale=6.0, seed=5,
+        alone = ours.generate(prompt=PROMPT, negative_prompt=negative, steps=6, guidance_scale=6.0, seed=5,
                               scheduler=scheduler, latents=latents.clone())
     finally:
         ours.refiner = refiner_obj
@@ -151,7 +151,7 @@ def test_pull_verify_run_with_refiner(hub_server, hub_root: Path, store_home: Pa
     assert run_cli(["verify", f"{WITH_REFINER}:original/compiled", "--hashes"]) == 0, capsys.readouterr().out
     capsys.readouterr()
 
-    args = [PROMPT, "--steps", "8", "--seed", "3", "--scheduler", "euler"]  # the refiner runs the last 2
+    args = [PROMPT, "--steps", "6", "--seed", "3", "--scheduler", "euler"]  # the refiner runs the last 2
     refined = run_json(capsys, WITH_REFINER + ":original/compiled", *args, "-o", str(tmp_path / "a"))["images"][0]
     assert refined["parameters"]["refiner"] == "UnetRefiner" and refined["parameters"]["refiner_start"] == "0.8"
     plain = run_json(capsys, WITH_REFINER + ":original/compiled", *args, "--no-refiner",

@@ -32,6 +32,7 @@ from .tokenizer import (EOS, build_t5_vocab, load_clip_tokenizer, load_t5_tokeni
                         write_tokenizer_config, write_tokenizer_files)
 
 STYLES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3")
+UNET_STYLES = ("sd1", "sd2", "sdxl")  # whole pipelines around a Unet (the refiner converts beside sdxl)
 VOCAB_SIZE = 1000
 LATENT = 8  # latent height and width; pixels are 8x this
 SEED = 20240229

@@ -271,10 +271,28 @@ def load_specs(jobs: Iterable[Job]) -> dict[tuple[str, ...], dict[str, Any]]:
     return specs
 
 
+# `load_pipeline` options the batch sets itself; a run job's other options that `load_pipeline` also takes
+# (prediction_type, t5, shift, refiner_start, ...) decide what is loaded, so they are part of a warm model's key
+LOAD_RESERVED = {"model", "img2img", "safety", "backend", "device", "compute_unit", "progress", "refiner_model"}
+
+
+def _load_names() -> set[str]:
+    from .pipeline.generate import load_pipeline
+
+    return {name for name, p in inspect.signature(load_pipeline).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and name not in LOAD_RESERVED}
+
+
+def load_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of a run job that change what `load_pipeline` loads."""
+    names = _load_names()
+    return {k: v for k, v in sorted(options.items()) if k in names}
+
+
 def warm_key(job: Job) -> tuple[str, ...]:
     """Jobs with the same key share one loaded model."""
     if job.type == "run":
-        return ("run", job.model, str(job.options.get("prediction_type") or ""))
+        return ("run", job.model, json.dumps(load_options(job.options), sort_keys=True, default=str))
     return ("predict", job.model, str(job.options.get("component") or ""), str(job.options.get("function") or ""))
 
 
@@ -384,9 +402,11 @@ class Worker:
         started = time.perf_counter()
         load_seconds = 0.0
         try:
+            options = payload["options"]
+            chosen = load_options(options) if payload["type"] == "run" else \
+                {k: options.get(k) for k in ("component", "function")}
             key = (payload["type"], payload["model"], json.dumps(payload.get("load") or {}, sort_keys=True),
-                   json.dumps({k: payload["options"].get(k) for k in ("prediction_type", "component", "function")},
-                              sort_keys=True))
+                   json.dumps(chosen, sort_keys=True, default=str))
             if key != self._key:
                 self._drop()
                 t0 = time.perf_counter()
@@ -428,9 +448,14 @@ class Worker:
             from .pipeline.resolve import resolve_model
 
             resolved = resolve_model(payload["model"], pull=True)
+            extra = load_options(options)
+            refiner = extra.get("refiner", True)
+            if "refiner" in extra:  # generate's `refiner` is True, False or a model: load_pipeline splits it
+                extra["refiner"] = refiner is not False
+                if not isinstance(refiner, bool):
+                    extra["refiner_model"] = resolve_model(str(refiner), pull=True)
             return load_pipeline(resolved, backend=self.backend, device=self.device,
-                                 img2img=bool(load.get("img2img")), safety=bool(load.get("safety")),
-                                 prediction_type=options.get("prediction_type"))
+                                 img2img=bool(load.get("img2img")), safety=bool(load.get("safety")), **extra)
         from .mil.model import load_model
         from .prediction import find_bundle
 

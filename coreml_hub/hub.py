@@ -194,7 +194,7 @@ def hub_errors(repo_id: str | None = None, revision: str | None = None) -> Itera
     except CoremlHubError:
         raise
     except Exception as exc:
-        known = translate(exc, repo_id, revision)
+        known = translate(exc, repo_id, revision, endpoint=endpoint())
         if known is None:
             raise
         raise known from exc

@@ -507,7 +507,7 @@ def check_disk_space(where: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed + DISK_MARGIN > free:
-        from .cli.output import human_size
+        from .human import human_size
 
         raise NotEnoughDiskSpace(
             f"Pulling needs {human_size(needed)} of free space in {where}, but only {human_size(free)} is free.")

@@ -152,7 +152,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the one exit point for every failure
         if debug():
             traceback.print_exc()
-        known = translate(exc)
+        known = translate(exc, endpoint=_endpoint())
         if known is not None:
             return _fail(known.message, known.hint, known.exit_code)
         return _fail(
@@ -160,6 +160,16 @@ def run_cli(argv: list[str] | None = None) -> int:
             "This is a bug in coreml-hub. Run again with COREML_HUB_DEBUG=1 for the traceback and report it.",
             1,
         )
+
+
+def _endpoint() -> str | None:
+    """The Hub endpoint as set now, for messages about a failure that does not name its URL."""
+    try:
+        from ..hub import endpoint
+
+        return endpoint()
+    except Exception:  # a message must never fail for want of an endpoint
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -186,7 +186,7 @@ def convert(
     """
     from . import source as sources
     from .components import Job, convert_component, import_coremltools
-    from ..cli.output import human_size
+    from ..human import human_size
 
     started = time.time()
     _validate(attention, precision, quantize_nbits, latent_size, format)

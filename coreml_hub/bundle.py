@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 ERROR = "error"
 WARNING = "warning"
 BUNDLE_SUFFIXES = (".mlmodelc", ".mlpackage")
-REPULL_HINT = "Re-pull the model with `coreml-hub pull MODEL --variant VARIANT --force`."
+REPULL_HINT = "Re-pull the model with `coreml-hub pull MODEL --variant VARIANT --force`."  # see repair_hint
+LOCAL_REPAIR_HINT = ("It is not a pulled model, so `coreml-hub pull --force` cannot mend it: convert it again "
+                     "or copy it again from where it came from.")
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,40 @@ def find_bundles(folder: Path) -> list[Path]:
     return deeper
 
 
+def variant_folders(root: Path, depth: int = 3) -> list[Path]:
+    """Folders under `root` (itself included, `depth` levels down) that hold a variant's bundles."""
+    found: list[Path] = []
+    stack = [(root, 0)]
+    while stack:
+        folder, level = stack.pop()
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        if any(e.suffix in BUNDLE_SUFFIXES for e in entries):
+            if any(c.known for c in open_bundle(folder).components):
+                found.append(folder)
+            continue
+        if level < depth:
+            stack.extend((e, level + 1) for e in reversed(entries) if e.is_dir() and not e.name.startswith("."))
+    return sorted(found)
+
+
+def one_variant(path: Path, command: str) -> Path | None:
+    """The variant folder under `path` (such as the `-o` folder of `convert`), None when there is none.
+
+    `run` and `verify` take the same folders: several variants under `path` is a usage error naming them.
+    """
+    from .errors import UsageError
+
+    folders = variant_folders(path)
+    if len(folders) > 1:
+        listing = "\n  ".join(str(f) for f in folders)
+        example = f"coreml-hub {command} {folders[0]}" + (' "PROMPT"' if command == "run" else "")
+        raise UsageError(f"{path} holds several variants; name one:\n  {listing}", hint=f"For example: {example}")
+    return folders[0] if folders else None
+
+
 def open_bundle(path: str | os.PathLike[str], attention: str | None = None) -> Bundle:
     """A variant folder or a single bundle, with its components (nothing is read yet)."""
     from .errors import InvalidBundle
@@ -211,6 +247,27 @@ def open_bundle(path: str | os.PathLike[str], attention: str | None = None) -> B
         declared = (manifest.get("variant") or {}).get("attention") if isinstance(manifest.get("variant"), dict) else None
         attention = declared if isinstance(declared, str) else None
     return Bundle(path=path, components=components, is_variant=True, attention=attention, manifest=manifest)
+
+
+def pulled_ref(manifest: dict[str, Any] | None) -> str | None:
+    """`REPO:VARIANT` of a pull manifest (with ` --chunked` for the chunked Unet form), else None."""
+    if not isinstance(manifest, dict):
+        return None
+    variant = manifest.get("variant")
+    repo, vid = manifest.get("repo"), variant.get("id") if isinstance(variant, dict) else None
+    if not isinstance(repo, str) or not isinstance(vid, str):
+        return None
+    chunked = manifest.get("unet_form") == "chunked"
+    return f"{repo}:{vid}" + (" --chunked" if chunked else "")
+
+
+def repair_hint(path: str | os.PathLike[str]) -> str:
+    """How to mend a damaged file of the variant or bundle at `path`: pull it again when it was
+    pulled, else make it again (a local folder has nothing `pull --force` could fetch)."""
+    ref = pulled_ref(_read_manifest(Path(path)))
+    if ref is None:
+        return LOCAL_REPAIR_HINT
+    return f"Pull it again with `coreml-hub pull {ref} --force`."
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -273,6 +330,8 @@ def verify(target: str | os.PathLike[str], *, hashes: bool = False, attention: s
     manifest. Bad input never raises: every finding is a `Problem` in the report.
     """
     path = resolve_target(target)
+    if path.is_dir() and not is_bundle(path) and not find_bundles(path):
+        path = one_variant(path, "verify") or path  # OUT of `convert`: OUT/<attention>/packages
     bundle = open_bundle(path, attention=attention)
     return verify_bundle(bundle, hashes=hashes, progress=progress, plugins=plugins)
 
@@ -296,6 +355,8 @@ def verify_bundle(bundle: Bundle, *, hashes: bool = False, progress: bool = Fals
     if hashes:
         hash_problems, hashed = validate.check_hashes(bundle, progress=progress)
         problems.extend(hash_problems)
+    mend = repair_hint(bundle.path)
+    problems = [replace(p, hint=mend) if p.hint == REPULL_HINT else p for p in problems]
     return VerifyReport(
         path=bundle.path,
         kind="variant" if bundle.is_variant else "bundle",
@@ -359,6 +420,7 @@ class Inspection:
     weight_count: int
     size_bytes: int  # the bundle on disk
     mil: str | None = None
+    problems: tuple[Problem, ...] = ()  # weights the files cannot give (a truncated or damaged weight file)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -374,6 +436,7 @@ class Inspection:
             "weight_bytes": sum(self.weights.values()),
             "weight_count": self.weight_count,
             "size_bytes": self.size_bytes,
+            "problems": [p.to_dict() for p in self.problems],
         }
         if self.mil is not None:
             data["mil"] = self.mil
@@ -421,6 +484,11 @@ def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspectio
             continue
         weights[dtype] = weights.get(dtype, 0) + nbytes
     histogram = program.op_histogram()
+    from . import validate
+
+    opened = open_bundle(path)
+    problems = validate.check_blobs(opened, opened.components[0], program)
+    mend = repair_hint(path)
     return Inspection(
         path=path,
         format=_bundle_format(path),
@@ -433,4 +501,5 @@ def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspectio
         weight_count=len(seen),
         size_bytes=tree_size(path),
         mil=dumps(program) if mil else None,
+        problems=tuple(replace(p, hint=mend) if p.hint == REPULL_HINT else p for p in problems),
     )

@@ -9,7 +9,7 @@ import click
 from .output import Column, Output, format_table, human_size, plural, stderr_is_tty
 
 if TYPE_CHECKING:
-    from ..bundle import Port, VerifyReport
+    from ..bundle import Inspection, Port, VerifyReport
 
 
 @click.command(
@@ -100,10 +100,25 @@ def inspect_cmd(bundle: str, mil: bool, json_mode: bool) -> None:
     info = inspect_bundle(bundle, mil=mil)
     if json_mode:
         out.json(info.to_dict())
-        return
-    if mil:
+    elif mil:
         click.echo(info.mil)
-        return
+    else:
+        _print_inspection(info)
+    if info.problems:
+        _fail_on(info)
+
+
+def _fail_on(info: Inspection) -> None:
+    """The summary is printed; damaged weights still make the command fail, naming the first."""
+    from ..errors import InvalidBundle
+
+    first = info.problems[0]
+    more = f" (and {plural(len(info.problems) - 1, 'more problem')})" if len(info.problems) > 1 else ""
+    raise InvalidBundle(f"{first.path}: {first.message}{more}.",
+                        hint=f"`coreml-hub verify {info.path}` lists every problem. {first.hint or ''}".strip())
+
+
+def _print_inspection(info: Inspection) -> None:
     functions = ", ".join(f"{name}<{opset}>" for name, opset in info.functions)
     click.echo(f"{info.path}  ({info.format}, program {info.program_version}, {functions}, "
                f"{human_size(info.size_bytes)} on disk)")

@@ -8,10 +8,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InvalidBundle, ModelNotPulled, UsageError
-from .components import find_components
-
-MAX_SEARCH_DEPTH = 3
-
 
 @dataclass(frozen=True)
 class ResolvedModel:
@@ -29,41 +25,19 @@ class ResolvedModel:
                 "revision": self.revision, "pulled_now": self.pulled_now}
 
 
-def _variant_folders(root: Path, depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
-    """Folders under `root` (itself included) that hold Core ML bundles directly."""
-    found: list[Path] = []
-    stack = [(root, 0)]
-    while stack:
-        folder, level = stack.pop()
-        try:
-            entries = sorted(folder.iterdir())
-        except OSError:
-            continue
-        if any(e.suffix in (".mlpackage", ".mlmodelc") for e in entries):
-            if find_components(folder):
-                found.append(folder)
-            continue
-        if level < depth:
-            stack.extend((e, level + 1) for e in reversed(entries) if e.is_dir() and not e.name.startswith("."))
-    return sorted(found)
-
-
 def resolve_local(path: Path) -> ResolvedModel:
     """A variant folder, a store entry, or a folder (like `convert -o`) holding exactly one variant."""
     path = path.expanduser().resolve()
     if path.suffix in (".mlpackage", ".mlmodelc"):
         raise UsageError(f"{path.name} is a single bundle; `run` needs the folder holding all of a variant's bundles.",
                          hint=f"Pass {path.parent} instead.")
-    folders = _variant_folders(path)
-    if not folders:
+    from ..bundle import one_variant
+
+    folder = one_variant(path, "run")
+    if folder is None:
         raise InvalidBundle(f"No Core ML Stable Diffusion bundles found in {path}.",
                             hint="Pass a variant folder (holding TextEncoder/Unet/VAEDecoder bundles), "
                                  "the -o folder of `coreml-hub convert`, or a repo id.")
-    if len(folders) > 1:
-        listing = "\n  ".join(str(f) for f in folders)
-        raise UsageError(f"{path} holds several variants; name one:\n  {listing}",
-                         hint=f"For example: coreml-hub run {folders[0]} \"PROMPT\"")
-    folder = folders[0]
     repo = variant = revision = None
     try:
         from ..store import MANIFEST_NAME, load_entry

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import NoVariants, UsageError
+from ..errors import UsageError
 from .output import Column, Output, human_count, human_size, plural, relative_time
 
 if TYPE_CHECKING:
@@ -164,12 +164,11 @@ the one pulled by default first (full Unet, or UnetChunk1 + UnetChunk2).""",
 @click.option("--json", "json_mode", is_flag=True, help="The repo and every variant as JSON.")
 def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
     """Show a repo's variants: size, components, attention, format, and the command that pulls each."""
-    from ..hub import repo_variants
+    from ..hub import no_variants, repo_variants
 
     snapshot, variants = repo_variants(repo, revision)
     if not variants:
-        raise NoVariants(f"{snapshot.repo_id} has no Core ML variant coreml-hub recognizes "
-                         f"({plural(len(snapshot.files), 'file')} at {snapshot.sha[:7]}).")
+        raise no_variants(snapshot)
     out = Output(json_mode=json_mode)
     records = []
     for v in variants:

@@ -51,8 +51,8 @@ Image i of --num-images N uses seed SEED+i; the PNGs record every setting
 @click.option("--backend", type=click.Choice(["auto", "torch", "coreml"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="torch backend: where to run (fp16 on GPUs).")
-@click.option("--compute-unit", type=click.Choice(COMPUTE_UNIT_CHOICES, case_sensitive=False), default="ALL",
-              show_default=True, help="coreml backend: which compute units Core ML may use.")
+@click.option("--compute-unit", type=click.Choice(COMPUTE_UNIT_CHOICES, case_sensitive=False), default=None,
+              help="coreml backend: which compute units Core ML may use (default: ALL); other backends ignore it.")
 @click.option("--disable-safety", is_flag=True, help="Skip the model's safety checker.")
 @click.option("--save-every", type=int, default=None, metavar="K", help="Also save a decode every K steps.")
 @click.option("--no-pull", is_flag=True, help="Fail instead of pulling a model that is not pulled yet.")
@@ -60,7 +60,7 @@ Image i of --num-images N uses seed SEED+i; the PNGs record every setting
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image paths.")
 def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int | None,
             scheduler: str, prediction_type: str | None, init_image: Path | None, strength: float,
-            num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str,
+            num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str | None,
             disable_safety: bool, save_every: int | None, no_pull: bool, json_mode: bool, quiet: bool) -> None:
     """Generate images from PROMPT with MODEL (text-to-image, or image-to-image with --image)."""
     from ..pipeline.generate import generate
@@ -77,7 +77,7 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
         model, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
         scheduler=scheduler, prediction_type=prediction_type, image=init_image, strength=strength,
         num_images=num_images, output_dir=output_dir,
-        backend=backend, device=device, compute_unit=compute_unit.upper(), disable_safety=disable_safety,
+        backend=backend, device=device, compute_unit=compute_unit.upper() if compute_unit else None, disable_safety=disable_safety,
         save_every=save_every, pull=not no_pull, progress=not quiet and not json_mode and stderr_is_tty(),
         on_message=notify)
     if json_mode:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import UsageError
-from .output import Column, Output, human_size, relative_time, stderr_is_tty
+from .output import Column, Output, human_size, plural, relative_time, stderr_is_tty
 
 if TYPE_CHECKING:
     from ..pulling import PlannedFile, PullPlan
@@ -166,7 +166,13 @@ def ls_cmd(repo: str | None, json_mode: bool, quiet: bool) -> None:
             click.echo(f"{p.repo}:{p.variant}")
         return
     if not pulled:
-        out.info("Nothing pulled yet. Pull a model with `coreml-hub pull ORG/NAME`.")
+        others = list_pulled() if repo else []
+        if others:
+            models = len({p.repo for p in others})
+            out.info(f"{repo} is not pulled; {plural(models, 'other model')} {'is' if models == 1 else 'are'} "
+                     f"(`coreml-hub ls` lists them). Pull it with `coreml-hub pull {repo}`.")
+        else:
+            out.info("Nothing pulled yet. Pull a model with `coreml-hub pull ORG/NAME`.")
         return
     out.table(ls_rows(pulled), LS_COLUMNS)
 
@@ -251,8 +257,12 @@ def cache_prune_cmd(dry_run: bool, json_mode: bool) -> None:
         out.table(rows, [Column("kind", "Kind"), Column("size_bytes", "Size", human_size), Column("path", "Path")])
     for skipped in result.skipped_locked:
         out.info(f"Skipped {_rel(skipped, root)}: a running pull holds it.")
+    if not result.items:
+        out.info("Nothing to prune: no interrupted downloads, stale refs or empty folders"
+                 + (" (a running pull holds what is in staging)." if result.skipped_locked else "."))
+        return
     verb = "Would free" if dry_run else "Freed"
-    click.echo(f"{verb} {human_size(result.bytes_freed)} ({len(result.items)} item(s)).")
+    click.echo(f"{verb} {human_size(result.bytes_freed)} ({plural(len(result.items), 'item')}).")
 
 
 def _rel(path: Path, root: Path) -> str:

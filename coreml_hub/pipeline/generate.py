@@ -77,15 +77,22 @@ class LoadedPipeline:
 
 
 def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
-                  compute_unit: str | None = "ALL", img2img: bool = False, safety: bool = True,
-                  progress: bool = False, prediction_type: str | None = None) -> LoadedPipeline:
+                  compute_unit: str | None = None, img2img: bool = False, safety: bool = True,
+                  progress: bool = False, prediction_type: str | None = None,
+                  on_message: Notify | None = None) -> LoadedPipeline:
     """Load the components a run needs (the VAE encoder only for image-to-image).
 
     `prediction_type` overrides the scheduler config's (Apple's compiled repos ship no config).
+    `compute_unit` (None: all) is a Core ML setting; a backend that ignores it is named once.
     """
     from ..errors import InvalidBundle
+    from ..mil.blob import BlobError
+    from ..mil.text import MILSyntaxError
 
     chosen = select_backend(backend)
+    if compute_unit is not None and not getattr(chosen, "compute_units", None) and on_message is not None:
+        on_message(f"Warning: --compute-unit {compute_unit} is a Core ML setting; the {chosen.name} backend "
+                   "ignores it.")
     found = find_components(model.path)
     unet = unet_names(found)
     if not unet:
@@ -109,7 +116,14 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     tokenizers = [load_tokenizer(model.path, 1, also=beside)]
     if "text_encoder_2" in names:
         tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
-    loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
+    try:
+        loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
+    except (InvalidBundle, BlobError, MILSyntaxError) as exc:  # a damaged bundle: say how to mend this one
+        from ..bundle import repair_hint
+
+        where = f"{model.repo}:{model.variant}" if model.repo and model.variant else str(model.path)
+        exc.hint = f"`coreml-hub verify {where}` lists every problem. {repair_hint(model.path)}"
+        raise
     config = scheduler_config(model.path, prediction_type=prediction_type, also=beside)
     pipe = StableDiffusion(loaded.components, tokenizers, config)
     return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
@@ -140,7 +154,7 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              guidance_scale: float = 7.5, seed: int | None = None, scheduler: str = DEFAULT_SCHEDULER,
              image: str | Path | None = None, strength: float = 0.75, num_images: int = 1,
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
-             compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
+             compute_unit: str | None = None, disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
              prediction_type: str | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
@@ -158,7 +172,7 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         str(model), pull=pull, progress=progress, on_message=say)
     loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                            img2img=init is not None, safety=not disable_safety, progress=progress,
-                           prediction_type=prediction_type)
+                           prediction_type=prediction_type, on_message=say)
     pipe = loaded.pipeline
     g = pipe.geometry
     say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import CoremlHubError
 from .layouts import COMPILED_FILE_OF, COMPILED_NAMES, COMPONENTS, TOKENIZER_FILES, component_order
 from .store import MANIFEST_NAME, tree_size
 
@@ -323,13 +324,13 @@ class VerifyReport:
 
 
 def verify(target: str | os.PathLike[str], *, hashes: bool = False, attention: str | None = None,
-           progress: bool = False, plugins: bool = True) -> VerifyReport:
-    """Check a variant folder, a single bundle, or a pulled `MODEL[:VARIANT]`.
+           progress: bool = False, plugins: bool = True, chunked: bool | None = None) -> VerifyReport:
+    """Check a variant folder, a single bundle, or a pulled `MODEL[:VARIANT]` (`chunked` picks its Unet form).
 
     Structural checks always run; `hashes=True` also re-hashes every file against the pull
     manifest. Bad input never raises: every finding is a `Problem` in the report.
     """
-    path = resolve_target(target)
+    path = resolve_target(target, chunked=chunked)
     if path.is_dir() and not is_bundle(path) and not find_bundles(path):
         path = one_variant(path, "verify") or path  # OUT of `convert`: OUT/<attention>/packages
     bundle = open_bundle(path, attention=attention)
@@ -387,9 +388,14 @@ def _plugin_problems(bundle: Bundle) -> list[Problem]:
     return found
 
 
-def resolve_target(target: str | os.PathLike[str]) -> Path:
-    """A path as given, or the store folder of a pulled `MODEL[@REV][:VARIANT]`."""
+def resolve_target(target: str | os.PathLike[str], *, chunked: bool | None = None) -> Path:
+    """A path as given, or the store folder of a pulled `MODEL[@REV][:VARIANT]` (`chunked`: its Unet form)."""
     if isinstance(target, os.PathLike) or Path(str(target)).exists():
+        if chunked is not None:
+            from .errors import UsageError
+
+            raise UsageError(f"--chunked/--no-chunked picks the Unet form of a pulled model; {target} is a path.",
+                             hint="Drop the flag, or name the model as ORG/NAME[:VARIANT].")
         return Path(target)
     text = str(target)
     if text.startswith(("/", "./", "../", "~")) or text.rstrip("/").endswith(BUNDLE_SUFFIXES):
@@ -399,7 +405,7 @@ def resolve_target(target: str | os.PathLike[str]) -> Path:
                             hint="Give a variant folder or a bundle, or a pulled model as ORG/NAME[:VARIANT].")
     from .store import find_pulled
 
-    return find_pulled(text).path
+    return find_pulled(text, chunked=chunked).path
 
 
 # -- inspect -----------------------------------------------------------------------------
@@ -443,6 +449,32 @@ class Inspection:
         return data
 
 
+def declared_shape(path: str | os.PathLike[str], name: str | None = None, *,
+                   output: bool = False) -> tuple[int, ...] | None:
+    """An input's (or output's) shape as a bundle's description declares it: `metadata.json` of a
+    `.mlmodelc`, the model spec of a `.mlpackage`. Quick (the program is not read); `name` None
+    takes the first; None when the description cannot tell."""
+    path = Path(path)
+    try:
+        if _bundle_format(path) == "compiled":
+            from .validate import parse_shape_string
+
+            meta = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
+            meta = meta[0] if isinstance(meta, list) else meta
+            entries = meta["outputSchema" if output else "inputSchema"]
+            entry = next(e for e in entries if name is None or e.get("name") == name)
+            return parse_shape_string(entry.get("shape"))
+        from .mil.proto import load_spec
+
+        description = load_spec(path).description
+        features = description.output if output else description.input
+        feature = next(f for f in features if name is None or f.name == name)
+        shape = tuple(int(d) for d in feature.type.multiArrayType.shape)
+        return shape or None
+    except (OSError, ValueError, KeyError, IndexError, TypeError, StopIteration, CoremlHubError):
+        return None
+
+
 def load_bundle_program(path: str | os.PathLike[str]) -> "Program":
     """The ML Program of a `.mlmodelc` (model.mil) or `.mlpackage` (protobuf spec)."""
     from .errors import InvalidBundle
@@ -458,6 +490,37 @@ def load_bundle_program(path: str | os.PathLike[str]) -> "Program":
     from .mil.proto import load_program
 
     return load_program(path)
+
+
+def component_path(target: str | os.PathLike[str], component: str | None = None, *,
+                   chunked: bool | None = None) -> Path:
+    """The bundle `inspect` shows: TARGET itself when it is a bundle, else the bundle named `component`
+    (`unet`, `vae_decoder`, `Unet.mlmodelc`...) of the variant TARGET is: a folder, or a pulled `MODEL[:VARIANT]`."""
+    from .errors import InvalidBundle, UsageError
+
+    path = resolve_target(target, chunked=chunked)
+    if is_bundle(path) and path.is_dir():
+        if component is not None:
+            raise UsageError(f"{target} is a bundle already; --component picks a bundle of a variant.",
+                             hint="Drop --component.")
+        return path
+    if not path.is_dir():
+        raise InvalidBundle(f"{path} is not a Core ML bundle (.mlmodelc or .mlpackage folder).",
+                            hint="Give one bundle, e.g. `Unet.mlmodelc`, or a variant with --component.")
+    if not find_bundles(path):
+        path = one_variant(path, "inspect") or path
+    components = open_bundle(path).components
+    names = ", ".join(dict.fromkeys(c.name for c in components)) or "none"
+    if component is None:
+        example = components[0].name if components else "unet"
+        raise UsageError(f"{target} is not a Core ML bundle but a variant; name one of its bundles with --component "
+                         f"({names}).", hint=f"For example: coreml-hub inspect {target} --component {example}")
+    wanted = component.strip().lower()
+    for c in components:
+        if wanted in (c.name.lower(), c.display_name.lower(), c.path.name.lower()):
+            return c.path
+    raise UsageError(f"{target} has no {component!r} bundle; it has: {names}.",
+                     hint="Name one of those with --component.")
 
 
 def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspection:

@@ -593,8 +593,10 @@ def test_inspect_cli(compiled: Path, package_variant: Path, capsys: pytest.Captu
     from coreml_hub.mil.text import load
 
     assert loads(text.rstrip("\n")) == load(compiled / "VAEDecoder.mlmodelc")
-    assert run_cli(["inspect", str(compiled)]) == 1
-    assert "is not a Core ML bundle" in capsys.readouterr().err
+    assert run_cli(["inspect", str(compiled)]) == 2  # a variant: --component names one of its bundles
+    assert "is not a Core ML bundle but a variant" in capsys.readouterr().err
+    assert run_cli(["inspect", str(compiled), "--component", "unet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(compiled / "Unet.mlmodelc")
 
 
 def test_open_bundle_names_components(tmp_path: Path, package_variant: Path) -> None:

@@ -45,9 +45,14 @@ def _variant_count(variants: list[str]) -> str:
     return str(len(variants))
 
 
+def _pulled_cell(pulled: list[str]) -> str:
+    return ", ".join(pulled) if len(pulled) <= 2 else f"{len(pulled)} variants"
+
+
 LIST_COLUMNS = [
     Column("repo_id", "REPO"),
     Column("variants", "VARIANTS", _variant_count),
+    Column("pulled", "PULLED", lambda v: _pulled_cell(v) or "-"),
     Column("likes", "LIKES", human_count),
     Column("downloads", "DOWNLOADS", human_count),
     Column("last_modified", "UPDATED", relative_time),
@@ -68,7 +73,8 @@ Examples:
 Without --filter, --search or --author the search is limited to library=coreml, so
 the list shows Core ML models; pass any of them to search beyond that.
 Filter keys: library, author, pipeline_tag, tag (repeat --filter to combine).
-VARIANTS counts the runnable forms (attention x format) found in each repo's files.""",
+VARIANTS counts the runnable forms (attention x format) found in each repo's files;
+PULLED names the variants already in the local store (`coreml-hub ls`, `coreml-hub du`).""",
 )
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="library=, author=, pipeline_tag= or tag=; repeatable.")
@@ -101,6 +107,13 @@ def list_cmd(filters: tuple[str, ...], search: str | None, author: str | None, s
     models = search_models(filter=tags, search=search, author=author, pipeline_tag=pipeline_tag, sort=sort,
                            limit=limit)
     rows = [m.to_dict() for m in models]
+    from ..store import list_pulled
+
+    pulled: dict[str, list[str]] = {}
+    for p in list_pulled():
+        pulled.setdefault(p.repo.lower(), []).append(f"{p.variant}{p.form_flag}")
+    for row in rows:
+        row["pulled"] = sorted(set(pulled.get(row["repo_id"].lower(), [])))
     if not rows and not json_mode:
         out.info("No models found.")
         return

@@ -19,6 +19,7 @@ Examples:
   coreml-hub verify apple/coreml-stable-diffusion-v1-5:split_einsum/compiled
   coreml-hub verify ./my-variant --hashes
   coreml-hub verify Unet.mlmodelc --json
+  coreml-hub verify apple/coreml-stable-diffusion-v1-5:original/compiled --chunked
 
 \b
 TARGET is a pulled model (ORG/NAME[@REV][:VARIANT]), a variant folder, or one bundle
@@ -31,14 +32,17 @@ Exit status: 0 valid (warnings allowed), 1 problems found, 2 usage error.""",
 )
 @click.argument("target", metavar="TARGET")
 @click.option("--hashes", is_flag=True, help="Also recompute every file's sha256 and compare with the pull manifest.")
+@click.option("--chunked/--no-chunked", default=None,
+              help="A pulled model's chunked / full Unet form, when both are pulled.")
 @click.option("--json", "json_mode", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit status tells.")
-def verify_cmd(target: str, hashes: bool, json_mode: bool, quiet: bool) -> None:
+def verify_cmd(target: str, hashes: bool, chunked: bool | None, json_mode: bool, quiet: bool) -> None:
     """Check that a variant or a bundle is complete, well formed and consistent."""
     from ..bundle import verify
 
     out = Output(json_mode=json_mode, quiet=quiet)
-    report = verify(target, hashes=hashes, progress=hashes and not quiet and not json_mode and stderr_is_tty())
+    report = verify(target, hashes=hashes, chunked=chunked,
+                    progress=hashes and not quiet and not json_mode and stderr_is_tty())
     _record_in_store(report)
     if json_mode:
         out.json(report.to_dict())
@@ -87,17 +91,27 @@ def _record_in_store(report: VerifyReport) -> None:
 Examples:
   coreml-hub inspect Unet.mlmodelc
   coreml-hub inspect Stable_Diffusion_version_runwayml_stable-diffusion-v1-5_text_encoder.mlpackage --json
-  coreml-hub inspect VAEDecoder.mlmodelc --mil > vae_decoder.mil""",
+  coreml-hub inspect VAEDecoder.mlmodelc --mil > vae_decoder.mil
+  coreml-hub inspect apple/coreml-stable-diffusion-v1-5:split_einsum/compiled --component unet
+  coreml-hub inspect ./converted --component vae_decoder    # the -o folder of `convert`
+
+\b
+TARGET is one bundle (.mlmodelc or .mlpackage folder), or a variant with --component naming
+one of its bundles: a variant folder, or a pulled model (ORG/NAME[@REV][:VARIANT]).""",
 )
-@click.argument("bundle", metavar="BUNDLE", type=click.Path(exists=True, file_okay=False))
+@click.argument("target", metavar="TARGET")
+@click.option("--component", metavar="NAME",
+              help="The bundle of a variant to show: unet, text_encoder, vae_decoder, ... (or Unet.mlmodelc).")
+@click.option("--chunked/--no-chunked", default=None,
+              help="A pulled model's chunked / full Unet form, when both are pulled.")
 @click.option("--mil", "mil", is_flag=True, help="Print the whole program as model.mil text instead of the summary.")
 @click.option("--json", "json_mode", is_flag=True, help="Print as JSON (with --mil: the text under \"mil\").")
-def inspect_cmd(bundle: str, mil: bool, json_mode: bool) -> None:
+def inspect_cmd(target: str, component: str | None, chunked: bool | None, mil: bool, json_mode: bool) -> None:
     """Show a bundle's inputs, outputs, op histogram and weight bytes by dtype."""
-    from ..bundle import inspect_bundle
+    from ..bundle import component_path, inspect_bundle
 
     out = Output(json_mode=json_mode)
-    info = inspect_bundle(bundle, mil=mil)
+    info = inspect_bundle(component_path(target, component, chunked=chunked), mil=mil)
     if json_mode:
         out.json(info.to_dict())
     elif mil:

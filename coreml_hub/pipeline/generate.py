@@ -48,6 +48,7 @@ class RunResult:
     generate_seconds: float
     unet_steps: int  # denoising steps run, all images together
     images: tuple[SavedImage, ...] = field(default_factory=tuple)
+    wall_seconds: float = 0.0  # all of it: imports, finding (or pulling) the model, loading, generating, saving
 
     @property
     def unet_steps_per_second(self) -> float:
@@ -61,6 +62,7 @@ class RunResult:
             "size": self.size,
             "load_seconds": round(self.load_seconds, 3),
             "generate_seconds": round(self.generate_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3),
             "unet_steps": self.unet_steps,
             "steps_per_second": round(self.unet_steps_per_second, 3),
             "images": [i.to_dict() for i in self.images],
@@ -156,20 +158,30 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = None, disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
-             prediction_type: str | None = None) -> RunResult:
+             prediction_type: str | None = None, chunked: bool | None = None, fit: str | None = None,
+             started: float | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
     Image i uses seed `seed + i`, so each file can be made again on its own.
-    `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
+    `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config. `chunked`
+    picks a pulled model's Unet form (the two chunks, or the full Unet) when both are pulled.
+    `fit` (crop, pad, stretch) makes an init image of another aspect ratio fit; without it such an
+    image is refused before any model loads. `started` (a `time.perf_counter()` value) is when the
+    caller began, for `wall_seconds`; by default, this call.
     """
     from .. import paths
 
+    started = time.perf_counter() if started is None else started
     _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type)
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
-        str(model), pull=pull, progress=progress, on_message=say)
+        str(model), pull=pull, progress=progress, on_message=say, chunked=chunked)
+    if init is not None:  # a wrong shape is refused before seconds of loading
+        size = _image_size(resolved.path)
+        if size is not None:
+            imaging.check_aspect(init.size, *size, fit)
     loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                            img2img=init is not None, safety=not disable_safety, progress=progress,
                            prediction_type=prediction_type, on_message=say)
@@ -178,11 +190,15 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
         f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
     if init is not None:
-        init, resized = imaging.fit_init_image(init, g.image_width, g.image_height)
+        before = "x".join(map(str, init.size))
+        init, resized = imaging.fit_init_image(init, g.image_width, g.image_height, fit)
         if resized:
-            say(f"Resized the init image to {g.size}, the model's size.")
+            how = {"crop": "Cropped", "pad": "Padded", "stretch": "Stretched"}.get(fit or "", "Resized")
+            say(f"{how} the init image from {before} to {g.size}, the model's size.")
     folder = Path(output_dir) if output_dir is not None else paths.outputs_dir()
     base_seed = secrets.randbelow(2**32) if seed is None else int(seed)
+    if seed is None:
+        say(f"Seed {base_seed} (chosen at random; `--seed {base_seed}` makes the same image again).")
     for text, what in ((prompt, "prompt"), (negative_prompt, "negative prompt")):
         if pipe.tokenizers[0].truncated(text):
             say(f"Warning: the {what} is longer than the text encoder's {pipe.geometry.text_length} tokens; "
@@ -200,11 +216,24 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
                                  f"Image {index + 1}/{num_images}", not disable_safety, say))
     elapsed = time.perf_counter() - start
+    wall = time.perf_counter() - started
     result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, loaded.load_seconds, elapsed,
-                           sum(i.unet_steps for i in saved), tuple(saved))
+                           sum(i.unet_steps for i in saved), tuple(saved), wall)
     say(f"Generated {num_images} image{'s' if num_images != 1 else ''} in {elapsed:.1f} s "
         f"({result_obj.unet_steps_per_second:.2f} steps/s).")
+    rest = max(wall - loaded.load_seconds - elapsed, 0.0)
+    say(f"Took {wall:.1f} s in all: {rest:.1f} s starting up (imports, finding the model), "
+        f"{loaded.load_seconds:.1f} s loading, {elapsed:.1f} s generating.")
     return result_obj
+
+
+def _image_size(variant: Path) -> tuple[int, int] | None:
+    """(width, height) of the images a variant makes, from its VAE decoder's description (no loading)."""
+    from ..bundle import declared_shape
+
+    decoder = find_components(variant).get("vae_decoder")
+    shape = declared_shape(decoder, output=True) if decoder is not None else None
+    return (shape[3], shape[2]) if shape is not None and len(shape) == 4 and min(shape) > 0 else None
 
 
 def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any, folder: Path,

@@ -65,10 +65,16 @@ def looks_like_path(text: str) -> bool:
 
 
 def resolve_model(text: str, *, pull: bool = True, progress: bool = False,
-                  on_message: Callable[[str], None] | None = None) -> ResolvedModel:
-    """MODEL as `run` takes it: a folder, `REPO`, `REPO:VARIANT`, `REPO@REV[:VARIANT]`."""
+                  on_message: Callable[[str], None] | None = None, chunked: bool | None = None) -> ResolvedModel:
+    """MODEL as `run` takes it: a folder, `REPO`, `REPO:VARIANT`, `REPO@REV[:VARIANT]`.
+
+    `chunked` picks a pulled model's Unet form (and the form a pull fetches); None takes the
+    full Unet where both are pulled."""
     candidate = Path(text).expanduser()
     if candidate.exists():
+        if chunked is not None:
+            raise UsageError(f"--chunked/--no-chunked picks the Unet form of a pulled model; {text} is a folder.",
+                             hint="Drop the flag, or name the model as ORG/NAME[:VARIANT].")
         return resolve_local(candidate)
     if looks_like_path(text):
         raise InvalidBundle(f"No such folder: {text}.",
@@ -77,18 +83,19 @@ def resolve_model(text: str, *, pull: bool = True, progress: bool = False,
 
     ref = store.parse_ref(text)
     try:
-        pulled = store.find_pulled(ref, require_ok=True)
+        pulled = store.find_pulled(ref, require_ok=True, chunked=chunked)
         pulled_now = False
     except ModelNotPulled as exc:
         if not pull:
-            raise ModelNotPulled(exc.message, hint=f"Pull it with `coreml-hub pull {ref}` (or drop --no-pull "
+            asked = f"{ref}" + {True: " --chunked", False: " --no-chunked", None: ""}[chunked]
+            raise ModelNotPulled(exc.message, hint=f"Pull it with `coreml-hub pull {asked}` (or drop --no-pull "
                                                    "to pull it automatically).") from None
         if on_message:
             on_message(f"{ref} is not pulled yet; pulling it.")
-        store.pull(str(ref), progress=progress)
-        pulled = store.find_pulled(ref, require_ok=True)
+        store.pull(str(ref), progress=progress, chunked=chunked)
+        pulled = store.find_pulled(ref, require_ok=True, chunked=chunked)
         pulled_now = True
         if on_message:
-            on_message(f"Pulled {pulled.ref()} ({pulled.commit[:7]}).")
+            on_message(f"Pulled {pulled.ref()}{pulled.form_flag} ({pulled.commit[:7]}).")
     return ResolvedModel(path=Path(pulled.path), name=pulled.repo, repo=pulled.repo, variant=pulled.variant,
                          revision=pulled.commit, pulled_now=pulled_now)

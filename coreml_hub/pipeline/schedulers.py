@@ -1,7 +1,9 @@
 """Noise schedulers: diffusers' implementations, configured from the model's scheduler config.
 
-diffusers is imported lazily. The LMS scheduler's coefficients are integrals of Lagrange
-polynomials; they are computed exactly with numpy here, so scipy is not needed.
+diffusers is imported lazily, and only the module of the scheduler in use (not the package's
+exports, which load every scheduler and pipeline placeholder). The LMS scheduler's coefficients
+are integrals of Lagrange polynomials; they are computed exactly with numpy here, so scipy is
+not needed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ SCHEDULERS: dict[str, str] = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "lms": "LMSDiscreteScheduler",
+}
+# CLI name -> the diffusers module that defines it (under diffusers.schedulers)
+SCHEDULER_MODULES: dict[str, str] = {
+    "pndm": "scheduling_pndm",
+    "dpmpp": "scheduling_dpmsolver_multistep",
+    "euler": "scheduling_euler_discrete",
+    "euler_a": "scheduling_euler_ancestral_discrete",
+    "ddim": "scheduling_ddim",
+    "lms": "scheduling_lms_discrete",
 }
 DEFAULT_SCHEDULER = "pndm"
 # What the Unet predicts; SD 2.x 768-px models use v_prediction, everything else epsilon.
@@ -88,9 +99,9 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None) -> Any:
     if name == "lms":
         cls = _exact_lms_class()
     else:
-        import diffusers
-
-        cls = getattr(diffusers, SCHEDULERS[name])
+        # an import statement's machinery (not importlib.import_module), so `python -X importtime` shows it
+        module = __import__(f"diffusers.schedulers.{SCHEDULER_MODULES[name]}", fromlist=[SCHEDULERS[name]])
+        cls = getattr(module, SCHEDULERS[name])
     if name == "pndm":
         config["skip_prk_steps"] = True  # PRK warm-up steps are not used by any SD pipeline
     return cls.from_config(config)

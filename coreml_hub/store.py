@@ -414,7 +414,7 @@ def find_pulled(model_ref: str | ModelRef | os.PathLike[str], *, variant: str | 
     matches = match_pulled(ref, chunked=chunked)
     if not matches:
         pulled_here = list_pulled(ref.repo)
-        asked = f"{ref}{_flag(chunked)}"
+        asked = f"{ref}{chunked_flag(chunked)}"
         if pulled_here:
             have = ", ".join(sorted({f"{p.variant}{p.form_flag}" + (f" ({p.commit[:7]})" if ref.revision else "")
                                      for p in pulled_here}))
@@ -425,7 +425,8 @@ def find_pulled(model_ref: str | ModelRef | os.PathLike[str], *, variant: str | 
     return _require(matches[0], require_ok)
 
 
-def _flag(chunked: bool | None) -> str:
+def chunked_flag(chunked: bool | None) -> str:
+    """The `--chunked` / `--no-chunked` flag that asked for a Unet form (nothing when none was asked)."""
     return {True: " --chunked", False: " --no-chunked", None: ""}[chunked]
 
 
@@ -565,7 +566,7 @@ def plan_remove(model_ref: str | ModelRef, *, variant: str | None = None, revisi
     ref = model_ref if isinstance(model_ref, ModelRef) else parse_ref(model_ref, variant=variant, revision=revision)
     found = _named_by(ref, chunked)
     if not found:
-        raise ModelNotPulled(f"Nothing pulled matches {ref}{_flag(chunked)}.",
+        raise ModelNotPulled(f"Nothing pulled matches {ref}{chunked_flag(chunked)}.",
                              hint="List pulled models with `coreml-hub ls`.")
     return found
 

@@ -87,7 +87,7 @@ def resolve_model(text: str, *, pull: bool = True, progress: bool = False,
         pulled_now = False
     except ModelNotPulled as exc:
         if not pull:
-            asked = f"{ref}" + {True: " --chunked", False: " --no-chunked", None: ""}[chunked]
+            asked = f"{ref}{store.chunked_flag(chunked)}"
             raise ModelNotPulled(exc.message, hint=f"Pull it with `coreml-hub pull {asked}` (or drop --no-pull "
                                                    "to pull it automatically).") from None
         if on_message:

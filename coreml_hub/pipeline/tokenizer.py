@@ -177,16 +177,12 @@ class BytePairEncoder:
             rank, first = min((self.ranks.get(pair, unranked), i) for i, pair in enumerate(zip(parts, parts[1:])))
             if rank == unranked:
                 break
-            pair = (parts[first], parts[first + 1])
-            merged: list[str] = []
-            i = 0
+            pair = parts[first:first + 2]
+            merged, i = parts[:first], first  # nothing before the first occurrence changes
             while i < len(parts):
-                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
+                take = 2 if parts[i:i + 2] == pair else 1
+                merged.append("".join(parts[i:i + take]))
+                i += take
             parts = merged
         ids = [self.vocab.get(p, self.unknown_id) for p in parts]
         ids = [i for i in ids if i is not None]

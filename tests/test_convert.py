@@ -597,24 +597,18 @@ def _convert_cli(args: list[str]) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "coreml_hub", "convert", *args], env
 
 
-def test_cli_quiet_and_logs_get_no_bars(tmp_path: Path, hub_server) -> None:  # type: ignore[no-untyped-def]
+def test_cli_quiet_prints_only_out_even_while_downloading(tmp_path: Path, hub_server) -> None:  # type: ignore[no-untyped-def]
     from coreml_hub.testing.publish import publish_source
 
     publish_source(hub_server.root, "sd1")
-    args = ["coreml-hub-test/tiny-sd1", "--attention", "original", "--components", "vae_decoder"]
-    for extra, out in ((["-q"], tmp_path / "quiet"), ([], tmp_path / "logged")):
-        cmd, env = _convert_cli([*args, "-o", str(out), *extra])
-        env["HF_HOME"] = str(out.with_name(out.name + "-hf"))  # a cold download each time, as on a new machine
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        assert proc.returncode == 0, proc.stderr
-        assert "\r" not in proc.stderr and "\r" not in proc.stdout  # no terminal: no bars drawn over themselves
-        if extra:
-            assert proc.stderr == "" and proc.stdout.strip() == str(out)  # -q: only OUT
-        else:
-            lines = proc.stderr.splitlines()
-            assert lines[0].startswith("vae_decoder: ") and " KB in " in lines[0], proc.stderr
-            assert lines[-1].startswith("Converted coreml-hub-test/tiny-sd1 (original, fp16, 64x64)")
-        assert (out / "original" / "packages").is_dir()
+    out = tmp_path / "quiet"
+    cmd, env = _convert_cli(["coreml-hub-test/tiny-sd1", "--attention", "original", "--components", "vae_decoder",
+                             "-o", str(out), "-q"])
+    env["HF_HOME"] = str(tmp_path / "hf")  # a cold download, as on a new machine: huggingface_hub has bars to show
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout.strip() == str(out)
+    assert (out / "original" / "packages").is_dir()
 
 
 def _interrupt_when_a_package_appears(out: Path) -> tuple[int, str]:
@@ -641,15 +635,22 @@ def _interrupt_when_a_package_appears(out: Path) -> tuple[int, str]:
 def test_ctrl_c_leaves_nothing_that_looks_like_a_conversion(tmp_path: Path) -> None:
     import signal
 
+    from coreml_hub.convert import convert
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("kept")
     code, err = _interrupt_when_a_package_appears(out)
     assert code in (-signal.SIGINT, 130) and "Interrupted." in err, err
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]  # no package, no half-written folder, mine kept
+
+    def interrupt(line: str) -> None:  # Ctrl-C as the first component is done
+        raise KeyboardInterrupt
+
     fresh = tmp_path / "fresh"
-    code, err = _interrupt_when_a_package_appears(fresh)
-    assert code in (-signal.SIGINT, 130), err
+    with pytest.raises(KeyboardInterrupt):
+        convert(factory.pipeline_folder("sd1"), fresh, attention="original", components=["vae_decoder", "vae_encoder"],
+                progress=False, on_message=interrupt)
     assert not fresh.exists()  # a folder the conversion made is not left behind
 
 
@@ -662,6 +663,11 @@ def test_cli_progress_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 0
     assert "vae_encoder" in captured.err and "Converted" in captured.err
     assert "vae_encoder" in captured.out  # the table of what was written
+    # no terminal (a log): one plain line per component, no bar redrawn with carriage returns
+    assert "\r" not in captured.err
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("vae_encoder: ") and " KB in " in lines[0], captured.err
+    assert lines[-1].startswith("Converted ") and "(original, fp16, 64x64)" in lines[-1]
     assert run_cli(["convert", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o")]) == 1
     assert "Error:" in capsys.readouterr().err
     assert run_cli(["convert", str(factory.pipeline_folder("sd2")), "-o", str(tmp_path / "o"),

@@ -753,7 +753,7 @@ def test_ls_rm_and_prune(hub_server, hub_root, store_home, capsys, monkeypatch):
     code, out, err = cli(capsys, "ls")
     assert code == 0
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["MODEL", "VARIANT", "SIZE", "PULLED", "STATUS"]
+    assert lines[0].split() == ["MODEL", "VARIANT", "UNET", "SIZE", "PULLED", "STATUS"]
     assert any("original/compiled" in line and line.rstrip().endswith("ok") and "just now" in line for line in lines)
     code, out, err = cli(capsys, "ls", "--json")
     rows = json.loads(out)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..pipeline.images import FITS  # stdlib only (PIL loads in functions): fast --help
 from ..pipeline.refiner import DEFAULT_REFINER_START  # no torch: fast --help
 from ..pipeline.rng import DEFAULT_RNG, DEFAULT_SEED_MODE, RNGS, SEED_MODES  # numpy only: fast --help
 from ..pipeline.schedulers import (  # stdlib only: fast --help
@@ -73,29 +74,35 @@ overwritten.""",
               help="Init image for image-to-image.")
 @click.option("--strength", type=float, default=0.75, show_default=True,
               help="Image-to-image: how much of the init image is replaced (0-1].")
+@click.option("--fit", type=click.Choice(FITS), default=None,
+              help="Image-to-image: an init image of another aspect ratio is cropped to its middle, padded "
+                   "with black bars, or stretched (default: refused).")
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNGs (default: ./coreml-hub-outputs or $COREML_HUB_OUTPUTS).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "coreml"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="torch backend: where to run (fp16 on GPUs).")
-@click.option("--compute-unit", type=click.Choice(COMPUTE_UNIT_CHOICES, case_sensitive=False), default="ALL",
-              show_default=True, help="coreml backend: which compute units Core ML may use.")
+@click.option("--compute-unit", type=click.Choice(COMPUTE_UNIT_CHOICES, case_sensitive=False), default=None,
+              help="coreml backend: which compute units Core ML may use (default: ALL); other backends ignore it.")
 @click.option("--disable-safety", is_flag=True, help="Skip the model's safety checker.")
 @click.option("--save-every", type=int, default=None, metavar="K", help="Also save a decode every K steps.")
 @click.option("--no-pull", is_flag=True, help="Fail instead of pulling a model that is not pulled yet.")
+@click.option("--chunked/--no-chunked", default=None,
+              help="A pulled model's chunked / full Unet form (default: the full Unet when both are pulled).")
 @click.option("--json", "json_mode", is_flag=True, help="Print paths, parameters and timings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image paths.")
 def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int | None,
             scheduler: str | None, prediction_type: str | None, rng: str, seed_mode: str, no_t5: bool,
             shift: float | None, refiner_model: str | None, no_refiner: bool, refiner_start: float,
-            init_image: Path | None,
-            strength: float,
-            num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str,
-            disable_safety: bool, save_every: int | None, no_pull: bool, json_mode: bool, quiet: bool) -> None:
+            init_image: Path | None, strength: float, fit: str | None,
+            num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str | None,
+            disable_safety: bool, save_every: int | None, no_pull: bool, chunked: bool | None, json_mode: bool,
+            quiet: bool) -> None:
     """Generate images from PROMPT with MODEL (text-to-image, or image-to-image with --image)."""
     from ..errors import UsageError
     from ..pipeline.generate import generate
+    from . import STARTED
 
     if refiner_model and no_refiner:
         raise UsageError("--refiner and --no-refiner contradict each other.", hint="Pass one of them.")
@@ -112,12 +119,11 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
         model, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
         scheduler=scheduler, prediction_type=prediction_type, rng=rng, seed_mode=seed_mode, t5=not no_t5,
         shift=shift, refiner=refiner_model if refiner_model else not no_refiner, refiner_start=refiner_start,
-        image=init_image,
-        strength=strength,
+        image=init_image, strength=strength, fit=fit,
         num_images=num_images, output_dir=output_dir,
-        backend=backend, device=device, compute_unit=compute_unit.upper(), disable_safety=disable_safety,
-        save_every=save_every, pull=not no_pull, progress=not quiet and not json_mode and stderr_is_tty(),
-        on_message=notify)
+        backend=backend, device=device, compute_unit=compute_unit.upper() if compute_unit else None,
+        disable_safety=disable_safety, save_every=save_every, pull=not no_pull, chunked=chunked,
+        progress=not quiet and not json_mode and stderr_is_tty(), on_message=notify, started=STARTED)
     if json_mode:
         out.json(result.to_dict())
         return

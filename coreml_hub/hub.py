@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from . import __version__
+from .version import __version__
 from .errors import (CoremlHubError, EndpointUnreachable, NoVariants, OfflineError, UsageError, translate,
                      unreachable_hint)
 from .layouts import RepoFile, Variant, find_variants

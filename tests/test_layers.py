@@ -1,5 +1,5 @@
-"""Imports point down the layers: cli -> pipeline/convert/app -> bundle/store/pulling -> hub/download
--> mil -> errors/paths. Read from the source (every import statement, also those inside functions),
+"""Imports point down the layers: cli -> pipeline/convert/app/batch/prediction -> bundle/store/pulling
+-> hub/download -> mil -> errors/paths. Read from the source (every import statement, also those inside functions),
 so a lazy import cannot hide an upward dependency or an import cycle across layers.
 """
 
@@ -18,11 +18,12 @@ PACKAGE = Path(coreml_hub.__file__).resolve().parent
 # may import its own layer and the layers below it, never one above.
 LAYERS: dict[str, int] = {
     # 0: the bottom: plain helpers that know nothing of the Hub, the store or Core ML
-    "": 0,  # the package facade: `__version__`, and names that load their module on first use
     "errors": 0,
     "paths": 0,
     "atomic": 0,
     "human": 0,
+    "version": 0,
+    "safeserve": 0,  # serve's and the app's path and body rules: stdlib only
     # 1: the ML Program tooling and runtime
     "mil": 1,
     # 2: the remote side, and what it is described with (variants, plugin discovery)
@@ -37,18 +38,27 @@ LAYERS: dict[str, int] = {
     "pulling": 3,
     "bundle": 3,
     "validate": 3,
-    # 4: what is built on a variant: images, conversions, servers, the test factory
+    "validate_sd3": 3,
+    "validate_refiner": 3,
+    # 4: what is built on a variant: images, predictions, conversions, servers, batches, the test factory;
+    # and the package facade, whose names load those modules on first use (and which arms the
+    # coremltools drop-in when COREML_HUB_COREMLTOOLS is set)
+    "": 4,
     "pipeline": 4,
+    "prediction": 4,
+    "coremltools_compat": 4,
     "convert": 4,
     "server": 4,
     "app": 4,
+    "batch": 4,
     "testing": 4,
     # 5: the command line
     "cli": 5,
     "__main__": 5,
+    "pytest_plugin": 5,  # an entry point (pytest's), like the command line
 }
-NAMES = {0: "errors/paths", 1: "mil", 2: "hub/download", 3: "bundle/store/pulling", 4: "pipeline/convert/app",
-         5: "cli"}
+NAMES = {0: "errors/paths", 1: "mil", 2: "hub/download", 3: "bundle/store/pulling",
+         4: "pipeline/convert/app/batch/prediction", 5: "cli"}
 
 
 def module_name(path: Path) -> str:
@@ -59,9 +69,12 @@ def module_name(path: Path) -> str:
 
 
 def layer_of(module: str) -> int | None:
-    """The layer of a module relative to coreml_hub ("" is the package itself)."""
-    parts = module.split(".") if module else []
-    for n in range(len(parts), -1, -1):
+    """The layer of a module relative to coreml_hub ("" is the package itself, and only it: a
+    module missing from LAYERS has no layer rather than the facade's)."""
+    if not module:
+        return LAYERS[""]
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
         prefix = ".".join(parts[:n])
         if prefix in LAYERS:
             return LAYERS[prefix]
@@ -140,6 +153,8 @@ def test_the_map_reads_real_imports() -> None:
     assert {"errors", "paths", "plugins"} <= cli_imports
     assert "mil.program" in {m for _, m in imports_of("bundle")}  # imported inside a function
     assert "store" in {m for _, m in imports_of("pipeline.resolve")}  # `from .. import store`
+    assert layer_of("no_such_module") is None  # a module missing from LAYERS is caught, not given the facade's
+    assert layer_of("pipeline.generate") == LAYERS["pipeline"]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

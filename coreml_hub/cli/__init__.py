@@ -18,7 +18,7 @@ _commands_run = 0
 
 import click
 
-from .. import __version__
+from ..version import __version__
 from ..errors import translate
 from ..paths import debug
 

@@ -15,7 +15,7 @@ from coreml_hub.testing.hubserver import HubServer
 
 from _mil_fixtures import write_variant
 
-BUILT_IN = ["apple", "archives", "coreml", "flat", "torch"]
+BUILT_IN = ["apple", "archives", "coreml", "flat", "plain", "torch"]
 
 
 def lines(text: str) -> list[str]:
@@ -38,7 +38,7 @@ def test_a_backend_filtered_out_by_coreml_hub_plugins_is_not_called_missing(
     assert run_cli(["run", str(variant), "a cat", "--steps", "1", "-o", str(tmp_path / "out")]) == 1
     error, hint = lines(capsys.readouterr().err)
     assert error == ("Error: No backend can run here (torch: not loaded (COREML_HUB_PLUGINS=apple leaves out "
-                     "archives, coreml, flat, torch)).")
+                     "archives, coreml, flat, plain, torch)).")
     assert hint == "Hint: Add the plugin to COREML_HUB_PLUGINS=apple, or unset COREML_HUB_PLUGINS."
     assert run_cli(["run", str(variant), "a cat", "--backend", "torch"]) == 1
     error, hint = lines(capsys.readouterr().err)

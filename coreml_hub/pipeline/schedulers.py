@@ -32,6 +32,7 @@ SCHEDULER_MODULES: dict[str, str] = {
     "euler_a": "scheduling_euler_ancestral_discrete",
     "ddim": "scheduling_ddim",
     "lms": "scheduling_lms_discrete",
+    "flow_euler": "scheduling_flow_match_euler_discrete",
 }
 DEFAULT_SCHEDULER = "pndm"
 # Which schedulers fit which denoiser: the discrete-time ones predict noise (or v) at a timestep,

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import BackendUnavailable, CoremlHubError, InvalidBundle
 from ..layouts import COMPILED_NAMES, COMPONENTS
@@ -79,18 +79,52 @@ def describe(description: Any) -> dict[str, TensorSpec]:
 
 
 class Component:
-    """One loaded model: `component(inputs)` with torch tensors -> dict of float32 tensors on `device`."""
+    """One loaded model: `component(inputs)` with torch tensors -> dict of float32 tensors on `device`.
 
-    def __init__(self, name: str, path: Path, model: Any) -> None:
+    With a `loader` and a `residency` the component is on demand (`run --reduce-memory`): the
+    model is loaded when the component is called and released when another on-demand
+    component of the same residency is called, so only one is in memory at a time. `model`
+    is then the one loaded already (to read its descriptions), or None.
+    """
+
+    def __init__(self, name: str, path: Path, model: Any, *, loader: Callable[[], Any] | None = None,
+                 residency: "Residency | None" = None) -> None:
         import torch
 
         self.name = name
         self.path = path
-        self.model = model
+        self._model = model
+        self._loader = loader
+        self._residency = residency
+        self.loads = 1 if model is not None else 0  # how often the model was loaded (on demand: may be more)
         self.inputs = describe(getattr(model, "input_description", None))
         self.outputs = describe(getattr(model, "output_description", None))
         self._torch_path = hasattr(model, "predict_torch")
         self.device = torch.device(getattr(model, "device", "cpu") if self._torch_path else "cpu")
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            if self._loader is None:
+                raise InvalidBundle(f"{self.path.name} was released and cannot be loaded again.")
+            if self._residency is not None:
+                self._residency.admit(self)
+            self._model = self._loader()
+            self.loads += 1
+        elif self._residency is not None:
+            self._residency.admit(self)
+        return self._model
+
+    @property
+    def resident(self) -> bool:
+        return self._model is not None
+
+    def release(self) -> None:
+        """Drop the model (on-demand components only); the next call loads it again."""
+        if self._loader is None or self._model is None:
+            return
+        self._model = None
+        free_memory(self.device.type)
 
     def input_shape(self, name: str) -> tuple[int, ...]:
         if name not in self.inputs:
@@ -110,17 +144,52 @@ class Component:
                 raise InvalidBundle(f"{self.path.name}: input {name!r} has shape {tuple(value.shape)}, "
                                     f"the model takes {spec.shape}.")
             feed[name] = value
+        model = self.model
         if self._torch_path:
             cast = {k: v.to(getattr(torch, self.inputs[k].dtype, torch.float32)) for k, v in feed.items()}
-            raw = self.model.predict_torch(cast)
+            raw = model.predict_torch(cast)
             return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in raw.items()}
         arrays = {k: v.detach().cpu().numpy().astype(np.dtype(self.inputs[k].dtype)) for k, v in feed.items()}
-        raw = self.model.predict(arrays)
+        raw = model.predict(arrays)
         out = {}
         for k, v in raw.items():
             array = np.asarray(v)
             out[k] = torch.from_numpy(array.astype(np.float32) if array.dtype.kind == "f" else array.copy())
         return out
+
+
+class Residency:
+    """Keeps at most one on-demand component loaded: admitting one releases the one before."""
+
+    def __init__(self) -> None:
+        self.current: Component | None = None
+
+    def admit(self, component: Component) -> None:
+        if self.current is not None and self.current is not component:
+            self.current.release()
+        self.current = component
+
+
+def free_memory(device: str = "cpu") -> None:
+    """Hand memory freed by released models back to the system, so peak memory really drops.
+
+    glibc keeps freed heap memory for reuse unless asked to trim it; CUDA's caching allocator
+    keeps freed blocks until emptied.
+    """
+    import gc
+
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc: its allocator returns memory on its own terms
 
 
 # ---- finding bundles in a folder ---------------------------------------------------------
@@ -225,8 +294,16 @@ class LoadedComponents:
 
 
 def load_components(found: dict[str, Path], names: Iterable[str], backend: Any, *, device: str | None = "auto",
-                    compute_unit: str | None = "ALL", progress: bool = False) -> LoadedComponents:
-    """Load the named components with `backend`; `found` is `find_components` of the variant folder."""
+                    compute_unit: str | None = "ALL", progress: bool = False,
+                    reduce_memory: bool = False) -> LoadedComponents:
+    """Load the named components with `backend`; `found` is `find_components` of the variant folder.
+
+    `reduce_memory` (the Swift CLI's --reduce-memory): each component is loaded once now (so a
+    broken bundle fails before any work, and its descriptions are known), then released; it is
+    loaded again when the pipeline calls it and released when another one is called. Peak memory
+    is then the largest component's, not the sum. `names` come in the order the pipeline first
+    calls them: they are loaded in reverse, so the first one needed stays loaded.
+    """
     fmt = "compiled" if any(p.suffix == ".mlmodelc" for p in found.values()) else "packages"
     if fmt not in getattr(backend, "formats", ("packages", "compiled")):
         raise BackendUnavailable(f"The {backend.name} backend cannot load {fmt} bundles.",
@@ -237,15 +314,28 @@ def load_components(found: dict[str, Path], names: Iterable[str], backend: Any, 
     start = time.perf_counter()
     from tqdm import tqdm
 
-    bar = tqdm(wanted, desc="Loading", unit="model", disable=not progress, file=sys.stderr, leave=False)
-    for name in bar:
-        bar.set_postfix_str(name)
+    def load(name: str) -> Any:
         try:
-            model = backend.load(found[name], device=resolved, compute_unit=compute_unit)
+            return backend.load(found[name], device=resolved, compute_unit=compute_unit)
         except CoremlHubError:
             raise
         except (OSError, ValueError, KeyError) as exc:
             raise InvalidBundle(f"Cannot load {found[name].name}: {type(exc).__name__}: {exc}") from exc
-        loaded[name] = Component(name, found[name], model)
+
+    residency = Residency() if reduce_memory else None
+    order = list(reversed(wanted)) if reduce_memory else wanted
+    bar = tqdm(order, desc="Loading", unit="model", disable=not progress, file=sys.stderr, leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
+        if residency is None:
+            loaded[name] = Component(name, found[name], load(name))
+            continue
+        if residency.current is not None:
+            residency.current.release()  # before the next one loads: one model in memory at a time
+        component = Component(name, found[name], load(name), loader=lambda name=name: load(name),
+                              residency=residency)
+        residency.current = component
+        loaded[name] = component
     bar.close()
+    loaded = {name: loaded[name] for name in wanted}
     return LoadedComponents(loaded, time.perf_counter() - start, backend.name, resolved)

@@ -15,6 +15,7 @@ from . import images as imaging
 from .components import (BACKEND_CHOICES, find_components, load_components, require_vae_encoder, select_backend,
                          unet_names)
 from .diffusion import StableDiffusion
+from .memory import PeakMemory
 from .png import ImageMetadata, save_png, slug
 from .resolve import ResolvedModel, resolve_model
 from .refiner import DEFAULT_REFINER_START, check_refiner_start
@@ -70,6 +71,8 @@ class RunResult:
     unet_steps: int  # denoising steps run, all images together
     images: tuple[SavedImage, ...] = field(default_factory=tuple)
     wall_seconds: float = 0.0  # all of it: imports, finding (or pulling) the model, loading, generating, saving
+    peak_memory: PeakMemory = field(default_factory=PeakMemory)
+    reduce_memory: bool = False
 
     @property
     def unet_steps_per_second(self) -> float:
@@ -87,6 +90,8 @@ class RunResult:
             "unet_steps": self.unet_steps,
             "steps_per_second": round(self.unet_steps_per_second, 3),
             "images": [i.to_dict() for i in self.images],
+            "peak_memory": self.peak_memory.to_dict(),
+            "reduce_memory": self.reduce_memory,
         }
 
 
@@ -103,8 +108,13 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
                   compute_unit: str | None = None, img2img: bool = False, safety: bool = True,
                   progress: bool = False, prediction_type: str | None = None, t5: bool = True,
                   shift: float | None = None, refiner: bool = True, refiner_model: ResolvedModel | None = None,
-                  refiner_start: float = DEFAULT_REFINER_START, on_message: Notify | None = None) -> LoadedPipeline:
+                  refiner_start: float = DEFAULT_REFINER_START, on_message: Notify | None = None,
+                  reduce_memory: bool = False) -> LoadedPipeline:
     """Load the components a run needs (the VAE encoder only for image-to-image).
+
+    `reduce_memory` (the Swift CLI's --reduce-memory) loads each component when the run needs it
+    and releases it after, so peak memory is the largest component's instead of the sum; every
+    image then loads its Unet and VAE again.
 
     `prediction_type` overrides the scheduler config's (Apple's compiled repos ship no config).
     `compute_unit` (None: all) is a Core ML setting; a backend that ignores it is named once.
@@ -133,7 +143,7 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
                              hint="Drop --prediction-type.")
         with _mend_hint(model):
             sd3, loaded = load_sd3(model, found, chosen, device=device, compute_unit=compute_unit, img2img=img2img,
-                                   progress=progress, use_t5=t5, shift=shift)
+                                   progress=progress, use_t5=t5, shift=shift, reduce_memory=reduce_memory)
         return LoadedPipeline(sd3, model, loaded.backend, loaded.device, loaded.seconds)
     if shift is not None:
         raise UsageError("--shift sets SD3's flow-matching schedule; this model is not SD3.", hint="Drop --shift.")
@@ -157,7 +167,8 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     if "text_encoder_2" in names:
         tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
     with _mend_hint(model):
-        loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
+        loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress,
+                                 reduce_memory=reduce_memory)
     config = scheduler_config(model.path, prediction_type=prediction_type, also=beside)
     pipe = StableDiffusion(loaded.components, tokenizers, config)
     seconds = loaded.seconds
@@ -223,7 +234,7 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              seed_mode: str = DEFAULT_SEED_MODE, t5: bool = True, shift: float | None = None,
              refiner: str | Path | bool = True, refiner_start: float = DEFAULT_REFINER_START,
              loaded: LoadedPipeline | None = None, on_step: StepHook | None = None, chunked: bool | None = None,
-             fit: str | None = None, started: float | None = None) -> RunResult:
+             fit: str | None = None, started: float | None = None, reduce_memory: bool = False) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
@@ -242,7 +253,8 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     are then not used. `on_step` is called after every denoising step; an exception it raises
     stops the run there and propagates (how a caller cancels; no file of that image is written).
     `started` (a `time.perf_counter()` value) is when the caller began, for `wall_seconds`; by
-    default, this call.
+    default, this call. `reduce_memory` loads each component when needed and releases it after
+    (see `load_pipeline`). The result reports the process's peak memory.
     """
     from .. import paths
     from .sd3 import StableDiffusion3, check_scheduler
@@ -268,7 +280,8 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                                img2img=init is not None, safety=not disable_safety, progress=progress,
                                prediction_type=prediction_type, t5=t5, shift=shift, refiner=refiner is not False,
-                               refiner_model=refiner_model, refiner_start=refiner_start, on_message=say)
+                               refiner_model=refiner_model, refiner_start=refiner_start, on_message=say,
+                               reduce_memory=reduce_memory)
     resolved = loaded.model
     load_seconds = 0.0 if warm else loaded.load_seconds
     pipe = loaded.pipeline
@@ -318,13 +331,18 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
                                  f"Image {index + 1}/{num_images}", not disable_safety, say, stream, report))
     elapsed = time.perf_counter() - start
     wall = time.perf_counter() - started
+    from .memory import peak_memory
+
     result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, load_seconds, elapsed,
-                           sum(i.unet_steps for i in saved), tuple(saved), wall)
+                           sum(i.unet_steps for i in saved), tuple(saved), wall, peak_memory(loaded.device),
+                           reduce_memory and not warm)
     say(f"Generated {num_images} image{'s' if num_images != 1 else ''} in {elapsed:.1f} s "
         f"({result_obj.unet_steps_per_second:.2f} steps/s).")
     rest = max(wall - load_seconds - elapsed, 0.0)
     say(f"Took {wall:.1f} s in all: {rest:.1f} s starting up (imports, finding the model), "
         f"{load_seconds:.1f} s loading, {elapsed:.1f} s generating.")
+    if result_obj.peak_memory.rss_bytes:
+        say(f"Peak memory: {result_obj.peak_memory.describe()}.")
     return result_obj
 
 

@@ -230,7 +230,8 @@ def check_scheduler(name: str | None, flow: bool) -> None:
 
 
 def load_sd3(model: Any, found: dict[str, Path], backend: Any, *, device: str | None, compute_unit: str | None,
-             img2img: bool, progress: bool, use_t5: bool = True, shift: float | None = None) -> Any:
+             img2img: bool, progress: bool, use_t5: bool = True, shift: float | None = None,
+             reduce_memory: bool = False) -> Any:
     """Load an SD3 variant's components (T5 when present and wanted) -> (pipeline, LoadedComponents)."""
     from .components import load_components, require_vae_encoder
     from .schedulers import FLOW_DEFAULT_CONFIG, scheduler_config
@@ -252,7 +253,8 @@ def load_sd3(model: Any, found: dict[str, Path], backend: Any, *, device: str | 
         names.insert(2, "text_encoder_t5")
     if img2img:
         names.append(require_vae_encoder(found, model.path))
-    loaded = load_components(found, names, backend, device=device, compute_unit=compute_unit, progress=progress)
+    loaded = load_components(found, names, backend, device=device, compute_unit=compute_unit, progress=progress,
+                             reduce_memory=reduce_memory)
     config = scheduler_config(model.path, also=beside, defaults=FLOW_DEFAULT_CONFIG)
     if shift is not None:
         if shift <= 0:

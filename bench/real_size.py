@@ -419,8 +419,8 @@ def _to(tree: Any, device: str, dtype: Any) -> Any:
     return tree.to(device=device, dtype=dtype)
 
 
-def parts_of(rt_pipe: Any, an_pipe: Any, device: str, model: str, steps: int, compiled: Any = None
-             ) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+def parts_of(rt_pipe: Any, an_pipe: Any, device: str, model: str, steps: int, compiled: Any = None,
+             bf16: Any = None) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     """part name -> (runtime call, anchor call), each returning a tensor or array to compare."""
     import torch
 
@@ -460,6 +460,9 @@ def parts_of(rt_pipe: Any, an_pipe: Any, device: str, model: str, steps: int, co
         dtypes = {d.name: d for d in rt_model.input_description}
         feed = {k: v.to(unet.model.ctx.dtype("fp16")) for k, v in rt_in.items() if k in dtypes}
         parts["unet_compiled"] = (lambda: rt_model.predict_torch(feed)["noise_pred"], an_unet(an_net))
+    if bf16 is not None:  # the runtime in bf16 against the same anchor
+        bf16_feed = {k: v.to(torch.bfloat16) for k, v in rt_in.items()}
+        parts["unet_bf16"] = (lambda: bf16.predict_torch(bf16_feed)["noise_pred"], an_unet(an_pipe.unet))
     return parts
 
 
@@ -561,7 +564,8 @@ def report(result: dict[str, Any]) -> None:
           f"device {result['device']}, {result['threads']} threads, anchor: {anchor}")
     for name, r in result["parts"].items():
         label = {"unet": "Unet step (batch 2)", "vae": "VAE decode", "text": "text encoder",
-                 "image": f"image ({result['steps']} steps)", "unet_compiled": "Unet step, both compiled"}[name]
+                 "image": f"image ({result['steps']} steps)", "unet_compiled": "Unet step, both compiled",
+                 "unet_bf16": "Unet step, runtime bf16"}[name]
         print(f"  {label:26} runtime {_fmt_s(r['runtime_s'])}  anchor {_fmt_s(r['anchor_s'])}  "
               f"ratio {r['ratio']:.3f}  (CPU-time ratio {r['cpu_ratio']:.3f}; output rel. diff {r['rel_diff']:.1e})")
     fresh_runs = result.get("fresh", {})
@@ -607,6 +611,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--compile", action="store_true", help="also time the Unet with torch.compile on both "
                         "sides (runtime: load_model(compile=True); diffusers: torch.compile(unet))")
+    parser.add_argument("--bf16", action="store_true", help="also time the runtime's Unet in bf16 (opt-in "
+                        "`run --dtype bf16`) against the same anchor")
     parser.add_argument("--no-fresh", action="store_true", help="skip the fresh-process load/first-image/memory runs")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "coreml-hub-real-size"))
     parser.add_argument("--source", default=None, help="a diffusers source folder built before (skips building)")
@@ -662,8 +668,14 @@ def main() -> None:
 
         rt_model = load_model(rt_pipe.unet_parts[0].path, device=args.device, compile=True)
         compiled = (rt_model, torch.compile(an_pipe.unet))
-    parts = parts_of(rt_pipe, an_pipe, args.device, args.model, args.steps, compiled)
-    wanted = [p for p in args.parts.split(",") if p] + (["unet_compiled"] if args.compile else [])
+    bf16 = None
+    if args.bf16:
+        from coreml_hub.mil import load_model
+
+        bf16 = load_model(rt_pipe.unet_parts[0].path, device=args.device, dtype="bf16")
+    parts = parts_of(rt_pipe, an_pipe, args.device, args.model, args.steps, compiled, bf16)
+    wanted = ([p for p in args.parts.split(",") if p] + (["unet_compiled"] if args.compile else [])
+              + (["unet_bf16"] if args.bf16 else []))
     result["parts"] = {}
     for name in wanted:
         runs = args.image_runs if name == "image" else args.runs

@@ -44,6 +44,7 @@ class TorchBackend:
     name = "torch"
     formats = ("packages", "compiled")
     description = "portable ML Program runtime on PyTorch (cpu, cuda, mps)"
+    dtypes = ("fp32", "fp16", "bf16")  # what `run --dtype` may ask for
 
     def available(self) -> tuple[bool, str]:
         # find_spec, not import: `coreml-hub plugins` asks every backend and must stay fast.

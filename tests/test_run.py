@@ -497,3 +497,12 @@ def test_reduce_memory_lowers_peak_memory_and_keeps_images(wide: Path, tmp_path:
     assert full["peak_memory"]["cuda_bytes"] is None
     for a, b in zip(full["images"], reduced["images"], strict=True):
         assert np.array_equal(pixels(a["path"]), pixels(b["path"]))
+
+
+def test_dtype_bf16_makes_nearly_the_fp32_image(sd1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [str(sd1), PROMPT, "--seed", "7", "--steps", "4", "--disable-safety"]
+    fp32 = run_json([*args, "-o", str(tmp_path / "fp32")], capsys)
+    bf16 = run_json([*args, "-o", str(tmp_path / "bf16"), "--dtype", "bf16"], capsys)
+    a, b = pixels(fp32["images"][0]["path"]), pixels(bf16["images"][0]["path"])
+    difference = np.abs(a - b)
+    assert 0 < difference.mean() < 2 and difference.max() < 32, (difference.mean(), difference.max())

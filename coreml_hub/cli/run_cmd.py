@@ -30,6 +30,7 @@ Examples:
   coreml-hub run apple/coreml-stable-diffusion-xl-base-with-refiner "a red fox" --refiner-start 0.7
   coreml-hub run MODEL "a red fox" --seed 42 --rng numpy          # Mochi Diffusion's image for seed 42
   coreml-hub run MODEL "a red fox" --reduce-memory --json         # one model in memory at a time
+  coreml-hub run MODEL "a red fox" --dtype bf16                   # CPUs with bf16 instructions: ~2x
   coreml-hub run MODEL "a red fox" --seed 42 --rng numpy --num-images 4 --seed-mode stream
                                                                   # the Swift CLI's --image-count 4
 
@@ -91,6 +92,9 @@ overwritten.""",
 @click.option("--no-pull", is_flag=True, help="Fail instead of pulling a model that is not pulled yet.")
 @click.option("--chunked/--no-chunked", default=None,
               help="A pulled model's chunked / full Unet form (default: the full Unet when both are pulled).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="torch backend: the float type to compute in [default: fp32 on the CPU, the model's own on "
+                   "GPUs]. bf16 is about twice as fast on CPUs with bf16 instructions (AVX512-BF16, AMX).")
 @click.option("--reduce-memory", is_flag=True,
               help="Load each model when it is needed and release it after (as the Swift CLI's flag): peak "
                    "memory is the largest model's instead of the sum, each image takes longer.")
@@ -101,8 +105,8 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
             shift: float | None, refiner_model: str | None, no_refiner: bool, refiner_start: float,
             init_image: Path | None, strength: float, fit: str | None,
             num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str | None,
-            disable_safety: bool, save_every: int | None, no_pull: bool, chunked: bool | None, reduce_memory: bool,
-            json_mode: bool, quiet: bool) -> None:
+            disable_safety: bool, save_every: int | None, no_pull: bool, chunked: bool | None, dtype: str | None,
+            reduce_memory: bool, json_mode: bool, quiet: bool) -> None:
     """Generate images from PROMPT with MODEL (text-to-image, or image-to-image with --image)."""
     from ..errors import UsageError
     from ..pipeline.generate import generate
@@ -128,7 +132,7 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
         backend=backend, device=device, compute_unit=compute_unit.upper() if compute_unit else None,
         disable_safety=disable_safety, save_every=save_every, pull=not no_pull, chunked=chunked,
         progress=not quiet and not json_mode and stderr_is_tty(), on_message=notify, started=STARTED,
-        reduce_memory=reduce_memory)
+        reduce_memory=reduce_memory, dtype=dtype)
     if json_mode:
         out.json(result.to_dict())
         return

@@ -19,6 +19,7 @@ from ..errors import BackendUnavailable, CoremlHubError, InvalidBundle
 from ..layouts import COMPILED_NAMES, COMPONENTS
 
 BACKEND_CHOICES = ("auto", "torch", "coreml")
+TOKEN_INPUT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5")
 
 _DTYPE_ALIASES = {
     "fp16": "float16", "float16": "float16", "half": "float16", "torch.float16": "float16",
@@ -295,7 +296,7 @@ class LoadedComponents:
 
 def load_components(found: dict[str, Path], names: Iterable[str], backend: Any, *, device: str | None = "auto",
                     compute_unit: str | None = "ALL", progress: bool = False,
-                    reduce_memory: bool = False) -> LoadedComponents:
+                    reduce_memory: bool = False, dtype: str | None = None) -> LoadedComponents:
     """Load the named components with `backend`; `found` is `find_components` of the variant folder.
 
     `reduce_memory` (the Swift CLI's --reduce-memory): each component is loaded once now (so a
@@ -303,7 +304,15 @@ def load_components(found: dict[str, Path], names: Iterable[str], backend: Any, 
     loaded again when the pipeline calls it and released when another one is called. Peak memory
     is then the largest component's, not the sum. `names` come in the order the pipeline first
     calls them: they are loaded in reverse, so the first one needed stays loaded.
+    `dtype` (fp32, fp16, bf16) is the float type a torch-tensor backend computes in; None lets
+    the backend choose (the torch backend: fp32 on the CPU, the model's own on a GPU).
     """
+    if dtype is not None and not getattr(backend, "dtypes", ()):
+        raise BackendUnavailable(f"The {backend.name} backend does not take --dtype.",
+                                 hint="Drop --dtype, or use --backend torch.")
+    options = {"dtype": dtype} if dtype is not None else {}
+    # text encoders take token ids as floats (Apple's contract), which bf16 cannot hold exactly
+    # (ids above 256 round); they are a small part of a run, so they keep the backend's choice
     fmt = "compiled" if any(p.suffix == ".mlmodelc" for p in found.values()) else "packages"
     if fmt not in getattr(backend, "formats", ("packages", "compiled")):
         raise BackendUnavailable(f"The {backend.name} backend cannot load {fmt} bundles.",
@@ -316,7 +325,8 @@ def load_components(found: dict[str, Path], names: Iterable[str], backend: Any, 
 
     def load(name: str) -> Any:
         try:
-            return backend.load(found[name], device=resolved, compute_unit=compute_unit)
+            extra = options if name not in TOKEN_INPUT_COMPONENTS else {}
+            return backend.load(found[name], device=resolved, compute_unit=compute_unit, **extra)
         except CoremlHubError:
             raise
         except (OSError, ValueError, KeyError) as exc:

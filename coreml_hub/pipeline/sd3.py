@@ -231,7 +231,7 @@ def check_scheduler(name: str | None, flow: bool) -> None:
 
 def load_sd3(model: Any, found: dict[str, Path], backend: Any, *, device: str | None, compute_unit: str | None,
              img2img: bool, progress: bool, use_t5: bool = True, shift: float | None = None,
-             reduce_memory: bool = False) -> Any:
+             reduce_memory: bool = False, dtype: str | None = None) -> Any:
     """Load an SD3 variant's components (T5 when present and wanted) -> (pipeline, LoadedComponents)."""
     from .components import load_components, require_vae_encoder
     from .schedulers import FLOW_DEFAULT_CONFIG, scheduler_config
@@ -254,7 +254,7 @@ def load_sd3(model: Any, found: dict[str, Path], backend: Any, *, device: str | 
     if img2img:
         names.append(require_vae_encoder(found, model.path))
     loaded = load_components(found, names, backend, device=device, compute_unit=compute_unit, progress=progress,
-                             reduce_memory=reduce_memory)
+                             reduce_memory=reduce_memory, dtype=dtype)
     config = scheduler_config(model.path, also=beside, defaults=FLOW_DEFAULT_CONFIG)
     if shift is not None:
         if shift <= 0:

@@ -187,6 +187,24 @@ def test_fusions_preserve_results(attention: str) -> None:
 
 
 @NEEDS_FACTORY
+@pytest.mark.parametrize("style", ["sd1", "sdxl"])
+def test_split_einsum_heads_merge_into_one_attention(style: str) -> None:
+    """split_einsum's per-head attentions run as one call over all heads (and the results hold:
+    test_fusions_preserve_results and test_unet run the merged form)."""
+    from coreml_hub.mil import passes
+    from coreml_hub.mil.model import read_program
+
+    package = factory.package(factory.converted(style, "split_einsum", "fp32"), "unet")
+    graph = passes.Graph.from_function(read_program(package).functions["main"])
+    passes.optimize(graph, same_float=lambda a, b: True)
+    attentions = [op for op in graph.ops if op.type == passes.ATTENTION]
+    assert attentions and all("heads" in op.inputs for op in attentions)
+    assert not any(op.type == "slice_by_index" and any(a.inputs.get(k) == op.outputs[0].name
+                                                        for a in attentions for k in ("query", "key", "value"))
+                   for op in graph.ops)
+
+
+@NEEDS_FACTORY
 @pytest.mark.parametrize("attention", ["original", "split_einsum"])
 @pytest.mark.parametrize("style", STYLES)
 def test_compiled_bundles(style: str, attention: str, tmp_path: Path) -> None:

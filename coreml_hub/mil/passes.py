@@ -7,6 +7,8 @@ a plain function `Graph -> None` and is verified by running models with and with
   reshapes/transposes/squeezes that keep the shape and order.
 - `fuse_attention`: scores = Q·Kᵀ (matmul or einsum) [· scale] [+ mask] -> softmax over the
   key axis -> · V becomes one `torch.nn.functional.scaled_dot_product_attention`.
+- `merge_heads`: per-head attentions over slices of the same Q, K, V joined by a concat (the
+  split_einsum form) become one fused attention over all heads.
 - `fuse_group_norm`: the converter's decomposed group norm (reshape to groups, mean,
   variance, normalize, reshape back [, · gamma + beta]) becomes `F.group_norm`.
 - `drop_zero_bias`: all-zero constant biases of linear/conv (the converter adds them).
@@ -127,6 +129,11 @@ def drop_noops(graph: Graph, same_float: Callable[[str, str], bool]) -> None:
 
 
 def _noop_source(graph: Graph, op: Operation, same_float: Callable[[str, str], bool]) -> str | None:
+    values = op.inputs.get("values")
+    if op.type == "concat" and isinstance(values, tuple) and len(values) == 1 and isinstance(values[0], str):
+        # one tensor concatenated with nothing (split_einsum's per-head query chunks when the
+        # sequence fits one chunk): a copy the runtime can skip
+        return values[0] if values[0] not in graph.consts else None
     x = op.inputs.get("x")
     if not isinstance(x, str) or len(op.outputs) != 1 or x in graph.consts:
         return None
@@ -461,6 +468,124 @@ def _attention_layout(
     return query, key, value, perms, out_perm, out1
 
 
+def merge_heads(graph: Graph) -> int:
+    """Merge per-head attentions whose outputs are concatenated into one attention over all heads.
+
+    split_einsum programs compute attention head by head: Q, K and V are sliced along their
+    channel axis into equal, consecutive ranges, each slice goes through its own (fused)
+    attention, and a concat joins the results along the output's channel axis. One fused op
+    with `heads` set splits the channel axes into (heads, channels) views, runs every head in
+    one scaled_dot_product_attention call and joins them again. Returns how many were merged.
+    """
+    return _fuse_each(graph, _find_heads)
+
+
+def _find_heads(graph: Graph) -> Match | None:
+    producers = graph.producers()
+    users = graph.consumers()
+    for op in graph.ops:
+        if op.type == "concat" and isinstance(op.inputs.get("values"), tuple) and len(op.inputs["values"]) > 1:
+            match = _heads_at(graph, producers, users, op)
+            if match is not None:
+                return match
+    return None
+
+
+def _head_slice(graph: Graph, producers: dict[str, Operation], name: str) -> tuple[str, int, int, int] | None:
+    """(sliced variable, axis, begin, size) when `name` is one plain range along one axis of a variable."""
+    op = producers.get(name)
+    if op is None or op.type != "slice_by_index" or not isinstance(op.inputs.get("x"), str):
+        return None
+    source = op.inputs["x"]
+    shape_in, shape_out = graph.shape(source), graph.shape(name)
+    if shape_in is None or shape_out is None or len(shape_in) != len(shape_out):
+        return None
+    for key in ("stride", "squeeze_mask"):
+        if key in op.inputs:
+            value = graph.const_value(op.inputs[key])
+            if value is None or (key == "stride" and np.any(value != 1)) or (key == "squeeze_mask" and np.any(value)):
+                return None
+    axes = [i for i, (a, b) in enumerate(zip(shape_in, shape_out)) if a != b]
+    if len(axes) != 1:
+        return None
+    axis = axes[0]
+    begin = graph.const_value(op.inputs.get("begin"))
+    begin_mask = graph.const_value(op.inputs["begin_mask"]) if "begin_mask" in op.inputs else None
+    if begin is None or (begin_mask is None and "begin_mask" in op.inputs):
+        return None
+    start = 0 if begin_mask is not None and bool(begin_mask.reshape(-1)[axis]) else int(begin.reshape(-1)[axis])
+    if start < 0:
+        start += shape_in[axis]
+    return source, axis, start, shape_out[axis]
+
+
+def _heads_at(
+    graph: Graph, producers: dict[str, Operation], users: dict[str, list[Operation]], concat: Operation
+) -> Match | None:
+    names = concat.inputs["values"]
+    axis_value = graph.const_value(concat.inputs.get("axis"))
+    interleave = graph.const_value(concat.inputs.get("interleave")) if "interleave" in concat.inputs else None
+    out_shape = graph.shape(concat.outputs[0].name)
+    if axis_value is None or out_shape is None or (interleave is not None and bool(interleave)):
+        return None
+    rank = len(out_shape)
+    cat_axis = int(axis_value.item()) % rank
+    heads: list[Operation] = []
+    for name in names:
+        att = producers.get(name) if isinstance(name, str) else None
+        if att is None or att.type != ATTENTION or _single_user(users, graph, name) is not concat or "mask" in att.inputs:
+            return None
+        heads.append(att)
+    first = heads[0]
+    params = ("scale", "query_perm", "key_perm", "value_perm", "out_perm")
+    for att in heads[1:]:
+        for key in params:
+            a, b = first.inputs.get(key), att.inputs.get(key)
+            if (a is None) != (b is None) or (a is not None and not np.array_equal(graph.const_value(a), graph.const_value(b))):
+                return None
+    operands: dict[str, tuple[str, int]] = {}
+    removed: list[Operation] = []
+    for role in ("query", "key", "value"):
+        slices = [_head_slice(graph, producers, att.inputs[role]) if isinstance(att.inputs[role], str) else None
+                  for att in heads]
+        if any(s is None for s in slices):
+            return None
+        source, axis, _, size = slices[0]  # type: ignore[misc]
+        full = graph.shape(source)
+        if full is None or full[axis] != size * len(heads):
+            return None
+        for i, sl in enumerate(slices):
+            if sl is None or sl[0] != source or sl[1] != axis or sl[2] != i * size or sl[3] != size:
+                return None
+        # the sliced axis must be the operand's channel axis (last after its permutation)
+        perm = graph.const_value(first.inputs[f"{role}_perm"]) if f"{role}_perm" in first.inputs else None
+        channel = int(perm.reshape(-1)[-1]) if perm is not None else len(full) - 1
+        if channel != axis:
+            return None
+        operands[role] = (source, axis)
+        for att in heads:
+            producer = producers[att.inputs[role]]
+            if _single_user(users, graph, att.inputs[role]) is att:
+                removed.append(producer)
+    out_perm = graph.const_value(first.inputs["out_perm"]) if "out_perm" in first.inputs else None
+    out_channel = int(out_perm.reshape(-1)[cat_axis]) if out_perm is not None else cat_axis
+    if out_channel != rank - 1:  # the heads must be joined along the output's channel axis
+        return None
+    inputs: dict[str, Any] = {role: operands[role][0] for role in ("query", "key", "value")}
+    for key in params:
+        if key in first.inputs:
+            inputs[key] = first.inputs[key]
+    inputs["heads"] = scalar([len(heads), operands["query"][1], operands["key"][1], operands["value"][1], cat_axis],
+                             "int32")
+    fused = Operation(
+        type=ATTENTION,
+        inputs=inputs,
+        outputs=concat.outputs,
+        attributes={"name": scalar(f"{concat.name or concat.outputs[0].name}_heads", "string")},
+    )
+    return [*heads, *removed, concat], fused, concat
+
+
 # -- group norm ----------------------------------------------------------------------
 
 
@@ -659,5 +784,6 @@ def optimize(graph: Graph, same_float: Callable[[str, str], bool], fuse: bool = 
     if fuse:
         group_norm = fuse_group_norm(graph)
         attention = fuse_attention(graph)
+        merge_heads(graph)
     eliminate_dead_code(graph)
     return PassReport(attention, group_norm, before, len(graph.ops))

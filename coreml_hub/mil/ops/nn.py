@@ -460,12 +460,18 @@ def fused_attention(
     value_perm: list[int] | None = None,
     mask_perm: list[int] | None = None,
     out_perm: list[int] | None = None,
+    heads: list[int] | None = None,
 ) -> torch.Tensor:
     """softmax(Q Kᵀ · scale + mask) V from a matmul or einsum pattern, in the pattern's layouts.
 
     The permutations bring each operand to [batch..., sequence, channels] (the mask to
     [batch..., query, key]) and the result back to the layout the pattern produced.
+    `heads` = [H, query axis, key axis, value axis, output axis] (passes.merge_heads): the
+    operands hold H heads side by side on those channel axes; each is split into (H, channels)
+    as a view, the heads run as one more batch dimension, and the output joins them again.
     """
+    if heads is not None:
+        return _attention_heads(query, key, value, scale, query_perm, key_perm, value_perm, out_perm, heads)
     q = _permuted(query, query_perm)
     k = _permuted(key, key_perm)
     v = _permuted(value, value_perm)
@@ -484,6 +490,44 @@ def fused_attention(
     v = v.expand(batch + v.shape[-2:])
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
     return _permuted(out, out_perm)
+
+
+def _split_axis(t: torch.Tensor, axis: int, heads: int) -> torch.Tensor:
+    shape = list(t.shape)
+    return t.reshape(shape[:axis] + [heads, shape[axis] // heads] + shape[axis + 1:])
+
+
+def _head_perm(perm: list[int] | None, rank: int, axis: int) -> list[int]:
+    """The permutation of an operand whose `axis` was split in two: the head axis first, as a batch axis."""
+    old = perm if perm is not None else list(range(rank))
+    return [axis] + [j if j < axis else j + 1 for j in old]
+
+
+def _attention_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+    query_perm: list[int] | None, key_perm: list[int] | None, value_perm: list[int] | None,
+    out_perm: list[int] | None, heads: list[int],
+) -> torch.Tensor:
+    count, q_axis, k_axis, v_axis, out_axis = heads
+    rank = query.dim()
+    q = _split_axis(query, q_axis, count).permute(_head_perm(query_perm, rank, q_axis))
+    k = _split_axis(key, k_axis, count).permute(_head_perm(key_perm, rank, k_axis))
+    v = _split_axis(value, v_axis, count).permute(_head_perm(value_perm, rank, v_axis))
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    q = q.expand(batch + q.shape[-2:])
+    k = k.expand(batch + k.shape[-2:])
+    v = v.expand(batch + v.shape[-2:])
+    # [1, heads x batch, sequence, channels]: the 4-D form the fused SDPA kernels take
+    out = F.scaled_dot_product_attention(q.flatten(0, -3).unsqueeze(0), k.flatten(0, -3).unsqueeze(0),
+                                         v.flatten(0, -3).unsqueeze(0), scale=scale)
+    out = out.reshape(batch + out.shape[-2:])  # [heads, batch..., sequence, channels]
+    canonical = out_perm if out_perm is not None else list(range(rank))
+    order = [j + 1 for j in canonical[:out_axis]] + [0] + [j + 1 for j in canonical[out_axis:]]
+    out = out.permute(order)
+    shape = list(out.shape)
+    return out.reshape(shape[:out_axis] + [shape[out_axis] * shape[out_axis + 1]] + shape[out_axis + 2:])
 
 
 # -- quantization --------------------------------------------------------------------

@@ -119,6 +119,15 @@ MODELS: dict[str, dict[str, Any]] = {
              "text": [("text_encoder", "CLIPTextModel", _CLIP_L),
                       ("text_encoder_2", "CLIPTextModelWithProjection", _CLIP_BIGG)],
              "scheduler": _EULER, "run_scheduler": "euler", "pipeline": "StableDiffusionXLPipeline"},
+    # SD 1.5's structure at toy widths: dry runs of the scripts (DEVICE=cpu), not a measurement
+    "tiny": {"repo": "coreml-hub-bench/tiny-sd15", "size": 64,
+             "unet": {**_UNET_SD15, "block_out_channels": [32, 64, 64, 64], "cross_attention_dim": 64,
+                      "sample_size": 8, "layers_per_block": 1},
+             "vae": {**_VAE, "block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 64},
+             "text": [("text_encoder", "CLIPTextModel",
+                       {**_CLIP_L, "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "projection_dim": 64})],
+             "scheduler": _PNDM, "run_scheduler": "pndm", "pipeline": "StableDiffusionPipeline"},
 }
 
 
@@ -625,6 +634,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    size_given = args.size is not None
     args.size = args.size or MODELS[args.model]["size"]
     args.first_steps = args.first_steps or args.steps
 
@@ -638,6 +648,7 @@ def main() -> None:
     if args.carried:
         variant = Path(args.carried)
         args.model = restore_carry(variant)
+        args.size = args.size if size_given else MODELS[args.model]["size"]
         source = Path(args.source) if args.source else build_source(args.model, Path(args.work) / f"{args.model}-source")
     elif args.variant:
         variant = Path(args.variant)

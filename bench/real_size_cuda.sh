@@ -15,7 +15,8 @@
 #   2. SD 1.5 512²: Unet step vs diffusers fp16 SDPA eager and both with torch.compile; VAE,
 #      text encoder, s/image; fresh processes: load, first image, peak CUDA memory, --reduce-memory
 #   3. SDXL 1024² (when carried): the same, and the --reduce-memory peak against the default
-# DEVICE=cpu dry-runs the whole script on a machine without a GPU (tiny step counts).
+# DEVICE=cpu dry-runs the whole script on a machine without a GPU (tiny step counts); with
+# BENCHES=tiny-64-original (`real_size_cuda_prepare.py --tiny`) it takes a few minutes.
 # Logs and JSON results go to $OUT (default ./real-size-cuda-out); summary.txt has every figure.
 set -u
 cd "$(dirname "$0")/.."
@@ -89,8 +90,16 @@ EOF
   fi
   rm -rf "$WORK/$name" "$WORK"/*-source
 }
-bench sd15-512-original 300 --compile
-bench sdxl-1024-original 300 --compile --parts unet,vae,image
+# torch.compile on both sides (CUDA); a CPU dry run leaves it out unless DRY_COMPILE=1 (inductor's
+# CPU compile of a whole Unet takes minutes on a small machine)
+COMPILE="--compile"
+[ "$DEVICE" = "cpu" ] && [ -z "${DRY_COMPILE:-}" ] && COMPILE=""
+if [ -n "${BENCHES:-}" ]; then  # e.g. BENCHES=tiny-64-original for a dry run
+  for name in $BENCHES; do bench "$name" 420 $COMPILE; done
+else
+  bench sd15-512-original 420 $COMPILE
+  bench sdxl-1024-original 360 $COMPILE --parts unet,vae,image
+fi
 
 log "[$(elapsed) s] done (status $status); logs in $OUT"
 [ -n "${KEEP_WORK:-}" ] || rm -rf "$WORK"

@@ -10,7 +10,7 @@ Writes into OUT (default bench-carry/), small enough to travel with the checkout
 - `sdxl-1024-original.carry.tar.gz` with `--sdxl`: needs a machine that can convert SDXL's Unet
   (about 28 GB of memory for the conversion; the 24 GB box here cannot)
 
-    python bench/real_size_cuda_prepare.py [OUT] [--split-einsum] [--sdxl]
+    python bench/real_size_cuda_prepare.py [OUT] [--split-einsum] [--sdxl] [--tiny]
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ def main() -> None:
 
         print("tiny CUDA fixtures ...", file=sys.stderr, flush=True)
         runtime_cuda_prepare.tiny_fixtures(fixtures)
+    if "--tiny" in sys.argv:  # SD 1.5's structure at toy widths, for dry runs (DEVICE=cpu)
+        carry(out, "tiny", "original")
+    if "--tiny-only" in sys.argv:
+        return
     carry(out, "sd15", "original")
     if "--split-einsum" in sys.argv:
         carry(out, "sd15", "split_einsum")

@@ -256,35 +256,42 @@ def _scalar_const(graph: Graph, arg: Any) -> float | None:
 Match = tuple[list[Operation], Operation, Operation]  # ops replaced, the fused op, the op it takes the place of
 
 
-def _fuse_each(graph: Graph, find: Callable[[Graph], Match | None]) -> int:
-    """Replace matches of a pattern one at a time (each replacement changes the graph); returns how many."""
+def _fuse_each(graph: Graph, at: Callable[[Graph, dict[str, Operation], dict[str, list[Operation]], Operation],
+                                          Match | None], candidate: Callable[[Operation], bool]) -> int:
+    """Replace every match of a pattern; returns how many.
+
+    The graph's producer and reader maps are built once and every candidate op is tried on
+    them (rebuilding them after each replacement made loading a real Unet take seconds). That
+    holds because a match replaces only ops private to it (their outputs have no other
+    readers) by one op with the anchor's outputs: what other candidates see is unchanged.
+    Matches that would share an op are taken one at a time.
+    """
     fused = 0
-    while (match := find(graph)) is not None:
-        removed, fused_op, anchor = match
-        index = graph.ops.index(anchor)
-        removed_ids = {id(op) for op in removed}
-        before = [op for op in graph.ops[:index] if id(op) not in removed_ids]
-        after = [op for op in graph.ops[index + 1 :] if id(op) not in removed_ids]
-        graph.ops = before + [fused_op] + after
-        fused += 1
-    return fused
+    while True:
+        producers, users = graph.producers(), graph.consumers()
+        claimed: set[int] = set()
+        replace: dict[int, Operation] = {}
+        for op in graph.ops:
+            if id(op) in claimed or not candidate(op):
+                continue
+            match = at(graph, producers, users, op)
+            if match is None:
+                continue
+            removed, fused_op, anchor = match
+            ids = {id(o) for o in removed} | {id(anchor)}
+            if ids & claimed:
+                continue
+            claimed |= ids
+            replace[id(anchor)] = fused_op
+        if not replace:
+            return fused
+        graph.ops = [replace.get(id(op), op) for op in graph.ops if id(op) not in claimed or id(op) in replace]
+        fused += len(replace)
 
 
 def fuse_attention(graph: Graph) -> int:
     """Replace each softmax-attention pattern by one fused op; returns how many were fused."""
-    return _fuse_each(graph, _find_attention)
-
-
-def _find_attention(graph: Graph) -> Match | None:
-    producers = graph.producers()
-    users = graph.consumers()
-    for softmax in graph.ops:
-        if softmax.type != "softmax" or not isinstance(softmax.inputs.get("x"), str):
-            continue
-        match = _attention_at(graph, producers, users, softmax)
-        if match is not None:
-            return match
-    return None
+    return _fuse_each(graph, _attention_at, lambda op: op.type == "softmax" and isinstance(op.inputs.get("x"), str))
 
 
 def _attention_at(
@@ -477,18 +484,8 @@ def merge_heads(graph: Graph) -> int:
     with `heads` set splits the channel axes into (heads, channels) views, runs every head in
     one scaled_dot_product_attention call and joins them again. Returns how many were merged.
     """
-    return _fuse_each(graph, _find_heads)
-
-
-def _find_heads(graph: Graph) -> Match | None:
-    producers = graph.producers()
-    users = graph.consumers()
-    for op in graph.ops:
-        if op.type == "concat" and isinstance(op.inputs.get("values"), tuple) and len(op.inputs["values"]) > 1:
-            match = _heads_at(graph, producers, users, op)
-            if match is not None:
-                return match
-    return None
+    return _fuse_each(graph, _heads_at, lambda op: op.type == "concat" and isinstance(op.inputs.get("values"), tuple)
+                      and len(op.inputs["values"]) > 1)
 
 
 def _head_slice(graph: Graph, producers: dict[str, Operation], name: str) -> tuple[str, int, int, int] | None:
@@ -591,18 +588,7 @@ def _heads_at(
 
 def fuse_group_norm(graph: Graph) -> int:
     """Replace each decomposed group normalization by one fused op; returns how many."""
-    return _fuse_each(graph, _find_group_norm)
-
-
-def _find_group_norm(graph: Graph) -> Match | None:
-    producers = graph.producers()
-    users = graph.consumers()
-    for op in graph.ops:
-        if op.type == "reshape":
-            match = _group_norm_at(graph, producers, users, op)
-            if match is not None:
-                return match
-    return None
+    return _fuse_each(graph, _group_norm_at, lambda op: op.type == "reshape")
 
 
 def _only(users: dict[str, list[Operation]], graph: Graph, name: str, kind: Iterable[str]) -> Operation | None:

@@ -534,6 +534,8 @@ def fresh(args: argparse.Namespace, side: str, source: Path, variant: Path) -> d
 
 def measure_child(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
+    if args.measure.startswith("runtime"):
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `coreml-hub` sets it (cli.main)
     import torch
 
     if args.threads:

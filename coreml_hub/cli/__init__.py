@@ -7,6 +7,7 @@ never import torch, diffusers, transformers or coremltools.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -190,6 +191,10 @@ def _endpoint() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Large tensors in transparent huge pages, when the kernel offers them on request (torch reads
+    # this once, before its first allocation, so only a process of our own can set it): placing a
+    # model's weights in float32 takes a quarter of the time, as 2 MB pages fault in 512x less often.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     code = run_cli(argv)
     if code == INTERRUPTED:
         _exit_by_sigint()

@@ -21,6 +21,7 @@ FORMATS = ("packages", "compiled")
 # Component names as used throughout coreml-hub (Apple's package suffixes).
 COMPONENTS = (
     "text_encoder", "text_encoder_2", "unet", "unet_chunk1", "unet_chunk2",
+    "controlled_unet", "controlled_unet_chunk1", "controlled_unet_chunk2",
     "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner",
 )
 
@@ -35,12 +36,61 @@ COMPILED_NAMES = {
     "VAEEncoder": "vae_encoder",
     "SafetyChecker": "safety_checker",
     "ControlNet": "controlnet",
+    "ControlledUnet": "controlled_unet",
+    "ControlledUnetChunk1": "controlled_unet_chunk1",
+    "ControlledUnetChunk2": "controlled_unet_chunk2",
     "UnetRefiner": "refiner",
     "UnetRefinerChunk1": "refiner",
 }
 COMPILED_FILE_OF = {v: k for k, v in COMPILED_NAMES.items() if k != "UnetRefinerChunk1"}
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+# Apple's package suffixes that differ from the component name (torch2coreml `--unet-support-controlnet`).
+PACKAGE_SUFFIX_OF = {
+    "controlled_unet": "control-unet",
+    "controlled_unet_chunk1": "control-unet_chunk1",
+    "controlled_unet_chunk2": "control-unet_chunk2",
+}
+CONTROLNET_PREFIX = "ControlNet_"  # packages: ControlNet_<org>_<name>.mlpackage beside the pipeline's packages
+CONTROLNET_DIR = "controlnet"  # compiled: controlnet/<Name>.mlmodelc beside the pipeline's bundles
+
+
+def component_of_stem(stem: str) -> str | None:
+    """The component a bundle's name (without suffix) stands for: Apple's compiled names
+    (`ControlledUnet`), package names (`..._control-unet_chunk1`, `..._text_encoder_2`),
+    `ControlNet_<org>_<name>`; None for other names."""
+    if stem in COMPILED_NAMES:
+        return COMPILED_NAMES[stem]
+    if stem.startswith(CONTROLNET_PREFIX):
+        return "controlnet"
+    lowered = stem.lower()
+    suffixes = {PACKAGE_SUFFIX_OF.get(c, c): c for c in COMPONENTS}
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if lowered == suffix or lowered.endswith("_" + suffix):
+            return suffixes[suffix]
+    return None
+
+
+def controlnet_bundle_name(model_id: str) -> str:
+    """Apple's compiled name of a ControlNet: `lllyasviel/sd-controlnet-canny` -> `LllyasvielSdControlnetCanny`
+    (the id's `/`, `_` and `-` separated words, each `str.title()`d, as torch2coreml names them)."""
+    import re
+
+    slug = model_id.replace("/", "_")
+    return "".join(word.title() for word in re.split("[_-]", slug) if word)
+
+
+def controlnet_key(name: str) -> str:
+    """What ControlNet names are compared by: `LllyasvielSdControlnetCanny`, `lllyasviel_sd-controlnet-canny`,
+    `ControlNet_lllyasviel_sd-controlnet-canny` and `lllyasviel/sd-controlnet-canny` are one ControlNet."""
+    import re
+
+    stem = name.rsplit("/", 1)[-1] if name.endswith((".mlmodelc", ".mlpackage", ".zip")) else name
+    for suffix in (".mlmodelc", ".mlpackage", ".zip"):
+        stem = stem.removesuffix(suffix)
+    stem = stem.removeprefix(CONTROLNET_PREFIX)
+    return re.sub(r"[^a-z0-9]", "", stem.lower())
 
 
 @dataclass(frozen=True)

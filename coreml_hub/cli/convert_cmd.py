@@ -7,7 +7,7 @@ import click
 from .output import Column, Output, human_size
 
 ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
-COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "safety_checker")
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "safety_checker", "controlnet")
 
 
 @click.command(
@@ -18,6 +18,10 @@ Examples:
   coreml-hub convert ./my-diffusers-pipeline -o ./out --attention original --precision fp32
   coreml-hub convert stabilityai/stable-diffusion-2-1-base -o ./sd21 --chunk-unet --quantize-nbits 6
   coreml-hub convert ./pipe -o ./out --components unet,vae_decoder --latent-size 96 64
+  coreml-hub convert runwayml/stable-diffusion-v1-5 -o ./sd15 --controlnet lllyasviel/sd-controlnet-canny
+  coreml-hub convert runwayml/stable-diffusion-v1-5 -o ./sd15 --components controlnet \\
+      --controlnet lllyasviel/sd-controlnet-depth            # one more ControlNet for ./sd15
+  coreml-hub convert runwayml/stable-diffusion-inpainting -o ./inpaint   # a 9-channel inpainting Unet
 
 \b
 SOURCE is a local diffusers pipeline folder or a Hub repo id (only model_index.json, the
@@ -29,7 +33,15 @@ are downloaded; HF_ENDPOINT and HF_TOKEN apply). OUT becomes a repo of its own:
 so `coreml-hub serve` can mirror it and `coreml-hub pull` can fetch it. Converting again
 into the same OUT with another --attention adds that attention's folder.
 --format compiled also writes OUT/<attention>/compiled/*.mlmodelc with Apple's compiler
-(macOS with Xcode only).""",
+(macOS with Xcode only).
+
+\b
+--controlnet CN_SRC (repeatable; a diffusers ControlNet folder or a Hub repo id) writes
+the Unet that takes ControlNet residuals instead of the plain one, and each ControlNet:
+  OUT/<attention>/packages/..._control-unet.mlpackage     (compiled: ControlledUnet.mlmodelc)
+  OUT/<attention>/packages/ControlNet_<org>_<name>.mlpackage  (compiled: controlnet/<Name>.mlmodelc)
+as Apple's converter names them. A ControlNet made for another base model is refused
+before anything converts.""",
 )
 @click.argument("source")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -44,7 +56,11 @@ into the same OUT with another --attention adds that attention's folder.
 @click.option("--latent-size", nargs=2, type=int, metavar="H W", default=None,
               help="Latent height and width (pixels are 8x); default: the Unet's sample_size.")
 @click.option("--components", metavar="LIST", default=None,
-              help=f"Comma-separated subset of: {','.join(COMPONENT_NAMES)} (default: all the pipeline has).")
+              help=f"Comma-separated subset of: {','.join(COMPONENT_NAMES)} (default: all the pipeline has, "
+                   "and the --controlnet ones).")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="CN_SRC",
+              help="A ControlNet to convert (diffusers folder or Hub repo id); repeatable. The Unet then takes "
+                   "their residuals.")
 @click.option("--model-version", metavar="ORG/NAME", default=None,
               help="Model id that names the packages (default: the repo id, or the folder's name).")
 @click.option("--revision", metavar="REV", default=None, help="Branch, tag or commit of a Hub SOURCE.")
@@ -54,7 +70,8 @@ into the same OUT with another --attention adds that attention's folder.
 @click.option("-q", "--quiet", is_flag=True, help="No progress; print only the output folder.")
 def convert_cmd(source: str, out_dir: str, attention: str, precision: str, chunk_unet: bool, unet_batch_one: bool,
                 quantize_nbits: str | None, latent_size: tuple[int, int] | None, components: str | None,
-                model_version: str | None, revision: str | None, fmt: str, json_mode: bool, quiet: bool) -> None:
+                model_version: str | None, revision: str | None, fmt: str, json_mode: bool, quiet: bool,
+                controlnets: tuple[str, ...] = ()) -> None:
     """Convert a diffusers Stable Diffusion pipeline (SD 1.x/2.x, SDXL) to Core ML."""
     from ..convert import convert
 
@@ -73,7 +90,10 @@ def convert_cmd(source: str, out_dir: str, attention: str, precision: str, chunk
         progress=not (quiet or json_mode),
         format=fmt,
         revision=revision,
+        controlnets=controlnets,
     )
+    for note in result.notes:
+        out.warn(note)
     if json_mode:
         out.json(result.to_dict())
         return

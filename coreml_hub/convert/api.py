@@ -12,13 +12,13 @@ from typing import Any, Iterable
 
 from ..errors import ConversionError, UsageError
 from .naming import ATTENTIONS as IMPLEMENTATIONS
-from .naming import COMPONENTS, DEFAULT_QUERY_CHUNK_SIZE, package_name
+from .naming import CONTROLNET, COMPONENTS, DEFAULT_QUERY_CHUNK_SIZE, controlnet_package_name, package_name
 
 PRECISIONS = ("fp16", "fp32")
 QUANTIZE_NBITS = (2, 4, 6, 8)
 FORMATS = ("packages", "compiled")
 # Components whose weights `quantize_nbits` palettizes (as Apple's converter does).
-QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "controlled_unet", "controlnet")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class ConversionResult:
     components: tuple[ComponentResult, ...]
     extra_files: tuple[Path, ...] = field(default=())
     seconds: float = 0.0
+    notes: tuple[str, ...] = ()  # things the user should know (e.g. ControlNets without a controlled Unet)
 
     @property
     def packages(self) -> dict[str, Path]:
@@ -72,6 +73,7 @@ class ConversionResult:
             "unet_batch": self.unet_batch,
             "quantize_nbits": self.quantize_nbits,
             "seconds": round(self.seconds, 2),
+            "notes": list(self.notes),
             "components": [
                 {"name": c.name, "path": str(c.path), "size_bytes": c.size_bytes, "seconds": round(c.seconds, 2)}
                 for c in self.components
@@ -91,13 +93,14 @@ def _parse_components(components: Iterable[str] | str | None) -> tuple[str, ...]
     if isinstance(components, str):
         components = [c for c in components.split(",")]
     names = tuple(dict.fromkeys(c.strip() for c in components if c.strip()))
-    unknown = [c for c in names if c not in COMPONENTS]
+    choices = (*COMPONENTS, CONTROLNET)
+    unknown = [c for c in names if c not in choices]
     if unknown:
         raise UsageError(
-            f"Unknown component(s): {', '.join(unknown)}.", hint=f"Choose from: {', '.join(COMPONENTS)}."
+            f"Unknown component(s): {', '.join(unknown)}.", hint=f"Choose from: {', '.join(choices)}."
         )
     if not names:
-        raise UsageError("--components is empty.", hint=f"Choose from: {', '.join(COMPONENTS)}.")
+        raise UsageError("--components is empty.", hint=f"Choose from: {', '.join(choices)}.")
     return names
 
 
@@ -177,12 +180,18 @@ def convert(
     format: str = "packages",
     revision: str | None = None,
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
+    controlnets: Iterable[str | Path] = (),
 ) -> ConversionResult:
     """Convert a diffusers pipeline (local folder or Hub repo id) to Core ML.
 
     Writes `out/<attention>/packages/Stable_Diffusion_version_<org>_<name>_<component>.mlpackage`
     (and `out/<attention>/compiled/*.mlmodelc` with `format="compiled"`, macOS only), the
     tokenizer(s) and scheduler config, a model card and `.hub.json`.
+
+    `controlnets` (local ControlNet folders or Hub repo ids): the Unet is written as the one that
+    takes ControlNet residuals (`..._control-unet.mlpackage`) and each ControlNet as
+    `ControlNet_<org>_<name>.mlpackage`; `components=["controlnet"]` converts only the ControlNets,
+    for an existing conversion in `out`.
     """
     from . import source as sources
     from .components import Job, convert_component, import_coremltools
@@ -191,6 +200,13 @@ def convert(
     started = time.time()
     _validate(attention, precision, quantize_nbits, latent_size, format)
     wanted = _parse_components(components)
+    controlnets = [str(c) for c in controlnets]
+    want_controlnets = bool(controlnets) and (wanted is None or CONTROLNET in wanted)
+    if wanted is not None and CONTROLNET in wanted and not controlnets:
+        raise UsageError("--components controlnet needs the ControlNets to convert.",
+                         hint="Name each with --controlnet CN_SRC (a diffusers ControlNet folder or a Hub repo id).")
+    if wanted is not None:
+        wanted = tuple(c for c in wanted if c != CONTROLNET)
     if format == "compiled":
         from .compile import ensure_compiler
 
@@ -216,25 +232,30 @@ def convert(
         )
     version = model_version or default_version
     batch = 1 if unet_batch_one else 2
+    if latent_size is None and not chosen and want_controlnets:
+        latent_size = _existing_latent_size(out / attention / "packages")  # ControlNets for an earlier conversion
     geometry, latent, scale = _geometry(src.folder, latent_size, batch)
+    cn_sources = _controlnet_sources(controlnets, src.folder) if want_controlnets else []
 
     import_coremltools()
     packages_dir = out / attention / "packages"
     packages_dir.mkdir(parents=True, exist_ok=True)
     results: list[ComponentResult] = []
     order = [c for c in COMPONENTS if c in chosen]
+    if controlnets:  # the Unet of a ControlNet conversion takes their residuals (Apple's control-unet)
+        order = ["controlled_unet" if c == "unet" else c for c in order]
     for comp in order:
         stages = ["trace + convert", "save"]
         if quantize_nbits and comp in QUANTIZED_COMPONENTS:
             stages.append(f"palettize {quantize_nbits}-bit")
-        if comp == "unet" and chunk_unet:
+        if comp in ("unet", "controlled_unet") and chunk_unet:
             stages.append("chunk")
         bar = _Progress(comp, stages, progress)
         t0 = time.time()
         job = Job(
             component=comp,
             folder=src.folder,
-            variant=src.variants.get(sources.SUBFOLDERS[comp]),
+            variant=src.variants.get(sources.SUBFOLDERS.get(comp, "unet")),
             arch=src.arch,
             attention=attention,
             precision=precision,
@@ -255,15 +276,15 @@ def convert(
                 palettize(dest, quantize_nbits)
                 bar.step()
             extra: list[Path] = []
-            if comp == "unet" and chunk_unet:
+            if comp in ("unet", "controlled_unet") and chunk_unet:
                 from .chunking import chunk_package
 
                 bar.start("chunk")
                 extra = list(
                     chunk_package(
                         dest,
-                        packages_dir / package_name(version, "unet_chunk1"),
-                        packages_dir / package_name(version, "unet_chunk2"),
+                        packages_dir / package_name(version, f"{comp}_chunk1"),
+                        packages_dir / package_name(version, f"{comp}_chunk2"),
                     )
                 )
                 bar.step()
@@ -274,8 +295,16 @@ def convert(
         bar.close(f"{human_size(_size(dest))} in {seconds:.1f}s")
         results.append(ComponentResult(comp, dest, _size(dest), seconds))
         for i, path in enumerate(extra, start=1):
-            results.append(ComponentResult(f"unet_chunk{i}", path, _size(path), 0.0))
+            results.append(ComponentResult(f"{comp}_chunk{i}", path, _size(path), 0.0))
         gc.collect()
+    for cn in cn_sources:
+        results.append(_convert_controlnet(cn, src, packages_dir, attention, precision, geometry, version,
+                                           query_chunk_size, quantize_nbits, progress))
+        gc.collect()
+    notes = []
+    if cn_sources and not any(packages_dir.glob("*_control-unet*.mlpackage")):
+        notes.append(f"{packages_dir} has no Unet that takes ControlNet residuals (control-unet); convert it with "
+                     "`--components unet --controlnet ...` to run these ControlNets.")
 
     extra_files = _write_repo_files(src, out, version, attention, precision, quantize_nbits, order, latent, scale)
     if format == "compiled":
@@ -296,6 +325,7 @@ def convert(
         components=tuple(results),
         extra_files=tuple(extra_files),
         seconds=time.time() - started,
+        notes=tuple(notes),
     )
 
 
@@ -322,3 +352,67 @@ def _write_repo_files(
     write_card(out, meta, order, precision, latent, scale)
     written += [out / "README.md", out / ".hub.json"]
     return written
+
+
+def _controlnet_sources(controlnets: list[str], pipeline: Path) -> list[Any]:
+    """Every ControlNet's source, each checked against the base's Unet config before anything converts."""
+    from .controlnet import check_matches_base, controlnet_source
+
+    unet_config_path = pipeline / "unet" / "config.json"
+    unet_config = json.loads(unet_config_path.read_text()) if unet_config_path.is_file() else {}
+    sources = []
+    for cn in controlnets:
+        source = controlnet_source(cn)
+        check_matches_base(source.config, unet_config, f"The ControlNet {source.model_id}")
+        sources.append(source)
+    return sources
+
+
+def _existing_latent_size(packages: Path) -> tuple[int, int] | None:
+    """The latent size of a Unet already converted in `packages` (so ControlNets added later match it)."""
+    from ..mil.proto import load_spec
+
+    for pkg in sorted(packages.glob("*_unet.mlpackage")) + sorted(packages.glob("*_control-unet.mlpackage")):
+        try:
+            spec = load_spec(pkg)
+        except Exception:  # an unreadable package: fall back to the pipeline's default size
+            continue
+        for feature in spec.description.input:
+            if feature.name == "sample" and len(feature.type.multiArrayType.shape) == 4:
+                shape = feature.type.multiArrayType.shape
+                return int(shape[2]), int(shape[3])
+    return None
+
+
+def _convert_controlnet(cn: Any, src: Any, packages_dir: Path, attention: str, precision: str, geometry: Any,
+                        version: str, query_chunk_size: int, quantize_nbits: int | None,
+                        progress: bool) -> ComponentResult:
+    from ..cli.output import human_size
+    from .components import Job
+    from .controlnet import convert_controlnet
+
+    stages = ["trace + convert", "save"] + ([f"palettize {quantize_nbits}-bit"] if quantize_nbits else [])
+    bar = _Progress(f"controlnet {cn.model_id.rsplit('/', 1)[-1]}"[:16], stages, progress)
+    t0 = time.time()
+    job = Job(component="controlnet", folder=cn.folder, variant=cn.variant, arch=src.arch, attention=attention,
+              precision=precision, geometry=geometry, model_version=version, query_chunk_size=query_chunk_size)
+    dest = packages_dir / controlnet_package_name(cn.model_id)
+    unet_config_path = src.folder / "unet" / "config.json"
+    unet_config = json.loads(unet_config_path.read_text()) if unet_config_path.is_file() else {}
+    try:
+        bar.start(stages[0])
+        convert_controlnet(job, cn, unet_config, dest)
+        bar.step()
+        bar.step()
+        if quantize_nbits:
+            from .quantize import palettize
+
+            bar.start(stages[2])
+            palettize(dest, quantize_nbits)
+            bar.step()
+    except BaseException:
+        bar.close("failed")
+        raise
+    seconds = time.time() - t0
+    bar.close(f"{human_size(_size(dest))} in {seconds:.1f}s")
+    return ComponentResult("controlnet", dest, _size(dest), seconds)

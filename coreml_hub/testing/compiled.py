@@ -216,18 +216,19 @@ def is_fixture(bundle: Path) -> bool:
 
 def compile_folder(out: Path, attention: str) -> Path:
     """`out/<attention>/compiled/`: every package of `out/<attention>/packages/` as Apple names it
-    (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ...) plus vocab.json and merges.txt."""
-    from coreml_hub.convert.naming import compiled_name
-    from coreml_hub.layouts import COMPILED_FILE_OF
+    (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ControlledUnet.mlmodelc,
+    controlnet/<Name>.mlmodelc, ...) plus vocab.json and merges.txt."""
+    from coreml_hub.convert.naming import compiled_path
+    from coreml_hub.layouts import COMPILED_FILE_OF, component_of_stem
 
     packages = out / attention / "packages"
     compiled = out / attention / "compiled"
     compiled.mkdir(parents=True, exist_ok=True)
     for pkg in sorted(packages.glob("*.mlpackage")):
-        component = next((c for c in sorted(COMPILED_FILE_OF, key=len, reverse=True) if pkg.stem.endswith("_" + c)), None)
-        if component is None:
+        component = component_of_stem(pkg.stem)
+        if component is None or (component not in COMPILED_FILE_OF and component != "controlnet"):
             continue
-        build_mlmodelc(pkg, compiled / compiled_name(component))
+        build_mlmodelc(pkg, compiled / compiled_path(component, pkg))
     for name in ("vocab.json", "merges.txt"):
         src = out / "tokenizer" / name
         if src.is_file():

@@ -22,13 +22,25 @@ Examples:
   coreml-hub run apple/coreml-stable-diffusion-v1-5 "oil painting of a cat" \\
       --image cat.png --strength 0.6
   coreml-hub run ./converted "a red fox" --num-images 4 --json   # the -o folder of `convert`
+  coreml-hub run coreml-community/coreml-stable-diffusion-v1-5_cn:split_einsum/compiled+cn \\
+      "a house by a lake" --controlnet Canny --control-image edges.png --control-scale 0.8
+  coreml-hub run ./sd15-inpainting "a red sofa" --image room.png --mask sofa-mask.png
 
 \b
 MODEL is a repo id (pulled first when missing, unless --no-pull), REPO:VARIANT,
 a pulled model, or a local folder holding one variant's bundles.
 Backends: `auto` is Core ML on macOS and the portable PyTorch runtime elsewhere.
 Image i of --num-images N uses seed SEED+i; the PNGs record every setting
-(the `parameters` text chunk image tools read). Files are never overwritten.""",
+(the `parameters` text chunk image tools read). Files are never overwritten.
+
+\b
+ControlNets: --controlnet NAME_OR_PATH, --control-image IMG and --control-scale S
+pair in order (repeat them for several ControlNets; their residuals add up). NAME is
+one of the variant's ControlNets (pulled into it when missing) or a bundle path.
+The variant needs a Unet that takes ControlNet residuals (ControlledUnet).
+Inpainting: --image IMG --mask MASK (white or transparent = repaint), with an
+inpainting model (9-channel Unet), any model, or an inpaint ControlNet (no
+--control-image: the init image with the masked pixels punched out).""",
 )
 @click.argument("model")
 @click.argument("prompt")
@@ -43,8 +55,16 @@ Image i of --num-images N uses seed SEED+i; the PNGs record every setting
                    "(SD 2.x 768-px models: v_prediction). Default: the model's config, else epsilon.")
 @click.option("--image", "init_image", type=click.Path(path_type=Path), default=None,
               help="Init image for image-to-image.")
-@click.option("--strength", type=float, default=0.75, show_default=True,
-              help="Image-to-image: how much of the init image is replaced (0-1].")
+@click.option("--strength", type=float, default=None,
+              help="How much of the init image is replaced (0-1]; default 0.75, and 1 with --mask.")
+@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None,
+              help="Inpainting mask for --image: white (or transparent) pixels are repainted.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="NAME_OR_PATH",
+              help="A ControlNet of the variant (or a bundle path); repeatable.")
+@click.option("--control-image", "control_images", multiple=True, type=click.Path(path_type=Path),
+              metavar="IMG", help="The image of the --controlnet at the same position.")
+@click.option("--control-scale", "control_scales", multiple=True, type=float, metavar="S",
+              help="The weight of the --controlnet at the same position (default 1).")
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the PNGs (default: ./coreml-hub-outputs or $COREML_HUB_OUTPUTS).")
@@ -59,9 +79,11 @@ Image i of --num-images N uses seed SEED+i; the PNGs record every setting
 @click.option("--json", "json_mode", is_flag=True, help="Print paths, parameters and timings as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image paths.")
 def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int | None,
-            scheduler: str, prediction_type: str | None, init_image: Path | None, strength: float,
+            scheduler: str, prediction_type: str | None, init_image: Path | None, strength: float | None,
             num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str,
-            disable_safety: bool, save_every: int | None, no_pull: bool, json_mode: bool, quiet: bool) -> None:
+            disable_safety: bool, save_every: int | None, no_pull: bool, json_mode: bool, quiet: bool,
+            mask: Path | None = None, controlnets: tuple[str, ...] = (), control_images: tuple[Path, ...] = (),
+            control_scales: tuple[float, ...] = ()) -> None:
     """Generate images from PROMPT with MODEL (text-to-image, or image-to-image with --image)."""
     from ..pipeline.generate import generate
 
@@ -79,7 +101,8 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
         num_images=num_images, output_dir=output_dir,
         backend=backend, device=device, compute_unit=compute_unit.upper(), disable_safety=disable_safety,
         save_every=save_every, pull=not no_pull, progress=not quiet and not json_mode and stderr_is_tty(),
-        on_message=notify)
+        on_message=notify, mask=mask, controlnets=controlnets, control_images=control_images,
+        control_scales=control_scales)
     if json_mode:
         out.json(result.to_dict())
         return

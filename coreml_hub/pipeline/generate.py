@@ -74,22 +74,31 @@ class LoadedPipeline:
     backend: str
     device: str | None
     load_seconds: float
+    controlnets: tuple[Any, ...] = ()  # loaded ControlNet components, in the order asked
 
 
 def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
                   compute_unit: str | None = "ALL", img2img: bool = False, safety: bool = True,
-                  progress: bool = False, prediction_type: str | None = None) -> LoadedPipeline:
+                  progress: bool = False, prediction_type: str | None = None,
+                  controlnets: tuple[Path, ...] = ()) -> LoadedPipeline:
     """Load the components a run needs (the VAE encoder only for image-to-image).
 
     `prediction_type` overrides the scheduler config's (Apple's compiled repos ship no config).
+    `controlnets` (bundle paths) are loaded after the Unet that takes their residuals; without them the
+    plain Unet is used, or the controlled one with zero residuals when the variant has no other.
     """
     from ..errors import InvalidBundle
+    from .controlnet import controlled_unet_names
 
     chosen = select_backend(backend)
     found = find_components(model.path)
     unet = unet_names(found)
+    if controlnets or not unet:
+        unet = controlled_unet_names(found) or (() if controlnets else unet)
     if not unet:
-        raise InvalidBundle(f"{model.path} has no Unet (neither Unet nor both UnetChunk1 and UnetChunk2).",
+        what = "a Unet that takes ControlNet residuals (ControlledUnet)" if controlnets else \
+            "a Unet (neither Unet nor both UnetChunk1 and UnetChunk2)"
+        raise InvalidBundle(f"{model.path} has no {what}.",
                             hint="Re-pull the variant, or run `coreml-hub verify` on the folder.")
     names = ["text_encoder", *unet, "vae_decoder"]
     if "text_encoder_2" in found:
@@ -109,10 +118,15 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     tokenizers = [load_tokenizer(model.path, 1, also=beside)]
     if "text_encoder_2" in names:
         tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
-    loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
+    paths = dict(found)
+    for i, path in enumerate(controlnets):
+        paths[f"controlnet:{i}"] = Path(path)
+        names.append(f"controlnet:{i}")
+    loaded = load_components(paths, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
     config = scheduler_config(model.path, prediction_type=prediction_type, also=beside)
+    nets = tuple(loaded.components.pop(f"controlnet:{i}") for i in range(len(controlnets)))
     pipe = StableDiffusion(loaded.components, tokenizers, config)
-    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
+    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds, nets)
 
 
 def _validate(steps: int, guidance_scale: float, num_images: int, strength: float, save_every: int | None,
@@ -138,27 +152,50 @@ def _validate(steps: int, guidance_scale: float, num_images: int, strength: floa
 
 def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps: int = 25,
              guidance_scale: float = 7.5, seed: int | None = None, scheduler: str = DEFAULT_SCHEDULER,
-             image: str | Path | None = None, strength: float = 0.75, num_images: int = 1,
+             image: str | Path | None = None, strength: float | None = None, num_images: int = 1,
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
-             prediction_type: str | None = None) -> RunResult:
+             prediction_type: str | None = None, mask: str | Path | None = None,
+             controlnets: tuple[str, ...] | list[str] = (), control_images: tuple[str | Path, ...] | list[Any] = (),
+             control_scales: tuple[float, ...] | list[float] = ()) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
     Image i uses seed `seed + i`, so each file can be made again on its own.
     `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
+    `mask` (with `image`; white = repaint) inpaints; `strength` defaults to 0.75 for image-to-image and
+    1.0 for inpainting, as in diffusers. `controlnets` (names of the variant's ControlNets, or bundle
+    paths) pair in order with `control_images` and `control_scales` (default 1); with a mask, a
+    ControlNet without an image gets the init image with the masked pixels punched out (-1), the
+    input of inpaint ControlNets. Every input is checked before a model loads.
     """
     from .. import paths
+    from . import controlnet as cn
+    from .inpaint import check_same_aspect, mask_array, open_mask
 
+    if strength is None:
+        strength = 1.0 if mask is not None else 0.75
     _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type)
+    requests = cn.pair_requests(controlnets, control_images, control_scales)
+    if mask is not None and image is None:
+        raise UsageError("--mask needs --image: the image whose masked part is repainted.")
+    for request in requests:
+        if request.image is None and mask is None:
+            raise UsageError(f"--controlnet {request.controlnet} has no --control-image.",
+                             hint="Give one --control-image per --controlnet, in the same order.")
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
+    mask_image = open_mask(mask) if mask is not None else None
+    if init is not None and mask_image is not None:
+        check_same_aspect(init, mask_image)
+    pictures = [cn.open_control_image(r.image) if r.image is not None else None for r in requests]
     resolved = model if isinstance(model, ResolvedModel) else resolve_model(
         str(model), pull=pull, progress=progress, on_message=say)
+    cn_paths = resolve_controlnets(resolved, requests, pull=pull, progress=progress, on_message=say)
     loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                            img2img=init is not None, safety=not disable_safety, progress=progress,
-                           prediction_type=prediction_type)
+                           prediction_type=prediction_type, controlnets=tuple(cn_paths))
     pipe = loaded.pipeline
     g = pipe.geometry
     say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
@@ -167,6 +204,18 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         init, resized = imaging.fit_init_image(init, g.image_width, g.image_height)
         if resized:
             say(f"Resized the init image to {g.size}, the model's size.")
+    mask_arr = mask_array(mask_image, g.image_width, g.image_height) if mask_image is not None else None
+    controls, control_records = [], []
+    for request, picture, component, path in zip(requests, pictures, loaded.controlnets, cn_paths):
+        if picture is None:
+            tensor = cn.inpaint_control_tensor(init, mask_arr)
+            source, digest = "init image, masked pixels -1", ""
+        else:
+            tensor = cn.control_tensor(picture, g.image_width, g.image_height)
+            source, digest = str(request.image), cn.sha256_file(request.image)
+        controls.append((component, tensor, request.scale))
+        control_records.append({"controlnet": path.stem.removeprefix("ControlNet_"), "image": source,
+                                "image_sha256": digest, "scale": request.scale})
     folder = Path(output_dir) if output_dir is not None else paths.outputs_dir()
     base_seed = secrets.randbelow(2**32) if seed is None else int(seed)
     for text, what in ((prompt, "prompt"), (negative_prompt, "negative prompt")):
@@ -182,9 +231,11 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
             scheduler=scheduler, guidance_scale=guidance_scale, width=g.image_width, height=g.image_height,
             model=resolved.name, variant=resolved.variant, revision=resolved.revision, backend=loaded.backend,
             prediction_type=pipe.scheduler_config.get("prediction_type"),
-            strength=strength if init is not None else None, init_image=str(image) if image is not None else None)
+            strength=strength if init is not None else None, init_image=str(image) if image is not None else None,
+            mask_image=str(mask) if mask is not None else None, controlnets=tuple(control_records))
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
-                                 f"Image {index + 1}/{num_images}", not disable_safety, say))
+                                 f"Image {index + 1}/{num_images}", not disable_safety, say,
+                                 mask=mask_arr, control=controls))
     elapsed = time.perf_counter() - start
     result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, loaded.load_seconds, elapsed,
                            sum(i.unet_steps for i in saved), tuple(saved))
@@ -193,8 +244,67 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     return result_obj
 
 
+def resolve_controlnets(model: ResolvedModel, requests: list[Any], *, pull: bool = True, progress: bool = False,
+                        on_message: Notify | None = None) -> list[Path]:
+    """The bundle of each requested ControlNet, checked against the variant's Unet from the bundles'
+    descriptions (nothing is loaded): a Unet with residual inputs, the same base, sizes and residuals.
+    A name the variant lacks is pulled into its store entry when the model came from the store."""
+    from ..errors import InvalidBundle
+    from . import controlnet as cn
+
+    if not requests:
+        return []
+    found = find_components(model.path)
+    controlled = cn.controlled_unet_names(found)
+    if not controlled:
+        raise InvalidBundle(f"{model.name}{f':{model.variant}' if model.variant else ''} has no Unet that takes "
+                            "ControlNet residuals (no ControlledUnet), so it cannot run a ControlNet.",
+                            hint=_controlled_variant_hint(model))
+    paths: list[Path] = []
+    for request in requests:
+        path = cn.resolve_controlnet(model.path, request.controlnet)
+        if path is None and pull and model.repo:
+            from ..controlnets import pull_controlnets
+
+            if on_message:
+                on_message(f"ControlNet {request.controlnet} is not pulled yet; pulling it.")
+            pull_controlnets(model.path, [request.controlnet], progress=progress)
+            path = cn.resolve_controlnet(model.path, request.controlnet)
+        if path is None:
+            have = ", ".join(sorted(cn.find_controlnets(model.path))) or "none"
+            raise InvalidBundle(f"No ControlNet {request.controlnet!r} in {model.path} (it has: {have}).",
+                                hint=f"Pull one with `coreml-hub pull {model.repo or 'MODEL'} --controlnet NAME`, or "
+                                     "pass the path of a ControlNet bundle.")
+        paths.append(path)
+    unet = cn.unet_io([found[n] for n in controlled])
+    decoder = cn.bundle_io(found["vae_decoder"]) if "vae_decoder" in found else None
+    image = decoder.outputs.get("image") if decoder else None
+    sample = unet.inputs.get("sample", (0, 0, 0, 0))
+    height, width = (image[2], image[3]) if image and len(image) == 4 else (sample[2] * 8, sample[3] * 8)
+    for request, path in zip(requests, paths):
+        cn.check_controlnet(cn.bundle_io(path), unet, (width, height), request.controlnet)
+    return paths
+
+
+def _controlled_variant_hint(model: ResolvedModel) -> str:
+    """Name a variant of the same repo whose Unet takes ControlNet residuals, when one is known."""
+    if model.repo:
+        try:
+            from ..hub import repo_variants
+
+            _, variants = repo_variants(model.repo, model.revision)
+            with_cn = [v.id for v in variants if "controlnet" in v.components and v.id != model.variant]
+            if with_cn:
+                return f"Use a variant that has one: `coreml-hub run {model.repo}:{with_cn[0]} ...`."
+        except Exception:  # offline or unreachable: the generic hint below
+            pass
+    return ("Use a variant converted for ControlNets (a ControlledUnet; `+cn` in its id), or convert one with "
+            "`coreml-hub convert SRC -o OUT --controlnet CN_SRC`.")
+
+
 def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any, folder: Path,
-                save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify) -> SavedImage:
+                save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify,
+                mask: Any = None, control: list[Any] | None = None) -> SavedImage:
     """Denoise one image (saving intermediate decodes when asked), then write its PNG."""
     stem = f"{slug(meta.prompt)}-{meta.seed}"
     intermediates: list[Path] = []
@@ -208,7 +318,7 @@ def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any
     result = pipe.generate(prompt=meta.prompt, negative_prompt=meta.negative_prompt, steps=meta.steps,
                            guidance_scale=meta.guidance_scale, seed=meta.seed, scheduler=meta.scheduler,
                            init_image=init, strength=meta.strength or 0.0, conditioning=cond, on_step=on_step,
-                           progress=progress, desc=desc, check_safety=check_safety)
+                           progress=progress, desc=desc, check_safety=check_safety, mask=mask, control=control)
     if result.flagged:
         say(f"Warning: the safety checker flagged the image with seed {meta.seed}; it was replaced by a black "
             "image. Use --disable-safety to keep such images.")

@@ -7,6 +7,7 @@ Metadata follows the `parameters` text chunk that image tools read (prompt, then
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import tempfile
@@ -39,6 +40,9 @@ class ImageMetadata:
     init_image: str | None = None
     step: int | None = None  # intermediate decodes only
     prediction_type: str | None = None  # from the model's scheduler config or --prediction-type
+    mask_image: str | None = None  # inpainting only
+    # one per ControlNet, in order: {"controlnet", "image", "image_sha256", "scale"}
+    controlnets: tuple[dict[str, Any], ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
     def parameters_text(self) -> str:
@@ -60,6 +64,12 @@ class ImageMetadata:
             pairs.append(("Model hash", self.revision[:10]))
         if self.strength is not None:
             pairs.append(("Denoising strength", _num(self.strength)))
+        if self.mask_image is not None:
+            pairs.append(("Inpaint", "mask"))
+        for i, unit in enumerate(self.controlnets):
+            digest = unit.get("image_sha256") or ""
+            pairs.append((f"ControlNet {i}", f"Model: {unit['controlnet']}, Weight: {_num(unit['scale'])}"
+                                             + (f", Image hash: {digest[:10]}" if digest else ", Image: inpaint mask")))
         if self.backend:
             pairs.append(("Backend", self.backend))
         if self.step is not None:
@@ -90,6 +100,10 @@ class ImageMetadata:
             data["step"] = self.step
         if self.prediction_type is not None:
             data["prediction_type"] = self.prediction_type
+        if self.mask_image is not None:
+            data["mask_image"] = self.mask_image
+        if self.controlnets:
+            data["controlnets"] = [dict(unit) for unit in self.controlnets]
         data.update(self.extra)
         return data
 
@@ -97,7 +111,7 @@ class ImageMetadata:
         chunks = {"parameters": self.parameters_text(), "Software": SOFTWARE}
         for key, value in self.to_dict().items():
             if value is not None:
-                chunks[key] = str(value)
+                chunks[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         return chunks
 
 

@@ -6,6 +6,8 @@ A layout plugin turns a repo's file list into variants. It has:
 - `allow_patterns(variant) -> list[str]`: the repo paths to fetch (defaults to `variant.files`)
 - `materialize(downloaded_dir, variant, dest) -> None`: turn the fetched files into a
   variant folder in `dest` (copy/move bundles, extract a zip)
+- optionally `controlnets(files: list[RepoFile]) -> list[ControlNetEntry]`: the ControlNets a
+  repo holds (never fetched with a variant; `pull --controlnet NAME` fetches one); never raises
 """
 
 from __future__ import annotations
@@ -93,6 +95,15 @@ def controlnet_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", stem.lower())
 
 
+def controlnet_base_key(name: str) -> str:
+    """`controlnet_key` without the attention, size and format words an archive's name carries:
+    `Canny_split-einsum_512x512` -> `canny`, so that `--controlnet Canny` finds it."""
+    import re
+
+    noise = r"(original|split[-_ ]?einsum(?:[-_ ]?v2)?|compiled|packages|[0-9]{3,4}x[0-9]{3,4}|(?<![a-z])cn(?![a-z]))"
+    return controlnet_key(re.sub(noise, " ", name, flags=re.IGNORECASE))
+
+
 @dataclass(frozen=True)
 class RepoFile:
     """One file of a repo as the Hub lists it."""
@@ -127,6 +138,7 @@ class Variant:
     model_version: str | None = None  # PyTorch model the packages were converted from
     partial: bool = False  # lacks a text encoder, a Unet or a VAE decoder (e.g. a lone Unet): never a default pick
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    controlnets: tuple[str, ...] = ()  # names of the ControlNets beside it in the repo (fetched only when asked)
 
     @property
     def file_entries(self) -> tuple[RepoFile, ...]:
@@ -176,7 +188,33 @@ class Variant:
             "partial": self.partial,
             "size_bytes": self.size_bytes,
             "files": list(self.files),
+            "controlnets": list(self.controlnets),
         }
+
+
+@dataclass(frozen=True)
+class ControlNetEntry:
+    """One ControlNet in a repo: a bundle folder (`controlnet/<Name>.mlmodelc`, `ControlNet_*.mlpackage`)
+    or an archive holding one; `folder` is the variant folder it sits beside ("" when none)."""
+
+    name: str
+    root: str  # the bundle's folder in the repo, or the archive's path
+    format: str  # "compiled" or "packages"
+    layout: str
+    files: tuple[RepoFile, ...]
+    archive: bool = False
+    folder: str = ""
+    attention: str | None = None  # when its path names one
+    resolution: str | None = None  # "WxH", when its path names one
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "root": self.root, "format": self.format, "layout": self.layout,
+                "archive": self.archive, "folder": self.folder, "attention": self.attention,
+                "resolution": self.resolution, "size_bytes": self.size_bytes, "files": [f.path for f in self.files]}
 
 
 def component_order(name: str) -> int:
@@ -213,6 +251,24 @@ class Layout(Protocol):
     def allow_patterns(self, variant: Variant) -> list[str]: ...
 
     def materialize(self, downloaded_dir: Path, variant: Variant, dest: Path) -> None: ...
+
+
+def find_controlnets(files: list[RepoFile]) -> list[ControlNetEntry]:
+    """ControlNets of a repo from every layout plugin that finds them; one entry per root, sorted."""
+    from .plugins import get_layouts
+
+    seen: dict[str, ControlNetEntry] = {}
+    for layout in get_layouts():
+        finder = getattr(layout, "controlnets", None)
+        if finder is None:
+            continue
+        try:
+            found = finder(list(files))
+        except Exception:  # contract: a layout never breaks discovery for the others
+            continue
+        for entry in found:
+            seen.setdefault(entry.root, entry)
+    return sorted(seen.values(), key=lambda e: (e.folder, e.name.lower(), e.root))
 
 
 def find_variants(files: list[RepoFile]) -> list[Variant]:

@@ -780,11 +780,36 @@ def _hash_tree(build: Path, known: dict[str, tuple[int, str]]) -> list[dict[str,
 
 def pull(model_ref: str, *, variant: str | None = None, revision: str | None = None, force: bool = False,
          chunked: bool | None = None, model_version: str | None = None, keep_archive: bool = False,
-         progress: bool | None = None) -> PullResult:
-    """Pull `REPO[@REVISION][:VARIANT]` into the store and return where it is; see `plan_pull`."""
+         progress: bool | None = None, controlnets: tuple[str, ...] | list[str] = ()) -> PullResult:
+    """Pull `REPO[@REVISION][:VARIANT]` into the store and return where it is; see `plan_pull`.
+
+    `controlnets` (NAME or REPO:NAME) are fetched into the variant's entry too (coreml_hub.controlnets);
+    they are looked up, and the variant's Unet checked for residual inputs, before anything is downloaded.
+    """
     plan = plan_pull(model_ref, variant=variant, revision=revision, force=force, chunked=chunked,
                      model_version=model_version, keep_archive=keep_archive)
-    return plan.execute(progress=progress)
+    planned = plan_variant_controlnets(plan, controlnets) if controlnets else None
+    result = plan.execute(progress=progress)
+    if controlnets:
+        from .controlnets import pull_controlnets
+
+        pull_controlnets(result.path, controlnets, progress=progress, force=force, plans=planned)
+    return result
+
+
+def plan_variant_controlnets(plan: PullPlan, controlnets: tuple[str, ...] | list[str]) -> list[Any]:
+    """The ControlNets a pull of `plan` will add, after checking the variant's Unet takes their residuals."""
+    from .controlnets import no_residuals_error, plan_controlnets
+
+    if "controlnet" not in plan.variant.components:
+        from .hub import repo_variants
+
+        try:
+            _, variants = repo_variants(plan.repo, plan.commit)
+        except CoremlHubError:
+            variants = []
+        raise no_residuals_error(plan.repo, plan.variant.id, variants)
+    return plan_controlnets(controlnets, repo=plan.repo, commit=plan.commit, variant=plan.variant.to_dict())
 
 
 def describe_choice(plan: PullPlan) -> str | None:
@@ -796,5 +821,6 @@ def describe_choice(plan: PullPlan) -> str | None:
             f"pull another with `coreml-hub pull {plan.repo} --variant ID`.")
 
 
-__all__ = ["PullPlan", "PullResult", "PlannedFile", "SourceModel", "plan_pull", "pull", "choose_variant",
+__all__ = ["PullPlan", "PullResult", "PlannedFile", "SourceModel", "plan_pull", "pull", "plan_variant_controlnets",
+           "choose_variant",
            "select_variant", "variant_rank", "check_disk_space", "describe_choice"]

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from ..controlnet_io import (RESIDUAL_PREFIX, BundleIO, bundle_io, controlnet_mismatches, residual_index,
                              unet_io)
 from ..errors import InvalidBundle, InvalidImage, UsageError
-from ..layouts import CONTROLNET_DIR, CONTROLNET_PREFIX, controlnet_key
+from ..layouts import CONTROLNET_DIR, CONTROLNET_PREFIX, controlnet_base_key, controlnet_key
 
 __all__ = ["BundleIO", "bundle_io", "unet_io", "check_controlnet", "control_tensor", "inpaint_control_tensor",
            "find_controlnets", "resolve_controlnet", "residuals", "pair_requests"]
@@ -73,10 +73,12 @@ def resolve_controlnet(folder: Path, name_or_path: str) -> Path | None:
     if candidate.suffix in (".mlmodelc", ".mlpackage") and candidate.is_dir():
         return candidate.resolve()
     wanted = controlnet_key(name_or_path)
-    for name, path in find_controlnets(folder).items():
+    found = find_controlnets(folder)
+    for name, path in found.items():
         if controlnet_key(name) == wanted:
             return path
-    return None
+    loose = [path for name, path in found.items() if controlnet_base_key(name) == wanted]
+    return loose[0] if len(loose) == 1 else None
 
 
 def controlled_unet_names(found: Iterable[str]) -> tuple[str, ...]:

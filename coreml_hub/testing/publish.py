@@ -15,6 +15,11 @@ names imitate the repos on the Hub (see ARCHITECTURE.md "Hub layouts"):
   The `_cn` tag is only a name: the Unet inside takes no ControlNet residuals.
 - ``flat``: bundles at the root or in one folder (e.g. `mlpackages/` holding `.mlmodelc`).
 
+ControlNets (`publish_controlnets`, `publish_controlnet_collection`): Apple's compiled layout with
+`ControlledUnet.mlmodelc` and `controlnet/<Name>.mlmodelc` beside the pipeline's bundles, packages
+with `..._control-unet.mlpackage` and `ControlNet_*.mlpackage`, and coreml-community's collection
+of zipped compiled ControlNets under `CN/<attention>/`.
+
 Files are copied, never linked, so tests may damage what they publish. Zips are written
 with fixed timestamps, so a layout has the same bytes (and hashes) every time.
 """
@@ -274,3 +279,73 @@ def describe(root: Path) -> str:
         folder = hub.parent
         repos[f"{folder.parent.name}/{folder.name}"] = sorted(repo_manifest(folder))
     return json.dumps(repos, indent=2)
+
+
+def _stage_controlled(style: str, attention: str, controlnets: tuple[str, ...], dest: Path, fmt: str,
+                      with_controlnets: bool = True) -> None:
+    """The controlled Unet (and the ControlNets) of a conversion with `controlnets`, copied into `dest`."""
+    out = factory.converted(style, attention, "fp16", controlnets=controlnets, compiled=fmt == "compiled")
+    if fmt == "compiled":
+        src = out / attention / "compiled"
+        _copy(src / "ControlledUnet.mlmodelc", dest / "ControlledUnet.mlmodelc")
+        if with_controlnets:
+            _copy(src / "controlnet", dest / "controlnet")
+    else:
+        for pkg in sorted((out / attention / "packages").glob("*.mlpackage")):
+            if pkg.stem.endswith("_control-unet") or (with_controlnets and pkg.name.startswith("ControlNet_")):
+                _copy(pkg, dest / pkg.name)
+
+
+def publish_controlnets(root: Path | str, repo_id: str, *, style: str = "sd1",
+                        controlnets: tuple[str, ...] = ("sd1", "sd1-b"),
+                        plain_attentions: tuple[str, ...] = ("split_einsum",)) -> Path:
+    """Apple's layout with ControlNets: `original/compiled/` and `original/packages/` hold the pipeline,
+    its controlled Unet and the tiny `controlnets` (`controlnet/TinyControlnetSd1.mlmodelc`,
+    `ControlNet_tiny-controlnet-sd1.mlpackage`); each of `plain_attentions` is a variant without them
+    (a Unet that takes no residuals). The packages' source repo is published too."""
+    root = Path(root)
+    repo = _repo_folder(root, repo_id, style, ["controlnet"], f"{repo_id}: tiny Core ML Stable Diffusion with ControlNets",
+                        ["Random weights; ControlledUnet and ControlNets beside the pipeline, as Apple's converter "
+                         "lays them out."])
+    out = _converted(style, "original", "fp16", False, None)
+    for fmt in ("compiled", "packages"):
+        dest = repo / "original" / fmt
+        if fmt == "compiled":
+            _stage_compiled(out, "original", dest)
+        else:
+            _stage_packages(out, "original", dest, chunks=False)
+        _stage_controlled(style, "original", controlnets, dest, fmt)
+    for attention in plain_attentions:
+        _stage_compiled(_converted(style, attention, "fp16", False, None), attention, repo / attention / "compiled")
+    publish_source(root, style)
+    return repo
+
+
+def publish_controlnet_collection(root: Path | str, repo_id: str,
+                                  controlnets: tuple[tuple[str, str], ...] = (("sd1", "original"),)) -> Path:
+    """coreml-community's ControlNet collection: `CN/<attention>/<Name>_<attention>.zip`, each zip holding
+    one compiled ControlNet (`<Name>_<attention>/<Bundle>.mlmodelc`). `controlnets`: (tiny ControlNet name,
+    attention) pairs; the ControlNet is converted for its own base style."""
+    from .tiny import CONTROLNETS
+
+    root = Path(root)
+    meta = _meta("sd1", ["controlnet"])
+    repo = make_repo_folder(root, repo_id, meta, f"{repo_id}: tiny compiled ControlNets, zipped (tests)")
+    for name, attention in controlnets:
+        style = CONTROLNETS[name][0]
+        out = factory.converted(style, attention, "fp16", controlnets=(name,), compiled=True)
+        bundle = next((out / attention / "compiled" / "controlnet").iterdir())
+        words = "".join(w.title() for w in name.split("-"))
+        hyphen = attention.replace("_", "-")
+        stem = f"Tiny{words}_{hyphen}"
+        staging = root / f".staging-{stem}"
+        _copy(bundle, staging / bundle.name)
+        _zip_folder(staging, repo / "CN" / hyphen / f"{stem}.zip", stem)
+        shutil.rmtree(staging)
+    return repo
+
+
+def make_repo_folder(root: Path, repo_id: str, meta: dict[str, Any], title: str) -> Path:
+    from .hubrepo import make_repo
+
+    return make_repo(root, repo_id, {".gitattributes": GITATTRIBUTES, "README.md": _card(title, meta)}, meta=meta)

@@ -73,6 +73,8 @@ class Component:
 
     @property
     def display_name(self) -> str:
+        if self.name == "controlnet":
+            return self.path.stem
         if self.known and self.format == "compiled":
             return COMPILED_FILE_OF.get(self.name, self.name)
         return self.name
@@ -203,6 +205,8 @@ def open_bundle(path: str | os.PathLike[str], attention: str | None = None) -> B
     components = []
     for bundle_path in find_bundles(path):
         name, known = component_name(bundle_path.name)
+        if bundle_path.parent.name == CONTROLNET_DIR and bundle_path.parent != path:
+            name, known = "controlnet", True  # Apple names them after the ControlNet (LllyasvielSdControlnetCanny)
         components.append(Component(name=name, path=bundle_path, format=_bundle_format(bundle_path), known=known))
     # compiled first: when a folder holds both forms of a component, the contract reads the compiled one
     components.sort(key=lambda c: (c.format != "compiled", component_order(c.name), c.path.name))

@@ -29,8 +29,7 @@ pytestmark = [pytest.mark.slow]
 def server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("hub")
     publish_controlnets(root, REPO)
-    publish_controlnet_collection(root, COLLECTION, controlnets=(("sd1", "original"), ("sd1", "split_einsum"),
-                                                                 ("sd2", "original")))
+    publish_controlnet_collection(root, COLLECTION, controlnets=(("sd1", "original"), ("sd2", "original")))
     hub = HubServer(root, tmp_path_factory.mktemp("log") / "requests.jsonl").start()
     yield hub
     hub.stop()
@@ -80,7 +79,7 @@ def test_show_lists_each_variants_controlnets(hub, capsys) -> None:  # type: ign
 
     code, out, err = cli(capsys, "show", COLLECTION)  # a repo of ControlNets only
     assert code == 0, err
-    assert "TinySd1_split-einsum" in out and f"--controlnet {COLLECTION}:" in out
+    assert "TinySd2_original" in out and f"--controlnet {COLLECTION}:" in out
 
 
 def test_pull_fetches_only_the_named_controlnet(hub, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -126,7 +125,7 @@ def test_pull_packages_variant_with_a_controlnet(hub, capsys) -> None:  # type: 
 
 
 def test_pull_controlnet_from_the_collection(hub, capsys) -> None:  # type: ignore[no-untyped-def]
-    """`REPO:NAME` from another repo; `TinySd1` picks the archive of the variant's attention."""
+    """`REPO:NAME` from another repo; `TinySd1` finds `TinySd1_original` (attention and size words aside)."""
     code, out, err = cli(capsys, "pull", REPO, "--variant", "original/compiled", "--controlnet",
                          f"{COLLECTION}:TinySd1", "--json")
     assert code == 0, err

@@ -244,6 +244,8 @@ def _component_part(style: str, comp: str, attention: str, precision: str, chunk
     across attentions and quantizations, ...)."""
     from ..convert.api import QUANTIZED_COMPONENTS
 
+    if style == tiny.INPAINT_STYLE and comp != "unet":
+        style = "sd1"  # the same text encoder and VAE (same configs and seeds): one conversion serves both
     options: dict[str, Any] = {"precision": precision, "attention": "original"}
     if comp in QUANTIZED_COMPONENTS and quantize:
         options["quantize_nbits"] = quantize
@@ -255,6 +257,13 @@ def _component_part(style: str, comp: str, attention: str, precision: str, chunk
     if controlled:  # any ControlNet of the style makes convert write the controlled Unet; none is converted
         options["controlnets"] = (str(controlnet_folder(_style_controlnet(style))),)
     return _convert_part(style, (comp,), **options)
+
+
+def controlnet_package(name: str = "sd1", attention: str = "original", precision: str = "fp16") -> Path:
+    """The `ControlNet_tiny-controlnet-<name>.mlpackage` of one tiny ControlNet, converted for its base style."""
+    style = tiny.CONTROLNETS[name][0]
+    part = _controlnet_part(style, name, attention, precision, None, False, None)
+    return next((part / attention / "packages").glob("ControlNet_*.mlpackage"))
 
 
 def _style_controlnet(style: str) -> str:

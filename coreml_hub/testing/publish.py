@@ -323,23 +323,22 @@ def publish_controlnets(root: Path | str, repo_id: str, *, style: str = "sd1",
 
 def publish_controlnet_collection(root: Path | str, repo_id: str,
                                   controlnets: tuple[tuple[str, str], ...] = (("sd1", "original"),)) -> Path:
-    """coreml-community's ControlNet collection: `CN/<attention>/<Name>_<attention>.zip`, each zip holding
-    one compiled ControlNet (`<Name>_<attention>/<Bundle>.mlmodelc`). `controlnets`: (tiny ControlNet name,
-    attention) pairs; the ControlNet is converted for its own base style."""
-    from .tiny import CONTROLNETS
+    """coreml-community's ControlNet collection: `CN/<attention>/Tiny<Name>_<attention>.zip`, each zip holding
+    one compiled ControlNet (`Tiny<Name>_<attention>/TinyControlnet<Name>.mlmodelc`). `controlnets`: (tiny
+    ControlNet name, attention) pairs; each is converted (fp16) for its own base style."""
+    from ..layouts import controlnet_bundle_name
+    from .compiled import build_mlmodelc
 
     root = Path(root)
     meta = _meta("sd1", ["controlnet"])
     repo = make_repo_folder(root, repo_id, meta, f"{repo_id}: tiny compiled ControlNets, zipped (tests)")
     for name, attention in controlnets:
-        style = CONTROLNETS[name][0]
-        out = factory.converted(style, attention, "fp16", controlnets=(name,), compiled=True)
-        bundle = next((out / attention / "compiled" / "controlnet").iterdir())
+        package = factory.controlnet_package(name, attention, "fp16")
         words = "".join(w.title() for w in name.split("-"))
         hyphen = attention.replace("_", "-")
         stem = f"Tiny{words}_{hyphen}"
         staging = root / f".staging-{stem}"
-        _copy(bundle, staging / bundle.name)
+        build_mlmodelc(package, staging / f"{controlnet_bundle_name(factory.controlnet_id(name))}.mlmodelc")
         _zip_folder(staging, repo / "CN" / hyphen / f"{stem}.zip", stem)
         shutil.rmtree(staging)
     return repo

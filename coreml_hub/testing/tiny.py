@@ -10,7 +10,8 @@ Three styles, structurally like the real models but a few hundred kilobytes each
   ``text_time`` added conditioning (``time_ids`` + ``text_embeds``), VAE scale 0.13025.
 - ``sd1-inpaint``: ``sd1`` with a 9-channel inpainting Unet (latents, mask, masked-image
   latents), as a StableDiffusionInpaintPipeline without a safety checker. Its text encoder
-  and VAE are ``sd1``'s (same configs and seeds), so conversions share them.
+  and VAE are ``sd1``'s (same configs and seeds), so conversions share them (its packages
+  folder then names those two after ``sd1``).
 
 Tiny ControlNets (``controlnet(name)``, see CONTROLNETS) are built for a style's Unet with
 random weights everywhere, the zero-initialized output convolutions included, so their

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from ..controlnet_io import (RESIDUAL_PREFIX, BundleIO, bundle_io, controlnet_mismatches, residual_index,
                              unet_io)
-from ..errors import InvalidBundle, InvalidImage, UsageError
+from ..errors import InvalidBundle, UsageError
 from ..layouts import CONTROLNET_DIR, CONTROLNET_PREFIX, controlnet_base_key, controlnet_key
 
 __all__ = ["BundleIO", "bundle_io", "unet_io", "check_controlnet", "control_tensor", "inpaint_control_tensor",
@@ -119,18 +119,9 @@ def pair_requests(controlnets: Iterable[str], images: Iterable[str | Path], scal
 
 def open_control_image(path: str | Path) -> Any:
     """A control image as RGBA (alpha kept: fully transparent pixels are holes, as in Apple's pipeline)."""
-    from PIL import Image, UnidentifiedImageError
+    from .images import read_image
 
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidImage(f"Control image {path} does not exist.", hint="Pass the path of a PNG or JPEG to --control-image.")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGBA")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage(f"Cannot read the control image {path} ({type(exc).__name__}: {exc}).",
-                           hint="Pass a PNG or JPEG file to --control-image.") from exc
+    return read_image(path, what="control image", option="--control-image", convert="RGBA")
 
 
 def sha256_file(path: str | Path) -> str:

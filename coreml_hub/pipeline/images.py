@@ -12,20 +12,27 @@ from ..errors import InvalidImage, UnsupportedSize
 ASPECT_TOLERANCE = 0.02
 
 
-def open_init_image(path: Path | str) -> Any:
-    """Read an init image as RGB, with a clear error for anything that is not one."""
+def read_image(path: Path | str, *, what: str, option: str, convert: Any = "RGB") -> Any:
+    """Read an image file with a clear error naming `what` it is and the `option` it came from;
+    `convert` is a PIL mode, or a function of the opened image."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise InvalidImage(f"Init image {path} does not exist.", hint="Pass the path of a PNG or JPEG to --image.")
+        raise InvalidImage(f"{what[:1].upper()}{what[1:]} {path} does not exist.",
+                           hint=f"Pass the path of a PNG or JPEG to {option}.")
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return convert(img) if callable(convert) else img.convert(convert)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage(f"Cannot read {path} as an image ({type(exc).__name__}: {exc}).",
-                           hint="Pass a PNG or JPEG file to --image.") from exc
+        raise InvalidImage(f"Cannot read the {what} {path} ({type(exc).__name__}: {exc}).",
+                           hint=f"Pass a PNG or JPEG file to {option}.") from exc
+
+
+def open_init_image(path: Path | str) -> Any:
+    """Read an init image as RGB, with a clear error for anything that is not one."""
+    return read_image(path, what="init image", option="--image")
 
 
 def fit_init_image(image: Any, width: int, height: int) -> tuple[Any, bool]:

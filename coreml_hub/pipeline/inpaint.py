@@ -11,28 +11,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidImage, UnsupportedSize
+from ..errors import UnsupportedSize
 from .images import ASPECT_TOLERANCE
 
 
 def open_mask(path: str | Path) -> Any:
     """The mask as an 8-bit grayscale PIL image (white = repaint)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from .images import read_image
 
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidImage(f"Mask {path} does not exist.", hint="Pass a PNG whose white pixels mark what to repaint.")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                alpha = img.convert("RGBA").getchannel("A")
-                if alpha.getextrema()[0] < 255:  # transparent pixels mark the hole
-                    return ImageOps.invert(alpha)
-            return img.convert("L")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage(f"Cannot read the mask {path} ({type(exc).__name__}: {exc}).",
-                           hint="Pass a PNG or JPEG file to --mask.") from exc
+    return read_image(path, what="mask", option="--mask", convert=_repaint_channel)
+
+
+def _repaint_channel(img: Any) -> Any:
+    from PIL import ImageOps
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        alpha = img.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:  # transparent pixels mark the hole
+            return ImageOps.invert(alpha)
+    return img.convert("L")
 
 
 def check_same_aspect(image: Any, mask: Any) -> None:

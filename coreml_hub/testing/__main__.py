@@ -37,6 +37,18 @@ STANDARD: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("sd1", "split_einsum_v2", "fp16", {"compiled": True}),
     ("sd1", "original", "fp16", {"latent_size": (24, 16), "compiled": True}),
     ("sd1", "split_einsum", "fp16", {"latent_size": (24, 16), "compiled": True}),
+    # ControlNets and inpainting: parity (fp32), the Hub layouts (fp16 compiled)
+    ("sd1", "original", "fp32", {"controlnets": ("sd1", "sd1-b", "sd1-inpaint")}),
+    ("sdxl", "original", "fp32", {"controlnets": ("sdxl",)}),
+    ("sd1-inpaint", "original", "fp32", {}),
+    ("sd1", "original", "fp16", {"controlnets": ("sd1", "sd1-b"), "compiled": True}),
+)
+# (tiny ControlNet, attention, precision): ControlNets converted on their own (`controlnet_package`)
+CONTROLNET_PACKAGES: tuple[tuple[str, str, str], ...] = (
+    ("sd1", "original", "fp16"),
+    ("sd2", "original", "fp16"),
+    ("sd2", "original", "fp32"),
+    ("sd1-b", "split_einsum", "fp32"),
 )
 
 
@@ -62,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         out = factory.converted(style, attention, precision, **options)
+        print(f"{time.perf_counter() - t0:7.1f} s  {label}  {out}", file=sys.stderr, flush=True)
+    for name, attention, precision in CONTROLNET_PACKAGES:
+        label = f"controlnet {name} {attention} {precision}"
+        if args.list:
+            print(label)
+            continue
+        t0 = time.perf_counter()
+        out = factory.controlnet_package(name, attention, precision)
         print(f"{time.perf_counter() - t0:7.1f} s  {label}  {out}", file=sys.stderr, flush=True)
     if not args.list:
         print(f"{time.perf_counter() - total:7.1f} s  total ({factory.cache_dir()})", file=sys.stderr)

@@ -191,3 +191,35 @@ def test_convert_refuses_a_controlnet_of_another_base_before_converting(tmp_path
 
     code = run_cli(["convert", str(factory.pipeline_folder("sd1")), "-o", str(out), "--components", "controlnet"])
     assert code == 2 and "--controlnet" in capsys.readouterr().err
+
+
+def test_chunked_controlled_unet_runs_like_the_whole_one(tmp_path: Path) -> None:
+    """`--chunk-unet` with ControlNets: `..._control-unet_chunk1/2`, the residuals fed to the chunk that reads them."""
+    import torch
+    from PIL import Image
+
+    from coreml_hub.pipeline.controlnet import control_tensor, find_controlnets
+    from coreml_hub.pipeline.generate import load_pipeline
+    from coreml_hub.pipeline.resolve import resolve_local
+
+    packages = _packages(factory.converted("sd1", "original", "fp32", chunk=True, controlnets=("sd1",)))
+    chunked = tmp_path / "chunked"
+    chunked.mkdir()
+    for pkg in packages.glob("*.mlpackage"):
+        if not pkg.name.endswith("_control-unet.mlpackage"):  # leave only the chunks
+            shutil.copytree(pkg, chunked / pkg.name, copy_function=os.link)
+    assert sorted(p.name.split("_tiny-sd1_")[-1] for p in chunked.glob("*control-unet*")) == [
+        "control-unet_chunk1.mlpackage", "control-unet_chunk2.mlpackage"]
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    images = []
+    for folder in (packages, chunked):
+        variant = resolve_local(folder)
+        (path,) = find_controlnets(variant.path).values()
+        loaded = load_pipeline(variant, backend="torch", device="cpu", safety=False, controlnets=(path,))
+        assert [p.name for p in loaded.pipeline.unet_parts] == (
+            ["controlled_unet"] if folder == packages else ["controlled_unet_chunk1", "controlled_unet_chunk2"])
+        control = [(loaded.controlnets[0], control_tensor(picture, 64, 64), 1.0)]
+        latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2))
+        images.append(loaded.pipeline.generate(prompt="a cat", steps=2, seed=2, latents=latents,
+                                               control=control).image)
+    assert float(np.abs(images[0] - images[1]).max()) < 1e-4

@@ -181,3 +181,9 @@ def test_run_with_a_controlnet_pulls_it_and_records_it(hub, capsys, tmp_path: Pa
         chunks = dict(img.text)
     assert json.loads(chunks["controlnets"])[0]["image_sha256"] == sha256_file(picture)
     assert "ControlNet 0: \"Model: TinyControlnetSd1, Weight: 0.7" in chunks["parameters"]
+
+    code, out, err = cli(capsys, "run", f"{REPO}:original/compiled", "a red fox", "--controlnet", f"{COLLECTION}:TinySd1",
+                         "--control-image", str(picture), "--steps", "2", "--disable-safety", "-o", str(tmp_path / "out"),
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["images"][0]["parameters"]["controlnets"][0]["controlnet"] == "TinySd1_original"

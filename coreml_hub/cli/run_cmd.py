@@ -23,7 +23,8 @@ Examples:
       --image cat.png --strength 0.6
   coreml-hub run ./converted "a red fox" --num-images 4 --json   # the -o folder of `convert`
   coreml-hub run coreml-community/coreml-stable-diffusion-v1-5_cn:split_einsum/compiled+cn \\
-      "a house by a lake" --controlnet Canny --control-image edges.png --control-scale 0.8
+      "a house by a lake" --controlnet coreml-community/ControlNet-Models-For-Core-ML:Canny \\
+      --control-image edges.png --control-scale 0.8
   coreml-hub run ./sd15-inpainting "a red sofa" --image room.png --mask sofa-mask.png
 
 \b
@@ -36,7 +37,8 @@ Image i of --num-images N uses seed SEED+i; the PNGs record every setting
 \b
 ControlNets: --controlnet NAME_OR_PATH, --control-image IMG and --control-scale S
 pair in order (repeat them for several ControlNets; their residuals add up). NAME is
-one of the variant's ControlNets (pulled into it when missing) or a bundle path.
+one of the variant's ControlNets, REPO:NAME one of another repo's (pulled into the
+variant when missing, as `pull --controlnet` does), or a bundle path.
 The variant needs a Unet that takes ControlNet residuals (ControlledUnet).
 Inpainting: --image IMG --mask MASK (white or transparent = repaint), with an
 inpainting model (9-channel Unet), any model, or an inpaint ControlNet (no

@@ -148,6 +148,9 @@ def _print_plan(out: Output, plan: PullPlan, controlnets: list[Any] = ()) -> Non
         else:
             click.echo(f"Would download {human_size(plan.download_bytes)} of {human_size(plan.total_bytes)} "
                        f"({len(plan.all_files)} files) into {plan.path}.")
+        for cn in controlnets:
+            click.echo(f"ControlNet {cn.entry.name} from {cn.repo}: {human_size(cn.entry.size_bytes)} "
+                       f"({len(cn.entry.files)} files) into {cn.dest} unless the variant already has it.")
 
 
 LS_COLUMNS = [

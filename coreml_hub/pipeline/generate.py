@@ -260,16 +260,16 @@ def resolve_controlnets(model: ResolvedModel, requests: list[Any], *, pull: bool
         raise InvalidBundle(f"{model.name}{f':{model.variant}' if model.variant else ''} has no Unet that takes "
                             "ControlNet residuals (no ControlledUnet), so it cannot run a ControlNet.",
                             hint=_controlled_variant_hint(model))
+    from ..controlnets import pull_controlnets, split_request
+
     paths: list[Path] = []
     for request in requests:
-        path = cn.resolve_controlnet(model.path, request.controlnet)
+        _, name = split_request(request.controlnet, model.repo or "")  # REPO:NAME is NAME once pulled
+        path = cn.resolve_controlnet(model.path, request.controlnet) or cn.resolve_controlnet(model.path, name)
         if path is None and pull and model.repo:
-            from ..controlnets import pull_controlnets
-
             if on_message:
                 on_message(f"ControlNet {request.controlnet} is not pulled yet; pulling it.")
-            pull_controlnets(model.path, [request.controlnet], progress=progress)
-            path = cn.resolve_controlnet(model.path, request.controlnet)
+            path = pull_controlnets(model.path, [request.controlnet], progress=progress)[0].path
         if path is None:
             have = ", ".join(sorted(cn.find_controlnets(model.path))) or "none"
             raise InvalidBundle(f"No ControlNet {request.controlnet!r} in {model.path} (it has: {have}).",

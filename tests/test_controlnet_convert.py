@@ -202,9 +202,12 @@ def test_chunked_controlled_unet_runs_like_the_whole_one(tmp_path: Path) -> None
     from coreml_hub.pipeline.generate import load_pipeline
     from coreml_hub.pipeline.resolve import resolve_local
 
-    packages = _packages(factory.converted("sd1", "original", "fp32", chunk=True, controlnets=("sd1",)))
-    chunked = tmp_path / "chunked"
-    chunked.mkdir()
+    out = factory.converted("sd1", "original", "fp32", chunk=True, controlnets=("sd1",))
+    packages = _packages(out)
+    chunked = tmp_path / "out" / "original" / "packages"
+    chunked.mkdir(parents=True)
+    for sub in ("tokenizer", "scheduler"):
+        shutil.copytree(out / sub, tmp_path / "out" / sub)
     for pkg in packages.glob("*.mlpackage"):
         if not pkg.name.endswith("_control-unet.mlpackage"):  # leave only the chunks
             shutil.copytree(pkg, chunked / pkg.name, copy_function=os.link)

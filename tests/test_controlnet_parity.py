@@ -62,10 +62,12 @@ def _loaded(out, names: tuple[str, ...], **kwargs):  # type: ignore[no-untyped-d
 
 @pytest.fixture(scope="module")
 def sd1():  # type: ignore[no-untyped-def]
+    """diffusers' modules, the tiny ControlNets, and our pipeline loaded once with all three ControlNets."""
     pipe, _ = factory.tiny_pipeline("sd1")
     nets = {name: factory.tiny_controlnet(name)[0] for name in SD1_CONTROLNETS}
     out = factory.converted("sd1", attention="original", precision="fp32", controlnets=SD1_CONTROLNETS)
-    return pipe, nets, out
+    ours, components = _loaded(out, SD1_CONTROLNETS, img2img=True)
+    return pipe, nets, ours, dict(zip(SD1_CONTROLNETS, components))
 
 
 def _sd_controlnet_pipe(pipe, controlnet, cls_name: str = "StableDiffusionControlNetPipeline"):  # type: ignore[no-untyped-def]
@@ -87,8 +89,8 @@ def test_controlnet_text_to_image_matches_diffusers(sd1, names, scales, schedule
     import torch
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-    pipe, nets, out = sd1
-    ours, components = _loaded(out, names)
+    pipe, nets, ours, loaded = sd1
+    components = [loaded[n] for n in names]
     g = ours.geometry
     images = [_image(10 + i) for i in range(len(names))]
     control = [(c, control_tensor(img, g.image_width, g.image_height), s)
@@ -115,8 +117,8 @@ def test_controlnet_text_to_image_matches_diffusers(sd1, names, scales, schedule
 def test_controlnet_image_to_image_matches_diffusers(sd1) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    pipe, nets, out = sd1
-    ours, components = _loaded(out, ("sd1",), img2img=True)
+    pipe, nets, ours, loaded = sd1
+    components = [loaded["sd1"]]
     g = ours.geometry
     init = _image(3, (g.image_width, g.image_height))
     picture = _image(12)
@@ -137,8 +139,8 @@ def test_controlnet_inpaint_matches_diffusers(sd1) -> None:  # type: ignore[no-u
     """A 4-channel Unet with the inpaint ControlNet: hole-punched control image, latents kept outside the mask."""
     import torch
 
-    pipe, nets, out = sd1
-    ours, components = _loaded(out, ("sd1-inpaint",), img2img=True)
+    pipe, nets, ours, loaded = sd1
+    components = [loaded["sd1-inpaint"]]
     g = ours.geometry
     init, mask = _image(4, (g.image_width, g.image_height)), _mask(g.image_width)
     repaint = mask_array(mask, g.image_width, g.image_height)
@@ -184,14 +186,19 @@ def test_sdxl_controlnet_matches_diffusers() -> None:
     assert _diff(got.image, plain.image) > 4 * TOLERANCE, "the ControlNet barely changed the image"
 
 
+@pytest.fixture(scope="module")
+def inpainting():  # type: ignore[no-untyped-def]
+    pipe, _ = factory.tiny_pipeline(INPAINT_STYLE)
+    out = factory.converted(INPAINT_STYLE, attention="original", precision="fp32")
+    return pipe, load_pipeline(resolve_local(out), backend="torch", device="cpu", safety=False, img2img=True).pipeline
+
+
 @pytest.mark.parametrize("strength,scheduler", [(1.0, "pndm"), (0.7, "ddim")])
-def test_inpainting_unet_matches_diffusers(strength: float, scheduler: str) -> None:
+def test_inpainting_unet_matches_diffusers(inpainting, strength: float, scheduler: str) -> None:  # type: ignore[no-untyped-def]
     """A 9-channel inpainting Unet: latents, the mask and the masked image's latents on channels."""
     import torch
 
-    pipe, _ = factory.tiny_pipeline(INPAINT_STYLE)
-    out = factory.converted(INPAINT_STYLE, attention="original", precision="fp32")
-    ours = load_pipeline(resolve_local(out), backend="torch", device="cpu", safety=False, img2img=True).pipeline
+    pipe, ours = inpainting
     g = ours.geometry
     assert g.inpainting and g.unet_channels == 9
     init, mask = _image(6, (g.image_width, g.image_height)), _mask(g.image_width)

@@ -8,6 +8,13 @@ A layout plugin turns a repo's file list into variants. It has:
   variant folder in `dest` (copy/move bundles, extract a zip)
 - optionally `controlnets(files: list[RepoFile]) -> list[ControlNetEntry]`: the ControlNets a
   repo holds (never fetched with a variant; `pull --controlnet NAME` fetches one); never raises
+- optional `store_path(variant, repo_path) -> str | None`: where a fetched file lands in the
+  variant folder when that is not its path relative to `variant.root`, so a pull can reuse
+  the download's hash instead of reading the file again
+
+A variant's `kind` says what it is: `pipeline` (a diffusion pipeline: its components are
+checked against each other) or `model` (one Core ML model with its companion files, valid
+when its bundle is).
 """
 
 from __future__ import annotations
@@ -18,19 +25,22 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol, runtime_checkable
 
 ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
+KINDS = ("pipeline", "model")
 FORMATS = ("packages", "compiled")
 
 # Component names as used throughout coreml-hub (Apple's package suffixes).
 COMPONENTS = (
-    "text_encoder", "text_encoder_2", "unet", "unet_chunk1", "unet_chunk2",
+    "text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "unet_chunk1", "unet_chunk2", "mmdit",
     "controlled_unet", "controlled_unet_chunk1", "controlled_unet_chunk2",
-    "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner",
+    "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner", "refiner_chunk1", "refiner_chunk2",
 )
 
 # Compiled bundle names (Apple's Swift layout) -> component names.
 COMPILED_NAMES = {
     "TextEncoder": "text_encoder",
     "TextEncoder2": "text_encoder_2",
+    "TextEncoderT5": "text_encoder_t5",  # SD3's optional T5 (argmaxinc's repos; Apple's Swift pipeline)
+    "MultiModalDiffusionTransformer": "mmdit",  # SD3's denoiser, in place of the Unet
     "Unet": "unet",
     "UnetChunk1": "unet_chunk1",
     "UnetChunk2": "unet_chunk2",
@@ -41,10 +51,11 @@ COMPILED_NAMES = {
     "ControlledUnet": "controlled_unet",
     "ControlledUnetChunk1": "controlled_unet_chunk1",
     "ControlledUnetChunk2": "controlled_unet_chunk2",
-    "UnetRefiner": "refiner",
-    "UnetRefinerChunk1": "refiner",
+    "UnetRefiner": "refiner",  # the SDXL refiner's Unet (Apple's `--refiner-version`)
+    "UnetRefinerChunk1": "refiner_chunk1",
+    "UnetRefinerChunk2": "refiner_chunk2",
 }
-COMPILED_FILE_OF = {v: k for k, v in COMPILED_NAMES.items() if k != "UnetRefinerChunk1"}
+COMPILED_FILE_OF = {v: k for k, v in COMPILED_NAMES.items()}
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -137,6 +148,7 @@ class Variant:
     unet_form: str | None = None  # "full", "chunked" or None when the variant has no Unet choice
     model_version: str | None = None  # PyTorch model the packages were converted from
     partial: bool = False  # lacks a text encoder, a Unet or a VAE decoder (e.g. a lone Unet): never a default pick
+    kind: str = "pipeline"  # "pipeline" (diffusion components) or "model" (one model and its companion files)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     controlnets: tuple[str, ...] = ()  # names of the ControlNets beside it in the repo (fetched only when asked)
 
@@ -166,13 +178,18 @@ class Variant:
                 f"Variant {self.id} has no {form} Unet (it has: {', '.join(self.unet_forms) or 'none'}).",
                 hint="Drop --chunked/--no-chunked to take the form the variant has.",
             )
-        comps = [c for c in self.components if c not in ("unet", "unet_chunk1", "unet_chunk2")]
-        comps += ["unet"] if form == "full" else ["unet_chunk1", "unet_chunk2"]
+        comps = list(self.components)
+        for base in ("unet", "controlled_unet"):  # a ControlledUnet rides with the form of the Unet
+            names = (base, f"{base}_chunk1", f"{base}_chunk2")
+            if base == "unet" or any(c in names for c in comps):
+                comps = [c for c in comps if c not in names]
+                comps += [base] if form == "full" else [f"{base}_chunk1", f"{base}_chunk2"]
         return dataclasses.replace(self, unet_form=form, components=sort_components(comps))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "kind": self.kind,
             "attention": self.attention,
             "format": self.format,
             "resolution": self.resolution,

@@ -36,6 +36,7 @@ from .program import (
     ListValue,
     Operation,
     Program,
+    StateType,
     TensorType,
     TensorValue,
     TupleType,
@@ -177,7 +178,7 @@ def opset_name(proto_opset: str) -> str:
     """`CoreML6` -> `ios16`: the model.mil spelling of a function's opset."""
     if proto_opset in OPSETS_FROM_PROTO:
         return OPSETS_FROM_PROTO[proto_opset]
-    if proto_opset.startswith("CoreML") and proto_opset[6:].isdigit():
+    if proto_opset.startswith("CoreML") and proto_opset[6:].isascii() and proto_opset[6:].isdigit():
         return f"ios{int(proto_opset[6:]) + 10}"
     return proto_opset
 
@@ -282,7 +283,7 @@ class _Reader:
         if which == "dictionaryType":
             return DictType(self.type(vt.dictionaryType.keyType), self.type(vt.dictionaryType.valueType))
         if which == "stateType":
-            raise UnsupportedOperation("Stateful ML Programs (state inputs) are not supported by the portable runtime")
+            return StateType(self.type(vt.stateType.wrappedType))
         raise InvalidBundle(f"ML Program value type {which!r} is not understood")
 
     def dim(self, d: Any) -> int | str:

@@ -2,10 +2,10 @@
 
 Everything the pipeline needs to know about sizes is read from the components' input
 descriptions: latent size and Unet batch from `sample`, text length and hidden size from
-`encoder_hidden_states` ([B, C, 1, L]), image size from the VAE decoder. Random draws use
-a CPU torch.Generator in the same order diffusers uses, so a seed means the same image
-on every backend and device. Latents stay on the Unet's device from the first draw to
-the decoded image.
+`encoder_hidden_states` ([B, C, 1, L]), image size from the VAE decoder. Random draws come
+from a CPU noise source (`rng`: torch in diffusers' order, numpy or nvidia as Apple's and
+Mochi's pipelines draw them), so a seed means the same image on every backend and device.
+Latents stay on the Unet's device from the first draw to the decoded image.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ..errors import InvalidBundle, UnsupportedSize, UsageError
 from . import images as imaging
 from .components import Component, unet_names
 from .controlnet import controlled_unet_names
+from .rng import DEFAULT_RNG, NoiseSource, check_latent_dtype, make_noise
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .tokenizer import ClipTokenizer
 
@@ -41,6 +42,7 @@ class Geometry:
     sdxl: bool
     unet_channels: int = 4  # the Unet's sample channels: latent_channels, or 2 * latent_channels + 1 for inpainting
     residuals: int = 0  # ControlNet residual inputs the Unet takes (a controlled Unet)
+    latent_dtype: str = "float32"  # the dtype the denoiser takes its latents in
 
     @property
     def size(self) -> str:
@@ -86,6 +88,14 @@ def _first_output(outputs: dict[str, Any], preferred: tuple[str, ...], rank: int
 class StableDiffusion:
     """Text-to-image and image-to-image over loaded components."""
 
+    # The denoiser's contract; SD3's transformer names these differently (pipeline.sd3).
+    sample_input = "sample"
+    context_input = "encoder_hidden_states"
+    prediction_output = "noise_pred"
+    default_scheduler = DEFAULT_SCHEDULER
+    shift_factor = 0.0  # latents = (VAE sample - shift) * scale; only SD3's VAE shifts
+    refiner: Any = None  # an SDXL refiner (pipeline.refiner) that takes over the last part of the schedule
+
     def __init__(self, components: dict[str, Component], tokenizers: list[ClipTokenizer],
                  scheduler_config: dict[str, Any], *, scale_factor: float | None = None,
                  zero_empty_negative: bool | None = None) -> None:
@@ -108,7 +118,7 @@ class StableDiffusion:
         self.zero_empty_negative = self.geometry.sdxl if zero_empty_negative is None else zero_empty_negative
         # one scheduler built now imports diffusers and checks the config while loading, so neither
         # is counted in the first image's time (or fails after the Unet is loaded and a run started)
-        make_scheduler(DEFAULT_SCHEDULER, scheduler_config)
+        make_scheduler(self.default_scheduler, scheduler_config)
 
     # ---- sizes ------------------------------------------------------------------------
     def unet_inputs(self) -> dict[str, Any]:
@@ -148,12 +158,19 @@ class StableDiffusion:
         out = next(iter(decoder.outputs.values()), None)
         if out is not None and len(out.shape) == 4 and all(d > 0 for d in out.shape):
             ih, iw = out.shape[2], out.shape[3]
+            from ..validate import vae_scale_factor  # the rule `verify` and `pull` check
+
+            if vae_scale_factor((lh, lw), (ih, iw)) is None:
+                raise UnsupportedSize(f"The VAE decoder makes {iw}x{ih} images from {lw}x{lh} latents: not one "
+                                      "whole scale factor for both sides.",
+                                      hint="Run `coreml-hub verify` on the variant.")
         else:
             ih, iw = lh * 8, lw * 8
         return Geometry(unet_batch=batch, latent_channels=latent_channels, latent_height=lh, latent_width=lw,
                         text_length=hidden[3], hidden_size=hidden[1], image_height=ih, image_width=iw,
                         sdxl="time_ids" in specs and "text_embeds" in specs, unet_channels=channels,
-                        residuals=sum(1 for n in specs if n.startswith("additional_residual_")))
+                        residuals=sum(1 for n in specs if n.startswith("additional_residual_")),
+                        latent_dtype=specs["sample"].dtype)
 
     # ---- text -------------------------------------------------------------------------
     def _encode_one(self, encoder: Component, tokenizer: ClipTokenizer, text: str) -> tuple[Any, Any]:
@@ -202,7 +219,7 @@ class StableDiffusion:
         for part in self.unet_parts:
             out = part(values)
             values.update(out)
-        return _first_output(out, ("noise_pred",), rank=4)
+        return _first_output(out, (self.prediction_output,), rank=4)
 
     def predict_noise(self, sample: Any, t: Any, cond: Conditioning, which: tuple[int, ...], *,
                       extra: Any = None, control: list[tuple[Any, Any, float]] | None = None) -> Any:
@@ -222,9 +239,9 @@ class StableDiffusion:
             padded = group + [group[-1]] * (batch - len(group))
             latents = torch.cat([sample] * batch)
             feed: dict[str, Any] = {
-                "sample": latents if extra is None else torch.cat([latents, torch.cat([extra] * batch)], dim=1),
+                self.sample_input: latents if extra is None else torch.cat([latents, torch.cat([extra] * batch)], dim=1),
                 "timestep": torch.full((batch,), float(t), dtype=torch.float32, device=sample.device),
-                "encoder_hidden_states": torch.cat([cond.hidden[i] for i in padded]),
+                self.context_input: torch.cat([cond.hidden[i] for i in padded]),
             }
             for key in cond.extras[1]:
                 feed[key] = torch.cat([cond.extras[i][key] for i in padded])
@@ -238,10 +255,10 @@ class StableDiffusion:
     def decode(self, latents: Any) -> Any:
         """Latents -> float numpy [H, W, 3] in [0, 1]."""
         decoder = self.components["vae_decoder"]
-        out = decoder({next(iter(decoder.inputs)): latents / self.scale_factor})
+        out = decoder({next(iter(decoder.inputs)): latents / self.scale_factor + self.shift_factor})
         return imaging.tensor_to_unit(_first_output(out, ("image",), rank=4))
 
-    def encode_image(self, image: Any, generator: Any) -> Any:
+    def encode_image(self, image: Any, noise: NoiseSource) -> Any:
         """Init image tensor [1, 3, H, W] -> scaled latents, sampled from the encoder's distribution."""
         import torch
 
@@ -252,22 +269,32 @@ class StableDiffusion:
         moments = _first_output(encoder({next(iter(encoder.inputs)): image}), ("latent",), rank=4)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-        return (mean + std * noise) * self.scale_factor
+        return (noise.gaussian(mean, std) - self.shift_factor) * self.scale_factor
+
+    def img2img_start(self, steps: int, strength: float) -> int:
+        """The first of `steps` steps an image-to-image run denoises (diffusers' rounding)."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
+    def noised(self, sched: Any, init: Any, noise: Any, t: Any) -> Any:
+        """The init image's latents noised to timestep `t`."""
+        return sched.add_noise(init, noise, t)
 
     # ---- the loop ---------------------------------------------------------------------
     def generate(self, *, prompt: str, negative_prompt: str = "", steps: int = 25, guidance_scale: float = 7.5,
-                 seed: int = 0, scheduler: str = "pndm", init_image: Any = None, strength: float = 0.75,
+                 seed: int = 0, scheduler: str | None = None, init_image: Any = None, strength: float = 0.75,
                  conditioning: Conditioning | None = None, on_step: StepCallback | None = None,
                  progress: bool = False, desc: str = "Generating", check_safety: bool = True,
-                 latents: Any = None, mask: Any = None,
+                 latents: Any = None, rng: str = DEFAULT_RNG, noise: NoiseSource | None = None, mask: Any = None,
                  control: list[tuple[Any, Any, float]] | None = None) -> Generated:
         """Make one image. `init_image` (PIL, model size) switches to image-to-image; with `mask` (float
         [H, W], 1 = repaint) to inpainting, as diffusers' StableDiffusionInpaintPipeline does it: a 9-channel
         Unet sees the mask and the masked image's latents, a 4-channel Unet's latents are pasted back
-        outside the mask after every step. `control`: (ControlNet, control image [1, 3, H, W], scale)."""
+        outside the mask after every step. `control`: (ControlNet, control image [1, 3, H, W], scale).
+
+        The initial noise comes from `noise` when given (a source shared by several images),
+        else from a fresh `rng` source seeded with `seed`; `latents` overrides the draw.
+        """
         import torch
-        from tqdm import tqdm
 
         if steps < 1:
             raise UsageError("--steps must be at least 1.")
@@ -280,67 +307,52 @@ class StableDiffusion:
         if control and not g.residuals:
             raise InvalidBundle("This model's Unet takes no ControlNet residuals.",
                                 hint="Use a variant with a ControlledUnet (converted with --controlnet).")
+        if self.refiner is not None and (control or mask is not None):
+            raise UsageError("A refiner does not run with ControlNets or a mask.",
+                             hint="Load the pipeline without its refiner (--no-refiner).")
         cond = conditioning or self.condition(prompt, negative_prompt)
+        scheduler = scheduler or self.default_scheduler
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
+        if noise is None:
+            check_latent_dtype(rng, g.latent_dtype)
+            noise = make_noise(rng, seed)
+        generator = noise.step_generator
         shape = (1, g.latent_channels, g.latent_height, g.latent_width)
         timesteps = sched.timesteps
         extra = blend = None
         if init_image is not None:
             if not 0.0 < strength <= 1.0:
                 raise UsageError(f"--strength must be in (0, 1], got {strength}.")
-            keep = min(int(steps * strength), steps)
-            t_start = max(steps - keep, 0)
+            t_start = self.img2img_start(steps, strength)
             timesteps = sched.timesteps[t_start * sched.order:]
             if len(timesteps) == 0:
                 raise UsageError(f"--strength {strength} with --steps {steps} leaves no denoising step.",
                                  hint="Raise --strength or --steps.")
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
-            image = imaging.image_to_tensor(init_image)
+            pixels = imaging.image_to_tensor(init_image)
             if mask is None:
-                init = self.encode_image(image, generator)
-                noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(init.device)
-                current = sched.add_noise(init, noise, timesteps[:1])
+                first = noise.latents(shape) if noise.noise_first else None  # the Swift order: noise, then sample
+                init = self.encode_image(pixels, noise)
+                added = (first if first is not None else noise.latents(tuple(init.shape))).to(init.device)
+                current = self.noised(sched, init, added, timesteps[:1])
             else:
-                current, extra, blend = self._inpaint_start(image, mask, generator, sched, timesteps, strength)
+                current, extra, blend = self._inpaint_start(pixels, mask, noise, sched, timesteps, strength)
         else:
-            if latents is None:
-                latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-            current = (latents.to(torch.float32) * sched.init_noise_sigma).to(self.unet_parts[0].device)
-
-        step_params = inspect.signature(sched.step).parameters
-        step_kwargs: dict[str, Any] = {}
-        if "generator" in step_params:
-            step_kwargs["generator"] = generator
-        if "eta" in step_params:
-            step_kwargs["eta"] = 0.0
-        guided = guidance_scale > 1.0
+            sigma = getattr(sched, "init_noise_sigma", 1.0)  # flow matching starts from plain noise
+            if latents is not None:
+                current = (latents.to(torch.float32) * sigma).to(self.unet_parts[0].device)
+            else:
+                current = noise.latents(shape, float(sigma)).to(self.unet_parts[0].device)
         total = len(timesteps)
-        bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr,
-                   dynamic_ncols=True, leave=False)
-        try:
-            for i, t in enumerate(timesteps):
-                model_in = sched.scale_model_input(current, t)
-                if guided:
-                    uncond, text = self.predict_noise(model_in, t, cond, (0, 1), extra=extra,
-                                                      control=control).chunk(2)
-                    noise_pred = uncond + guidance_scale * (text - uncond)
-                else:
-                    noise_pred = self.predict_noise(model_in, t, cond, (1,), extra=extra, control=control)
-                current = sched.step(noise_pred, t, current, **step_kwargs).prev_sample
-                if blend is not None:  # a 4-channel Unet inpaints by keeping the unmasked latents
-                    image_latents, noise, mask_latent = blend
-                    proper = image_latents
-                    if i < total - 1:
-                        proper = sched.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
-                    current = (1 - mask_latent) * proper + mask_latent * current
-                bar.update(1)
-                if on_step is not None:
-                    on_step(i + 1, total, current)
-        finally:
-            bar.close()
+        if self.refiner is not None:
+            current = self.refiner.finish(self, sched, scheduler, steps, timesteps, current, cond, guidance_scale,
+                                          generator, prompt=prompt, negative_prompt=negative_prompt,
+                                          on_step=on_step, progress=progress, desc=desc)
+        else:
+            current = self.denoise(sched, timesteps, current, cond, guidance_scale, generator, on_step=on_step,
+                                   progress=progress, desc=desc, extra=extra, control=control, blend=blend)
         image = self.decode(current)
         flagged = False
         if check_safety and "safety_checker" in self.components:
@@ -351,7 +363,54 @@ class StableDiffusion:
                 image = blacked_out(image)
         return Generated(image=image, seed=int(seed), flagged=flagged, unet_steps=total)
 
-    def _inpaint_start(self, image: Any, mask: Any, generator: Any, sched: Any, timesteps: Any,
+    def denoise(self, sched: Any, timesteps: Any, current: Any, cond: Conditioning, guidance_scale: float,
+                generator: Any, *, on_step: StepCallback | None = None, progress: bool = False,
+                desc: str = "Generating", done: int = 0, total: int | None = None, extra: Any = None,
+                control: list[tuple[Any, Any, float]] | None = None, blend: tuple[Any, Any, Any] | None = None) -> Any:
+        """Step `current` through `timesteps` with this pipeline's denoiser; returns the last latents.
+
+        `done` steps of `total` were run before (by another denoiser), for the progress callback.
+        `extra`, `control`: see `predict_noise`; `blend` (init latents, noise, latent mask): a 4-channel
+        Unet inpaints by keeping the init image's latents, noised to the next step, outside the mask.
+        """
+        from tqdm import tqdm
+
+        step_params = inspect.signature(sched.step).parameters
+        step_kwargs: dict[str, Any] = {}
+        if "generator" in step_params:
+            step_kwargs["generator"] = generator
+        if "eta" in step_params:
+            step_kwargs["eta"] = 0.0
+        guided = guidance_scale > 1.0
+        total = total or done + len(timesteps)
+        bar = tqdm(total=total, initial=done, desc=desc, unit="step", disable=not progress, file=sys.stderr,
+                   dynamic_ncols=True, leave=False)
+        scale_input = getattr(sched, "scale_model_input", None)  # flow matching has none
+        try:
+            for j, t in enumerate(timesteps):
+                i = done + j
+                model_in = scale_input(current, t) if scale_input is not None else current
+                if guided:
+                    uncond, text = self.predict_noise(model_in, t, cond, (0, 1), extra=extra,
+                                                      control=control).chunk(2)
+                    noise_pred = uncond + guidance_scale * (text - uncond)
+                else:
+                    noise_pred = self.predict_noise(model_in, t, cond, (1,), extra=extra, control=control)
+                current = sched.step(noise_pred, t, current, **step_kwargs).prev_sample
+                if blend is not None:  # a 4-channel Unet inpaints by keeping the unmasked latents
+                    image_latents, noise, mask_latent = blend
+                    proper = image_latents
+                    if j < len(timesteps) - 1:
+                        proper = self.noised(sched, image_latents, noise, timesteps[j + 1:j + 2])
+                    current = (1 - mask_latent) * proper + mask_latent * current
+                bar.update(1)
+                if on_step is not None:
+                    on_step(i + 1, total, current)
+        finally:
+            bar.close()
+        return current
+
+    def _inpaint_start(self, image: Any, mask: Any, noise_source: NoiseSource, sched: Any, timesteps: Any,
                        strength: float) -> tuple[Any, Any, Any]:
         """Initial latents, the 9-channel Unet's extra inputs, and what a 4-channel Unet blends with.
 
@@ -366,19 +425,19 @@ class StableDiffusion:
         strength_max = strength == 1.0
         image_latents = None
         if not g.inpainting or not strength_max:
-            image_latents = self.encode_image(image, generator)
+            image_latents = self.encode_image(image, noise_source)
         shape = (1, g.latent_channels, g.latent_height, g.latent_width)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = noise_source.latents(shape)
         device = self.unet_parts[0].device
         noise = noise.to(image_latents.device if image_latents is not None else device)
         if strength_max:
             current = noise * sched.init_noise_sigma
         else:
-            current = sched.add_noise(image_latents, noise, timesteps[:1])
+            current = self.noised(sched, image_latents, noise, timesteps[:1])
         mask_latent = F.interpolate(mask_t, size=(g.latent_height, g.latent_width)).to(current.device)
         if g.inpainting:
             masked = image * (mask_t < 0.5)
-            masked_latents = self.encode_image(masked, generator).to(current.device)
+            masked_latents = self.encode_image(masked, noise_source).to(current.device)
             return current, torch.cat([mask_latent, masked_latents], dim=1), None
-        torch.randn(shape, generator=generator, dtype=torch.float32)  # the masked image's draw
+        noise_source.latents(shape)  # the masked image's draw
         return current, None, (image_latents.to(current.device), noise.to(current.device), mask_latent)

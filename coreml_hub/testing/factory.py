@@ -159,6 +159,8 @@ def tiny_controlnet(name: str = "sd1") -> tuple[Any, Path]:
 
 def components_of(style: str) -> tuple[str, ...]:
     """Components a full conversion of `style` produces (Unet chunks not included)."""
+    if style == "sd3":
+        return ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder", "vae_encoder")
     comps = ["text_encoder"]
     if style == "sdxl":
         comps.append("text_encoder_2")
@@ -189,6 +191,7 @@ def converted(
     latent_size: tuple[int, int] | None = None,
     compiled: bool = False,
     controlnets: tuple[str, ...] = (),
+    refiner: bool = False,
 ) -> Path:
     """A full conversion output folder of a tiny style, as `coreml-hub convert` writes it.
 
@@ -199,10 +202,15 @@ def converted(
     With `controlnets` (names of tiny ControlNets, see `tiny.CONTROLNETS`) the Unet is the one that
     takes their residuals (`..._control-unet.mlpackage`) and each ControlNet is there as
     `ControlNet_tiny-controlnet-<name>.mlpackage` (compiled: `controlnet/TinyControlnet<Name>.mlmodelc`).
+    `refiner=True` (sdxl) adds the tiny refiner's Unet as `..._refiner.mlpackage` (and its chunks).
     """
-    comps = components_of(style)
+    comps = components_of(style) + (("refiner",) if refiner else ())
+    if refiner and style != "sdxl":
+        raise ValueError("the tiny refiner goes with the sdxl style")
     latent = tuple(latent_size) if latent_size else None
     controlnets = tuple(controlnets)
+    if style == "sd3" and attention != "original":
+        raise ValueError("SD3 converts with original attention only")
 
     def build(tmp: Path) -> None:
         parts = [(_component_part(style, comp, attention, precision, chunk, quantize, batch_one, latent,
@@ -211,7 +219,8 @@ def converted(
         parts += [(_controlnet_part(style, name, attention, precision, quantize, batch_one, latent), "unet")
                   for name in controlnets]
         _assemble(tmp, style, attention, precision, quantize, latent or (tiny.LATENT, tiny.LATENT),
-                  [(part, attention if comp == "unet" else "original") for part, comp in parts])
+                  [(part, attention if comp in ("unet", "refiner") else "original") for part, comp in parts],
+                  comps)
         if compiled:
             from .compiled import compile_folder
 
@@ -230,6 +239,7 @@ def converted(
         latent=latent,
         compiled=compiled,
         controlnets=controlnets,
+        refiner=refiner,
     )
 
 
@@ -251,11 +261,13 @@ def _component_part(style: str, comp: str, attention: str, precision: str, chunk
         options["quantize_nbits"] = quantize
     if not comp.startswith("text_encoder") and latent:
         options["latent_size"] = latent
-    if comp == "unet":
+    if comp in ("unet", "refiner"):
         options.update(attention=attention, chunk_unet=chunk, unet_batch_one=batch_one,
                        query_chunk_size=TINY_QUERY_CHUNK)
     if controlled:  # any ControlNet of the style makes convert write the controlled Unet; none is converted
         options["controlnets"] = (str(controlnet_folder(_style_controlnet(style))),)
+    if comp == "refiner":
+        options["refiner"] = str(pipeline_folder("sdxl-refiner"))
     return _convert_part(style, (comp,), **options)
 
 
@@ -302,6 +314,7 @@ def _assemble(
     quantize: int | None,
     latent: tuple[int, ...],
     parts: list[tuple[Path, str]],
+    comps: tuple[str, ...],
 ) -> None:
     from ..convert.repo_files import hub_metadata, write_card
 
@@ -310,12 +323,12 @@ def _assemble(
     for part, part_attention in parts:
         for pkg in sorted((part / part_attention / "packages").glob("*.mlpackage")):
             _link_tree(pkg, packages / pkg.name)
-        for sub in ("tokenizer", "tokenizer_2", "scheduler"):
+        for sub in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"):
             if (part / sub).is_dir() and not (out / sub).exists():
                 _link_tree(part / sub, out / sub)
-    arch = "sdxl" if style == "sdxl" else "sd"
+    arch = style if style in ("sdxl", "sd3") else "sd"
     meta = hub_metadata(model_version(style), arch, [attention], quantize)
-    write_card(out, meta, list(components_of(style)), precision, (latent[0], latent[1]), 8)
+    write_card(out, meta, list(comps), precision, (latent[0], latent[1]), 8)
 
 
 def package(out: Path, component: str) -> Path:

@@ -459,6 +459,12 @@ class Worker:
                 extra["refiner"] = refiner is not False
                 if not isinstance(refiner, bool):
                     extra["refiner_model"] = resolve_model(str(refiner), pull=True)
+            if extra.get("controlnets"):  # names (or REPO:NAME, paths) -> the bundles, as `generate` finds them
+                from .pipeline.controlnet import pair_requests
+                from .pipeline.generate import resolve_controlnets
+
+                requests = pair_requests(extra["controlnets"], (), ())
+                extra["controlnets"] = tuple(resolve_controlnets(resolved, requests, pull=True))
             return load_pipeline(resolved, backend=self.backend, device=self.device,
                                  img2img=bool(load.get("img2img")), safety=bool(load.get("safety")), **extra)
         from .mil.model import load_model

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, models: [], jobs: new Map(), current: null, upload: null, gallery: [] };
+const state = { info: null, models: [], jobs: new Map(), current: null, upload: null, mask: null, control: null, gallery: [] };
 
 // ---- helpers --------------------------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -128,13 +128,20 @@ function formRequest() {
   }
   if (!state.upload) delete data.strength;
   else data.init_image = state.upload.id;
+  if (state.upload && state.mask) data.mask = state.mask.id;
+  const controlnet = form.elements.controlnet.value.trim();
+  if (controlnet) {
+    const scale = form.elements.control_scale.value.trim();
+    data.controlnets = [{ name: controlnet, image: state.control ? state.control.id : null, scale: scale === "" ? 1 : Number(scale) }];
+  }
   data.disable_safety = form.elements.disable_safety.checked;
   return data;
 }
 
 function markInvalid(param) {
   for (const node of document.querySelectorAll("#generate-form [aria-invalid]")) node.removeAttribute("aria-invalid");
-  const field = param && ($(param) || (param === "init_image" ? $("init_image_file") : null));
+  const files = { init_image: "init_image_file", mask: "mask_file", controlnets: "controlnet" };
+  const field = param && ($(param) || (files[param] ? $(files[param]) : null));
   if (field) { field.setAttribute("aria-invalid", "true"); field.focus(); }
 }
 
@@ -182,6 +189,21 @@ function clearInit() {
   state.upload = null;
   $("init_image_file").value = "";
   $("init-preview").hidden = true;
+}
+
+// The inpainting mask and the control image: uploaded when chosen, sent with the request by id.
+async function chooseUpload(event, key, param) {
+  const file = event.target.files[0];
+  showError($("form-error"), null);
+  state[key] = null;
+  if (!file) return;
+  try {
+    state[key] = await api("/api/uploads", { method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" } });
+  } catch (error) {
+    event.target.value = "";
+    showError($("form-error"), error);
+    markInvalid(param);
+  }
 }
 
 // ---- the job being watched on the Generate page -------------------------------------------------
@@ -407,6 +429,8 @@ async function start() {
   $("seed-random").addEventListener("click", () => { $("seed").value = ""; });
   $("init_image_file").addEventListener("change", chooseInit);
   $("init-clear").addEventListener("click", clearInit);
+  $("mask_file").addEventListener("change", (event) => chooseUpload(event, "mask", "mask"));
+  $("control_image_file").addEventListener("change", (event) => chooseUpload(event, "control", "controlnets"));
   $("current-cancel").addEventListener("click", () => state.current && cancelJob(state.current));
   $("search-form").addEventListener("submit", search);
   $("pull-form").addEventListener("submit", (event) => {

@@ -77,6 +77,10 @@ def test_bad_input_is_refused_before_anything_loads(controlled: Path, tmp_path: 
     code, _, err = _run(capsys, controlled, tmp_path, "--mask", str(image))
     assert code == 2 and "--mask needs --image" in err
 
+    code, _, err = _run(capsys, controlled, tmp_path, "--image", str(image), "--mask", str(image), "--refiner",
+                        str(controlled))
+    assert code == 2 and "refiner does not run with ControlNets or a mask" in err
+
     code, _, err = _run(capsys, controlled, tmp_path, "--controlnet", "NoSuchNet", "--control-image", str(image))
     assert code == 1 and "tiny-controlnet-sd1-b" in err  # names the ControlNets it has
 
@@ -144,6 +148,22 @@ def test_inpainting_model_from_the_cli_with_a_transparent_mask(tmp_path: Path, c
         "parameters"]
     code, _, err = _run(capsys, out_dir, tmp_path)
     assert code == 2 and "inpainting Unet" in err and "--mask" in err
+
+
+    # --fit crops the mask as it crops the init image: the same image as both cut to the middle beforehand
+    wide = _png(tmp_path / "wide.png", (128, 64), 6)
+    wide_mask = np.zeros((64, 128), dtype=np.uint8)
+    wide_mask[16:48, 40:72] = 255
+    Image.fromarray(wide_mask).save(tmp_path / "wide-mask.png")
+    Image.open(wide).crop((32, 0, 96, 64)).save(tmp_path / "cut.png")
+    Image.fromarray(wide_mask[:, 32:96]).save(tmp_path / "cut-mask.png")
+    made = []
+    for args in (("--image", str(wide), "--mask", str(tmp_path / "wide-mask.png"), "--fit", "crop"),
+                 ("--image", str(tmp_path / "cut.png"), "--mask", str(tmp_path / "cut-mask.png"))):
+        code, out, err = _run(capsys, out_dir, tmp_path, *args, "--json")
+        assert code == 0, err
+        made.append(np.asarray(Image.open(json.loads(out)["images"][0]["path"]).convert("RGB")))
+    assert np.array_equal(made[0], made[1])
 
 
 def test_a_controlled_unet_without_controlnets_is_the_plain_unet(controlled: Path) -> None:

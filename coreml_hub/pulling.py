@@ -67,6 +67,7 @@ PORTABLE_ATTENTION_ORDER = ("original", "split_einsum", "split_einsum_v2")
 FORMAT_ORDER = ("compiled", "packages")
 
 PhaseFn = Callable[[str], None]
+BytesFn = Callable[[int, int], None]  # (bytes present so far, total bytes), called from download threads
 
 
 # ---------------------------------------------------------------------------
@@ -343,9 +344,14 @@ class PullPlan:
         }
 
     def execute(self, *, progress: bool | None = None, on_phase: PhaseFn | None = None,
-                on_wait: Callable[[], None] | None = None, workers: int | None = None) -> "PullResult":
-        """Fetch, materialize, check and store the variant. `progress=None`: a bar only when stderr is a terminal."""
-        return _execute(self, progress=progress, on_phase=on_phase, on_wait=on_wait, workers=workers)
+                on_wait: Callable[[], None] | None = None, workers: int | None = None,
+                on_bytes: BytesFn | None = None) -> "PullResult":
+        """Fetch, materialize, check and store the variant. `progress=None`: a bar only when stderr is a terminal.
+
+        `on_bytes(done, total)` follows the download for callers that draw their own progress.
+        """
+        return _execute(self, progress=progress, on_phase=on_phase, on_wait=on_wait, workers=workers,
+                        on_bytes=on_bytes)
 
 
 @dataclass(frozen=True)
@@ -531,11 +537,15 @@ def _offline_plan(ref: store.ModelRef, *, chunked: bool | None) -> PullPlan:
 class _Bar:
     """One aggregated byte bar (tqdm on stderr), safe to update from download threads."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str) -> None:
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str, observer: BytesFn | None = None) -> None:
         import threading
 
         self._lock = threading.Lock()
         self._bar = None
+        self._observer = observer
+        self._done, self._total = initial, total
+        if observer is not None:
+            observer(initial, total)
         if enabled:
             from tqdm import tqdm
 
@@ -544,9 +554,13 @@ class _Bar:
                              desc=desc, file=sys.stderr, ncols=columns, nrows=rows, mininterval=0.2, leave=True)
 
     def update(self, n: int) -> None:
-        if self._bar is not None and n:
+        if n and (self._bar is not None or self._observer is not None):
             with self._lock:
-                self._bar.update(n)
+                self._done += n
+                if self._bar is not None:
+                    self._bar.update(n)
+                if self._observer is not None:
+                    self._observer(self._done, self._total)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -577,7 +591,7 @@ def check_disk_space(where: Path, needed: int) -> None:
 
 
 def _execute(plan: PullPlan, *, progress: bool | None, on_phase: PhaseFn | None,
-             on_wait: Callable[[], None] | None, workers: int | None) -> PullResult:
+             on_wait: Callable[[], None] | None, workers: int | None, on_bytes: BytesFn | None = None) -> PullResult:
     started = time.monotonic()
     if plan.offline or not plan.needs_download:
         return _result_from_store(plan, started, already=True)
@@ -595,7 +609,7 @@ def _execute(plan: PullPlan, *, progress: bool | None, on_phase: PhaseFn | None,
         shutil.rmtree(build, ignore_errors=True)
         remaining = sum(f.size - _present(staging / folder, f.path, f.size) for folder, f in plan.staged_files)
         check_disk_space(paths.home(), remaining + plan.archive_bytes)
-        downloaded = _download(plan, staging, show, workers)
+        downloaded = _download(plan, staging, show, workers, on_bytes)
         _materialize(plan, staging, build, phase)
         source_record = _place_source_files(plan, staging, build)
         phase(f"Verifying {plan.variant.id}")
@@ -635,7 +649,8 @@ def _result_from_store(plan: PullPlan, started: float, *, already: bool) -> Pull
                       source_model=source or None)
 
 
-def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) -> dict[tuple[str, str], Any]:
+def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None,
+              on_bytes: BytesFn | None = None) -> dict[tuple[str, str], Any]:
     """Fetch every planned file into staging/files and staging/source (repo paths); keyed by (folder, path)."""
     from huggingface_hub import hf_hub_url
 
@@ -651,7 +666,7 @@ def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) ->
         jobs.append(DownloadJob(name=name, url=url, dest=staging / folder / f.path, size=f.size, sha256=f.sha256))
     initial = sum(present_bytes(j.dest, j.size) for j in jobs)
     total = sum(j.size or 0 for j in jobs)
-    bar = _Bar(show and initial < total, total, initial, plan.variant.id)
+    bar = _Bar(show and initial < total, total, initial, plan.variant.id, on_bytes)
     try:
         with Downloader(headers=hub_headers(hub.token()), workers=workers) as downloader:
             results = downloader.fetch_all(jobs, bar.update)

@@ -74,6 +74,7 @@ class Served:
 class ServerKind:
     layout: Callable[[Path], tuple[Path, Path]]
     start: Callable[[Path, Path, dict[str, float]], Served]
+    slow_clients: bool = True  # the tests of section 3 (slow and idle clients, the connection cap) apply
 
 
 def _serve_layout(tmp: Path) -> tuple[Path, Path]:
@@ -106,7 +107,36 @@ def _serve_start(root: Path, folder: Path, limits: dict[str, float]) -> Served:
     )
 
 
-SERVERS = {"serve": ServerKind(_serve_layout, _serve_start)}
+def _app_layout(tmp: Path) -> tuple[Path, Path]:
+    outputs = tmp / "outputs"
+    outputs.mkdir()
+    return outputs, outputs
+
+
+def _app_start(root: Path, folder: Path, limits: dict[str, float]) -> Served:
+    """`coreml-hub app` with `root` as its outputs folder: its file routes and JSON body limits.
+
+    Its connection handling is uvicorn's (with a header timeout added), tested in test_app_security.py.
+    """
+    from coreml_hub.testing.appserver import AppServer
+
+    args = ["--allow-host", "x"]  # the Host these tests send
+    for name, value in limits.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    app = AppServer(store=root.parent / "store", outputs=root, hub_url="http://127.0.0.1:9",
+                    log_dir=root.parent / f"app-logs-{uuid.uuid4().hex[:6]}", extra_args=tuple(args)).start()
+
+    def listed() -> set[str]:
+        return {f["path"] for f in httpx2.get(f"{app.url}/api/files", timeout=30).json()["files"]}
+
+    return Served(
+        url=app.url, root=root, folder=folder, target=lambda path: f"/files/{quote(path)}", listed=listed,
+        prefixes=("/files/", "/api/gallery/", "/api/files/"), body_target="/api/files/info", body_limit=1 << 20,
+        stderr=app.log, alive=lambda: app.running, stop=app.stop,
+    )
+
+
+SERVERS = {"serve": ServerKind(_serve_layout, _serve_start), "app": ServerKind(_app_layout, _app_start, False)}
 
 
 # --- raw HTTP ---------------------------------------------------------------------------------------------------
@@ -376,7 +406,7 @@ def test_chunked_and_missing_lengths(served: Served) -> None:
 TIGHT = {"header_timeout": 3.0, "idle_timeout": 1.5, "max_connections": 40}
 
 
-@pytest.fixture(scope="module", params=sorted(SERVERS))
+@pytest.fixture(scope="module", params=sorted(k for k, kind in SERVERS.items() if kind.slow_clients))
 def tight(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """A server with short timeouts and few connections, so the slow-client tests stay quick."""
     kind = SERVERS[request.param]

@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "run": "run_cmd:run_cmd",
     "predict": "predict_cmd:predict_cmd",
     "serve": "serve_cmd:serve_cmd",
+    "app": "app_cmd:app_cmd",
     "plugins": "plugins_cmd:plugins_cmd",
     "demo": "demo_cmd:demo_cmd",
 }
@@ -50,6 +51,7 @@ SHORT_HELP: dict[str, str] = {
     "run": "Generate images with a Core ML Stable Diffusion model.",
     "predict": "Run any Core ML model (ML Program) on given inputs.",
     "serve": "Serve a folder of repos as a read-only Hub mirror.",
+    "app": "Serve the web app and HTTP API, with models kept warm.",
     "plugins": "List installed plugins.",
     "demo": "Run the offline demo on a bundled tiny model.",
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from dataclasses import dataclass, field, replace
@@ -18,6 +19,21 @@ from .schedulers import DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS, schedul
 from .tokenizer import load_tokenizer
 
 Notify = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """One finished denoising step, as `generate(on_step=...)` reports it."""
+
+    image_index: int  # from 0
+    num_images: int
+    seed: int
+    step: int  # from 1
+    total: int
+    preview: Callable[[], Any]  # the current latents decoded to a PIL image (one VAE decode: call sparingly)
+
+
+StepHook = Callable[[StepProgress], None]
 
 
 @dataclass(frozen=True)
@@ -142,27 +158,35 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
-             prediction_type: str | None = None) -> RunResult:
+             prediction_type: str | None = None, loaded: LoadedPipeline | None = None,
+             on_step: StepHook | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
     Image i uses seed `seed + i`, so each file can be made again on its own.
     `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
+    `loaded` is a pipeline already in memory (from `load_pipeline`): `model` and the load options
+    are then not used. `on_step` is called after every denoising step; an exception it raises
+    stops the run there and propagates (how a caller cancels; no file of that image is written).
     """
     from .. import paths
 
     _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type)
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
-    resolved = model if isinstance(model, ResolvedModel) else resolve_model(
-        str(model), pull=pull, progress=progress, on_message=say)
-    loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
-                           img2img=init is not None, safety=not disable_safety, progress=progress,
-                           prediction_type=prediction_type)
+    warm = loaded is not None
+    if loaded is None:
+        resolved = model if isinstance(model, ResolvedModel) else resolve_model(
+            str(model), pull=pull, progress=progress, on_message=say)
+        loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
+                               img2img=init is not None, safety=not disable_safety, progress=progress,
+                               prediction_type=prediction_type)
+    resolved = loaded.model
     pipe = loaded.pipeline
     g = pipe.geometry
-    say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
-        f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
+    if not warm:
+        say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
+            f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
     if init is not None:
         init, resized = imaging.fit_init_image(init, g.image_width, g.image_height)
         if resized:
@@ -183,18 +207,27 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
             model=resolved.name, variant=resolved.variant, revision=resolved.revision, backend=loaded.backend,
             prediction_type=pipe.scheduler_config.get("prediction_type"),
             strength=strength if init is not None else None, init_image=str(image) if image is not None else None)
+        report = None if on_step is None else functools.partial(_report_step, on_step, pipe, index, num_images,
+                                                                meta.seed)
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
-                                 f"Image {index + 1}/{num_images}", not disable_safety, say))
+                                 f"Image {index + 1}/{num_images}", not disable_safety, say, report))
     elapsed = time.perf_counter() - start
-    result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, loaded.load_seconds, elapsed,
+    result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, 0.0 if warm else loaded.load_seconds,
+                           elapsed,
                            sum(i.unet_steps for i in saved), tuple(saved))
     say(f"Generated {num_images} image{'s' if num_images != 1 else ''} in {elapsed:.1f} s "
         f"({result_obj.unet_steps_per_second:.2f} steps/s).")
     return result_obj
 
 
+def _report_step(hook: StepHook, pipe: StableDiffusion, index: int, count: int, seed: int, step: int, total: int,
+                 latents: Any) -> None:
+    hook(StepProgress(index, count, seed, step, total, lambda: imaging.unit_to_pil(pipe.decode(latents))))
+
+
 def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any, folder: Path,
-                save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify) -> SavedImage:
+                save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify,
+                report: Callable[[int, int, Any], None] | None = None) -> SavedImage:
     """Denoise one image (saving intermediate decodes when asked), then write its PNG."""
     stem = f"{slug(meta.prompt)}-{meta.seed}"
     intermediates: list[Path] = []
@@ -203,6 +236,8 @@ def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any
         if save_every and step % save_every == 0 and step < total:
             picture = imaging.unit_to_pil(pipe.decode(latents))
             intermediates.append(save_png(picture, folder, f"{stem}-step{step:03d}", replace(meta, step=step)))
+        if report is not None:
+            report(step, total, latents)
 
     t0 = time.perf_counter()
     result = pipe.generate(prompt=meta.prompt, negative_prompt=meta.negative_prompt, steps=meta.steps,

@@ -134,6 +134,54 @@ def parse_parameters(text: str) -> dict[str, str]:
     return result
 
 
+# `parameters` keys (A1111 style) -> ImageMetadata fields, for PNGs that carry only that chunk.
+_PARAMETER_FIELDS = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed", "Model": "model",
+                     "Variant": "variant", "Denoising strength": "strength", "Backend": "backend", "Step": "step"}
+_INT_FIELDS = ("seed", "steps", "width", "height", "step")
+_FLOAT_FIELDS = ("guidance_scale", "strength")
+
+
+def read_metadata(path: Path | str) -> dict[str, Any] | None:
+    """The settings a PNG was made with, as `ImageMetadata.to_dict()` gives them; None when it has none.
+
+    coreml-hub's own chunks (one per setting) come first; a PNG with only the `parameters` chunk
+    (other image tools) is read from that. Unreadable files give None, never an exception.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                return None
+            chunks = dict(getattr(img, "text", {}) or {})
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+    known = {f for f in ImageMetadata.__dataclass_fields__ if f != "extra"}
+    data: dict[str, Any] = {k: v for k, v in chunks.items() if k in known or k == "prediction_type"}
+    if "prompt" not in data and "parameters" in chunks:
+        parsed = parse_parameters(chunks["parameters"])
+        data = {"prompt": parsed.get("prompt", ""), "negative_prompt": parsed.get("negative_prompt", "")}
+        for key, field_name in _PARAMETER_FIELDS.items():
+            if key in parsed:
+                data[field_name] = parsed[key]
+        by_sampler = {v: k for k, v in SAMPLER_NAMES.items()}
+        if "Sampler" in parsed:
+            data["scheduler"] = by_sampler.get(parsed["Sampler"], parsed["Sampler"])
+        width, _, height = parsed.get("Size", "").partition("x")
+        if width.isdigit() and height.isdigit():
+            data["width"], data["height"] = width, height
+    if "prompt" not in data:
+        return None
+    for keys, kind in ((_INT_FIELDS, int), (_FLOAT_FIELDS, float)):
+        for key in keys:
+            if key in data:
+                try:
+                    data[key] = kind(data[key])
+                except (TypeError, ValueError):
+                    data.pop(key)  # a value no tool could have meant: left out rather than guessed
+    return data
+
+
 def slug(text: str, limit: int = 40) -> str:
     """A short, filesystem-safe name from a prompt."""
     words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")

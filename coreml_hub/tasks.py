@@ -167,6 +167,13 @@ class ModelInfo:
         """`TAG_BONUS` when the repo's pipeline_tag is one of `tags`."""
         return TAG_BONUS if self.pipeline_tag and self.pipeline_tag in tags else 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The model as --json shows it: where it is and what it is called."""
+        if self.resolved is not None:
+            return self.resolved.to_dict()
+        return {"path": str(self.path), "name": self.name, "repo": self.repo, "variant": self.variant,
+                "revision": self.revision}
+
     def describe(self) -> str:
         """Each bundle's inputs and outputs, in words (for messages)."""
         if self.diffusion:
@@ -426,6 +433,57 @@ def load_bundle(path: Path, request: TaskRequest) -> Any:
         raise InvalidBundle(f"Cannot load {path.name}: {type(exc).__name__}: {exc}") from exc
 
 
+def read_images(request: TaskRequest, example: str) -> list[tuple[Path, Any]]:
+    """The IMAGE arguments and --image files as (path, RGB image), read before any model loads, so a
+    file that is not an image fails at once."""
+    from .pipeline.images import open_image
+
+    if request.texts:
+        raise UsageError("This task takes images, not --text.", hint=f"For example: {example}")
+    files = request.files()
+    if not files:
+        raise UsageError("This task takes one or more IMAGE files after MODEL (or --image).",
+                         hint=f"For example: {example}")
+    return [(path, open_image(path, what="Image", option="IMAGE")) for path in files]
+
+
+def image_input(spec: BundleSpec) -> FeatureDescription | None:
+    """The model's one image input, when it takes exactly one input and that is an image."""
+    images = spec.image_inputs
+    return images[0] if len(images) == 1 and len(spec.inputs) == 1 else None
+
+
+@dataclass(frozen=True)
+class LoadedImageModel:
+    """A single-bundle model with one image input, loaded: what image tasks run."""
+
+    spec: BundleSpec
+    image: FeatureDescription  # the image input (its `image` format gives the size)
+    model: Any
+    load_seconds: float
+
+    def predict(self, picture: Any, mode: str = "stretch") -> dict[str, Any]:
+        """Outputs for one RGB PIL image, fitted to the input's size (`stretch`, or `crop` its middle)."""
+        from .pipeline.images import fit_image
+
+        assert self.image.image is not None
+        fitted = fit_image(picture, self.image.image.width, self.image.image.height, mode=mode)
+        return self.model.predict({self.image.name: fitted})
+
+
+def load_image_model(model: ModelInfo, request: TaskRequest, what: str) -> LoadedImageModel:
+    """Load a single-bundle model that takes one image, or fail saying it is not `what`."""
+    import time
+
+    spec = model.single
+    feature = image_input(spec) if spec is not None else None
+    if spec is None or feature is None or feature.image is None:
+        raise UsageError(f"{model.name} is not {what}. {model.describe()}")
+    started = time.perf_counter()
+    loaded = load_bundle(spec.path, request)
+    return LoadedImageModel(spec, feature, loaded, time.perf_counter() - started)
+
+
 def one_input(request: TaskRequest, what: str, example: str) -> str:
     """The one positional input a task takes (a prompt), with a clear error otherwise."""
     if len(request.inputs) != 1:
@@ -434,6 +492,7 @@ def one_input(request: TaskRequest, what: str, example: str) -> str:
     return request.inputs[0]
 
 
-__all__ = ["AmbiguousTask", "BundleSpec", "KNOWN", "ModelInfo", "NAMED", "NoTaskFound", "Rendering", "SHAPED",
-           "TAG_BONUS", "Task", "TaskRequest", "TaskResult", "available_tasks", "check_options", "choose_task",
-           "describe_model", "load_bundle", "one_input", "read_bundle_spec", "resolve", "run"]
+__all__ = ["AmbiguousTask", "BundleSpec", "KNOWN", "LoadedImageModel", "ModelInfo", "NAMED", "NoTaskFound",
+           "Rendering", "SHAPED", "TAG_BONUS", "Task", "TaskRequest", "TaskResult", "available_tasks", "check_options",
+           "choose_task", "describe_model", "image_input", "load_bundle", "load_image_model", "one_input",
+           "read_bundle_spec", "read_images", "resolve", "run"]

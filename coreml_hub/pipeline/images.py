@@ -14,18 +14,41 @@ ASPECT_TOLERANCE = 0.02
 
 def open_init_image(path: Path | str) -> Any:
     """Read an init image as RGB, with a clear error for anything that is not one."""
+    return open_image(path, what="Init image")
+
+
+def open_image(path: Path | str, *, what: str = "Image", option: str = "--image") -> Any:
+    """Read an image file as RGB; a missing file or one that is not an image is one clear error."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise InvalidImage(f"Init image {path} does not exist.", hint="Pass the path of a PNG or JPEG to --image.")
+        raise InvalidImage(f"{what} {path} does not exist.", hint=f"Pass the path of a PNG or JPEG to {option}.")
     try:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidImage(f"Cannot read {path} as an image ({type(exc).__name__}: {exc}).",
-                           hint="Pass a PNG or JPEG file to --image.") from exc
+                           hint=f"Pass a PNG or JPEG file to {option}.") from exc
+
+
+def fit_image(image: Any, width: int, height: int, mode: str = "stretch") -> Any:
+    """`image` at a model's input size: stretched to it, or (`crop`) its middle of the same aspect ratio
+    resized to it. Bicubic, as image models' preprocessing usually is."""
+    from PIL import Image
+
+    if image.size == (width, height):
+        return image
+    if mode == "crop":
+        w, h = image.size
+        scale = min(w / width, h / height)
+        cw, ch = width * scale, height * scale
+        left, top = (w - cw) / 2, (h - ch) / 2
+        image = image.crop((round(left), round(top), round(left + cw), round(top + ch)))
+    elif mode != "stretch":
+        raise ValueError(f"mode must be stretch or crop, not {mode!r}")
+    return image.resize((width, height), resample=Image.BICUBIC)
 
 
 def fit_init_image(image: Any, width: int, height: int) -> tuple[Any, bool]:
@@ -64,3 +87,34 @@ def unit_to_pil(array: Any) -> Any:
     from PIL import Image
 
     return Image.fromarray((array * 255).round().astype(np.uint8))
+
+
+# Stops of the colormap for depth maps (0 = far, 1 = near): dark blue through purple and orange to
+# pale yellow, lightness rising all the way, so the map also reads in grayscale.
+_RAMP = ((0.0, (13, 8, 50)), (0.25, (84, 24, 120)), (0.5, (175, 48, 110)), (0.75, (240, 120, 50)),
+         (1.0, (252, 240, 170)))
+
+
+def colorize(values: Any) -> Any:
+    """A 2-D array in [0, 1] -> an RGB PIL image through the depth colormap."""
+    import numpy as np
+    from PIL import Image
+
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    stops = np.array([s for s, _ in _RAMP], dtype=np.float32)
+    colors = np.array([c for _, c in _RAMP], dtype=np.float32)
+    rgb = np.stack([np.interp(v, stops, colors[:, i]) for i in range(3)], axis=-1)
+    return Image.fromarray(np.round(rgb).astype(np.uint8), mode="RGB")
+
+
+def palette(count: int) -> list[tuple[int, int, int]]:
+    """`count` well separated colors, the same ones every time (hues a golden angle apart)."""
+    import colorsys
+
+    colors = []
+    for i in range(count):
+        hue = (i * 0.618033988749895) % 1.0
+        light = 0.45 + 0.15 * ((i // 3) % 2)
+        r, g, b = colorsys.hls_to_rgb(hue, light, 0.75)
+        colors.append((round(r * 255), round(g * 255), round(b * 255)))
+    return colors

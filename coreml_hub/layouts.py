@@ -28,14 +28,16 @@ FORMATS = ("packages", "compiled")
 
 # Component names as used throughout coreml-hub (Apple's package suffixes).
 COMPONENTS = (
-    "text_encoder", "text_encoder_2", "unet", "unet_chunk1", "unet_chunk2",
-    "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner",
+    "text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "unet_chunk1", "unet_chunk2", "mmdit",
+    "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner", "refiner_chunk1", "refiner_chunk2",
 )
 
 # Compiled bundle names (Apple's Swift layout) -> component names.
 COMPILED_NAMES = {
     "TextEncoder": "text_encoder",
     "TextEncoder2": "text_encoder_2",
+    "TextEncoderT5": "text_encoder_t5",  # SD3's optional T5 (argmaxinc's repos; Apple's Swift pipeline)
+    "MultiModalDiffusionTransformer": "mmdit",  # SD3's denoiser, in place of the Unet
     "Unet": "unet",
     "UnetChunk1": "unet_chunk1",
     "UnetChunk2": "unet_chunk2",
@@ -43,10 +45,11 @@ COMPILED_NAMES = {
     "VAEEncoder": "vae_encoder",
     "SafetyChecker": "safety_checker",
     "ControlNet": "controlnet",
-    "UnetRefiner": "refiner",
-    "UnetRefinerChunk1": "refiner",
+    "UnetRefiner": "refiner",  # the SDXL refiner's Unet (Apple's `--refiner-version`)
+    "UnetRefinerChunk1": "refiner_chunk1",
+    "UnetRefinerChunk2": "refiner_chunk2",
 }
-COMPILED_FILE_OF = {v: k for k, v in COMPILED_NAMES.items() if k != "UnetRefinerChunk1"}
+COMPILED_FILE_OF = {v: k for k, v in COMPILED_NAMES.items()}
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 

@@ -57,6 +57,9 @@ SOURCE_MODEL_FILES = (
 )
 SECOND_TOKENIZER_FILES = tuple(p.replace("tokenizer/", "tokenizer_2/") for p in SOURCE_MODEL_FILES
                                if p.startswith("tokenizer/"))
+# SD3's T5 tokenizer, for packages variants with a text_encoder_t5 (tokenizer.json is what runs it).
+T5_TOKENIZER_FILES = ("tokenizer_3/tokenizer.json", "tokenizer_3/tokenizer_config.json",
+                      "tokenizer_3/special_tokens_map.json")
 DISK_MARGIN = 16 * 1024 * 1024
 
 # PyTorch models that Apple's packages name but that left the Hub, and where the same files live now.
@@ -486,6 +489,8 @@ def _plan_source_model(variant: Variant, model_version: str | None, warnings: li
     wanted = list(SOURCE_MODEL_FILES)
     if "text_encoder_2" in variant.components:
         wanted += list(SECOND_TOKENIZER_FILES)
+    if "text_encoder_t5" in variant.components:
+        wanted += list(T5_TOKENIZER_FILES)
     by_path = {f.path: f for f in snapshot.files}
     if "tokenizer/vocab.json" not in by_path and "tokenizer/tokenizer.json" in by_path:
         wanted.append("tokenizer/tokenizer.json")  # transformers 5 saves only tokenizer.json

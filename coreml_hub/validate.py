@@ -381,6 +381,10 @@ def check_contract(bundle: Bundle) -> list[Problem]:
     known = [c for c in bundle.components if c.known]
     if not known:
         return [Problem(WARNING, ".", "no Stable Diffusion components recognized by name; only each bundle was checked")]
+    if bundle.get("mmdit") is not None:  # SD3: a transformer in place of the Unet
+        from .validate_sd3 import check_sd3_contract
+
+        return check_sd3_contract(bundle)
 
     compiled = any(c.format == "compiled" for c in bundle.components)
     te_name = _display("text_encoder", compiled)
@@ -519,6 +523,10 @@ def check_contract(bundle: Bundle) -> list[Problem]:
                  f"latent is {_fmt_shape(latent)} but the Unet's sample is {_fmt_shape(sample_shape)}")
     if sc is None and not sdxl:
         problems.append(Problem(WARNING, ".", "no SafetyChecker: generated images are not filtered", None))
+    if bundle.get("refiner") or bundle.get("refiner_chunk1") or bundle.get("refiner_chunk2"):
+        from .validate_refiner import check_refiner_contract
+
+        problems.extend(check_refiner_contract(bundle))
 
     # attention: what the bundles say against what the variant declares
     found = attention_from_bundles(bundle)

@@ -18,8 +18,8 @@ from coreml_hub.tasks import KNOWN, ModelInfo, Rendering, TaskRequest, one_input
 
 # Keywords of `generate` that `run` fills itself rather than from an option of the same name.
 _FILLED = {"model", "prompt", "image", "output_dir", "backend", "device", "pull", "progress", "on_message"}
-# Options whose value `generate` takes in another form.
-_CONVERTED = {"compute_unit": lambda value: value.upper() if isinstance(value, str) else value}
+# Options spelled as the command line says them, which `generate` takes as another keyword.
+_RENAMED = ("no_t5", "refiner_model", "no_refiner")
 _DENOISERS = {"unet", "unet_chunk1", "unet_chunk2"}
 
 
@@ -50,7 +50,7 @@ class TextToImage:
 
     @property
     def options(self) -> frozenset[str]:
-        return _generate_keywords()
+        return _generate_keywords() | set(_RENAMED)
 
     def recognize(self, model: ModelInfo) -> float:
         # A diffusion variant is named by its components; a partial one still belongs here,
@@ -68,13 +68,28 @@ class TextToImage:
         prompt = one_input(request, "PROMPT", f'coreml-hub run {model.ref} "a photo of a red fox"')
         if len(request.images) > 1:
             raise UsageError("text-to-image takes one --image (the init image).")
-        keywords = _generate_keywords()
-        kwargs = {k: _CONVERTED.get(k, lambda v: v)(v) for k, v in request.options.items() if k in keywords}
+        kwargs = generate_keywords(request.options)
         result = generate(model.resolved or str(model.path), prompt,
                           image=request.images[0] if request.images else None, output_dir=request.output_dir,
                           backend=request.backend, device=request.device, pull=request.pull,
                           progress=request.progress, on_message=request.on_message, **kwargs)
         return TextToImageResult(result)
+
+
+def generate_keywords(options: dict[str, Any] | Any) -> dict[str, Any]:
+    """`generate`'s keywords from run's options: same names pass unchanged, a few are spelled otherwise."""
+    keywords = _generate_keywords()
+    kwargs = {k: v for k, v in options.items() if k in keywords}
+    if isinstance(kwargs.get("compute_unit"), str):
+        kwargs["compute_unit"] = kwargs["compute_unit"].upper()
+    if "no_t5" in options:
+        kwargs["t5"] = not options["no_t5"]
+    refiner_model, no_refiner = options.get("refiner_model"), options.get("no_refiner")
+    if refiner_model and no_refiner:
+        raise UsageError("--refiner and --no-refiner contradict each other.", hint="Pass one of them.")
+    if refiner_model or no_refiner is not None:
+        kwargs["refiner"] = refiner_model if refiner_model else not no_refiner
+    return kwargs
 
 
 @hookimpl

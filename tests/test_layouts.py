@@ -113,6 +113,8 @@ EXPECTED_IDS = {
     "flat__mlpackages-folder": {"original/compiled"},
     "flat__packages-folder": {"original/packages"},
     "runwayml__stable-diffusion-v1-5-diffusers": set(),
+    "argmaxinc__coreml-stable-diffusion-3-medium": {"original/compiled", "original/compiled+partial"},
+    "argmaxinc__coreml-stable-diffusion-3-medium-1024-t5": {"original/compiled"},
     # plain Core ML repos (the plain layout): one variant per bundle, named by its path
     "apple__coreml-depth-anything-v2-small": {
         "DepthAnythingV2SmallF32", "DepthAnythingV2SmallF16", "DepthAnythingV2SmallF16INT8",
@@ -274,6 +276,36 @@ def test_sdxl_with_refiner() -> None:
     assert "UnetRefiner.mlmodelc" in bundles_in(variants["original/compiled"])
     assert ("Stable_Diffusion_version_stabilityai_stable-diffusion-xl-base-1.0_refiner.mlpackage"
             in bundles_in(variants["original/packages"]))
+
+
+def test_sd3_argmax_zips_and_the_separate_t5() -> None:
+    """argmaxinc's SD3 repos: a root zip of the Swift resources; the 512 repo keeps T5 beside it, on its own."""
+    variants = by_id("argmaxinc__coreml-stable-diffusion-3-medium")
+    main = variants["original/compiled"]
+    assert main.layout == "archives" and main.archive and not main.partial
+    assert main.components == ("text_encoder", "text_encoder_2", "mmdit", "vae_decoder")
+    assert main.files == ("coreml-stable-diffusion-3-medium_original_compiled.zip",)  # the 9.5 GB T5 stays out
+    t5 = variants["original/compiled+partial"]
+    assert t5.partial and t5.components == ("text_encoder_t5",)
+    assert bundles_in(t5) == {"TextEncoderT5.mlmodelc"}
+    with_t5 = by_id("argmaxinc__coreml-stable-diffusion-3-medium-1024-t5")["original/compiled"]
+    assert with_t5.components == ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder")
+
+
+def test_sd3_bundle_roles_and_folder_variant() -> None:
+    """Converted SD3 folders (compiled or packages) are complete variants with Apple's names."""
+    compiled = [RepoFile(f"Resources/{name}.mlmodelc/model.mil", 10) for name in
+                ("TextEncoder", "TextEncoder2", "TextEncoderT5", "MultiModalDiffusionTransformer", "VAEDecoder")]
+    compiled += [RepoFile(f"Resources/{name}", 10) for name in ("vocab.json", "merges.txt", "tokenizer.json")]
+    prefix = "original/packages/Stable_Diffusion_version_stabilityai_stable-diffusion-3-medium-diffusers"
+    packages = [RepoFile(f"{prefix}_{c}.mlpackage/Manifest.json", 10)
+                for c in ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder", "vae_encoder")]
+    (flat,) = find_flat_variants(compiled)
+    assert not flat.partial and "tokenizer.json" in flat.tokenizer_files
+    assert flat.components == ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder")
+    (apple,) = find_apple_variants(packages)
+    assert not apple.partial and apple.model_version == "stabilityai/stable-diffusion-3-medium-diffusers"
+    assert "mmdit" in apple.components and "text_encoder_t5" in apple.components
 
 
 @pytest.mark.parametrize("name", ["apple__coreml-stable-diffusion-v1-5-palettized",

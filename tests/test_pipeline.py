@@ -16,7 +16,7 @@ from coreml_hub.pipeline import images as imaging
 from coreml_hub.pipeline.components import TensorSpec, component_of, describe, find_components, unet_names
 from coreml_hub.pipeline.png import ImageMetadata, parse_parameters, save_png, slug
 from coreml_hub.pipeline.resolve import resolve_local, resolve_model
-from coreml_hub.pipeline.schedulers import SCHEDULERS, make_scheduler, scheduler_config
+from coreml_hub.pipeline.schedulers import FLOW_DEFAULT_CONFIG, SCHEDULERS, make_scheduler, scheduler_config
 from coreml_hub.pipeline.tokenizer import find_tokenizer_files, load_tokenizer
 from coreml_hub.testing.tokenizer import (BOS, EOS, build_vocab, load_clip_tokenizer, write_tokenizer_config,
                                           write_tokenizer_files)
@@ -86,14 +86,19 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_every_scheduler_builds_the_diffusers_class() -> None:
     expected = {"pndm": "PNDMScheduler", "dpmpp": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-                "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler"}
+                "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler",
+                "flow_euler": "FlowMatchEulerDiscreteScheduler"}
     assert set(SCHEDULERS) == set(expected)
     for name, cls in expected.items():
-        sched = make_scheduler(name)
+        flow = name == "flow_euler"
+        sched = make_scheduler(name, FLOW_DEFAULT_CONFIG if flow else None)
         assert cls in [c.__name__ for c in type(sched).__mro__], name
         sched.set_timesteps(10)
         assert len(sched.timesteps) >= 10
-        assert sched.config.beta_schedule == "scaled_linear"
+        if flow:  # SD3's shifted schedule: sigma' = 3 sigma / (1 + 2 sigma), from 1 down
+            assert sched.config.shift == 3.0 and float(sched.timesteps[0]) == 1000.0
+        else:
+            assert sched.config.beta_schedule == "scaled_linear"
     with pytest.raises(UsageError, match="Unknown scheduler"):
         make_scheduler("heun")
 

@@ -9,7 +9,10 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..pipeline.schedulers import DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS  # stdlib only: fast --help
+from ..pipeline.refiner import DEFAULT_REFINER_START  # no torch: fast --help
+from ..pipeline.rng import DEFAULT_RNG, DEFAULT_SEED_MODE, RNGS, SEED_MODES  # numpy only: fast --help
+from ..pipeline.schedulers import (  # stdlib only: fast --help
+    DEFAULT_FLOW_SCHEDULER, DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS)
 from .output import Column, Output, format_table, stderr_is_tty
 
 COMPUTE_UNIT_CHOICES = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
@@ -29,6 +32,11 @@ Examples:
   coreml-hub run apple/coreml-stable-diffusion-v1-5 "oil painting of a cat" \\
       --image cat.png --strength 0.6
   coreml-hub run ./converted "a red fox" --num-images 4 --json   # the -o folder of `convert`
+  coreml-hub run argmaxinc/coreml-stable-diffusion-3-medium "a red fox" --guidance-scale 5 --steps 28
+  coreml-hub run apple/coreml-stable-diffusion-xl-base-with-refiner "a red fox" --refiner-start 0.7
+  coreml-hub run MODEL "a red fox" --seed 42 --rng numpy          # Mochi Diffusion's image for seed 42
+  coreml-hub run MODEL "a red fox" --seed 42 --rng numpy --num-images 4 --seed-mode stream
+                                                                  # the Swift CLI's --image-count 4
   coreml-hub run apple/coreml-FastViT-T8 photo.jpg --top-k 3
   coreml-hub run apple/coreml-depth-anything-v2-small photo.jpg -o depth/
   coreml-hub run apple/coreml-detr-semantic-segmentation street.jpg
@@ -42,7 +50,13 @@ a pulled model, a local folder holding one variant's bundles, or one bundle.
 The task comes from the model (its inputs, outputs and metadata, and the repo's
 pipeline_tag); --task names one. `coreml-hub plugins` lists the installed tasks.
   text-to-image         PROMPT; --image for image-to-image. PNGs recording every
-                        setting; image i of --num-images N uses seed SEED+i.
+                        setting. --rng draws the initial noise as each tool does:
+                        torch (diffusers' CPU generator), numpy (Apple's Python
+                        pipeline, Swift NumPyRandomSource, Mochi Diffusion) or
+                        nvidia (torch.randn on a CUDA device, computed on the CPU).
+                        Image i of --num-images N uses seed SEED+i (--seed-mode
+                        increment), or the i-th draw of one stream seeded with
+                        SEED (--seed-mode stream).
   image-classification  IMAGE...; the --top-k labels with their probabilities.
   depth-estimation      IMAGE...; a 16-bit PNG depth map and a colorized PNG at
                         each image's size.
@@ -64,10 +78,25 @@ overwritten.""",
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True,
               help="Classifier-free guidance; 1 or less turns it off.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=None, help="Random seed (default: random).")
-@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=DEFAULT_SCHEDULER, show_default=True)
+@click.option("--scheduler", type=click.Choice(list(SCHEDULERS)), default=None,
+              help=f"Denoising scheduler [default: {DEFAULT_SCHEDULER}; SD3: {DEFAULT_FLOW_SCHEDULER}].")
 @click.option("--prediction-type", type=click.Choice(PREDICTION_TYPES), default=None,
               help="What the Unet predicts, when the model's scheduler config is missing or wrong "
                    "(SD 2.x 768-px models: v_prediction). Default: the model's config, else epsilon.")
+@click.option("--rng", type=click.Choice(RNGS), default=DEFAULT_RNG, show_default=True,
+              help="How the initial noise is drawn: torch (diffusers), numpy (Apple, Mochi), nvidia (CUDA).")
+@click.option("--seed-mode", type=click.Choice(SEED_MODES), default=DEFAULT_SEED_MODE, show_default=True,
+              help="Multi-image runs: SEED+i per image (Mochi), or one stream for all (the Swift CLI).")
+@click.option("--no-t5", is_flag=True, help="SD3: leave TextEncoderT5 out (zeros in its place, as Apple's "
+              "pipeline runs without it).")
+@click.option("--shift", type=float, default=None,
+              help="SD3: the flow-matching schedule's shift [default: the model's scheduler config, else 3].")
+@click.option("--refiner", "refiner_model", metavar="MODEL[:VARIANT]", default=None,
+              help="SDXL: take the refiner from another pulled variant or folder (its UnetRefiner, or its Unet "
+                   "when that is a refiner).")
+@click.option("--no-refiner", is_flag=True, help="SDXL: do not use the variant's refiner.")
+@click.option("--refiner-start", type=float, default=DEFAULT_REFINER_START, show_default=True,
+              help="SDXL with a refiner: the fraction of the schedule the base Unet runs before the refiner.")
 @click.option("--image", "images", type=click.Path(path_type=Path), multiple=True,
               help="An input image (repeatable); text-to-image: the init image for image-to-image.")
 @click.option("--strength", type=float, default=0.75, show_default=True,

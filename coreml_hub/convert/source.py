@@ -19,19 +19,26 @@ PIPELINES = {
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
 }
 
 # Component -> the pipeline subfolder holding its weights.
 SUBFOLDERS = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_t5": "text_encoder_3",
     "unet": "unet",
+    "mmdit": "transformer",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
     "safety_checker": "safety_checker",
 }
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}  # else transformers' "model"
-SUPPORT_DIRS = ("tokenizer", "tokenizer_2", "scheduler")
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                "transformer": "diffusion_pytorch_model"}  # else transformers' "model"
+SUPPORT_DIRS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
+# Small configs that fix the geometry (latent size, VAE scale, sequence lengths) of any component.
+GEOMETRY_CONFIGS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,7 @@ class Source:
     """A local pipeline folder ready to convert."""
 
     folder: Path
-    arch: str  # "sd" or "sdxl"
+    arch: str  # "sd", "sdxl" or "sd3"
     pipeline_class: str
     available: tuple[str, ...]  # components the pipeline has
     variants: dict[str, str | None] = field(default_factory=dict)  # subfolder -> weights variant
@@ -62,7 +69,7 @@ def _arch(index: dict, where: str) -> tuple[str, str]:
     name = index.get("_class_name", "?")
     if name not in PIPELINES:
         raise UnsupportedArchitecture(
-            f"{where} is a {name}; coreml-hub converts Stable Diffusion 1.x/2.x and SDXL pipelines only.",
+            f"{where} is a {name}; coreml-hub converts Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines only.",
             hint=f"Supported pipelines: {', '.join(sorted(PIPELINES))}.",
         )
     unet = index.get("unet")
@@ -105,7 +112,7 @@ def needed_files(files: set[str], subfolders: set[str], where: str) -> tuple[lis
     wanted = ["model_index.json"]
     wanted += sorted(f for f in files if f.split("/", 1)[0] in SUPPORT_DIRS)
     # small configs that fix the geometry (latent size, VAE scale, sequence length) of any component
-    wanted += [f"{sub}/config.json" for sub in ("unet", "vae", "text_encoder", "text_encoder_2") if f"{sub}/config.json" in files]
+    wanted += [f"{sub}/config.json" for sub in GEOMETRY_CONFIGS if f"{sub}/config.json" in files]
     variants: dict[str, str | None] = {}
     missing = []
     for sub in sorted(subfolders):

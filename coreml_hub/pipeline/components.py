@@ -165,6 +165,14 @@ def unet_names(found: Iterable[str]) -> tuple[str, ...]:
     return ()
 
 
+def require_vae_encoder(found: dict[str, Path], folder: Path) -> str:
+    """The VAE encoder image-to-image needs, or a clear error when the variant has none."""
+    if "vae_encoder" not in found:
+        raise InvalidBundle(f"{folder} has no VAEEncoder, so it cannot do image-to-image.",
+                            hint="Drop --image, or use a variant that ships a VAE encoder.")
+    return "vae_encoder"
+
+
 # ---- backends ----------------------------------------------------------------------------
 
 def select_backend(name: str = "auto") -> Any:

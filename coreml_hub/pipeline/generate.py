@@ -11,11 +11,15 @@ from typing import Any, Callable
 
 from ..errors import UsageError
 from . import images as imaging
-from .components import BACKEND_CHOICES, find_components, load_components, select_backend, unet_names
+from .components import (BACKEND_CHOICES, find_components, load_components, require_vae_encoder, select_backend,
+                         unet_names)
 from .diffusion import StableDiffusion
 from .png import ImageMetadata, save_png, slug
 from .resolve import ResolvedModel, resolve_model
-from .schedulers import DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS, scheduler_config
+from .refiner import DEFAULT_REFINER_START, check_refiner_start
+from .rng import (DEFAULT_RNG, DEFAULT_SEED_MODE, SEED_MODES, NoiseSource, check_latent_dtype, check_rng,
+                  check_seeds, make_noise)
+from .schedulers import PREDICTION_TYPES, SCHEDULERS, scheduler_config
 from .tokenizer import load_tokenizer
 
 Notify = Callable[[str], None]
@@ -94,15 +98,37 @@ class LoadedPipeline:
 
 def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
                   compute_unit: str | None = "ALL", img2img: bool = False, safety: bool = True,
-                  progress: bool = False, prediction_type: str | None = None) -> LoadedPipeline:
+                  progress: bool = False, prediction_type: str | None = None, t5: bool = True,
+                  shift: float | None = None, refiner: bool = True, refiner_model: ResolvedModel | None = None,
+                  refiner_start: float = DEFAULT_REFINER_START) -> LoadedPipeline:
     """Load the components a run needs (the VAE encoder only for image-to-image).
 
     `prediction_type` overrides the scheduler config's (Apple's compiled repos ship no config).
+    SD3 variants (a MultiModalDiffusionTransformer): `t5=False` leaves TextEncoderT5 out (zeros in
+    its place), `shift` overrides the flow-matching shift. SDXL: the variant's refiner (or
+    `refiner_model`'s) takes over at `refiner_start` of the schedule unless `refiner=False`.
     """
     from ..errors import InvalidBundle
 
     chosen = select_backend(backend)
     found = find_components(model.path)
+    if refiner_model is not None and not refiner:
+        raise UsageError("--refiner and --no-refiner contradict each other.", hint="Pass one of them.")
+    if "mmdit" in found:
+        from .sd3 import load_sd3
+
+        if refiner_model is not None:
+            raise UsageError("A refiner continues an SDXL model's latents; this model is SD3.",
+                             hint="Drop --refiner.")
+
+        if prediction_type is not None:
+            raise UsageError("--prediction-type is for Unets; SD3's transformer predicts the flow's velocity.",
+                             hint="Drop --prediction-type.")
+        sd3, loaded = load_sd3(model, found, chosen, device=device, compute_unit=compute_unit, img2img=img2img,
+                               progress=progress, use_t5=t5, shift=shift)
+        return LoadedPipeline(sd3, model, loaded.backend, loaded.device, loaded.seconds)
+    if shift is not None:
+        raise UsageError("--shift sets SD3's flow-matching schedule; this model is not SD3.", hint="Drop --shift.")
     unet = unet_names(found)
     if not unet:
         raise InvalidBundle(f"{model.path} has no Unet (neither Unet nor both UnetChunk1 and UnetChunk2).",
@@ -111,10 +137,7 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     if "text_encoder_2" in found:
         names.insert(1, "text_encoder_2")
     if img2img:
-        if "vae_encoder" not in found:
-            raise InvalidBundle(f"{model.path} has no VAEEncoder, so it cannot do image-to-image.",
-                                hint="Drop --image, or use a variant that ships a VAE encoder.")
-        names.append("vae_encoder")
+        names.append(require_vae_encoder(found, model.path))
     if safety and "safety_checker" in found:
         names.append("safety_checker")
     missing = [n for n in names if n not in found]
@@ -128,11 +151,18 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
     config = scheduler_config(model.path, prediction_type=prediction_type, also=beside)
     pipe = StableDiffusion(loaded.components, tokenizers, config)
-    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, loaded.seconds)
+    seconds = loaded.seconds
+    if refiner:
+        from .refiner import attach_refiner
+
+        seconds += attach_refiner(pipe, found, chosen, refiner_model=refiner_model, start=refiner_start,
+                                  device=device, compute_unit=compute_unit, progress=progress)
+    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, seconds)
 
 
 def _validate(steps: int, guidance_scale: float, num_images: int, strength: float, save_every: int | None,
-              scheduler: str, backend: str, prediction_type: str | None) -> None:
+              scheduler: str | None, backend: str, prediction_type: str | None, rng: str = DEFAULT_RNG,
+              seed_mode: str = DEFAULT_SEED_MODE, seed: int | None = None) -> None:
     if steps < 1:
         raise UsageError("--steps must be at least 1.")
     if guidance_scale < 0:
@@ -143,47 +173,77 @@ def _validate(steps: int, guidance_scale: float, num_images: int, strength: floa
         raise UsageError(f"--strength must be in (0, 1], got {strength}.")
     if save_every is not None and save_every < 1:
         raise UsageError("--save-every must be at least 1.")
-    if scheduler not in SCHEDULERS:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise UsageError(f"Unknown scheduler {scheduler!r}.", hint=f"Choose one of: {', '.join(SCHEDULERS)}.")
     if backend not in BACKEND_CHOICES:
         raise UsageError(f"Unknown backend {backend!r}.", hint=f"Choose one of: {', '.join(BACKEND_CHOICES)}.")
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise UsageError(f"Unknown prediction type {prediction_type!r}.",
                          hint=f"Choose one of: {', '.join(PREDICTION_TYPES)}.")
+    check_rng(rng)
+    if seed_mode not in SEED_MODES:
+        raise UsageError(f"Unknown seed mode {seed_mode!r}.", hint=f"Choose one of: {', '.join(SEED_MODES)}.")
+    if seed is not None:
+        check_seeds(rng, int(seed), num_images if seed_mode == "increment" else 1)
 
 
 def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps: int = 25,
-             guidance_scale: float = 7.5, seed: int | None = None, scheduler: str = DEFAULT_SCHEDULER,
+             guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
              image: str | Path | None = None, strength: float = 0.75, num_images: int = 1,
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
-             prediction_type: str | None = None, loaded: LoadedPipeline | None = None,
-             on_step: StepHook | None = None) -> RunResult:
+             prediction_type: str | None = None, rng: str = DEFAULT_RNG,
+             seed_mode: str = DEFAULT_SEED_MODE, t5: bool = True, shift: float | None = None,
+             refiner: str | Path | bool = True, refiner_start: float = DEFAULT_REFINER_START,
+             loaded: LoadedPipeline | None = None, on_step: StepHook | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
-    Image i uses seed `seed + i`, so each file can be made again on its own.
+    `rng` (torch, numpy, nvidia) draws the initial noise as diffusers, Apple's pipelines and
+    Mochi Diffusion do. With `seed_mode="increment"` image i uses seed `seed + i`, so each file
+    can be made again on its own; `"stream"` draws every image from one source seeded once.
     `prediction_type` (epsilon, v_prediction) overrides the model's scheduler config.
+    `scheduler` defaults to the model family's (pndm; SD3: flow_euler). SD3: `t5=False` runs
+    without TextEncoderT5, `shift` overrides the flow-matching shift. SDXL: `refiner` is True (the
+    variant's refiner when it has one), False (none), or a MODEL[:VARIANT]/folder holding one;
+    it takes over at `refiner_start` of the schedule.
     `loaded` is a pipeline already in memory (from `load_pipeline`): `model` and the load options
     are then not used. `on_step` is called after every denoising step; an exception it raises
     stops the run there and propagates (how a caller cancels; no file of that image is written).
     """
     from .. import paths
+    from .sd3 import StableDiffusion3, check_scheduler
 
-    _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type)
+    _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type,
+              rng, seed_mode, seed)
+    check_refiner_start(refiner_start)
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
     warm = loaded is not None
     if loaded is None:
         resolved = model if isinstance(model, ResolvedModel) else resolve_model(
             str(model), pull=pull, progress=progress, on_message=say)
+        refiner_model = None
+        if not isinstance(refiner, bool):
+            refiner_model = refiner if isinstance(refiner, ResolvedModel) else resolve_model(
+                str(refiner), pull=pull, progress=progress, on_message=say)
         loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                                img2img=init is not None, safety=not disable_safety, progress=progress,
-                               prediction_type=prediction_type)
+                               prediction_type=prediction_type, t5=t5, shift=shift, refiner=refiner is not False,
+                               refiner_model=refiner_model, refiner_start=refiner_start)
     resolved = loaded.model
     pipe = loaded.pipeline
     g = pipe.geometry
+    check_latent_dtype(rng, g.latent_dtype)
+    sd3 = isinstance(pipe, StableDiffusion3)
+    check_scheduler(scheduler, flow=sd3)
+    scheduler = scheduler or pipe.default_scheduler
+    extra = {"t5": "yes" if pipe.uses_t5 else "no", "shift": f"{pipe.scheduler_config['shift']:g}"} if sd3 else {}
+    if pipe.refiner is not None:
+        extra.update(refiner=pipe.refiner.name or "UnetRefiner", refiner_start=f"{pipe.refiner.start:g}")
+        if not warm:
+            say(f"The refiner takes over at {pipe.refiner.start:g} of the schedule (--refiner-start).")
     if not warm:
         say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
             f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
@@ -192,25 +252,28 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         if resized:
             say(f"Resized the init image to {g.size}, the model's size.")
     folder = Path(output_dir) if output_dir is not None else paths.outputs_dir()
-    base_seed = secrets.randbelow(2**32) if seed is None else int(seed)
+    base_seed = secrets.randbelow(2**32 - num_images) if seed is None else int(seed)  # every source takes it
     for text, what in ((prompt, "prompt"), (negative_prompt, "negative prompt")):
         if pipe.tokenizers[0].truncated(text):
             say(f"Warning: the {what} is longer than the text encoder's {pipe.geometry.text_length} tokens; "
                 "the rest is ignored.")
     cond = pipe.condition(prompt, negative_prompt)
+    stream = make_noise(rng, base_seed) if seed_mode == "stream" else None
     saved: list[SavedImage] = []
     start = time.perf_counter()
     for index in range(num_images):
         meta = ImageMetadata(
-            prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + index, steps=steps,
-            scheduler=scheduler, guidance_scale=guidance_scale, width=g.image_width, height=g.image_height,
-            model=resolved.name, variant=resolved.variant, revision=resolved.revision, backend=loaded.backend,
-            prediction_type=pipe.scheduler_config.get("prediction_type"),
-            strength=strength if init is not None else None, init_image=str(image) if image is not None else None)
+            prompt=prompt, negative_prompt=negative_prompt, seed=base_seed + (index if stream is None else 0),
+            steps=steps, scheduler=scheduler, guidance_scale=guidance_scale, width=g.image_width,
+            height=g.image_height, model=resolved.name, variant=resolved.variant, revision=resolved.revision,
+            backend=loaded.backend, prediction_type=None if sd3 else pipe.scheduler_config.get("prediction_type"),
+            strength=strength if init is not None else None, init_image=str(image) if image is not None else None,
+            rng=rng, seed_mode=seed_mode if stream is not None else None,
+            image_index=index if stream is not None else None, extra=dict(extra))
         report = None if on_step is None else functools.partial(_report_step, on_step, pipe, index, num_images,
                                                                 meta.seed)
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
-                                 f"Image {index + 1}/{num_images}", not disable_safety, say, report))
+                                 f"Image {index + 1}/{num_images}", not disable_safety, say, stream, report))
     elapsed = time.perf_counter() - start
     result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, 0.0 if warm else loaded.load_seconds,
                            elapsed,
@@ -227,9 +290,10 @@ def _report_step(hook: StepHook, pipe: StableDiffusion, index: int, count: int, 
 
 def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any, folder: Path,
                 save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify,
+                stream: NoiseSource | None = None,
                 report: Callable[[int, int, Any], None] | None = None) -> SavedImage:
     """Denoise one image (saving intermediate decodes when asked), then write its PNG."""
-    stem = f"{slug(meta.prompt)}-{meta.seed}"
+    stem = f"{slug(meta.prompt)}-{meta.seed}" + (f"-{meta.image_index}" if meta.image_index else "")
     intermediates: list[Path] = []
 
     def on_step(step: int, total: int, latents: Any) -> None:
@@ -243,7 +307,8 @@ def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any
     result = pipe.generate(prompt=meta.prompt, negative_prompt=meta.negative_prompt, steps=meta.steps,
                            guidance_scale=meta.guidance_scale, seed=meta.seed, scheduler=meta.scheduler,
                            init_image=init, strength=meta.strength or 0.0, conditioning=cond, on_step=on_step,
-                           progress=progress, desc=desc, check_safety=check_safety)
+                           progress=progress, desc=desc, check_safety=check_safety, rng=meta.rng or DEFAULT_RNG,
+                           noise=stream)
     if result.flagged:
         say(f"Warning: the safety checker flagged the image with seed {meta.seed}; it was replaced by a black "
             "image. Use --disable-safety to keep such images.")

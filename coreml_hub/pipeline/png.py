@@ -39,6 +39,9 @@ class ImageMetadata:
     init_image: str | None = None
     step: int | None = None  # intermediate decodes only
     prediction_type: str | None = None  # from the model's scheduler config or --prediction-type
+    rng: str | None = None  # the noise source (torch, numpy, nvidia)
+    seed_mode: str | None = None  # "stream": image `image_index` of one stream seeded with `seed`
+    image_index: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def parameters_text(self) -> str:
@@ -54,6 +57,10 @@ class ImageMetadata:
             ("Size", f"{self.width}x{self.height}"),
             ("Model", self.model),
         ]
+        if self.rng:
+            pairs.append(("RNG", self.rng))
+        if self.seed_mode == "stream":
+            pairs += [("Seed mode", "stream"), ("Image index", str(self.image_index or 0))]
         if self.variant:
             pairs.append(("Variant", self.variant))
         if self.revision:
@@ -90,6 +97,12 @@ class ImageMetadata:
             data["step"] = self.step
         if self.prediction_type is not None:
             data["prediction_type"] = self.prediction_type
+        if self.rng is not None:
+            data["rng"] = self.rng
+        if self.seed_mode is not None:
+            data["seed_mode"] = self.seed_mode
+        if self.image_index is not None:
+            data["image_index"] = self.image_index
         data.update(self.extra)
         return data
 

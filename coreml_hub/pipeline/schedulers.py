@@ -20,8 +20,13 @@ SCHEDULERS: dict[str, str] = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "lms": "LMSDiscreteScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",  # SD3: Euler over the flow-matching sigmas, with a shift
 }
 DEFAULT_SCHEDULER = "pndm"
+# Which schedulers fit which denoiser: the discrete-time ones predict noise (or v) at a timestep,
+# SD3's transformer predicts the flow's velocity.
+FLOW_SCHEDULERS = ("flow_euler",)
+DEFAULT_FLOW_SCHEDULER = "flow_euler"
 # What the Unet predicts; SD 2.x 768-px models use v_prediction, everything else epsilon.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -33,6 +38,7 @@ SAMPLER_NAMES = {
     "euler_a": "Euler a",
     "ddim": "DDIM",
     "lms": "LMS",
+    "flow_euler": "Euler",
 }
 
 # The training schedule shared by SD 1.x, 2.x and SDXL.
@@ -47,6 +53,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "skip_prk_steps": True,
     "clip_sample": False,
     "timestep_spacing": "leading",
+}
+
+# SD3's schedule when the model ships no config (Apple's compiled repos): Apple's Swift pipeline uses shift 3.
+FLOW_DEFAULT_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
 }
 
 CONFIG_PLACES = ("scheduler/scheduler_config.json", "scheduler_config.json")
@@ -65,9 +77,9 @@ def find_scheduler_config(variant_dir: Path, also: tuple[Path, ...] = ()) -> Pat
 
 
 def scheduler_config(variant_dir: Path | None = None, *, prediction_type: str | None = None,
-                     also: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The model's scheduler config (or SD defaults), with `prediction_type` forced when given."""
-    config = dict(DEFAULT_CONFIG)
+                     also: tuple[Path, ...] = (), defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's scheduler config (or `defaults`, SD's by default), with `prediction_type` forced when given."""
+    config = dict(DEFAULT_CONFIG if defaults is None else defaults)
     path = find_scheduler_config(variant_dir, also) if variant_dir is not None else None
     if path is not None:
         try:

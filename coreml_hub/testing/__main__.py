@@ -37,6 +37,10 @@ STANDARD: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("sd1", "split_einsum_v2", "fp16", {"compiled": True}),
     ("sd1", "original", "fp16", {"latent_size": (24, 16), "compiled": True}),
     ("sd1", "split_einsum", "fp16", {"latent_size": (24, 16), "compiled": True}),
+    ("sd3", "original", "fp32", {}),
+    ("sd3", "original", "fp16", {"compiled": True}),
+    ("sdxl", "original", "fp32", {"refiner": True}),
+    ("sdxl", "original", "fp16", {"chunk": True, "compiled": True, "refiner": True}),
 )
 
 

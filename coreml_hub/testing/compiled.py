@@ -283,8 +283,9 @@ def is_fixture(bundle: Path) -> bool:
 
 def compile_folder(out: Path, attention: str) -> Path:
     """`out/<attention>/compiled/`: every package of `out/<attention>/packages/` as Apple names it
-    (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ...) plus vocab.json and merges.txt."""
-    from coreml_hub.convert.naming import compiled_name
+    (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ...) plus vocab.json and merges.txt
+    (and SD3's T5 tokenizer.json + tokenizer_config.json)."""
+    from coreml_hub.convert.naming import compiled_name, copy_compiled_resources
     from coreml_hub.layouts import COMPILED_FILE_OF
 
     packages = out / attention / "packages"
@@ -295,8 +296,5 @@ def compile_folder(out: Path, attention: str) -> Path:
         if component is None:
             continue
         build_mlmodelc(pkg, compiled / compiled_name(component))
-    for name in ("vocab.json", "merges.txt"):
-        src = out / "tokenizer" / name
-        if src.is_file():
-            shutil.copyfile(src, compiled / name)
+    copy_compiled_resources(out, compiled)
     return compiled

@@ -378,7 +378,11 @@ def check_options(task: Task, given: Iterable[str], flags: Mapping[str, str] | N
     unused = [n for n in given if n not in takes]
     if not unused:
         return
-    flag = (lambda n: (flags or {}).get(n) or "--" + n.replace("_", "-"))
+    def flag(name: str) -> str:
+        if flags is None:
+            return "--" + name.replace("_", "-")
+        return flags.get(name) or f"--option {name}=VALUE"  # a plugin's option has no flag of its own
+
     listed = ", ".join(flag(n) for n in unused)
     own = ", ".join(sorted(flag(n) for n in takes)) or "none"
     raise UsageError(f"{listed} {'is' if len(unused) == 1 else 'are'} not used by the {task.name} task.",

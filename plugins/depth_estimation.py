@@ -45,6 +45,7 @@ def depth_output(spec: BundleSpec) -> tuple[Any, float] | None:
 def as_map(value: Any) -> np.ndarray:
     """A depth output (PIL image or array [1, 1, H, W] / [1, H, W] / [H, W]) as float32 [H, W]."""
     import numpy as np
+
     array = np.asarray(value, dtype=np.float32)
     while array.ndim > 2 and array.shape[0] == 1:
         array = array[0]
@@ -66,6 +67,7 @@ def resize_map(depth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def to_16bit(depth: np.ndarray) -> tuple[np.ndarray, dict[str, str]]:
     """uint16 values and the text chunks that say how they map back to depth."""
     import numpy as np
+
     low, high = float(depth.min()), float(depth.max())
     if low >= 0.0 and high <= 1.0:
         return np.round(depth * 65535).astype(np.uint16), {"depth_scale": "value / 65535", "depth_min": "0",

@@ -79,6 +79,7 @@ class FeatureResult:
 
     def to_dict(self) -> dict[str, Any]:
         import numpy as np
+
         return {"task": FeatureExtraction.name, "model": self.model.to_dict(),
                 "encoders": list(self.encoders), "images": [str(p) for p in self.images], "texts": list(self.texts),
                 "similarities": np.round(self.similarities, 6).tolist(),
@@ -94,6 +95,7 @@ class FeatureResult:
 
     def render(self) -> Rendering:
         import numpy as np
+
         files = tuple(str(p) for p in self.files)
         if self.images and self.texts:
             rows = tuple({"image": str(path), "text": text, "similarity": f"{self.similarities[i, j]:.4f}"}
@@ -127,6 +129,7 @@ class FeatureExtraction:
 
     def run(self, model: ModelInfo, request: TaskRequest) -> FeatureResult:
         import numpy as np
+
         from coreml_hub.pipeline.images import open_image
 
         texts = tuple(request.texts)
@@ -186,6 +189,7 @@ class FeatureExtraction:
 
     def _embed_images(self, spec: BundleSpec, images: list[Any], request: TaskRequest) -> np.ndarray:
         import numpy as np
+
         from coreml_hub.pipeline.images import fit_image
 
         feature = image_input(spec)
@@ -199,6 +203,7 @@ class FeatureExtraction:
     def _embed_texts(self, spec: BundleSpec, texts: tuple[str, ...], model: ModelInfo,
                      request: TaskRequest) -> tuple[np.ndarray, dict[str, Any]]:
         import numpy as np
+
         from coreml_hub.pipeline.tokenizer import ClipTokenizer, TokenizerFiles
         from coreml_hub.tokenizer_source import CLIP_FILES, CLIP_REPO, has_clip_tokenizer, locate
 
@@ -226,17 +231,20 @@ class FeatureExtraction:
 
 def _empty() -> np.ndarray:
     import numpy as np
+
     return np.zeros((0, 0), dtype=np.float32)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
     import numpy as np
+
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
     return vectors / np.where(norms == 0, 1.0, norms)
 
 
 def _save(request: TaskRequest, stem: str, vectors: np.ndarray) -> Path:
     import numpy as np
+
     from coreml_hub.pipeline.png import save_file
 
     return save_file(request.folder(), stem, ".npy", lambda fh: np.save(fh, vectors, allow_pickle=False))

@@ -127,6 +127,7 @@ class ImageSegmentation:
 
     def run(self, model: ModelInfo, request: TaskRequest) -> SegmentationResult:
         import numpy as np
+
         from coreml_hub.errors import UsageError
         images = read_images(request, f"coreml-hub run {model.ref} street.jpg")
         found = class_map_output(model.single) if model.single is not None else None

@@ -54,6 +54,7 @@ class Contract:
     context: int
     mask_dtype: Any = "float16"
     batched_prompt: bool = True  # the prompt may go in as one call (a flexible query length)
+    logits_dtype: str = "fp16"  # what the model declares its logits as (Core ML hands them out so)
 
 
 def contract_of(spec: BundleSpec) -> Contract | None:
@@ -72,13 +73,14 @@ def contract_of(spec: BundleSpec) -> Contract | None:
             return None
         context = min(lengths)
         batched = bool(ids.ranges) and ids.ranges[-1][1] != 1
-        return Contract(STATEFUL, "inputIds", "causalMask", context, mask.numpy_dtype, batched)
+        return Contract(STATEFUL, "inputIds", "causalMask", context, mask.numpy_dtype, batched, logits.dtype)
     ids = spec.input("input_ids")
     if ids is None or ids.shape is None or len(ids.shape) != 2 or ids.dtype not in ("int32", "int64"):
         return None
     if names - {"input_ids", "attention_mask"}:
         return None  # more inputs (a past-key-values export): not a contract this task knows
-    return Contract(FIXED, "input_ids", "attention_mask" if "attention_mask" in names else None, ids.shape[1])
+    return Contract(FIXED, "input_ids", "attention_mask" if "attention_mask" in names else None, ids.shape[1],
+                    logits_dtype=logits.dtype)
 
 
 class Decoder:
@@ -92,6 +94,7 @@ class Decoder:
 
     def start(self, prompt: list[int]) -> np.ndarray:
         import numpy as np
+
         self.tokens = []
         if self.contract.kind == STATEFUL:
             self.state = self.model.make_state()
@@ -112,6 +115,7 @@ class Decoder:
 
     def _stateful(self, new: list[int]) -> np.ndarray:
         import numpy as np
+
         c = self.contract
         past = len(self.tokens)
         self.tokens.extend(new)
@@ -119,11 +123,11 @@ class Decoder:
         mask = np.zeros((1, 1, n, end), dtype=c.mask_dtype)
         if n > 1:  # each new token sees the past and the new tokens up to itself
             mask[0, 0, :, past:] = np.triu(np.full((n, n), -np.inf, dtype=c.mask_dtype), k=1)
-        out = self.model.predict({c.ids: np.asarray([new], dtype=np.int32), c.mask: mask}, state=self.state)
-        return np.asarray(out["logits"], dtype=np.float32)[0, -1]
+        return self._call({c.ids: np.asarray([new], dtype=np.int32), c.mask: mask}, -1)
 
     def _fixed(self) -> np.ndarray:
         import numpy as np
+
         c = self.contract
         n = len(self.tokens)
         ids = np.zeros((1, c.context), dtype=np.int32)
@@ -133,13 +137,29 @@ class Decoder:
             mask = np.zeros((1, c.context), dtype=np.int32)
             mask[0, :n] = 1
             inputs[c.mask] = mask
-        out = self.model.predict(inputs)
-        return np.asarray(out["logits"], dtype=np.float32)[0, n - 1]
+        return self._call(inputs, n - 1)
+
+    def _call(self, inputs: dict[str, Any], row: int) -> np.ndarray:
+        """The logits at position `row` as float32 numpy; torch tensors in and out where the model takes
+        them (the portable runtime), which spares a numpy copy of every output."""
+        import numpy as np
+
+        if hasattr(self.model, "predict_torch"):
+            import torch
+
+            out = self.model.predict_torch({k: torch.from_numpy(v) for k, v in inputs.items()}, state=self.state)
+            logits = out["logits"][0, row]
+            if self.contract.logits_dtype == "fp16":  # as Core ML gives them, whatever the device computed in
+                logits = logits.half()
+            return logits.float().cpu().numpy()
+        out = self.model.predict(inputs, state=self.state) if self.state is not None else self.model.predict(inputs)
+        return np.asarray(out["logits"], dtype=np.float32)[0, row]
 
 
 def pick(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """Greedy at temperature 0; else a sample from the tempered distribution cut to its top-p mass."""
     import numpy as np
+
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
@@ -277,6 +297,7 @@ class TextGeneration:
 
     def run(self, model: ModelInfo, request: TaskRequest) -> TextGenerationResult:
         import numpy as np
+
         from coreml_hub.tokenizer_source import LM_FILES, NAME_KEY, has_lm_tokenizer, locate
 
         prompt = one_input(request, "PROMPT", f'coreml-hub run {model.ref} "What is Core ML?"')

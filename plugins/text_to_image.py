@@ -20,7 +20,6 @@ from coreml_hub.tasks import KNOWN, ModelInfo, Rendering, TaskRequest, one_input
 _FILLED = {"model", "prompt", "image", "output_dir", "backend", "device", "pull", "progress", "on_message"}
 # Options spelled as the command line says them, which `generate` takes as another keyword.
 _RENAMED = ("no_t5", "refiner_model", "no_refiner")
-_DENOISERS = {"unet", "unet_chunk1", "unet_chunk2"}
 
 
 @lru_cache(maxsize=1)
@@ -53,14 +52,11 @@ class TextToImage:
         return _generate_keywords() | set(_RENAMED)
 
     def recognize(self, model: ModelInfo) -> float:
-        # A diffusion variant is named by its components; a partial one still belongs here,
-        # so that running it says what is missing.
-        found = set(model.components)
-        if not found:
+        # A diffusion variant is known by its components (Unet, MMDiT, text encoders, VAE); a
+        # partial one still belongs here, so that running it says what is missing.
+        if not model.components:
             return 0.0
-        if "text_encoder" in found or found & _DENOISERS:
-            return KNOWN + model.tag_bonus("text-to-image", "image-to-image")
-        return 0.0
+        return KNOWN + model.tag_bonus("text-to-image", "image-to-image")
 
     def run(self, model: ModelInfo, request: TaskRequest) -> TextToImageResult:
         from coreml_hub.pipeline.generate import generate

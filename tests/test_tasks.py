@@ -362,9 +362,11 @@ def test_stateful_lm_needs_the_gated_tokenizer_and_matches_transformers(mirror: 
         expected = _greedy(lm.stateful_lm("int4" if variant.endswith("Int4") else "fp16"), chat_ids, 24)
         assert result["tokens"] == expected, variant
         assert result["text"] == tokenizer.decode(expected, skip_special_tokens=True)
-    # only the tokenizer's files came from its repo, once (then from the cache)
-    assert set(fetched(mirror, lm.MISTRAL_SOURCE)) == {"tokenizer.json", "tokenizer_config.json",
-                                                       "special_tokens_map.json"}
+    # only the tokenizer's files came from its repo (once: then from the cache), never its weights
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert set(fetched(mirror, lm.MISTRAL_SOURCE)) <= tokenizer_files
+    folder = Path(result["tokenizer"]["folder"])
+    assert result["tokenizer"]["repo"] == lm.MISTRAL_SOURCE and {p.name for p in folder.iterdir()} == tokenizer_files
     out, err = ok(capsys, "run", f"{MISTRAL}:StatefulMistral7BInstructFP16", prompt, "--max-new-tokens", "5")
     assert out.endswith("\n") and "Generated" in err and "tokens/s" in err and "gated" not in err
 

@@ -204,7 +204,9 @@ def _translate_one(exc: BaseException, repo: str | None, revision: str | None) -
         status = getattr(getattr(exc, "response", None), "status_code", None)
         hint = ("The Hub is having trouble; try again in a moment." if isinstance(status, int) and status >= 500
                 else None)
-        return CoremlHubError(f"The Hub answered with an error: {text}", hint=hint)
+        said = getattr(exc, "server_message", None)  # e.g. a mirror naming its unreachable upstream
+        said = f" ({said.strip()})" if isinstance(said, str) and said.strip() and said.strip() not in text else ""
+        return CoremlHubError(f"The Hub answered with an error: {text}{said}", hint=hint)
     if type(exc).__name__ in _CONNECTION_ERRORS or isinstance(exc, ConnectionError):
         where = _endpoint_of(exc)
         return EndpointUnreachable(f"Cannot reach {where}: {text}", hint=unreachable_hint(where))

@@ -61,11 +61,13 @@ def token() -> str | None:
     return get_token()
 
 
-def api() -> "HfApi":
-    """An HfApi bound to the endpoint and token as set now."""
+def api(url: str | None = None, token_value: str | None = None) -> "HfApi":
+    """An HfApi bound to the endpoint and token as set now, or to `url` and `token_value` when given
+    (a mirror's upstream)."""
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=endpoint(), token=token(), library_name="coreml-hub", library_version=__version__)
+    return HfApi(endpoint=url or endpoint(), token=token_value or token(), library_name="coreml-hub",
+                 library_version=__version__)
 
 
 @dataclass(frozen=True)

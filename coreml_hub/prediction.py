@@ -81,14 +81,22 @@ def predict(
     state_in: str | os.PathLike[str] | None = None,
     state_out: str | os.PathLike[str] | None = None,
     output_dir: str | os.PathLike[str] | None = None,
+    loaded: Any = None,
 ) -> Prediction:
-    """Load the bundle TARGET names, run it once on `inputs`, summarize (and save) the outputs."""
+    """Load the bundle TARGET names, run it once on `inputs`, summarize (and save) the outputs.
+
+    `loaded` is a model already in memory (from `load_model` of `find_bundle(target, component)`):
+    `component`, `function` and `device` are then not used (how `batch` keeps a model warm).
+    """
     from .mil.model import load_model
 
-    bundle = find_bundle(target, component)
     started = time.perf_counter()
-    model = load_model(bundle, device=device, function_name=function)
-    loaded = time.perf_counter()
+    if loaded is None:
+        bundle = find_bundle(target, component)
+        model = load_model(bundle, device=device, function_name=function)
+    else:
+        model, bundle = loaded, Path(loaded.path)
+    ready = time.perf_counter()
     features = {f.name: f for f in model.input_description}
     values = {name: read_value(value, name, features.get(name)) for name, value in inputs.items()}
     state = None
@@ -108,7 +116,7 @@ def predict(
     if state is not None and state_out is not None:
         state_path = save_state(state, Path(state_out))
     summaries = tuple(summarize(name, value, saved.get(name)) for name, value in outputs.items())
-    return Prediction(bundle, model.function_name, model.device.type, summaries, loaded - started,
+    return Prediction(bundle, model.function_name, model.device.type, summaries, ready - started,
                       finished - began, state_path, dict(outputs))
 
 

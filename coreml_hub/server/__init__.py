@@ -23,8 +23,9 @@ from .connections import Connections, Limits
 from .handler import MirrorHandler, _InFlight
 from .repos import RepoStore
 from .requestlog import RequestLog
+from .upstream import DEFAULT_REFRESH, MirrorStats, Upstream
 
-__all__ = ["Limits", "MirrorServer", "make_server", "serve"]
+__all__ = ["Limits", "MirrorServer", "MirrorStats", "make_server", "serve"]
 
 DEFAULT_PAGE_SIZE = 1000
 
@@ -38,8 +39,13 @@ class MirrorServer(ThreadingHTTPServer):
 
     def __init__(self, root: Path, host: str, port: int, *, log_path: Path | None = None,
                  page_size: int = DEFAULT_PAGE_SIZE, remember_digests: bool = True,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, upstream: str | None = None, upstream_token: str | None = None,
+                 offline: bool = False, refresh: float = DEFAULT_REFRESH) -> None:
         self.store = RepoStore(root, remember_digests=remember_digests)
+        self.offline = offline
+        # with --offline the upstream is never asked: ROOT is all there is
+        self.upstream = Upstream(self.store, upstream, upstream_token, refresh=refresh) \
+            if upstream and not offline else None
         self.log = RequestLog(log_path)
         self.page_size = max(1, page_size)
         self.limits = limits or Limits()
@@ -98,21 +104,33 @@ class MirrorServer(ThreadingHTTPServer):
         if hasattr(self, "connections"):
             self.connections.close()
         self.store.digests.save()
+        if self.upstream is not None:
+            self.upstream.close()
         self.log.close()
 
 
 def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path: Path | None = None,
                 page_size: int = DEFAULT_PAGE_SIZE, remember_digests: bool = True,
-                limits: Limits | None = None) -> MirrorServer:
-    """A bound, not yet serving mirror; port 0 picks a free port (see `.url`)."""
+                limits: Limits | None = None, upstream: str | None = None, upstream_token: str | None = None,
+                offline: bool = False, refresh: float = DEFAULT_REFRESH) -> MirrorServer:
+    """A bound, not yet serving mirror; port 0 picks a free port (see `.url`).
+
+    `upstream` (a Hub or another mirror) fills ROOT on demand (a pull-through mirror; ROOT is created
+    when missing); `offline` serves only what ROOT holds.
+    """
     root = Path(root)
+    if upstream:
+        _check_upstream(upstream)
+        if not root.exists():
+            root.mkdir(parents=True)
     if not root.is_dir():
         from ..errors import UsageError
 
         raise UsageError(f"{root} is not a folder.", hint="Pass a folder laid out as ROOT/<org>/<name>/.")
     try:
         return MirrorServer(root, host, port, log_path=log_path, page_size=page_size,
-                            remember_digests=remember_digests, limits=limits)
+                            remember_digests=remember_digests, limits=limits, upstream=upstream,
+                            upstream_token=upstream_token, offline=offline, refresh=refresh)
     except OSError as exc:
         from ..errors import CoremlHubError
 
@@ -122,10 +140,13 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path:
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path: Path | None = None,
           page_size: int = DEFAULT_PAGE_SIZE, warm: bool = True, remember_digests: bool = True,
-          limits: Limits | None = None, on_ready: Callable[[MirrorServer], None] | None = None) -> None:
+          limits: Limits | None = None, upstream: str | None = None, upstream_token: str | None = None,
+          offline: bool = False, refresh: float = DEFAULT_REFRESH,
+          on_ready: Callable[[MirrorServer], None] | None = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM); links out of ROOT are named once on stderr first."""
     server = make_server(root, host, port, log_path=log_path, page_size=page_size,
-                         remember_digests=remember_digests, limits=limits)
+                         remember_digests=remember_digests, limits=limits, upstream=upstream,
+                         upstream_token=upstream_token, offline=offline, refresh=refresh)
     warn_links_out(server.store)
 
     def _stop(signum: int, frame: object) -> None:
@@ -143,6 +164,17 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 0, *, log_path: Path 
         print("Stopped.", file=sys.stderr, flush=True)
     finally:
         server.server_close()
+
+
+def _check_upstream(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        from ..errors import UsageError
+
+        raise UsageError(f"--upstream {url!r} is not an http(s) URL.",
+                         hint="For example --upstream https://huggingface.co or --upstream http://10.0.0.5:8080.")
 
 
 def warn_links_out(store: RepoStore, shown: int = 20) -> None:

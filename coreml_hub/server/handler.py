@@ -31,6 +31,7 @@ from ..safeserve import (
 from . import api
 from .access import accepted_tokens, bearer
 from .repos import Repo, valid_repo_path
+from .upstream import MirrorError, TransferFailed
 
 if TYPE_CHECKING:
     from . import MirrorServer
@@ -218,6 +219,8 @@ class MirrorHandler(BaseHTTPRequestHandler):
                 self._route(raw_path, parse_qs(query, keep_blank_values=True), head)
             except Refused as err:
                 self._send_error(HubError(err.status, err.code, err.message), head)
+            except MirrorError as err:  # the upstream's answer, or its absence, in the Hub's shape
+                self._send_error(HubError(err.status, err.code, err.message), head)
             except HubError as err:
                 self._send_error(err, head)
             except (BrokenPipeError, ConnectionResetError):
@@ -363,9 +366,14 @@ class MirrorHandler(BaseHTTPRequestHandler):
         token = bearer(self.headers.get("Authorization"))
         return token is not None and token in accepted_tokens(self.server.store.root)
 
-    def _repo(self, repo_id: str) -> Repo:
-        repo = self.server.store.get(repo_id)
+    def _repo(self, repo_id: str, revision: str = "main") -> Repo:
+        if self.server.upstream is not None:
+            self.server.upstream.fill(repo_id, revision)  # what ROOT lacks, from upstream
+        repo = self.server.store.get(repo_id, revision)
         if repo is None:
+            if self.server.offline:
+                raise HubError(404, "RepoNotFound", "Repository not found (this mirror is offline: it serves only "
+                                                    "what it holds)")
             raise HubError(404, "RepoNotFound", "Repository not found")
         if repo.private and not self._token_ok():
             # the Hub does not reveal that a private repo exists
@@ -374,6 +382,10 @@ class MirrorHandler(BaseHTTPRequestHandler):
         return repo
 
     def _check_revision(self, repo: Repo, revision: str) -> str:
+        if repo.commit is not None:  # pinned: the store found it by this revision, or fell back to main
+            if revision not in repo.revisions:
+                raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return repo.commit
         commit = self.server.store.commit(repo)
         if revision not in ("main", commit):
             raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
@@ -423,14 +435,14 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self._send_json(docs, head=head, headers=headers)
 
     def _model_info(self, repo_id: str, revision: str, params: dict[str, list[str]], head: bool) -> None:
-        repo = self._repo(repo_id)
+        repo = self._repo(repo_id, revision)
         self._check_revision(repo, revision)
         doc = api.model_document(self.server.store, repo, _expand(params) or api.INFO_PROPS,
                                  blobs=_truthy(params.get("blobs")))
         self._send_json(doc, head=head)
 
     def _tree(self, repo_id: str, revision: str, folder: str, params: dict[str, list[str]], head: bool) -> None:
-        repo = self._repo(repo_id)
+        repo = self._repo(repo_id, revision)
         commit = self._check_revision(repo, revision)
         folder = folder.strip("/")
         if folder and (not valid_repo_path(folder) or folder not in repo.directories()):
@@ -449,8 +461,8 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self._send_json(docs, head=head, headers=headers)
 
     def _paths_info(self, parts: list[str], body: bytes, head: bool) -> None:
-        repo = self._repo(_repo_id(parts[2], parts[3]))
         revision = unquote("/".join(parts[5:])) or "main"
+        repo = self._repo(_repo_id(parts[2], parts[3]), revision)
         commit = self._check_revision(repo, revision)
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
         if content_type == "application/json":
@@ -474,7 +486,7 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self._send_json(docs, head=head, headers={"X-Repo-Commit": commit})
 
     def _resolve(self, repo_id: str, revision: str, path: str, head: bool) -> None:
-        repo = self._repo(repo_id)
+        repo = self._repo(repo_id, revision)
         commit = self._check_revision(repo, revision)
         self._check_gate(repo)
         entry = repo.entry(path) if valid_repo_path(path) else None
@@ -503,6 +515,9 @@ class MirrorHandler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         length = max(0, end - start + 1)
+        if not entry.present:
+            self._resolve_upstream(repo, commit, entry, status, headers, start, length, head)
+            return
         try:  # the listing resolved every link: one put in the file's place since then is not followed
             fd = os.open(entry.abs_path, os.O_RDONLY | _OPEN_FLAGS)
         except OSError as exc:
@@ -512,15 +527,53 @@ class MirrorHandler(BaseHTTPRequestHandler):
         with os.fdopen(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise HubError(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
-            self._status = status
-            self.send_response(status)
-            for key, value in headers.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(length))
-            self.end_headers()
+            self._send_file_headers(status, headers, length)
             if head or length == 0:
                 return
             self._stream(f, start, length)
+        if self.server.upstream is not None and repo.commit is not None:
+            self._log_extra["cache"] = "hit"
+            self.server.upstream.stats.served(repo.repo_id, self._sent, hit=True)
+
+    def _send_file_headers(self, status: int, headers: dict[str, str], length: int) -> None:
+        self._status = status
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def _resolve_upstream(self, repo: Repo, commit: str, entry: Any, status: int, headers: dict[str, str],
+                          start: int, length: int, head: bool) -> None:
+        """A listed file ROOT lacks: join (or start) its transfer from upstream and stream it as it arrives."""
+        upstream = self.server.upstream
+        if upstream is None:
+            why = "this mirror is offline" if self.server.offline else "this server has no upstream"
+            raise HubError(404, "EntryNotFound", f"{entry.path} is not cached in this mirror and {why}",
+                           {"X-Repo-Commit": commit})
+        self._log_extra["cache"] = "miss"
+        transfer = upstream.transfer(repo.repo_id, commit, entry) if not head else None
+        if transfer is not None:
+            transfer.started()  # upstream's refusal (gated, gone) still reaches the client as an error status
+        self._send_file_headers(status, headers, length)
+        if transfer is None or length == 0:
+            return
+        sent_before = self._sent
+
+        def send(f: Any, offset: int, count: int) -> int:
+            sent = self.connection.sendfile(f, offset, count)
+            self._sent += sent
+            return sent
+
+        try:
+            transfer.stream(send, start, length)
+        except TransferFailed as exc:  # the headers are out: hanging up is the only signal left
+            self._log_extra["error"] = str(exc)
+            self.close_connection = True
+        finally:
+            if self._sent - sent_before != length:
+                self.close_connection = True
+            upstream.stats.served(repo.repo_id, self._sent - sent_before, hit=False)
 
     def _stream(self, f: Any, offset: int, count: int) -> None:
         """Kernel-side copy from the file to the socket; the file never passes through Python memory."""

@@ -421,3 +421,24 @@ def test_pipeline_tag_settles_a_tie(mirror: Any, tmp_path: Path, capsys: pytest.
     image(tmp_path / "a.png", 8, 8, 8)
     out, err = ok(capsys, "run", TWO_HEADS, str(tmp_path / "a.png"), "-o", str(tmp_path), "-q")
     assert out.split() == [str(tmp_path / "a-depth.png"), str(tmp_path / "a-depth-color.png")]
+
+
+def test_batch_run_jobs_go_to_their_tasks(mirror: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from coreml_hub.batch import run_batch
+    from coreml_hub.testing import task_models as tm
+
+    image(tmp_path / "photo.png", tm.CLASSIFIER_SIZE, tm.CLASSIFIER_SIZE, 9)
+    image(tmp_path / "street.png", tm.SEGMENTER_SIZE, tm.SEGMENTER_SIZE, 10)
+    jobs = [{"id": "labels", "model": FASTVIT, "images": ["photo.png"], "top_k": 2},
+            {"id": "segments", "model": DETR, "images": ["street.png"]},
+            {"id": "wrong", "model": FASTVIT, "images": ["photo.png"], "max_new_tokens": 3}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    result = run_batch(tmp_path / "jobs.jsonl", tmp_path / "out")
+    records = {r.id: r for r in result.results}
+    assert records["labels"].ok and records["segments"].ok and not records["wrong"].ok
+    assert "not used by the image-classification task" in records["wrong"].error["message"]
+    expected = json.loads(ok(capsys, "run", FASTVIT, str(tmp_path / "photo.png"), "--top-k", "2", "--json")[0])
+    assert records["labels"].details["images"][0]["top"] == expected["images"][0]["top"]
+    assert sorted(records["segments"].paths) == ["segments/street-classes.png", "segments/street-overlay.png"]
+    assert records["segments"].details["images"][0]["classes_png"] == "street-classes.png"
+    assert (tmp_path / "out" / "segments" / "street-overlay.png").is_file()

@@ -10,7 +10,7 @@ import importlib
 import os as _os
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> module that defines it
 _API = {

@@ -44,7 +44,7 @@ MAX_ATTEMPTS = 3  # a job whose worker died this many times is recorded as faile
 FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "COREML_HUB_HOME", "COREML_HUB_PLUGINS")
 # `generate` arguments a job may not set: the batch decides them
 RUN_RESERVED = {"model", "output_dir", "backend", "device", "compute_unit", "pull", "progress", "on_message",
-                "loaded", "on_step"}
+                "loaded", "on_step", "started"}
 # options naming files: a relative path is taken from the JOBS file's folder
 RUN_PATH_FIELDS = ("image", "mask", "control_images", "images")
 # what a run job for a task other than text-to-image may name besides its task's options
@@ -286,14 +286,17 @@ def load_specs(jobs: Iterable[Job]) -> dict[tuple[str, ...], dict[str, Any]]:
 
 # `load_pipeline` options the batch sets itself; a run job's other options that `load_pipeline` also takes
 # (prediction_type, t5, shift, refiner_start, ...) decide what is loaded, so they are part of a warm model's key
-LOAD_RESERVED = {"model", "img2img", "safety", "backend", "device", "compute_unit", "progress", "refiner_model"}
+LOAD_RESERVED = {"model", "img2img", "safety", "backend", "device", "compute_unit", "progress", "refiner_model",
+                 "on_message"}
+# run options that pick which files are loaded before `load_pipeline` sees them (`resolve_model`'s)
+RESOLVE_OPTIONS = {"chunked"}
 
 
 def _load_names() -> set[str]:
     from .pipeline.generate import load_pipeline
 
     return {name for name, p in inspect.signature(load_pipeline).parameters.items()
-            if p.kind == p.KEYWORD_ONLY and name not in LOAD_RESERVED}
+            if p.kind == p.KEYWORD_ONLY and name not in LOAD_RESERVED} | RESOLVE_OPTIONS
 
 
 def load_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -386,7 +389,9 @@ def _record(job: Job, outcome: dict[str, Any], out: Path, attempts: int) -> JobR
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
-    known = translate(exc) if isinstance(exc, Exception) else None
+    from .hub import endpoint
+
+    known = translate(exc, endpoint=endpoint()) if isinstance(exc, Exception) else None
     if known is not None:
         return {"type": type(known).__name__, "message": known.message, "hint": known.hint}
     text = str(exc).splitlines()[0] if str(exc) else ""
@@ -461,11 +466,11 @@ class Worker:
             from .pipeline.resolve import resolve_model
             from .tasks import describe_model, resolve
 
-            resolved = resolve(payload["model"], pull=True)
+            extra = load_options(options)
+            resolved = resolve(payload["model"], pull=True, chunked=extra.pop("chunked", None))
             info = describe_model(resolved)
             if not info.diffusion or options.get("task") not in (None, "text-to-image"):
                 return _TaskModel(info)  # its task loads it for each job
-            extra = load_options(options)
             refiner = extra.get("refiner", True)
             if "refiner" in extra:  # generate's `refiner` is True, False or a model: load_pipeline splits it
                 extra["refiner"] = refiner is not False

@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 from . import paths, store
 from .atomic import write_json_atomic
-from .errors import (CoremlHubError, InvalidBundle, NoVariants, NotEnoughDiskSpace, OfflineError, RepoNotFound,
+from .errors import (CoremlHubError, InvalidBundle, NotEnoughDiskSpace, OfflineError, RepoNotFound, RevisionNotFound,
                      UsageError, VariantNotFound)
 from .layouts import Layout, Variant, in_variant
 
@@ -414,10 +414,16 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
             raise OfflineError("HF_HUB_OFFLINE is set, so --force cannot download the variant again.",
                                hint="Unset HF_HUB_OFFLINE to download it again.")
         return _offline_plan(ref, chunked=chunked)
-    snapshot, variants = hub.repo_variants(ref.repo, ref.revision)
+    try:
+        snapshot, variants = hub.repo_variants(ref.repo, ref.revision)
+    except RevisionNotFound as exc:
+        if revision is None and ref.revision:  # named as REPO@REVISION, not with --revision
+            raise RevisionNotFound(exc.message, hint=f"Drop `@{ref.revision}` to use `main`, or check the branch, "
+                                                     "tag or commit name.") from exc
+        raise
     repo, commit = snapshot.repo_id, snapshot.sha
     if not variants:
-        raise NoVariants(f"{repo} has no Core ML variant coreml-hub recognizes ({len(snapshot.files)} files).")
+        raise hub.no_variants(snapshot)
     if ref.variant:
         chosen = select_variant(variants, ref.variant, repo)
         by_default = False
@@ -589,7 +595,7 @@ def check_disk_space(where: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed + DISK_MARGIN > free:
-        from .cli.output import human_size
+        from .human import human_size
 
         raise NotEnoughDiskSpace(
             f"Pulling needs {human_size(needed)} of free space in {where}, but only {human_size(free)} is free.")

@@ -199,6 +199,7 @@ class TaskRequest:
     progress: bool = False
     on_message: Notify | None = field(default=None, compare=False)
     on_text: Callable[[str], None] | None = field(default=None, compare=False)  # streamed text
+    started: float | None = None  # time.perf_counter() when the caller began (for wall times); None: run's call
 
     def option(self, name: str, default: Any = None) -> Any:
         """An option's value, `default` when it was not given or is None."""
@@ -255,16 +256,18 @@ class Task(Protocol):
 
 
 def resolve(model: str | Path | ResolvedModel, *, pull: bool = True, progress: bool = False,
-            on_message: Notify | None = None) -> ResolvedModel:
-    """MODEL as `run` takes it: a pulled (or now pulled) repo, a variant folder, a folder of bundles, a bundle."""
+            on_message: Notify | None = None, chunked: bool | None = None) -> ResolvedModel:
+    """MODEL as `run` takes it: a pulled (or now pulled) repo, a variant folder, a folder of bundles, a bundle.
+
+    `chunked` picks a pulled diffusion model's Unet form (see `pipeline.resolve.resolve_model`)."""
     from .bundle import find_bundles, is_bundle
     from .pipeline.resolve import ResolvedModel, resolve_local, resolve_model
 
     if isinstance(model, ResolvedModel):
         return model
     path = Path(str(model)).expanduser()
-    if not path.exists():
-        return resolve_model(str(model), pull=pull, progress=progress, on_message=on_message)
+    if not path.exists() or chunked is not None:  # a folder with a Unet form asked for: resolve_model's error
+        return resolve_model(str(model), pull=pull, progress=progress, on_message=on_message, chunked=chunked)
     path = path.resolve()
     if is_bundle(path):
         return ResolvedModel(path=path, name=path.stem)
@@ -394,23 +397,28 @@ def run(model: str | Path | ResolvedModel, inputs: Iterable[str] = (), *, task: 
         given: Iterable[str] | None = None, flags: Mapping[str, str] | None = None,
         output_dir: str | Path | None = None, backend: str = "auto", device: str = "auto", pull: bool = True,
         progress: bool = False, on_message: Notify | None = None,
-        on_text: Callable[[str], None] | None = None) -> TaskResult:
+        on_text: Callable[[str], None] | None = None, started: float | None = None) -> TaskResult:
     """Run MODEL on `inputs` with the task it is for (or `task`): what `coreml-hub run` does.
 
     `options` are the task's options by name (`steps`, `top_k`, `max_new_tokens`, ...);
     `given` names those set explicitly, and each must be one the task reads (default: every
-    key of `options`). `on_text` receives generated text as it comes.
+    key of `options`). `on_text` receives generated text as it comes. `started` (a
+    `time.perf_counter()` value) is when the caller began, for the wall time a task reports.
     """
+    import time
+
+    started = time.perf_counter() if started is None else started
     options = dict(options or {})
     given = list(options) if given is None else list(given)
-    resolved = resolve(model, pull=pull, progress=progress, on_message=on_message)
+    resolved = resolve(model, pull=pull, progress=progress, on_message=on_message, chunked=options.get("chunked"))
     info = describe_model(resolved)
     chosen = choose_task(info, task, on_message=on_message)
     check_options(chosen, given, flags)
     request = TaskRequest(inputs=tuple(str(i) for i in inputs), images=tuple(Path(p) for p in images),
                           texts=tuple(texts), options=options,
                           output_dir=Path(output_dir) if output_dir is not None else None, backend=backend,
-                          device=device, pull=pull, progress=progress, on_message=on_message, on_text=on_text)
+                          device=device, pull=pull, progress=progress, on_message=on_message, on_text=on_text,
+                          started=started)
     return chosen.run(info, request)
 
 
@@ -466,12 +474,12 @@ class LoadedImageModel:
     model: Any
     load_seconds: float
 
-    def predict(self, picture: Any, mode: str = "stretch") -> dict[str, Any]:
-        """Outputs for one RGB PIL image, fitted to the input's size (`stretch`, or `crop` its middle)."""
+    def predict(self, picture: Any, fit: str = "stretch") -> dict[str, Any]:
+        """Outputs for one RGB PIL image, fitted to the input's size (`stretch`, `crop` its middle, or `pad`)."""
         from .pipeline.images import fit_image
 
         assert self.image.image is not None
-        fitted = fit_image(picture, self.image.image.width, self.image.image.height, mode=mode)
+        fitted = fit_image(picture, self.image.image.width, self.image.image.height, fit)
         return self.model.predict({self.image.name: fitted})
 
 

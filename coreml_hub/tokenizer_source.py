@@ -46,11 +46,6 @@ def has_lm_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
 
 
-def has_clip_tokenizer(folder: Path) -> bool:
-    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or \
-        (folder / "tokenizer.json").is_file()
-
-
 def locate(model_name: str, folders: tuple[Path, ...], *, present: Callable[[Path], bool], files: tuple[str, ...],
            wanted: str | None = None, named: str | None = None, default: str | None = None) -> TokenizerSource:
     """The tokenizer: `wanted` (a folder or a repo id), else the first of `folders` holding one,

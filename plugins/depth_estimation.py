@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from coreml_hub.hookspecs import hookimpl
+from coreml_hub.human import plural
 from coreml_hub.tasks import (KNOWN, NAMED, SHAPED, BundleSpec, ModelInfo, Rendering, TaskRequest, image_input,
                               load_image_model, read_images)
 
@@ -153,7 +154,7 @@ class DepthEstimation:
                                  {"model": model.name, "source_image": str(path), "Software": "coreml-hub"})
             maps.append(DepthMap(path, image.size, depth_png, color_png, low, high))
         seconds = time.perf_counter() - t0
-        request.say(f"Estimated depth for {len(maps)} image{'s' if len(maps) != 1 else ''} with {model.name} in "
+        request.say(f"Estimated depth for {plural(len(maps), 'image')} with {model.name} in "
                     f"{seconds:.2f} s (loaded in {load_seconds:.1f} s).")
         return DepthResult(model, tuple(maps), load_seconds, seconds)
 

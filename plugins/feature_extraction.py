@@ -7,6 +7,7 @@ either one with `--image` and `--text`: the other encoder of the pair (the same 
 `image` and `text` swapped) is found among the pulled variants, or pulled. The repo ships no
 tokenizer: CLIP's BPE files come from the model's folder, `--tokenizer`, or openai/clip-vit-base-patch32.
 
+Images are center-cropped to the image encoder's shape (`--fit pad` or `stretch` otherwise).
 Prints the cosine similarity of every image with every text; the embeddings (as the encoders
 give them, one row per input) are saved as `image-embeddings.npy` and `text-embeddings.npy`.
 A single encoder, or a folder holding both, runs the same way.
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from coreml_hub.errors import ModelNotPulled, UsageError, VariantNotFound
 from coreml_hub.hookspecs import hookimpl
+from coreml_hub.human import plural
 from coreml_hub.tasks import (KNOWN, NAMED, SHAPED, BundleSpec, ModelInfo, Rendering, TaskRequest, image_input,
                               load_bundle)
 
@@ -114,7 +116,7 @@ class FeatureResult:
 class FeatureExtraction:
     name = "feature-extraction"
     description = "Embeddings of images and texts with CLIP-style encoders, and their cosine similarities."
-    options = ("tokenizer",)
+    options = ("tokenizer", "fit")
 
     def recognize(self, model: ModelInfo) -> float:
         if model.diffusion or not model.bundles or len(model.bundles) > 2:
@@ -152,7 +154,7 @@ class FeatureExtraction:
         files = tuple(_save(request, name, vectors) for name, vectors in
                       (("image-embeddings", image_vectors), ("text-embeddings", text_vectors)) if len(vectors))
         seconds = time.perf_counter() - t0
-        request.say(f"Embedded {len(images)} image(s) and {len(texts)} text(s) in {seconds:.2f} s.")
+        request.say(f"Embedded {plural(len(images), 'image')} and {plural(len(texts), 'text')} in {seconds:.2f} s.")
         return FeatureResult(model, tuple(paths), texts, image_vectors, text_vectors, sims, files,
                              tuple(s.path.name for s in encoders.values() if s is not None), tokenizer, seconds)
 
@@ -195,26 +197,28 @@ class FeatureExtraction:
         feature = image_input(spec)
         assert feature is not None and feature.image is not None
         encoder = load_bundle(spec.path, request)
-        out = embedding_output(spec).name
-        return np.stack([np.asarray(encoder.predict({feature.name: fit_image(
-            image, feature.image.width, feature.image.height, mode="crop")})[out], dtype=np.float32).reshape(-1)
-            for image in images])
+        out, fit = embedding_output(spec).name, request.option("fit", "crop")
+        size = (feature.image.width, feature.image.height)
+        return np.stack([np.asarray(encoder.predict({feature.name: fit_image(image, *size, fit)})[out],
+                                    dtype=np.float32).reshape(-1) for image in images])
 
     def _embed_texts(self, spec: BundleSpec, texts: tuple[str, ...], model: ModelInfo,
                      request: TaskRequest) -> tuple[np.ndarray, dict[str, Any]]:
         import numpy as np
 
-        from coreml_hub.pipeline.tokenizer import ClipTokenizer, TokenizerFiles
-        from coreml_hub.tokenizer_source import CLIP_FILES, CLIP_REPO, has_clip_tokenizer, locate
+        from coreml_hub.pipeline.tokenizer import ClipTokenizer, tokenizer_files_in
+        from coreml_hub.tokenizer_source import CLIP_FILES, CLIP_REPO, locate
+
+        def present(folder: Path) -> bool:
+            return tokenizer_files_in(folder) is not None
 
         folders = tuple(dict.fromkeys((model.folder, spec.path.parent, model.folder / "tokenizer")))
-        source = locate(model.name, folders, present=has_clip_tokenizer, files=CLIP_FILES,
+        source = locate(model.name, folders, present=present, files=CLIP_FILES,
                         wanted=request.option("tokenizer"), default=CLIP_REPO)
         length = spec.inputs[0].shape[1]
-        vocab, merges, tok_json = (source.folder / n for n in ("vocab.json", "merges.txt", "tokenizer.json"))
-        bpe = vocab.is_file() and merges.is_file()
-        tokenizer = ClipTokenizer(TokenizerFiles(source.folder, vocab if bpe else None, merges if bpe else None,
-                                                 tok_json if tok_json.is_file() else None, "<|endoftext|>", length))
+        files = tokenizer_files_in(source.folder)
+        assert files is not None  # `locate` returns a folder that has them
+        tokenizer = ClipTokenizer(files, length)
         ids = np.zeros((len(texts), 1, length), dtype=np.int32)
         for n, text in enumerate(texts):
             if tokenizer.truncated(text):

@@ -2,8 +2,8 @@
 
 A classifier declares its label output (`classLabel`) and a dictionary of probabilities
 (`classLabel_probs`) over the class labels it carries. Each image is center-cropped to the
-model's aspect ratio and resized to its input size (FastViT: 256x256); the top-k labels are
-printed with their probabilities.
+model's aspect ratio (or padded, or stretched: `--fit`) and resized to its input size (FastViT:
+256x256); the top-k labels are printed with their probabilities.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 from coreml_hub.errors import UsageError
 from coreml_hub.hookspecs import hookimpl
+from coreml_hub.human import plural
 from coreml_hub.tasks import (KNOWN, NAMED, ModelInfo, Rendering, TaskRequest, image_input, load_image_model,
                               read_images)
 
@@ -56,7 +57,7 @@ class ClassificationResult:
 class ImageClassification:
     name = "image-classification"
     description = "The top-k labels of images, with their probabilities, from a Core ML classifier."
-    options = ("top_k",)
+    options = ("top_k", "fit")
 
     def recognize(self, model: ModelInfo) -> float:
         spec = model.single
@@ -67,6 +68,7 @@ class ImageClassification:
     def run(self, model: ModelInfo, request: TaskRequest) -> ClassificationResult:
         images = read_images(request, f"coreml-hub run {model.ref} photo.jpg")
         top_k = int(request.option("top_k", DEFAULT_TOP_K))
+        fit = request.option("fit", "crop")
         if top_k < 1:
             raise UsageError("--top-k must be at least 1.")
         spec = model.single
@@ -77,11 +79,11 @@ class ImageClassification:
         t0 = time.perf_counter()
         found = []
         for path, image in images:
-            scores = classifier.predict(image, mode="crop")[probabilities]
+            scores = classifier.predict(image, fit=fit)[probabilities]
             ranked = sorted(((label, float(p)) for label, p in scores.items()), key=lambda lp: -lp[1])
             found.append(Classified(path, tuple(ranked[:top_k])))
         seconds = time.perf_counter() - t0
-        request.say(f"Classified {len(found)} image{'s' if len(found) != 1 else ''} with {model.name} in "
+        request.say(f"Classified {plural(len(found), 'image')} with {model.name} in "
                     f"{seconds:.2f} s (loaded in {classifier.load_seconds:.1f} s).")
         return ClassificationResult(model, tuple(found), classifier.load_seconds, seconds)
 

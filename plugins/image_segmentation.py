@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from coreml_hub.hookspecs import hookimpl
+from coreml_hub.human import plural
 from coreml_hub.tasks import (KNOWN, NAMED, SHAPED, BundleSpec, ModelInfo, Rendering, TaskRequest, image_input,
                               load_image_model, read_images)
 
@@ -129,6 +130,7 @@ class ImageSegmentation:
         import numpy as np
 
         from coreml_hub.errors import UsageError
+
         images = read_images(request, f"coreml-hub run {model.ref} street.jpg")
         found = class_map_output(model.single) if model.single is not None else None
         if found is None:
@@ -147,7 +149,7 @@ class ImageSegmentation:
             ids = _resize_ids(ids.astype(np.int32), image.size)
             done.append(_write(path, image, ids, labels, folder, model.name))
         seconds = time.perf_counter() - t0
-        request.say(f"Segmented {len(done)} image{'s' if len(done) != 1 else ''} with {model.name} in "
+        request.say(f"Segmented {plural(len(done), 'image')} with {model.name} in "
                     f"{seconds:.2f} s (loaded in {load_seconds:.1f} s).")
         return SegmentationResult(model, tuple(done), load_seconds, seconds)
 

@@ -17,7 +17,8 @@ from coreml_hub.hookspecs import hookimpl
 from coreml_hub.tasks import KNOWN, ModelInfo, Rendering, TaskRequest, one_input
 
 # Keywords of `generate` that `run` fills itself rather than from an option of the same name.
-_FILLED = {"model", "prompt", "image", "output_dir", "backend", "device", "pull", "progress", "on_message"}
+_FILLED = {"model", "prompt", "image", "output_dir", "backend", "device", "pull", "progress", "on_message",
+           "started"}
 # Options spelled as the command line says them, which `generate` takes as another keyword.
 _RENAMED = ("no_t5", "refiner_model", "no_refiner")
 
@@ -68,7 +69,8 @@ class TextToImage:
         result = generate(model.resolved or str(model.path), prompt,
                           image=request.images[0] if request.images else None, output_dir=request.output_dir,
                           backend=request.backend, device=request.device, pull=request.pull,
-                          progress=request.progress, on_message=request.on_message, **kwargs)
+                          progress=request.progress, on_message=request.on_message, started=request.started,
+                          **kwargs)
         return TextToImageResult(result)
 
 

@@ -180,7 +180,7 @@ def test_options_of_another_task_are_refused(tmp_path: Path, capsys: pytest.Capt
     code, out, err = cli(capsys, "run", str(tm.classifier()), str(tmp_path / "a.png"), "--steps", "3",
                          "--max-new-tokens", "4")
     assert code == 2 and "--steps, --max-new-tokens are not used by the image-classification task" in err
-    assert "Options of image-classification: --top-k" in err
+    assert "Options of image-classification: --fit, --top-k" in err
     (tmp_path / "photo.jpg").write_text("not a picture")  # an image file that is not an image
     code, out, err = cli(capsys, "run", str(tm.classifier()), str(tmp_path / "photo.jpg"))
     assert code == 1 and f"Error: Cannot read {tmp_path / 'photo.jpg'} as an image" in err and "Hint:" in err
@@ -223,6 +223,17 @@ def test_image_classification(mirror: Any, tmp_path: Path, capsys: pytest.Captur
     assert lines[1].startswith(order[0]) and "Classified 1 image" in err
     out, _ = ok(capsys, "run", FASTVIT, str(tmp_path / "photo.png"), "-q")
     assert out.strip() == order[0]
+    # --fit pad: a 2:1 image sits on black bars at the model's square shape (here no resize is left)
+    size = tm.CLASSIFIER_SIZE
+    wide = image(tmp_path / "wide.png", size, size // 2, 6)
+    padded = np.zeros((size, size, 3), dtype=np.uint8)
+    padded[(size - size // 2) // 2:][:size // 2] = wide
+    with torch.no_grad():
+        probs = reference(torch_input(padded))[0].numpy()
+    out, _ = ok(capsys, "run", FASTVIT, str(tmp_path / "wide.png"), "--fit", "pad", "--top-k", "3", "--json")
+    (result,) = json.loads(out)["images"]
+    assert [t["label"] for t in result["top"]] == [tm.CLASS_LABELS[i] for i in np.argsort(-probs)][:3]
+    np.testing.assert_allclose([t["probability"] for t in result["top"]], np.sort(probs)[::-1][:3], atol=1e-4)
 
 
 def test_depth_estimation(mirror: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -284,8 +295,8 @@ def test_image_segmentation(mirror: Any, tmp_path: Path, capsys: pytest.CaptureF
 
 def test_feature_extraction_pairs_the_encoders(mirror: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import torch
+    from transformers import CLIPTokenizer
 
-    from coreml_hub.pipeline.tokenizer import load_tokenizer
     from coreml_hub.testing import task_models as tm
 
     pull_only(mirror, capsys, CLIP, "mobileclip_s0_image", "mobileclip_s0_image.mlpackage")
@@ -301,10 +312,12 @@ def test_feature_extraction_pairs_the_encoders(mirror: Any, tmp_path: Path, caps
                                                "vocab.json"]
     result = json.loads(out)
     assert result["tokenizer"]["origin"] == "default" and result["tokenizer"]["repo"] == CLIP_TOKENIZER
-    clip = load_tokenizer(Path(result["tokenizer"]["folder"]))  # independent: CLIP BPE, then zeros as MobileCLIP pads
+    # independent of coreml-hub's own BPE: transformers' CLIPTokenizer, then zeros as MobileCLIP pads
+    clip = CLIPTokenizer.from_pretrained(result["tokenizer"]["folder"])
     ids = np.zeros((len(texts), tm.CLIP_LENGTH), dtype=np.int64)
     for n, text in enumerate(texts):
-        encoded = [clip.bos_id, *clip._tok(text, add_special_tokens=False)["input_ids"], clip.eos_id]
+        encoded = clip(text)["input_ids"]
+        assert encoded[0] == clip.bos_token_id and encoded[-1] == clip.eos_token_id
         ids[n, :len(encoded)] = encoded
     with torch.no_grad():
         image_ref = tm.clip_image_module()(torch_input(pixels)).numpy()

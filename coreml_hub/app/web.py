@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import __version__
+from ..version import __version__
 from .gallery import Gallery
 from .guard import COOKIE, AccessGuard, BodyLimit, CrashGuard, login_cookie, same_token
 from .jobs import DONE, FINISHED, EventBus, Job, JobQueue, QueueFull, wait_for

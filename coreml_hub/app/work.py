@@ -30,7 +30,9 @@ def classify(exc: BaseException) -> Failure:
     """A job's exception as the page and the API show it: user errors are 4xx, the rest 500."""
     if isinstance(exc, RequestError):
         return Failure(exc.message, None, exc.kind, exc.status, exc.param)
-    known = translate(exc)
+    from ..hub import endpoint
+
+    known = translate(exc, endpoint=endpoint())
     if known is not None:
         name = type(known).__name__
         if name in NOT_FOUND_ERRORS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .output import Column, Output, human_size
+from .output import Column, Output, human_size, stderr_is_tty
 
 ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit", "vae_decoder", "vae_encoder",
@@ -31,7 +31,10 @@ are downloaded; HF_ENDPOINT and HF_TOKEN apply). OUT becomes a repo of its own:
   OUT/tokenizer/{vocab.json,merges.txt}  OUT/scheduler/scheduler_config.json
   OUT/README.md  OUT/.hub.json
 so `coreml-hub serve` can mirror it and `coreml-hub pull` can fetch it. Converting again
-into the same OUT with another --attention adds that attention's folder.
+into the same OUT with another --attention adds that attention's folder. Everything is
+written into a hidden folder in OUT and moved into place at the end: an interrupted
+conversion (Ctrl-C) leaves nothing that looks like a conversion. Progress: bars on a
+terminal, one line per component otherwise; -q prints only OUT.
 SD3 (StableDiffusion3Pipeline) gives text_encoder, text_encoder_2, text_encoder_t5 (T5,
 OUT/tokenizer_3/), mmdit (MultiModalDiffusionTransformer, float32, original attention),
 vae_decoder and vae_encoder; leave T5 out with --components.
@@ -84,10 +87,11 @@ def convert_cmd(source: str, out_dir: str, attention: str | None, precision: str
         latent_size=tuple(latent_size) if latent_size else None,
         components=components,
         model_version=model_version,
-        progress=not (quiet or json_mode),
+        progress=not (quiet or json_mode) and stderr_is_tty(),  # bars on a terminal; plain lines in logs
         format=fmt,
         revision=revision,
         refiner=refiner,
+        on_message=None if quiet or json_mode else out.info,
     )
     if json_mode:
         out.json(result.to_dict())

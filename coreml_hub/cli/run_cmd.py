@@ -9,6 +9,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from ..pipeline.images import FITS  # stdlib only (PIL loads in functions): fast --help
 from ..pipeline.refiner import DEFAULT_REFINER_START  # no torch: fast --help
 from ..pipeline.rng import DEFAULT_RNG, DEFAULT_SEED_MODE, RNGS, SEED_MODES  # numpy only: fast --help
 from ..pipeline.schedulers import (  # stdlib only: fast --help
@@ -101,14 +102,18 @@ overwritten.""",
               help="An input image (repeatable); text-to-image: the init image for image-to-image.")
 @click.option("--strength", type=float, default=0.75, show_default=True,
               help="Image-to-image: how much of the init image is replaced (0-1].")
+@click.option("--fit", type=click.Choice(FITS), default=None,
+              help="An image of another aspect ratio than the model's is cropped to its middle, padded with "
+                   "black bars, or stretched. Image-to-image: default refused; image-classification and "
+                   "feature-extraction: default crop.")
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
               help="Folder for the files a task writes (default: ./coreml-hub-outputs or $COREML_HUB_OUTPUTS).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "coreml"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="torch backend: where to run (fp16 on GPUs).")
-@click.option("--compute-unit", type=click.Choice(COMPUTE_UNIT_CHOICES, case_sensitive=False), default="ALL",
-              show_default=True, help="coreml backend: which compute units Core ML may use.")
+@click.option("--compute-unit", type=click.Choice(COMPUTE_UNIT_CHOICES, case_sensitive=False), default=None,
+              help="coreml backend: which compute units Core ML may use (default: ALL); other backends ignore it.")
 @click.option("--disable-safety", is_flag=True, help="Skip the model's safety checker.")
 @click.option("--save-every", type=int, default=None, metavar="K", help="Also save a decode every K steps.")
 @click.option("--text", "texts", multiple=True, metavar="TEXT", help="feature-extraction: a text (repeatable).")
@@ -127,6 +132,9 @@ overwritten.""",
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
               help="An option of a plugin's task (repeatable; VALUE is read as JSON when it parses).")
 @click.option("--no-pull", is_flag=True, help="Fail instead of pulling a model that is not pulled yet.")
+@click.option("--chunked/--no-chunked", default=None,
+              help="text-to-image: a pulled model's chunked / full Unet form (default: the full Unet when both are "
+                   "pulled).")
 @click.option("--json", "json_mode", is_flag=True, help="Print the result (paths, values, timings) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the essentials (file paths, top labels).")
 @click.pass_context
@@ -134,6 +142,7 @@ def run_cmd(ctx: click.Context, **params: Any) -> None:
     """Run MODEL with its task: make images from a PROMPT, label, measure or segment IMAGEs, compare
     images with texts, or continue a PROMPT."""
     from ..tasks import run
+    from . import STARTED
 
     json_mode, quiet = params["json_mode"], params["quiet"]
     out = Output(json_mode=json_mode, quiet=quiet)
@@ -160,7 +169,7 @@ def run_cmd(ctx: click.Context, **params: Any) -> None:
                  texts=params["texts"], options=options, given=given, flags=flags, output_dir=params["output_dir"],
                  backend=params["backend"], device=params["device"], pull=not params["no_pull"],
                  progress=not quiet and not json_mode and stderr_is_tty(), on_message=notify,
-                 on_text=None if json_mode else stream)
+                 on_text=None if json_mode else stream, started=STARTED)
     if streamed:
         click.echo("")
     if json_mode:

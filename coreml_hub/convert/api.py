@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import ConversionError, UsageError
 from .naming import ATTENTIONS as IMPLEMENTATIONS
@@ -156,9 +159,13 @@ def _geometry(folder: Path, latent_size: tuple[int, int] | None, batch: int) -> 
 
 
 class _Progress:
-    """One stderr line per component: a short bar over its stages."""
+    """One stderr line per component: a short bar over its stages (on a terminal), or one plain
+    line when the component is done (`on_line`, for logs: no carriage returns)."""
 
-    def __init__(self, name: str, stages: list[str], enabled: bool) -> None:
+    def __init__(self, name: str, stages: list[str], enabled: bool,
+                 on_line: Callable[[str], None] | None = None) -> None:
+        self.name = name
+        self.on_line = on_line
         from tqdm import tqdm
 
         self.bar = tqdm(
@@ -180,6 +187,38 @@ class _Progress:
     def close(self, note: str) -> None:
         self.bar.set_postfix_str(note)
         self.bar.close()
+        if self.on_line is not None and self.bar.disable:
+            self.on_line(f"{self.name}: {note}")
+
+
+PARTIAL_PREFIX = ".coreml-hub-partial-"  # inside OUT while converting: hidden, so nothing takes it for a variant
+
+
+def _install(stage: Path, out: Path) -> None:
+    """Move a finished conversion from `stage` into `out`, one rename per bundle or file.
+
+    Bundles and files of the same name in `out` are replaced; others there (another attention,
+    components converted earlier) stay.
+    """
+    trash = stage / ".replaced"
+    trash.mkdir()
+
+    def put(src: Path, dest: Path) -> None:
+        if dest.exists() or dest.is_symlink():
+            os.replace(dest, trash / uuid.uuid4().hex)
+        os.replace(src, dest)
+
+    for item in sorted(stage.iterdir()):
+        if item == trash:
+            continue
+        dest = out / item.name
+        if item.name in IMPLEMENTATIONS and dest.is_dir():  # OUT/<attention>/{packages,compiled}/<bundle>
+            for fmt in sorted(item.iterdir()):
+                (dest / fmt.name).mkdir(parents=True, exist_ok=True)
+                for bundle in sorted(fmt.iterdir()):
+                    put(bundle, dest / fmt.name / bundle.name)
+        else:
+            put(item, dest)
 
 
 def convert(
@@ -199,6 +238,7 @@ def convert(
     revision: str | None = None,
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
     refiner: str | Path | None = None,
+    on_message: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert a diffusers pipeline (local folder or Hub repo id) to Core ML.
 
@@ -210,10 +250,13 @@ def convert(
     `precision` says (Apple's contract). `refiner` (an SDXL refiner's folder or repo id; only
     its Unet is read) adds `..._refiner.mlpackage` beside an SDXL base, as Apple's
     `--refiner-version` does; `components` may then name `refiner` alone.
+    Everything is written into a hidden folder inside `out` first and moved into place at the
+    end, so an interrupted or failed conversion leaves nothing in `out` that looks like (part of)
+    a conversion. `progress` shows bars (terminals); without it, `on_message` gets one plain line
+    per component.
     """
     from . import source as sources
-    from .components import Job, convert_component, import_coremltools
-    from ..cli.output import human_size
+    from .components import import_coremltools
 
     started = time.time()
     _validate(attention, precision, quantize_nbits, latent_size, format)
@@ -232,7 +275,7 @@ def convert(
         src, chosen = sources.from_folder(src_path, wanted)
         default_version = src_path.resolve().name
     elif sources.looks_like_repo_id(str(source)):
-        src, chosen = sources.from_hub(str(source), wanted, revision=revision)
+        src, chosen = sources.from_hub(str(source), wanted, revision=revision, progress=progress)
         default_version = str(source)
     elif str(source).startswith((".", "/", "~")) or src_path.exists():
         raise ConversionError(
@@ -251,17 +294,71 @@ def convert(
     geometry, latent, scale = _geometry(src.folder, latent_size, batch)
 
     import_coremltools()
-    packages_dir = out / attention / "packages"
+    created = not out.exists()
+    stage = out / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+    stage.mkdir(parents=True)
+    try:
+        results, extra_files, _order = _convert_into(
+            stage, out, src, chosen, version, attention, precision, geometry, latent, scale, chunk_unet,
+            quantize_nbits, query_chunk_size, format, progress, on_message, refiner_src if with_refiner else None)
+        _install(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            _remove_if_empty(out)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+    def moved(path: Path) -> Path:
+        return out / path.relative_to(stage) if path.is_relative_to(stage) else path
+
+    return ConversionResult(
+        out=out,
+        model_version=version,
+        arch=src.arch,
+        attention=attention,
+        precision=precision,
+        format=format,
+        latent_size=latent,
+        image_size=(latent[0] * scale, latent[1] * scale),
+        unet_batch=batch,
+        quantize_nbits=quantize_nbits,
+        components=tuple(replace(c, path=moved(c.path)) for c in results),
+        extra_files=tuple(moved(p) for p in extra_files),
+        seconds=time.time() - started,
+        refiner_version=(refiner_src.repo_id or str(refiner_src.folder)) if with_refiner and refiner_src else None,
+    )
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _convert_into(stage: Path, out: Path, src: Any, chosen: tuple[str, ...], version: str, attention: str,
+                  precision: str, geometry: Any, latent: tuple[int, int], scale: int, chunk_unet: bool,
+                  quantize_nbits: int | None, query_chunk_size: int, format: str, progress: bool,
+                  on_message: Callable[[str], None] | None,
+                  refiner_src: Any = None) -> tuple[list[ComponentResult], list[Path], list[str]]:
+    """Every component (and the refiner's Unet when `refiner_src` is given), the repo files and
+    (macOS) the compiled bundles, written into `stage`."""
+    from . import source as sources
+    from .components import Job, convert_component
+    from ..human import human_size
+
+    packages_dir = stage / attention / "packages"
     packages_dir.mkdir(parents=True, exist_ok=True)
     results: list[ComponentResult] = []
-    order = [c for c in COMPONENTS if c in chosen] + ([REFINER] if with_refiner else [])
+    order = [c for c in COMPONENTS if c in chosen] + ([REFINER] if refiner_src is not None else [])
     for comp in order:
         stages = ["trace + convert", "save"]
         if quantize_nbits and comp in QUANTIZED_COMPONENTS:
             stages.append(f"palettize {quantize_nbits}-bit")
         if comp in CHUNKED_COMPONENTS and chunk_unet:
             stages.append("chunk")
-        bar = _Progress(comp, stages, progress)
+        bar = _Progress(comp, stages, progress, on_message)
         t0 = time.time()
         comp_src = refiner_src if comp == REFINER else src
         job = Job(
@@ -311,31 +408,18 @@ def convert(
             results.append(ComponentResult(f"{comp}_chunk{i}", path, _size(path), 0.0))
         gc.collect()
 
-    extra_files = _write_repo_files(src, out, version, attention, precision, quantize_nbits, order, latent, scale)
+    extra_files = _write_repo_files(src, stage, out, version, attention, precision, quantize_nbits, order, latent,
+                                    scale)
     if format == "compiled":
         from .compile import compile_outputs
 
-        results += compile_outputs(results, out / attention / "compiled", out, progress)
-    return ConversionResult(
-        out=out,
-        model_version=version,
-        arch=src.arch,
-        attention=attention,
-        precision=precision,
-        format=format,
-        latent_size=latent,
-        image_size=(latent[0] * scale, latent[1] * scale),
-        unet_batch=batch,
-        quantize_nbits=quantize_nbits,
-        components=tuple(results),
-        extra_files=tuple(extra_files),
-        seconds=time.time() - started,
-        refiner_version=(refiner_src.repo_id or str(refiner_src.folder)) if with_refiner and refiner_src else None,
-    )
+        results += compile_outputs(results, stage / attention / "compiled", stage, progress)
+    return results, extra_files, order
 
 
 def _write_repo_files(
     src: Any,
+    stage: Path,
     out: Path,
     version: str,
     attention: str,
@@ -345,17 +429,19 @@ def _write_repo_files(
     latent: tuple[int, int],
     scale: int,
 ) -> list[Path]:
+    """Tokenizer(s), scheduler config, card and `.hub.json` into `stage`; the card names the
+    attentions `out` will hold (those there already and this one)."""
     from .repo_files import hub_metadata, write_card, write_scheduler, write_t5_tokenizer, write_tokenizer
 
     written: list[Path] = []
     for name in ("tokenizer", "tokenizer_2"):
         if (src.folder / name).is_dir():
-            written += write_tokenizer(src.folder / name, out / name)
+            written += write_tokenizer(src.folder / name, stage / name)
     if (src.folder / "tokenizer_3").is_dir():
-        written += write_t5_tokenizer(src.folder / "tokenizer_3", out / "tokenizer_3")
-    written.append(write_scheduler(src.folder / "scheduler", out / "scheduler"))
-    attentions = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name in IMPLEMENTATIONS)
-    meta = hub_metadata(version, src.arch, attentions or [attention], quantize_nbits)
-    write_card(out, meta, order, precision, latent, scale)
-    written += [out / "README.md", out / ".hub.json"]
+        written += write_t5_tokenizer(src.folder / "tokenizer_3", stage / "tokenizer_3")
+    written.append(write_scheduler(src.folder / "scheduler", stage / "scheduler"))
+    attentions = sorted({p.name for p in out.iterdir() if p.is_dir() and p.name in IMPLEMENTATIONS} | {attention})
+    meta = hub_metadata(version, src.arch, attentions, quantize_nbits)
+    write_card(stage, meta, order, precision, latent, scale)
+    written += [stage / "README.md", stage / ".hub.json"]
     return written

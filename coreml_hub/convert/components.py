@@ -358,7 +358,7 @@ def to_coreml(prepared: Prepared) -> Any:
 
 def describe(mlmodel: Any, job: Job, extra: dict[str, str] | None = None) -> None:
     """Author, license, version, descriptions and coreml-hub's own metadata, like Apple's packages carry."""
-    from .. import __version__
+    from ..version import __version__
 
     mlmodel.author = f"Please refer to the Model Card available at huggingface.co/{job.model_version}"
     mlmodel.license = LICENSES[job.arch]

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import ConversionError, UnsupportedArchitecture
 
@@ -164,8 +166,12 @@ def from_folder(folder: Path, components: tuple[str, ...] | None) -> tuple[Sourc
     return Source(folder, arch, cls, available, variants), chosen
 
 
-def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | None = None) -> tuple[Source, tuple[str, ...]]:
-    """Download just what converting `components` of `repo_id` needs; returns the local snapshot."""
+def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | None = None,
+             progress: bool = True) -> tuple[Source, tuple[str, ...]]:
+    """Download just what converting `components` of `repo_id` needs; returns the local snapshot.
+
+    `progress` False keeps huggingface_hub's download bars off (`convert -q`, and logs: no terminal).
+    """
     from huggingface_hub import snapshot_download
 
     from .. import hub
@@ -173,7 +179,7 @@ def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | N
     where = f"Hub repo {repo_id}"
     snapshot = hub.repo_files(repo_id, revision)
     files = {f.path for f in snapshot.files}
-    with hub.hub_errors(repo_id, revision):
+    with hub.hub_errors(repo_id, revision), _hub_bars(progress):
         fetch = lambda patterns: Path(  # noqa: E731 - one call site per phase
             snapshot_download(repo_id, revision=snapshot.sha, allow_patterns=patterns, endpoint=hub.endpoint(),
                               token=hub.token())
@@ -186,6 +192,21 @@ def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | N
         wanted, variants = needed_files(files, _subfolders(chosen), where)
         local = fetch(wanted)
     return Source(local, arch, cls, available, variants, repo_id=repo_id), chosen
+
+
+@contextmanager
+def _hub_bars(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's progress bars off for the block unless `enabled` (its switch is global)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def looks_like_repo_id(text: str) -> bool:

@@ -146,6 +146,12 @@ class StableDiffusion:
         out = next(iter(decoder.outputs.values()), None)
         if out is not None and len(out.shape) == 4 and all(d > 0 for d in out.shape):
             ih, iw = out.shape[2], out.shape[3]
+            from ..validate import vae_scale_factor  # the rule `verify` and `pull` check
+
+            if vae_scale_factor((lh, lw), (ih, iw)) is None:
+                raise UnsupportedSize(f"The VAE decoder makes {iw}x{ih} images from {lw}x{lh} latents: not one "
+                                      "whole scale factor for both sides.",
+                                      hint="Run `coreml-hub verify` on the variant.")
         else:
             ih, iw = lh * 8, lw * 8
         return Geometry(unet_batch=batch, latent_channels=channels, latent_height=lh, latent_width=lw,

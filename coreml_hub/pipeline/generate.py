@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import UsageError
 from . import images as imaging
@@ -68,6 +69,7 @@ class RunResult:
     generate_seconds: float
     unet_steps: int  # denoising steps run, all images together
     images: tuple[SavedImage, ...] = field(default_factory=tuple)
+    wall_seconds: float = 0.0  # all of it: imports, finding (or pulling) the model, loading, generating, saving
 
     @property
     def unet_steps_per_second(self) -> float:
@@ -81,6 +83,7 @@ class RunResult:
             "size": self.size,
             "load_seconds": round(self.load_seconds, 3),
             "generate_seconds": round(self.generate_seconds, 3),
+            "wall_seconds": round(self.wall_seconds, 3),
             "unet_steps": self.unet_steps,
             "steps_per_second": round(self.unet_steps_per_second, 3),
             "images": [i.to_dict() for i in self.images],
@@ -97,13 +100,14 @@ class LoadedPipeline:
 
 
 def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
-                  compute_unit: str | None = "ALL", img2img: bool = False, safety: bool = True,
+                  compute_unit: str | None = None, img2img: bool = False, safety: bool = True,
                   progress: bool = False, prediction_type: str | None = None, t5: bool = True,
                   shift: float | None = None, refiner: bool = True, refiner_model: ResolvedModel | None = None,
-                  refiner_start: float = DEFAULT_REFINER_START) -> LoadedPipeline:
+                  refiner_start: float = DEFAULT_REFINER_START, on_message: Notify | None = None) -> LoadedPipeline:
     """Load the components a run needs (the VAE encoder only for image-to-image).
 
     `prediction_type` overrides the scheduler config's (Apple's compiled repos ship no config).
+    `compute_unit` (None: all) is a Core ML setting; a backend that ignores it is named once.
     SD3 variants (a MultiModalDiffusionTransformer): `t5=False` leaves TextEncoderT5 out (zeros in
     its place), `shift` overrides the flow-matching shift. SDXL: the variant's refiner (or
     `refiner_model`'s) takes over at `refiner_start` of the schedule unless `refiner=False`.
@@ -111,6 +115,9 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     from ..errors import InvalidBundle
 
     chosen = select_backend(backend)
+    if compute_unit is not None and not getattr(chosen, "compute_units", None) and on_message is not None:
+        on_message(f"Warning: --compute-unit {compute_unit} is a Core ML setting; the {chosen.name} backend "
+                   "ignores it.")
     found = find_components(model.path)
     if refiner_model is not None and not refiner:
         raise UsageError("--refiner and --no-refiner contradict each other.", hint="Pass one of them.")
@@ -124,8 +131,9 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
         if prediction_type is not None:
             raise UsageError("--prediction-type is for Unets; SD3's transformer predicts the flow's velocity.",
                              hint="Drop --prediction-type.")
-        sd3, loaded = load_sd3(model, found, chosen, device=device, compute_unit=compute_unit, img2img=img2img,
-                               progress=progress, use_t5=t5, shift=shift)
+        with _mend_hint(model):
+            sd3, loaded = load_sd3(model, found, chosen, device=device, compute_unit=compute_unit, img2img=img2img,
+                                   progress=progress, use_t5=t5, shift=shift)
         return LoadedPipeline(sd3, model, loaded.backend, loaded.device, loaded.seconds)
     if shift is not None:
         raise UsageError("--shift sets SD3's flow-matching schedule; this model is not SD3.", hint="Drop --shift.")
@@ -148,7 +156,8 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     tokenizers = [load_tokenizer(model.path, 1, also=beside)]
     if "text_encoder_2" in names:
         tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
-    loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
+    with _mend_hint(model):
+        loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress)
     config = scheduler_config(model.path, prediction_type=prediction_type, also=beside)
     pipe = StableDiffusion(loaded.components, tokenizers, config)
     seconds = loaded.seconds
@@ -158,6 +167,23 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
         seconds += attach_refiner(pipe, found, chosen, refiner_model=refiner_model, start=refiner_start,
                                   device=device, compute_unit=compute_unit, progress=progress)
     return LoadedPipeline(pipe, model, loaded.backend, loaded.device, seconds)
+
+
+@contextlib.contextmanager
+def _mend_hint(model: ResolvedModel) -> Iterator[None]:
+    """A damaged bundle met while loading gets a hint that fits where the model came from."""
+    from ..errors import InvalidBundle
+    from ..mil.blob import BlobError
+    from ..mil.text import MILSyntaxError
+
+    try:
+        yield
+    except (InvalidBundle, BlobError, MILSyntaxError) as exc:
+        from ..bundle import repair_hint
+
+        where = f"{model.repo}:{model.variant}" if model.repo and model.variant else str(model.path)
+        exc.hint = f"`coreml-hub verify {where}` lists every problem. {repair_hint(model.path)}"
+        raise
 
 
 def _validate(steps: int, guidance_scale: float, num_images: int, strength: float, save_every: int | None,
@@ -191,12 +217,13 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
              image: str | Path | None = None, strength: float = 0.75, num_images: int = 1,
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
-             compute_unit: str | None = "ALL", disable_safety: bool = False, save_every: int | None = None,
+             compute_unit: str | None = None, disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
              prediction_type: str | None = None, rng: str = DEFAULT_RNG,
              seed_mode: str = DEFAULT_SEED_MODE, t5: bool = True, shift: float | None = None,
              refiner: str | Path | bool = True, refiner_start: float = DEFAULT_REFINER_START,
-             loaded: LoadedPipeline | None = None, on_step: StepHook | None = None) -> RunResult:
+             loaded: LoadedPipeline | None = None, on_step: StepHook | None = None, chunked: bool | None = None,
+             fit: str | None = None, started: float | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
     MODEL is a repo id (pulled first unless `pull=False`), `REPO:VARIANT`, or a local folder.
@@ -208,13 +235,19 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     without TextEncoderT5, `shift` overrides the flow-matching shift. SDXL: `refiner` is True (the
     variant's refiner when it has one), False (none), or a MODEL[:VARIANT]/folder holding one;
     it takes over at `refiner_start` of the schedule.
+    `chunked` picks a pulled model's Unet form (the two chunks, or the full Unet) when both are pulled.
+    `fit` (crop, pad, stretch) makes an init image of another aspect ratio fit; without it such an
+    image is refused before any model loads.
     `loaded` is a pipeline already in memory (from `load_pipeline`): `model` and the load options
     are then not used. `on_step` is called after every denoising step; an exception it raises
     stops the run there and propagates (how a caller cancels; no file of that image is written).
+    `started` (a `time.perf_counter()` value) is when the caller began, for `wall_seconds`; by
+    default, this call.
     """
     from .. import paths
     from .sd3 import StableDiffusion3, check_scheduler
 
+    started = time.perf_counter() if started is None else started
     _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type,
               rng, seed_mode, seed)
     check_refiner_start(refiner_start)
@@ -223,7 +256,11 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     warm = loaded is not None
     if loaded is None:
         resolved = model if isinstance(model, ResolvedModel) else resolve_model(
-            str(model), pull=pull, progress=progress, on_message=say)
+            str(model), pull=pull, progress=progress, on_message=say, chunked=chunked)
+        if init is not None:  # a wrong shape is refused before seconds of loading
+            size = _image_size(resolved.path)
+            if size is not None:
+                imaging.check_aspect(init.size, *size, fit)
         refiner_model = None
         if not isinstance(refiner, bool):
             refiner_model = refiner if isinstance(refiner, ResolvedModel) else resolve_model(
@@ -231,8 +268,9 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                                img2img=init is not None, safety=not disable_safety, progress=progress,
                                prediction_type=prediction_type, t5=t5, shift=shift, refiner=refiner is not False,
-                               refiner_model=refiner_model, refiner_start=refiner_start)
+                               refiner_model=refiner_model, refiner_start=refiner_start, on_message=say)
     resolved = loaded.model
+    load_seconds = 0.0 if warm else loaded.load_seconds
     pipe = loaded.pipeline
     g = pipe.geometry
     check_latent_dtype(rng, g.latent_dtype)
@@ -248,11 +286,15 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         say(f"Loaded {resolved.name} ({g.size}) with the {loaded.backend} backend"
             f"{f' on {loaded.device}' if loaded.device else ''} in {loaded.load_seconds:.1f} s.")
     if init is not None:
-        init, resized = imaging.fit_init_image(init, g.image_width, g.image_height)
+        before = "x".join(map(str, init.size))
+        init, resized = imaging.fit_init_image(init, g.image_width, g.image_height, fit)
         if resized:
-            say(f"Resized the init image to {g.size}, the model's size.")
+            how = {"crop": "Cropped", "pad": "Padded", "stretch": "Stretched"}.get(fit or "", "Resized")
+            say(f"{how} the init image from {before} to {g.size}, the model's size.")
     folder = Path(output_dir) if output_dir is not None else paths.outputs_dir()
     base_seed = secrets.randbelow(2**32 - num_images) if seed is None else int(seed)  # every source takes it
+    if seed is None:
+        say(f"Seed {base_seed} (chosen at random; `--seed {base_seed}` makes the same image again).")
     for text, what in ((prompt, "prompt"), (negative_prompt, "negative prompt")):
         if pipe.tokenizers[0].truncated(text):
             say(f"Warning: the {what} is longer than the text encoder's {pipe.geometry.text_length} tokens; "
@@ -275,17 +317,29 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
                                  f"Image {index + 1}/{num_images}", not disable_safety, say, stream, report))
     elapsed = time.perf_counter() - start
-    result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, 0.0 if warm else loaded.load_seconds,
-                           elapsed,
-                           sum(i.unet_steps for i in saved), tuple(saved))
+    wall = time.perf_counter() - started
+    result_obj = RunResult(resolved, loaded.backend, loaded.device, g.size, load_seconds, elapsed,
+                           sum(i.unet_steps for i in saved), tuple(saved), wall)
     say(f"Generated {num_images} image{'s' if num_images != 1 else ''} in {elapsed:.1f} s "
         f"({result_obj.unet_steps_per_second:.2f} steps/s).")
+    rest = max(wall - load_seconds - elapsed, 0.0)
+    say(f"Took {wall:.1f} s in all: {rest:.1f} s starting up (imports, finding the model), "
+        f"{load_seconds:.1f} s loading, {elapsed:.1f} s generating.")
     return result_obj
 
 
 def _report_step(hook: StepHook, pipe: StableDiffusion, index: int, count: int, seed: int, step: int, total: int,
                  latents: Any) -> None:
     hook(StepProgress(index, count, seed, step, total, lambda: imaging.unit_to_pil(pipe.decode(latents))))
+
+
+def _image_size(variant: Path) -> tuple[int, int] | None:
+    """(width, height) of the images a variant makes, from its VAE decoder's description (no loading)."""
+    from ..bundle import declared_shape
+
+    decoder = find_components(variant).get("vae_decoder")
+    shape = declared_shape(decoder, output=True) if decoder is not None else None
+    return (shape[3], shape[2]) if shape is not None and len(shape) == 4 and min(shape) > 0 else None
 
 
 def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any, folder: Path,

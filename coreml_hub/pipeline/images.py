@@ -10,6 +10,8 @@ from ..errors import InvalidImage, UnsupportedSize
 # How far an init image's aspect ratio may differ from the model's before it is refused
 # (a resize would visibly distort it).
 ASPECT_TOLERANCE = 0.02
+# What `--fit` does with an image of another aspect ratio than the model's (init images, image tasks).
+FITS = ("crop", "pad", "stretch")
 
 
 def open_init_image(path: Path | str) -> Any:
@@ -33,38 +35,55 @@ def open_image(path: Path | str, *, what: str = "Image", option: str = "--image"
                            hint=f"Pass a PNG or JPEG file to {option}.") from exc
 
 
-def fit_image(image: Any, width: int, height: int, mode: str = "stretch") -> Any:
-    """`image` at a model's input size: stretched to it, or (`crop`) its middle of the same aspect ratio
-    resized to it. Bicubic, as image models' preprocessing usually is."""
-    from PIL import Image
+def check_aspect(size: tuple[int, int], width: int, height: int, fit: str | None) -> bool:
+    """True when an init image of `size` needs `fit` for a model of width x height; without a
+    `fit`, another aspect ratio is refused (before any model is loaded, when the size is known)."""
+    w, h = size
+    if abs((w / h) / (width / height) - 1.0) <= ASPECT_TOLERANCE:
+        return False
+    if fit is None:
+        raise UnsupportedSize(
+            f"The init image is {w}x{h}, but this model makes {width}x{height} images "
+            "(a different aspect ratio).",
+            hint=f"Pass --fit crop (cut to the model's shape), --fit pad (add black bars) or --fit stretch, "
+                 f"or crop the image to {width}x{height} yourself.",
+        )
+    if fit not in FITS:
+        raise UnsupportedSize(f"Unknown --fit {fit!r}.", hint=f"Choose one of: {', '.join(FITS)}.")
+    return True
 
-    if image.size == (width, height):
-        return image
-    if mode == "crop":
-        w, h = image.size
-        scale = min(w / width, h / height)
-        cw, ch = width * scale, height * scale
-        left, top = (w - cw) / 2, (h - ch) / 2
-        image = image.crop((round(left), round(top), round(left + cw), round(top + ch)))
-    elif mode != "stretch":
-        raise ValueError(f"mode must be stretch or crop, not {mode!r}")
-    return image.resize((width, height), resample=Image.BICUBIC)
 
-
-def fit_init_image(image: Any, width: int, height: int) -> tuple[Any, bool]:
-    """Resize to the model's size when only the scale differs; refuse another aspect ratio."""
+def fit_init_image(image: Any, width: int, height: int, fit: str | None = None) -> tuple[Any, bool]:
+    """The init image at the model's size: resized when only the scale differs; of another aspect
+    ratio, cropped to the middle, padded with black bars or stretched as `fit` says (else refused)."""
     from PIL import Image
 
     if image.size == (width, height):
         return image, False
+    mode = fit if check_aspect(image.size, width, height, fit) else "stretch"
+    return fit_image(image, width, height, mode, resample=Image.LANCZOS), True
+
+
+def fit_image(image: Any, width: int, height: int, fit: str = "stretch", *, resample: Any = None) -> Any:
+    """`image` at width x height: stretched to it, its middle of that shape cropped (`crop`), or all of
+    it centred on black bars of that shape (`pad`), then resized (bicubic unless `resample` says)."""
+    from PIL import Image
+
+    if image.size == (width, height):
+        return image
+    if fit not in FITS:
+        raise UnsupportedSize(f"Unknown --fit {fit!r}.", hint=f"Choose one of: {', '.join(FITS)}.")
     w, h = image.size
-    if abs((w / h) / (width / height) - 1.0) > ASPECT_TOLERANCE:
-        raise UnsupportedSize(
-            f"The init image is {w}x{h}, but this model makes {width}x{height} images "
-            "(a different aspect ratio).",
-            hint=f"Crop the image to {width}x{height} (or the same aspect ratio), or use a variant of that size.",
-        )
-    return image.resize((width, height), resample=Image.LANCZOS), True
+    wider = w * height > h * width  # than the wanted shape
+    if fit == "crop":  # keep the middle, at the wanted shape
+        keep = (round(h * width / height), h) if wider else (w, round(w * height / width))
+        left, top = (w - keep[0]) // 2, (h - keep[1]) // 2
+        image = image.crop((left, top, left + keep[0], top + keep[1]))
+    elif fit == "pad":  # all of it, centred on black at the wanted shape
+        canvas = Image.new("RGB", (w, round(w * height / width)) if wider else (round(h * width / height), h))
+        canvas.paste(image, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+        image = canvas
+    return image.resize((width, height), resample=Image.BICUBIC if resample is None else resample)
 
 
 def image_to_tensor(image: Any) -> Any:

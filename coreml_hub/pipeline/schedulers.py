@@ -1,7 +1,9 @@
 """Noise schedulers: diffusers' implementations, configured from the model's scheduler config.
 
-diffusers is imported lazily. The LMS scheduler's coefficients are integrals of Lagrange
-polynomials; they are computed exactly with numpy here, so scipy is not needed.
+diffusers is imported lazily, and only the module of the scheduler in use (not the package's
+exports, which load every scheduler and pipeline placeholder). The LMS scheduler's coefficients
+are integrals of Lagrange polynomials; they are computed exactly with numpy here, so scipy is
+not needed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ SCHEDULERS: dict[str, str] = {
     "ddim": "DDIMScheduler",
     "lms": "LMSDiscreteScheduler",
     "flow_euler": "FlowMatchEulerDiscreteScheduler",  # SD3: Euler over the flow-matching sigmas, with a shift
+}
+# CLI name -> the diffusers module that defines it (under diffusers.schedulers)
+SCHEDULER_MODULES: dict[str, str] = {
+    "pndm": "scheduling_pndm",
+    "dpmpp": "scheduling_dpmsolver_multistep",
+    "euler": "scheduling_euler_discrete",
+    "euler_a": "scheduling_euler_ancestral_discrete",
+    "ddim": "scheduling_ddim",
+    "lms": "scheduling_lms_discrete",
+    "flow_euler": "scheduling_flow_match_euler_discrete",
 }
 DEFAULT_SCHEDULER = "pndm"
 # Which schedulers fit which denoiser: the discrete-time ones predict noise (or v) at a timestep,
@@ -100,9 +112,9 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None) -> Any:
     if name == "lms":
         cls = _exact_lms_class()
     else:
-        import diffusers
-
-        cls = getattr(diffusers, SCHEDULERS[name])
+        # an import statement's machinery (not importlib.import_module), so `python -X importtime` shows it
+        module = __import__(f"diffusers.schedulers.{SCHEDULER_MODULES[name]}", fromlist=[SCHEDULERS[name]])
+        cls = getattr(module, SCHEDULERS[name])
     if name == "pndm":
         config["skip_prk_steps"] = True  # PRK warm-up steps are not used by any SD pipeline
     return cls.from_config(config)

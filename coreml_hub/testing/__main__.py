@@ -19,11 +19,14 @@ from typing import Any
 STANDARD: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     *((s, a, "fp16", {}) for s in ("sd1", "sd2", "sdxl") for a in ("original", "split_einsum", "split_einsum_v2")),
     *((s, "original", "fp32", {}) for s in ("sd1", "sd2", "sdxl")),
-    ("sd1", "split_einsum", "fp32", {}),
-    ("sd1", "split_einsum_v2", "fp32", {}),
+    # every attention in fp32 too (the runtime parity tests), and each style's chunked Unet
+    *((s, a, "fp32", {}) for s in ("sd1", "sd2", "sdxl") for a in ("split_einsum", "split_einsum_v2")),
+    *((s, "split_einsum", p, {"chunk": True}) for s in ("sd1", "sd2", "sdxl") for p in ("fp16", "fp32")
+      if (s, p) != ("sd1", "fp16")),
     ("sd1", "original", "fp32", {"batch_one": True}),
     ("sd1", "split_einsum", "fp16", {"chunk": True}),
     ("sd1", "split_einsum", "fp16", {"quantize": 6}),
+    ("sd1", "split_einsum", "fp16", {"quantize": 4}),
     ("sd1", "split_einsum", "fp16", {"chunk": True, "quantize": 6}),
     ("sd1", "split_einsum", "fp16", {"latent_size": (8, 12)}),
     ("sd1", "original", "fp16", {"chunk": True, "compiled": True}),
@@ -33,6 +36,7 @@ STANDARD: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("sd1", "split_einsum", "fp16", {"compiled": True}),
     ("sd1", "split_einsum", "fp16", {"quantize": 6, "compiled": True}),
     ("sdxl", "original", "fp16", {"compiled": True}),
+    ("sd2", "original", "fp16", {"compiled": True}),
     ("sdxl", "original", "fp16", {"chunk": True, "compiled": True}),
     ("sd1", "split_einsum_v2", "fp16", {"compiled": True}),
     ("sd1", "original", "fp16", {"latent_size": (24, 16), "compiled": True}),

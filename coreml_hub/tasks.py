@@ -177,7 +177,7 @@ class ModelInfo:
     def describe(self) -> str:
         """Each bundle's inputs and outputs, in words (for messages)."""
         if self.diffusion:
-            return "a diffusion pipeline of " + ", ".join(self.components)
+            return "It is a diffusion pipeline of " + ", ".join(self.components) + "."
         specs = self.specs()
         if len(specs) == 1:
             return f"It {specs[0].describe()}."
@@ -363,6 +363,13 @@ def choose_task(model: ModelInfo, name: str | None = None, *, tasks: Iterable[Ta
     scored = [(_score(task, model, say), task) for task in known]
     best = max((s for s, _t in scored), default=0.0)
     if best <= 0:
+        from .plugins import excluded, restriction
+
+        left_out = excluded()  # a task whose plugin COREML_HUB_PLUGINS filtered out is not missing
+        if left_out:
+            raise NoTaskFound(f"No loaded task knows what to do with {model.name} ({restriction()} leaves out "
+                              f"{', '.join(left_out)}). {model.describe()}",
+                              hint=f"Add the task's plugin to {restriction()}, or unset COREML_HUB_PLUGINS.")
         raise NoTaskFound(
             f"No task knows what to do with {model.name}. {model.describe()}",
             hint=f"Run it once with `coreml-hub predict {model.ref} -i NAME=VALUE` for each input, "

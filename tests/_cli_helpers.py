@@ -29,3 +29,14 @@ def repo_files(server: Any, repo: str, prefix: str) -> list[str]:
     folder = Path(server.root) / repo
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
                   if p.is_file() and p.relative_to(folder).as_posix().startswith(prefix))
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child that a test interrupts: SIGINT at its default action and unblocked, as a
+    shell starts a command. A child inherits an ignored or blocked SIGINT from its parent (Python then
+    installs no KeyboardInterrupt handler), and the parent here is a test worker whose earlier tests
+    may have started servers or clusters that change it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

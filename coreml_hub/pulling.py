@@ -35,7 +35,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -276,6 +276,8 @@ class PullPlan:
     keep_archive: bool = False
     offline: bool = False
     warnings: tuple[str, ...] = ()
+    # the repo card's pipeline_tag, library_name and tags: what `run` recognizes a task by
+    repo_card: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def layout(self) -> str:
@@ -448,6 +450,8 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
         repo=repo, revision=ref.revision or "main", commit=commit, endpoint=hub.endpoint(), variant=chosen,
         files=files, source_model=source, key=key, up_to_date=up_to_date, chosen_by_default=by_default,
         other_variants=others, force=force, keep_archive=keep_archive, warnings=tuple(warnings),
+        repo_card={"pipeline_tag": snapshot.pipeline_tag, "library_name": snapshot.library_name,
+                   "tags": list(snapshot.tags)},
     )
 
 
@@ -812,6 +816,7 @@ def _manifest(plan: PullPlan, build: Path, downloaded: dict[tuple[str, str], Any
         "layout": plan.layout,
         "pulled_at": datetime.now(timezone.utc).isoformat(),
         "repo_files": [f.to_dict() for f in plan.files],
+        "repo_card": dict(plan.repo_card),
         "source_model": source,
         "validation": validation,
         "keep_archive": plan.keep_archive,

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "layouts": 2,
     "plugins": 2,
     "hookspecs": 2,
+    "tokenizer_source": 2,  # where a task's tokenizer files come from: a folder or a Hub repo
     # 3: the local store, pulls, and the checks a variant passes
     "store": 3,
     "pulling": 3,
@@ -53,6 +54,7 @@ LAYERS: dict[str, int] = {
     "server": 4,
     "app": 4,
     "batch": 4,
+    "tasks": 4,  # what `run` does with a model: the task core that task plugins build on
     "testing": 4,
     # 5: the command line
     "cli": 5,

@@ -119,9 +119,9 @@ def pair_requests(controlnets: Iterable[str], images: Iterable[str | Path], scal
 
 def open_control_image(path: str | Path) -> Any:
     """A control image as RGBA (alpha kept: fully transparent pixels are holes, as in Apple's pipeline)."""
-    from .images import read_image
+    from .images import open_image
 
-    return read_image(path, what="control image", option="--control-image", convert="RGBA")
+    return open_image(path, what="Control image", option="--control-image", convert="RGBA")
 
 
 def sha256_file(path: str | Path) -> str:

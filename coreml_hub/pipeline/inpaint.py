@@ -17,9 +17,9 @@ from .images import ASPECT_TOLERANCE
 
 def open_mask(path: str | Path) -> Any:
     """The mask as an 8-bit grayscale PIL image (white = repaint)."""
-    from .images import read_image
+    from .images import open_image
 
-    return read_image(path, what="mask", option="--mask", convert=_repaint_channel)
+    return open_image(path, what="Mask", option="--mask", convert=_repaint_channel)
 
 
 def _repaint_channel(img: Any) -> Any:

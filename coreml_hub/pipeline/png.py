@@ -13,7 +13,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Mapping
 
 from .schedulers import SAMPLER_NAMES
 
@@ -215,35 +215,44 @@ def slug(text: str, limit: int = 40) -> str:
     return (words[:limit].rstrip("-")) or "image"
 
 
-def save_png(image: Any, folder: Path, stem: str, metadata: ImageMetadata) -> Path:
+def save_png(image: Any, folder: Path, stem: str, metadata: ImageMetadata | Mapping[str, str] | None = None) -> Path:
     """Write `image` (PIL) as `folder/stem.png`, or `stem-1.png`, ...: never overwrites.
 
-    The data goes to a hidden temp file first; the final name appears only when the file
-    is complete (hard link, which fails if the name exists), so an interruption never
-    leaves a partial PNG under a real name.
+    `metadata`: the settings an image was made with, or plain text chunks.
     """
     from PIL.PngImagePlugin import PngInfo
 
-    folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
-    for key, value in metadata.text_chunks().items():
+    chunks = metadata.text_chunks() if isinstance(metadata, ImageMetadata) else dict(metadata or {})
+    for key, value in chunks.items():
         info.add_text(key, value)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".png.part", dir=folder)
+    return save_file(folder, stem, ".png", lambda fh: image.save(fh, format="PNG", pnginfo=info))
+
+
+def save_file(folder: Path, stem: str, suffix: str, write: Callable[[BinaryIO], None]) -> Path:
+    """Write `folder/<stem><suffix>` (or `<stem>-1<suffix>`, ...) with `write(fh)`: never overwrites.
+
+    The data goes to a hidden temp file first; the final name appears only when the file
+    is complete (hard link, which fails if the name exists), so an interruption never
+    leaves a partial file under a real name.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{suffix}.part", dir=folder)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would carry over to the published name
-        return _publish(tmp, folder, stem)
+        return _publish(tmp, folder, stem, suffix)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _publish(tmp: Path, folder: Path, stem: str) -> Path:
+def _publish(tmp: Path, folder: Path, stem: str, suffix: str = ".png") -> Path:
     for n in range(0, 100_000):
-        target = folder / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
+        target = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
         try:
             os.link(tmp, target)
             return target
@@ -263,4 +272,4 @@ def _publish(tmp: Path, folder: Path, stem: str) -> Path:
                 target.unlink(missing_ok=True)
                 raise
             return target
-    raise FileExistsError(f"Could not find a free file name for {stem} in {folder}")
+    raise FileExistsError(f"Could not find a free file name for {stem}{suffix} in {folder}")

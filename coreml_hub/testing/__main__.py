@@ -102,6 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         if out.suffix == ".mlpackage":
             feature_models.compiled(name)
         print(f"{time.perf_counter() - t0:7.1f} s  feature {name}  {out}", file=sys.stderr, flush=True)
+    from . import lm_models, models, task_models
+
+    for label, build in (("depth fp16", lambda: models.depth("fp16")), ("depth fp32", lambda: models.depth("fp32")),
+                         *((f"task {name}", getattr(task_models, name)) for name in task_models.BUILDERS),
+                         ("task segmenter fp16", lambda: task_models.segmenter("fp16")),
+                         ("lm tokenizer", lm_models.tokenizer_folder),
+                         ("lm stateful int4", lambda: lm_models.stateful_lm("int4")),
+                         ("lm stateful fp16", lambda: lm_models.stateful_lm("fp16")),
+                         ("lm exporters", lm_models.exporters_lm)):
+        if args.list:
+            print(label)
+            continue
+        t0 = time.perf_counter()
+        out = build()
+        print(f"{time.perf_counter() - t0:7.1f} s  {label}  {out}", file=sys.stderr, flush=True)
     if not args.list:
         print(f"{time.perf_counter() - total:7.1f} s  total ({factory.cache_dir()})", file=sys.stderr)
     return 0

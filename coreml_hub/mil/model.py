@@ -12,6 +12,11 @@ device once, in the type they run in.
 `predict` takes and returns numpy arrays (outputs in the types the model declares), like
 coremltools' `MLModel.predict`; `predict_torch` takes and returns torch tensors and leaves
 outputs on the device in the type they were computed in, for callers that chain models.
+
+Both take `states=`: for a stateful program, a dict of state tensors (`model.runner.new_states()`
+makes zero-filled ones) that the prediction reads and updates in place; without it each
+prediction starts from fresh zero states. `model.runner` (an `executor.FunctionRunner`) runs
+the main function; inputs with flexible dimensions are compiled per distinct shape.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 import numpy as np
 
 from ..errors import InvalidBundle, ModelInputError, UnsupportedOperation
-from .program import FLOAT_DTYPES, Function, Program, TensorType
+from .program import FLOAT_DTYPES, Function, Program, StateType, TensorType
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
 
@@ -142,7 +147,7 @@ class Model:
     ) -> None:
         import torch
 
-        from .executor import CompiledFunction, unsupported_ops
+        from .executor import FunctionRunner, unsupported_ops
         from .ops import Context
 
         self.path = Path(path)
@@ -166,11 +171,15 @@ class Model:
         if compile is None:
             compile = os.environ.get("COREML_HUB_COMPILE", "") not in ("", "0")
         with torch.inference_mode():
-            self._fn = CompiledFunction(main, self.ctx, fuse=fuse, torch_compile=compile, model_name=self.path.name)
+            self.runner = FunctionRunner(main, self.ctx, fuse=fuse, torch_compile=compile, model_name=self.path.name)
+        self._fn = self.runner.generic
         types = main.output_types()
-        self.input_description = tuple(_describe(v.name, v.type) for v in main.inputs)
+        self.input_description = tuple(_describe(v.name, v.type) for v in main.inputs
+                                       if not isinstance(v.type, StateType))
         self.output_description = tuple(_describe(name, types.get(name)) for name in main.outputs)
         self._inputs = {d.name: d for d in self.input_description}
+        self._input_dtypes = tuple((name, dtype) for name, dtype in zip(self._fn.input_names, self._fn.input_dtypes)
+                                   if name in self._inputs)
 
     @property
     def stats(self) -> Any:
@@ -182,7 +191,9 @@ class Model:
 
     # -- prediction ------------------------------------------------------------------
 
-    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    def predict(
+        self, inputs: Mapping[str, Any], states: MutableMapping[str, Any] | None = None
+    ) -> dict[str, np.ndarray]:
         """Run on numpy inputs; returns numpy outputs in the model's declared output types."""
         import torch
 
@@ -190,29 +201,34 @@ class Model:
         self._check(arrays, lambda a: a.dtype.kind, lambda a: tuple(a.shape))
         # np.ascontiguousarray would turn a 0-d input into shape (1,)
         tensors = {name: torch.from_numpy(a if a.flags.c_contiguous else a.copy()) for name, a in arrays.items()}
-        outputs = self.predict_torch(tensors, _checked=True)
+        outputs = self.predict_torch(tensors, _checked=True, states=states)
         result = {}
         for desc in self.output_description:
-            t = outputs[desc.name].detach()
+            t = outputs[desc.name]
+            if not isinstance(t, torch.Tensor):  # a classifier's label and probabilities
+                result[desc.name] = t
+                continue
+            t = t.detach()
             if t.dtype == torch.bfloat16:
                 t = t.float()
             result[desc.name] = t.cpu().numpy().astype(desc.numpy_dtype, copy=False)
         return result
 
-    def predict_torch(self, inputs: Mapping[str, Any], _checked: bool = False) -> dict[str, Any]:
+    def predict_torch(
+        self, inputs: Mapping[str, Any], _checked: bool = False, states: MutableMapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Run on torch tensors; outputs stay on the model's device in the type computed."""
         import torch
 
         if not _checked:
             self._check(inputs, _torch_kind, lambda t: tuple(t.shape))
-        args = []
-        for name, dtype in zip(self._fn.input_names, self._fn.input_dtypes):
+        args = {}
+        for name, dtype in self._input_dtypes:
             t = inputs[name]
             if not isinstance(t, torch.Tensor):
                 t = torch.as_tensor(np.asarray(t))
-            args.append(t.to(device=self.device, dtype=dtype, non_blocking=True))
-        outputs = self._fn(*args)
-        return dict(zip(self._fn.output_names, outputs))
+            args[name] = t.to(device=self.device, dtype=dtype, non_blocking=True)
+        return self.runner(args, states)
 
     __call__ = predict_torch
 

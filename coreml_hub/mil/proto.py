@@ -35,6 +35,7 @@ from .program import (
     ListType,
     ListValue,
     Operation,
+    StateType,
     Program,
     TensorType,
     TensorValue,
@@ -282,7 +283,7 @@ class _Reader:
         if which == "dictionaryType":
             return DictType(self.type(vt.dictionaryType.keyType), self.type(vt.dictionaryType.valueType))
         if which == "stateType":
-            raise UnsupportedOperation("Stateful ML Programs (state inputs) are not supported by the portable runtime")
+            return StateType(self.type(vt.stateType.wrappedType))
         raise InvalidBundle(f"ML Program value type {which!r} is not understood")
 
     def dim(self, d: Any) -> int | str:

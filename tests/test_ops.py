@@ -1160,6 +1160,8 @@ def test_lstm(direction: str, output_sequence: bool, peephole: bool) -> None:
     runs = [ref_lstm(x, h0[:, k * hsz:(k + 1) * hsz], c0[:, k * hsz:(k + 1) * hsz], w[k], r[k], bias[k], peep[k],
                      direction == "reverse" or k == 1) for k in range(d)]
     full = np.concatenate([run[0] for run in runs], -1)
+    if direction == "reverse":
+        full = full[::-1]  # a single reverse direction lists its steps in the order it ran them
     if output_sequence:
         close(seq, full, 1e-5)
     else:

@@ -103,6 +103,28 @@ def space_to_depth(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4).reshape(n, c * b * b, h // b, w // b)
 
 
+@kernel("space_to_batch")
+def space_to_batch(x: torch.Tensor, block_shape: list[int], paddings: list[list[int]]) -> torch.Tensor:
+    """Pad H and W, then move each (block row, block column) offset into its own batch group."""
+    (top, bottom), (left, right) = paddings
+    b0, b1 = block_shape
+    x = F.pad(x, [left, right, top, bottom])
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // b0, b0, w // b1, b1).permute(3, 5, 0, 1, 2, 4)
+    return x.reshape(b0 * b1 * n, c, h // b0, w // b1)
+
+
+@kernel("batch_to_space")
+def batch_to_space(x: torch.Tensor, block_shape: list[int], crops: list[list[int]]) -> torch.Tensor:
+    """The inverse of space_to_batch: batch groups back into H and W, then crop."""
+    (top, bottom), (left, right) = crops
+    b0, b1 = block_shape
+    nb, c, h, w = x.shape
+    n = nb // (b0 * b1)
+    x = x.reshape(b0, b1, n, c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n, c, h * b0, w * b1)
+    return x[:, :, top : h * b0 - bottom, left : w * b1 - right]
+
+
 @kernel("pixel_shuffle")
 def pixel_shuffle(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
     return F.pixel_shuffle(x, upscale_factor)
@@ -182,7 +204,8 @@ def slice_update(
 ) -> torch.Tensor:
     out = x.clone()
     view = slice_by_index(out, begin, end, stride, begin_mask, end_mask, squeeze_mask)
-    if view.data_ptr() == out.data_ptr() or view._base is out or view._base is out._base:
+    # a view into `out` (not into a flipped copy); compared by storage, as inference mode keeps no `_base`
+    if view.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
         view.copy_(update.reshape(view.shape))
         return out
     # negative strides slice a flipped copy; write through explicit indices instead
@@ -431,12 +454,84 @@ def topk(
     ascending: bool = False,
     sort: bool = True,
     return_indices: bool = True,
+    output_indices_dtype: str = "int32",  # iOS17: int32 or uint16; both run as int32
 ) -> Any:
     order = torch.argsort(x, dim=axis, descending=not ascending, stable=True).narrow(axis % x.dim(), 0, k)
     values = torch.gather(x, axis, order)
     if not return_indices:
         return values
     return values, order.to(torch.int32)
+
+
+@kernel("non_maximum_suppression", tensors=("boxes", "scores"))
+def non_maximum_suppression(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float,
+    max_boxes: int,
+    score_threshold: float | None = None,
+    per_class_suppression: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Greedy NMS per batch over (x, y, w, h) center boxes, a box's score being its best class score.
+
+    iOS15 form (with `score_threshold`): boxes [n, B, 4], scores [n, B, K] -> boxes [n, M, 4],
+    scores [n, M, K], indices [n, M], counts [n]. iOS17 form: boxes [n, 4, B], scores [n, K, B]
+    -> [n, 4, M], [n, K, M], [n, M]. Unused rows are zeros with index -1; at least one box is
+    kept (the best) when every box falls below the score threshold.
+    """
+    ios15 = score_threshold is not None
+    if not ios15:
+        boxes, scores = boxes.transpose(1, 2), scores.transpose(1, 2)
+    n, count, classes = scores.shape
+    m = int(max_boxes)
+    out_boxes = boxes.new_zeros((n, m, 4))
+    out_scores = scores.new_zeros((n, m, classes))
+    out_index = torch.full((n, m), -1, dtype=torch.int32, device=boxes.device)
+    out_count = torch.zeros(n, dtype=torch.int32, device=boxes.device)
+    threshold = float("-inf") if score_threshold is None else float(score_threshold)
+    for b in range(n):
+        best, label = scores[b].max(-1)
+        keep = _nms_keep(boxes[b].double(), best.double(), label if per_class_suppression else None,
+                         float(iou_threshold), threshold)
+        if not keep:
+            keep = [int(best.argmax())]
+        keep = keep[:m]
+        index = torch.tensor(keep, dtype=torch.int64, device=boxes.device)
+        out_boxes[b, : len(keep)] = boxes[b].index_select(0, index)
+        out_scores[b, : len(keep)] = scores[b].index_select(0, index)
+        out_index[b, : len(keep)] = index.to(torch.int32)
+        out_count[b] = len(keep)
+    if ios15:
+        return out_boxes, out_scores, out_index, out_count
+    return out_boxes.transpose(1, 2), out_scores.transpose(1, 2), out_index
+
+
+def _nms_keep(boxes: torch.Tensor, score: torch.Tensor, label: torch.Tensor | None, iou_threshold: float,
+              score_threshold: float) -> list[int]:
+    """Indices kept, best score first; a box is dropped when its IoU with a kept box exceeds the threshold
+    (only boxes of the same class compete when `label` is given)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    x0, x1, y0, y1 = cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2
+    area = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
+    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+    kept: list[int] = []
+    for i in order:
+        if not float(score[i]) > score_threshold:
+            continue
+        suppressed = False
+        for j in kept:
+            if label is not None and int(label[i]) != int(label[j]):
+                continue
+            iw = (torch.minimum(x1[i], x1[j]) - torch.maximum(x0[i], x0[j])).clamp(min=0)
+            ih = (torch.minimum(y1[i], y1[j]) - torch.maximum(y0[i], y0[j])).clamp(min=0)
+            inter = float(iw * ih)
+            union = float(area[i] + area[j]) - inter
+            if union > 0 and inter / union > iou_threshold:
+                suppressed = True
+                break
+        if not suppressed:
+            kept.append(i)
+    return kept
 
 
 # -- reductions ----------------------------------------------------------------------

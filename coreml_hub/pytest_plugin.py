@@ -1,0 +1,146 @@
+"""pytest plugin: `pytest -p coreml_hub.pytest_plugin` runs coremltools' predictions on coreml-hub.
+
+It installs `coreml_hub.coremltools_compat` before any test module is imported, so that
+test modules which decide at import time whether Core ML can predict (skip markers on
+`_macos_version()`) see the portable runtime, and `MLModel.predict` in the tests runs on it.
+
+Options for measuring a suite (coremltools' own op tests: `bench/coremltools_optests.py`):
+
+    --coreml-hub-exclusions FILE   skip the test ids matching the file's patterns, with its reasons
+    --coreml-hub-sample N          run every Nth collected case (sorted by node id), deterministic
+    --coreml-hub-sample-offset K   ... starting from the Kth (default 0)
+    --coreml-hub-report FILE       write each case's outcome as JSON lines (predicted: whether
+                                   the case ran a prediction through coreml-hub)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PREDICTIONS_KEY = "coreml_hub_predictions"
+EXCLUDED_PREFIX = "excluded: "
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    pattern: str  # fnmatch pattern over the node id relative to the test root
+    reason: str
+
+
+def read_exclusions(path: str | Path) -> list[Exclusion]:
+    """Lines `PATTERN  # REASON`; a pattern without a reason is an error (every exclusion says why)."""
+    exclusions = []
+    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern, _, reason = line.partition("#")
+        if not reason.strip():
+            raise pytest.UsageError(f"{path}:{number}: exclusion {pattern.strip()!r} gives no reason ('# why')")
+        exclusions.append(Exclusion(pattern.strip(), reason.strip()))
+    return exclusions
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("coreml-hub")
+    group.addoption("--coreml-hub-exclusions", default=None, help="file of excluded test-id patterns with reasons")
+    group.addoption("--coreml-hub-sample", type=int, default=1, help="run every Nth collected case")
+    group.addoption("--coreml-hub-sample-offset", type=int, default=0, help="first case of the sample")
+    group.addoption("--coreml-hub-report", default=None, help="write per-case outcomes as JSON lines here")
+
+
+def pytest_configure(config: Any) -> None:
+    from . import coremltools_compat
+
+    coremltools_compat.install()
+    path = config.getoption("--coreml-hub-report", None)
+    if path and not hasattr(config, "workerinput"):  # only the controller writes the report
+        config.pluginmanager.register(_Report(Path(path)), "coreml-hub-report")
+
+
+def _relative_id(item: Any) -> str:
+    """The node id from the test root's folder (iOS17/test_conv.py::TestConv::test_x[...])."""
+    node = item.nodeid
+    marker = "/ops/tests/"
+    return node.split(marker, 1)[1] if marker in node else node
+
+
+def pytest_collection_modifyitems(session: Any, config: Any, items: list[Any]) -> None:
+    every = max(1, int(config.getoption("--coreml-hub-sample", 1) or 1))
+    offset = int(config.getoption("--coreml-hub-sample-offset", 0) or 0) % every
+    if every > 1:
+        ordered = sorted(items, key=lambda item: item.nodeid)
+        keep = {id(item) for index, item in enumerate(ordered) if index % every == offset}
+        deselected = [item for item in items if id(item) not in keep]
+        items[:] = [item for item in items if id(item) in keep]
+        config.hook.pytest_deselected(items=deselected)
+    path = config.getoption("--coreml-hub-exclusions", None)
+    if path:
+        exclusions = read_exclusions(path)
+        for item in items:
+            node = _relative_id(item)
+            for exclusion in exclusions:
+                if fnmatch.fnmatchcase(node, exclusion.pattern):
+                    item.add_marker(pytest.mark.skip(reason=EXCLUDED_PREFIX + exclusion.reason))
+                    break
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: Any) -> Any:
+    from . import coremltools_compat
+
+    before = coremltools_compat.prediction_count()
+    yield
+    item.user_properties.append((PREDICTIONS_KEY, coremltools_compat.prediction_count() - before))
+
+
+class _Report:
+    """Collects one record per case on the controller (works with pytest-xdist)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        node = report.nodeid
+        with self.lock:
+            record = self.records.setdefault(node, {"id": node, "outcome": None, "predicted": 0, "reason": ""})
+            for key, value in report.user_properties:
+                if key == PREDICTIONS_KEY:
+                    record["predicted"] += int(value)
+            if report.when == "call" or report.outcome != "passed":
+                outcome = report.outcome
+                if hasattr(report, "wasxfail"):
+                    outcome = "xpassed" if report.outcome == "passed" else "xfailed"
+                    record["reason"] = str(report.wasxfail)
+                elif report.outcome == "skipped":
+                    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+                    record["reason"] = str(reason).removeprefix("Skipped: ")
+                    if record["reason"].startswith(EXCLUDED_PREFIX):
+                        outcome = "excluded"
+                        record["reason"] = record["reason"][len(EXCLUDED_PREFIX):]
+                elif report.outcome == "failed":
+                    record["reason"] = _failure_line(report)
+                if record["outcome"] in (None, "passed") or outcome == "failed":
+                    record["outcome"] = outcome
+
+    def pytest_sessionfinish(self, session: Any) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w") as out:
+            for record in sorted(self.records.values(), key=lambda r: r["id"]):
+                out.write(json.dumps(record) + "\n")
+
+
+def _failure_line(report: Any) -> str:
+    """The exception line of a failure (`E   TypeError: ...`), for grouping failures by cause."""
+    text = str(report.longrepr)
+    errors = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
+    return (errors[0] if errors else text.strip().splitlines()[-1] if text.strip() else "")[:300]

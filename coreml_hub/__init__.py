@@ -35,6 +35,20 @@ _API = {
 __all__ = ["__version__", *_API]
 
 
+def _compat_from_environment() -> None:
+    """COREML_HUB_COREMLTOOLS=1: coremltools' MLModel.predict runs on the portable runtime once
+    coremltools is imported (nothing is imported here; see coreml_hub.coremltools_compat)."""
+    import os
+
+    if os.environ.get("COREML_HUB_COREMLTOOLS", "").strip().lower() in ("1", "true", "yes", "on"):
+        from .coremltools_compat import install_when_imported
+
+        install_when_imported()
+
+
+_compat_from_environment()
+
+
 def __getattr__(name: str) -> Any:
     if name in _API:
         module = importlib.import_module(f".{_API[name]}", __name__)

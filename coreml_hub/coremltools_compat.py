@@ -33,8 +33,6 @@ import threading
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
-import numpy as np
-
 # The Core ML release whose ML Program opsets (iOS15..iOS18) the portable runtime implements,
 # as coremltools' `_macos_version()` reports it; it answers coremltools' "can Core ML do this" checks.
 RUNTIME_MACOS_VERSION = (15, 5)
@@ -53,6 +51,22 @@ _predictions = 0
 def prediction_count() -> int:
     """How many predictions went through the portable runtime in this process."""
     return _predictions
+
+
+class NotAnMLProgram(RuntimeError):
+    """The model is not an ML Program (a NeuralNetwork spec, a pipeline of them): nothing to run portably.
+
+    A RuntimeError, as Core ML's load failures are: coremltools keeps it and raises it from `predict`.
+    """
+
+    def __init__(self, path: str, kind: str) -> None:
+        super().__init__(f"{os.path.basename(path.rstrip('/'))} is a '{kind}' model; the portable runtime "
+                         "runs ML Programs only (convert with convert_to='mlprogram')")
+        self.kind = kind
+
+
+class PredictionError(RuntimeError):
+    """A prediction failed in the portable runtime (Core ML raises RuntimeError here too)."""
 
 
 def device_for(compute_units: str) -> str:
@@ -76,13 +90,17 @@ def runtime_inputs(model: Any, data: Mapping[str, Any]) -> dict[str, Any]:
     Multi-array inputs are converted to the type the model declares, as Core ML converts
     them (coremltools' helpers pass float32 for every input, integer inputs included).
     """
+    import numpy as np
+
+    numpy_types = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int32": np.int32, "int8": np.int8,
+                   "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int64": np.int64, "bool": np.bool_}
     declared = {d.name: d for d in model.input_description}
     feeds: dict[str, Any] = {}
     for name, value in data.items():
         desc = declared.get(name)
         array = np.asarray(value)
-        if desc is not None and desc.dtype in _NUMPY and array.dtype != _NUMPY[desc.dtype]:
-            array = array.astype(_NUMPY[desc.dtype])
+        if desc is not None and desc.dtype in numpy_types and array.dtype != numpy_types[desc.dtype]:
+            array = array.astype(numpy_types[desc.dtype])
         feeds[name] = array
     return feeds
 
@@ -92,10 +110,6 @@ def coreml_outputs(model: Any, outputs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(outputs)
 
 
-_NUMPY = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int32": np.int32, "int8": np.int8,
-          "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int64": np.int64, "bool": np.bool_}
-
-
 class PortableState:
     """Stands in for Core ML's state handle (`MLState.__proxy__`): the model's state tensors."""
 
@@ -103,7 +117,7 @@ class PortableState:
         self._model = proxy.model()
         self.tensors = self._model.runner.new_states()
 
-    def read_state(self, name: str) -> np.ndarray:
+    def read_state(self, name: str) -> Any:
         if name not in self.tensors:
             raise RuntimeError(f"the model has no state named {name!r}; it has: {', '.join(self.tensors)}")
         return self._model.runner.state_to_numpy(name, self.tensors[name])
@@ -111,7 +125,7 @@ class PortableState:
     def write_state(self, name: str, value: Any) -> None:
         if name not in self.tensors:
             raise RuntimeError(f"the model has no state named {name!r}; it has: {', '.join(self.tensors)}")
-        self._model.runner.write_state(self.tensors, name, np.asarray(value))
+        self._model.runner.write_state(self.tensors, name, value)
 
 
 class PortableModelProxy:
@@ -125,6 +139,7 @@ class PortableModelProxy:
                  optimization_hints: Any = None, asset: Any = None) -> None:
         if asset is not None:
             raise RuntimeError("MLModelAsset is not supported by the portable runtime; load the model from its path")
+        _check_ml_program(path)
         self.path = path
         self.compute_units = compute_units
         self.function_name = function_name or None
@@ -147,7 +162,13 @@ class PortableModelProxy:
         with _lock:
             _predictions += 1
         states = state.tensors if state is not None else None
-        return coreml_outputs(model, model.predict(runtime_inputs(model, data), states=states))
+        try:
+            outputs = model.predict(runtime_inputs(model, data), states=states)
+        except (ArithmeticError, LookupError, ValueError, RuntimeError) as exc:
+            # what Core ML reports for a failed prediction, with the runtime's reason
+            raise PredictionError(f"Unable to compute the prediction using ML Program ({type(exc).__name__}: {exc})") \
+                from exc
+        return coreml_outputs(model, outputs)
 
     def batchPredict(self, data: list[Mapping[str, Any]]) -> list[dict[str, Any]]:  # noqa: N802 - Core ML's name
         return [self.predict(item) for item in data]
@@ -157,6 +178,18 @@ class PortableModelProxy:
 
     def get_compiled_model_path(self) -> str:
         return self.path
+
+
+def _check_ml_program(path: str) -> None:
+    """Raise NotAnMLProgram for a spec that is not an ML Program (a compiled `.mlmodelc` is read later)."""
+    folder = os.path.join(path, "model.mil")
+    if os.path.isdir(path) and os.path.isfile(folder):
+        return
+    from .mil.proto import load_spec
+
+    kind = load_spec(path).WhichOneof("Type")
+    if kind != "mlProgram":
+        raise NotAnMLProgram(path, str(kind))
 
 
 def install() -> None:
@@ -257,6 +290,3 @@ def install_when_imported() -> None:
         return
     _after_import("coremltools", lambda module: install())
 
-
-def enabled_by_environment() -> bool:
-    return os.environ.get("COREML_HUB_COREMLTOOLS", "").strip().lower() in ("1", "true", "yes", "on")

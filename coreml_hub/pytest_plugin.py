@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 PREDICTIONS_KEY = "coreml_hub_predictions"
+NEURAL_NETWORK_SKIP = "a NeuralNetwork model: the portable runtime runs ML Programs only"
 EXCLUDED_PREFIX = "excluded: "
 
 
@@ -99,6 +100,21 @@ def pytest_runtest_call(item: Any) -> Any:
     before = coremltools_compat.prediction_count()
     yield
     item.user_properties.append((PREDICTIONS_KEY, coremltools_compat.prediction_count() - before))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Any:
+    """A case whose model is not an ML Program (coremltools' NeuralNetwork backend) is skipped, saying why."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is None or report.outcome != "failed":
+        return
+    from .coremltools_compat import NotAnMLProgram
+
+    error = call.excinfo.value
+    if isinstance(error, NotAnMLProgram):
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {NEURAL_NETWORK_SKIP} ({error})")
 
 
 class _Report:

@@ -54,6 +54,7 @@ def run_op(
     out_dtype: str = "fp32",
     floats: torch.dtype = torch.float32,
     typed: dict[str, str] | None = None,
+    opset: str = "ios18",
 ) -> Any:
     """Run one op: `inputs` are function inputs (numpy), `params` immediate values."""
     inputs = inputs or {}
@@ -87,7 +88,7 @@ def run_op(
             bindings[key] = immediate(value, typed.get(key))
     outs = tuple(Var(f"out{i}", TensorType(out_dtype, None)) for i in range(outputs))
     op = Operation(op_type, bindings, outs, {"name": immediate("op")})
-    fn = Function("main", "ios18", tuple(fn_inputs), Block([op], tuple(v.name for v in outs)))
+    fn = Function("main", opset, tuple(fn_inputs), Block([op], tuple(v.name for v in outs)))
     ctx = Context.create("cpu", {"fp16": floats, "fp32": floats, "fp64": floats, "bf16": floats})
     compiled = CompiledFunction(fn, ctx, fuse=False)
     tensors = [torch.from_numpy(a if a.flags.c_contiguous else a.copy()) for a in arrays]
@@ -716,8 +717,15 @@ def test_gather_family() -> None:
 
 def test_gather_validate_indices() -> None:
     x = randn(3, 2)
-    with pytest.raises(Exception, match="out of range"):
+    with pytest.raises(IndexError, match="index 3 is out of bounds"):
         run_op("gather", {"x": x, "indices": np.int32([3])}, {"validate_indices": True})
+    # iOS16 counts negative indices from the end; from iOS17 on they are out of bounds
+    close(run_op("gather", {"x": x, "indices": np.int32([-1])}, {"validate_indices": True}, opset="ios16"), x[[-1]])
+    with pytest.raises(IndexError, match="index -1 is out of bounds"):
+        run_op("scatter", {"data": x, "indices": np.int32([-1]), "updates": x[:1]}, {"validate_indices": True},
+               opset="ios17")
+    # without validation an out-of-bound index is undefined but harmless: the update is dropped
+    close(run_op("scatter", {"data": x, "indices": np.int32([5]), "updates": x[:1]}, {"mode": "update"}), x)
 
 
 @pytest.mark.parametrize("mode", ["update", "add", "sub", "mul", "div", "max", "min"])

@@ -97,7 +97,7 @@ class CompiledFunction:
         graph = passes.Graph.from_function(fn)
         ops_in_program = sum(1 for _ in fn.block.walk())
         report = passes.optimize(graph, same_float=self._same_float, fuse=fuse)
-        lowering = _Lowering(graph, ctx, model_name, pool)
+        lowering = _Lowering(graph, ctx, model_name, pool, opset=opset_number(fn.opset))
         self.source, run, self._traced = lowering.emit()
         self.pool = lowering.pool()
         self.input_names = tuple(v.name for v in graph.inputs)
@@ -136,6 +136,12 @@ class CompiledFunction:
             if self.ctx.device.type == "cuda":
                 stack.enter_context(_ieee_fp32())
             return self._traced(shapes, *inputs)
+
+
+def opset_number(opset: str) -> int:
+    """`ios17` -> 17; an opset the runtime does not know counts as the newest it does."""
+    digits = "".join(ch for ch in opset if ch.isdigit())
+    return int(digits) if digits else 18
 
 
 def _tensor_type(t: ValueType) -> TensorType | None:
@@ -424,8 +430,11 @@ class _Stmt:
 
 
 class _Lowering:
-    def __init__(self, graph: passes.Graph, ctx: Context, model_name: str, pool: ConstantPool | None = None) -> None:
+    def __init__(
+        self, graph: passes.Graph, ctx: Context, model_name: str, pool: ConstantPool | None = None, opset: int = 18
+    ) -> None:
         self.graph = graph
+        self.opset = opset
         self.ctx = ctx
         self.model_name = model_name
         self.consts: dict[str, Any] = dict(graph.consts)  # name -> Value | np.ndarray | torch.Tensor
@@ -604,6 +613,8 @@ class _Lowering:
             if isinstance(t, ListType):
                 t = t.element
             extra["out_dtype"] = self.ctx.dtype(t.dtype) if isinstance(t, TensorType) else None
+        if kernel.wants_opset:
+            extra["opset"] = self.opset
         if kernel.wants_out_shape:
             t = op.outputs[0].type if op.outputs else None
             extra["out_shape"] = t.shape if isinstance(t, TensorType) else None

@@ -7,10 +7,11 @@ inputs); every other input is a *parameter* and arrives as a plain Python value
 input is constant. An absent optional input takes the kernel's Python default, which
 is the default the MIL op definition gives.
 
-Three extra parameter names are bound by the executor, never by the program:
+Four extra parameter names are bound by the executor, never by the program:
 `ctx` (the `Context`: device and float type), `out_dtype` (the torch dtype of the
-op's first declared output, or of its elements for a list) and `out_shape` (that
-output's declared shape, symbols included).
+op's first declared output, or of its elements for a list), `out_shape` (that
+output's declared shape, symbols included) and `opset` (the function's opset as a
+number, 15 for iOS15 ... 18 for iOS18) for ops whose meaning changed between opsets.
 
 A kernel registered with `foldable=False` runs at every prediction even when all its
 inputs are constant: random ops, list construction, state reads and writes.
@@ -84,6 +85,7 @@ class Kernel:
     wants_ctx: bool
     wants_out_dtype: bool
     wants_out_shape: bool = False
+    wants_opset: bool = False
     foldable: bool = True
 
 
@@ -91,7 +93,7 @@ KERNELS: dict[str, Kernel] = {}
 CONSTEXPR: dict[str, Callable[..., Any]] = {}
 
 
-_BOUND = ("ctx", "out_dtype", "out_shape")
+_BOUND = ("ctx", "out_dtype", "out_shape", "opset")
 
 
 def kernel(
@@ -114,6 +116,7 @@ def kernel(
                 wants_ctx="ctx" in sig,
                 wants_out_dtype="out_dtype" in sig,
                 wants_out_shape="out_shape" in sig,
+                wants_opset="opset" in sig,
                 foldable=foldable,
             )
         return fn

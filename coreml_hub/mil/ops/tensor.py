@@ -262,14 +262,37 @@ def _positive(indices: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(indices < 0, indices + size, indices)
 
 
+def _indices(op: str, indices: torch.Tensor, size: int, validate: bool, opset: int) -> torch.Tensor:
+    """Indices along an axis of `size`, negative ones counted from the end where that is defined.
+
+    Before iOS17 an index may count from the end (-size <= i < size); from iOS17 on only
+    0 <= i < size is in bounds. With `validate_indices` an out-of-bound index is an error;
+    without it the op definitions leave the result undefined: gathers still count negative
+    indices from the end (as coremltools' constant folding does), and from iOS17 on a scatter
+    drops the updates of negative indices (Core ML does not apply them at the end either).
+    """
+    idx = indices.to(torch.int64)
+    low = 0 if opset >= 17 else -size
+    if validate and idx.numel() and bool(((idx < low) | (idx >= size)).any()):
+        bad = idx[(idx < low) | (idx >= size)].reshape(-1)[0].item()
+        raise IndexError(f"{op}: index {bad} is out of bounds for an axis of size {size}")
+    if opset >= 17 and op.startswith("scatter"):
+        return idx
+    return torch.where(idx < 0, idx + size, idx)
+
+
+def _in_bounds(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Unvalidated indices kept inside the axis: the result is undefined, reading memory is not."""
+    return idx.clamp(0, max(size - 1, 0))
+
+
 @kernel("gather", tensors=("x", "indices"))
 def gather(
-    x: torch.Tensor, indices: torch.Tensor, axis: int = 0, batch_dims: int = 0, validate_indices: bool = False
+    opset: int, x: torch.Tensor, indices: torch.Tensor, axis: int = 0, batch_dims: int = 0,
+    validate_indices: bool = False,
 ) -> torch.Tensor:
     axis = axis % x.dim()
-    idx = _positive(indices, x.shape[axis])
-    if validate_indices and idx.numel() and (bool((idx < 0).any()) or bool((idx >= x.shape[axis]).any())):
-        raise IndexError(f"gather: index out of range for axis {axis} of size {x.shape[axis]}")
+    idx = _in_bounds(_indices("gather", indices, x.shape[axis], validate_indices, opset), x.shape[axis])
     if batch_dims == 0:
         out = x.index_select(axis, idx.reshape(-1))
         return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1 :])
@@ -290,18 +313,27 @@ def gather(
 
 @kernel("gather_along_axis", tensors=("x", "indices"))
 def gather_along_axis(
-    x: torch.Tensor, indices: torch.Tensor, axis: int = 0, validate_indices: bool = False
+    opset: int, x: torch.Tensor, indices: torch.Tensor, axis: int = 0, validate_indices: bool = False
 ) -> torch.Tensor:
     axis = axis % x.dim()
-    return torch.gather(x, axis, _positive(indices, x.shape[axis]))
+    idx = _indices("gather_along_axis", indices, x.shape[axis], validate_indices, opset)
+    return torch.gather(x, axis, _in_bounds(idx, x.shape[axis]))
+
+
+def _nd_indices(op: str, indices: torch.Tensor, shape: tuple[int, ...], validate: bool, opset: int) -> torch.Tensor:
+    """gather_nd / scatter_nd index tuples [..., k], each coordinate resolved by `_indices`."""
+    coords = [_indices(op, indices[..., i], shape[i], validate, opset) for i in range(indices.shape[-1])]
+    return torch.stack(coords, -1) if coords else indices.to(torch.int64)
 
 
 @kernel("gather_nd", tensors=("x", "indices"))
 def gather_nd(
-    x: torch.Tensor, indices: torch.Tensor, batch_dims: int = 0, validate_indices: bool = False
+    opset: int, x: torch.Tensor, indices: torch.Tensor, batch_dims: int = 0, validate_indices: bool = False
 ) -> torch.Tensor:
-    idx = indices.to(torch.int64)
+    shape = tuple(x.shape[batch_dims:])
+    idx = _nd_indices("gather_nd", indices, shape, validate_indices, opset)
     k = idx.shape[-1]
+    idx = torch.stack([_in_bounds(idx[..., i], shape[i]) for i in range(k)], -1) if k else idx
     if batch_dims == 0:
         return x[tuple(idx[..., i] for i in range(k))]
     batch = x.shape[:batch_dims]
@@ -323,19 +355,11 @@ def _updates_for(mode: str, updates: torch.Tensor) -> torch.Tensor:
     return updates
 
 
-@kernel("scatter", tensors=("data", "indices", "updates"))
-def scatter(
-    data: torch.Tensor,
-    indices: torch.Tensor,
-    updates: torch.Tensor,
-    axis: int = 0,
-    mode: str = "add",
-    validate_indices: bool = False,
-) -> torch.Tensor:
-    axis = axis % data.dim()
-    idx = _positive(indices, data.shape[axis]).reshape(-1)
-    out = data.movedim(axis, 0).clone()
-    upd = updates.movedim(axis, 0).to(out.dtype)
+def _scatter_rows(out: torch.Tensor, idx: torch.Tensor, upd: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scatter rows of `upd` into rows `idx` of `out` (in place); out-of-range rows are dropped."""
+    keep = (idx >= 0) & (idx < out.shape[0])
+    if not bool(keep.all()):  # undefined without validation; memory stays safe
+        idx, upd = idx[keep], upd[keep]
     if mode == "update":
         out[idx] = upd
     elif mode in ("add", "sub"):
@@ -343,11 +367,12 @@ def scatter(
     else:
         index = idx.reshape((-1,) + (1,) * (upd.dim() - 1)).expand(upd.shape)
         out.scatter_reduce_(0, index, _updates_for(mode, upd), _REDUCE[mode], include_self=True)
-    return out.movedim(0, axis)
+    return out
 
 
-@kernel("scatter_along_axis", tensors=("data", "indices", "updates"))
-def scatter_along_axis(
+@kernel("scatter", tensors=("data", "indices", "updates"))
+def scatter(
+    opset: int,
     data: torch.Tensor,
     indices: torch.Tensor,
     updates: torch.Tensor,
@@ -356,7 +381,25 @@ def scatter_along_axis(
     validate_indices: bool = False,
 ) -> torch.Tensor:
     axis = axis % data.dim()
-    idx = _positive(indices, data.shape[axis])
+    idx = _indices("scatter", indices, data.shape[axis], validate_indices, opset).reshape(-1)
+    out = data.movedim(axis, 0).clone()
+    _scatter_rows(out, idx, updates.movedim(axis, 0).to(out.dtype), mode)
+    return out.movedim(0, axis)
+
+
+@kernel("scatter_along_axis", tensors=("data", "indices", "updates"))
+def scatter_along_axis(
+    opset: int,
+    data: torch.Tensor,
+    indices: torch.Tensor,
+    updates: torch.Tensor,
+    axis: int = 0,
+    mode: str = "add",
+    validate_indices: bool = False,
+) -> torch.Tensor:
+    axis = axis % data.dim()
+    idx = _in_bounds(_indices("scatter_along_axis", indices, data.shape[axis], validate_indices, opset),
+                     data.shape[axis])
     upd = updates.to(data.dtype)
     if mode == "update":
         return data.scatter(axis, idx, upd)
@@ -365,17 +408,21 @@ def scatter_along_axis(
 
 @kernel("scatter_nd", tensors=("data", "indices", "updates"))
 def scatter_nd(
-    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, mode: str = "add", validate_indices: bool = False
+    opset: int, data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, mode: str = "add",
+    validate_indices: bool = False,
 ) -> torch.Tensor:
     k = indices.shape[-1]
     lead = data.shape[:k]
-    idx = indices.to(torch.int64).reshape(-1, k)
+    idx = _nd_indices("scatter_nd", indices, tuple(lead), validate_indices, opset).reshape(-1, k)
     linear = torch.zeros(idx.shape[0], dtype=torch.int64, device=data.device)
+    outside = torch.zeros(idx.shape[0], dtype=torch.bool, device=data.device)
     for i in range(k):
-        linear = linear * lead[i] + torch.where(idx[:, i] < 0, idx[:, i] + lead[i], idx[:, i])
-    flat = data.reshape((-1,) + data.shape[k:])
-    upd = updates.reshape((-1,) + data.shape[k:])
-    return scatter(flat, linear, upd, 0, mode).reshape(data.shape)
+        linear = linear * lead[i] + idx[:, i]
+        outside |= (idx[:, i] < 0) | (idx[:, i] >= lead[i])
+    linear = torch.where(outside, -1, linear)  # dropped by _scatter_rows
+    out = data.reshape((-1,) + data.shape[k:]).clone()
+    _scatter_rows(out, linear, updates.reshape((-1,) + data.shape[k:]).to(out.dtype), mode)
+    return out.reshape(data.shape)
 
 
 # -- construction --------------------------------------------------------------------

@@ -156,10 +156,12 @@ class FunctionRunner:
 
     A function whose inputs all have static shapes is compiled once, at construction.
     One with flexible dimensions is compiled at construction with its symbolic types
-    (which checks every op and decompresses the weights once), then once more per distinct
-    set of concrete input shapes, with its symbols bound to those sizes so that shape
-    arithmetic folds and the fusions see static shapes; the last `cache_size` such
-    compilations are kept, and all of them share the constants of the first.
+    (which checks every op and decompresses the weights once). The first call with a new
+    set of concrete input shapes runs that compilation, noting the shape of every value,
+    and the function is compiled again with the shapes that follow from the inputs'
+    (`shape_determined`), so that shape arithmetic folds to constants and the fusions see
+    static shapes; later calls with those shapes run the specialized compilation. The last
+    `cache_size` specializations are kept, and all of them share the constants of the first.
 
     `states` maps each state input's name to a tensor of its shape in the run-time type
     (`new_states()` makes zero-filled ones); `write_state` ops update those tensors in place.
@@ -206,6 +208,9 @@ class FunctionRunner:
         self, inputs: Mapping[str, torch.Tensor], states: MutableMapping[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
         """Run on tensors already on the device in their run-time types; returns outputs by name."""
+        if not self.flexible and not self.states:  # the common case, kept short
+            generic = self.generic
+            return dict(zip(generic.output_names, generic(*[inputs[name] for name in generic.input_names])))
         if self.states:
             if states is None:
                 states = self.new_states()
@@ -233,12 +238,18 @@ class FunctionRunner:
                             for o in outputs)
         return dict(zip(source.output_names, outputs))
 
+    @functools.cached_property
+    def _determined(self) -> set[str]:
+        return shape_determined(self.function, KERNELS)
+
     def _specialize(self, shapes: Mapping[str, tuple[int, ...]], recorded: Mapping[str, tuple[int, ...]]) -> None:
-        determined = shape_determined(self.function, KERNELS)
-        fixed = {name: shape for name, shape in recorded.items() if name in determined}
-        specialized = specialize(self.function, shapes, fixed)
-        with torch.inference_mode():
-            compiled = CompiledFunction(specialized, self.ctx, pool=self.generic.pool, **self._options)
+        fixed = {name: shape for name, shape in recorded.items() if name in self._determined}
+        try:
+            specialized = specialize(self.function, shapes, fixed)
+            with torch.inference_mode():
+                compiled = CompiledFunction(specialized, self.ctx, pool=self.generic.pool, **self._options)
+        except CoremlHubError:
+            compiled = self.generic  # these shapes run unspecialized, as the first call did
         self._cache[tuple(tuple(shapes[name]) for name in self.flexible)] = compiled
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

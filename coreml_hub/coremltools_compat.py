@@ -33,6 +33,8 @@ import threading
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
+from .errors import CoremlHubError
+
 # The Core ML release whose ML Program opsets (iOS15..iOS18) the portable runtime implements,
 # as coremltools' `_macos_version()` reports it; it answers coremltools' "can Core ML do this" checks.
 RUNTIME_MACOS_VERSION = (15, 5)
@@ -79,7 +81,7 @@ def load_portable(path: str, compute_units: str = "ALL", function_name: str | No
     from .mil.model import Model
 
     kwargs: dict[str, Any] = {}
-    if function_name:
+    if function_name and function_name != "main":  # multifunction models name the one to run
         kwargs["function_name"] = function_name
     return Model(path, device=device_for(compute_units), **kwargs)
 
@@ -164,7 +166,7 @@ class PortableModelProxy:
         states = state.tensors if state is not None else None
         try:
             outputs = model.predict(runtime_inputs(model, data), states=states)
-        except (ArithmeticError, LookupError, ValueError, RuntimeError) as exc:
+        except (CoremlHubError, ArithmeticError, LookupError, ValueError, RuntimeError) as exc:
             # what Core ML reports for a failed prediction, with the runtime's reason
             raise PredictionError(f"Unable to compute the prediction using ML Program ({type(exc).__name__}: {exc})") \
                 from exc

@@ -117,17 +117,17 @@ class PortableState:
 
     def __init__(self, proxy: "PortableModelProxy") -> None:
         self._model = proxy.model()
-        self.tensors = self._model.runner.new_states()
+        self.tensors = self._model._fn.new_states()
 
     def read_state(self, name: str) -> Any:
         if name not in self.tensors:
             raise RuntimeError(f"the model has no state named {name!r}; it has: {', '.join(self.tensors)}")
-        return self._model.runner.state_to_numpy(name, self.tensors[name])
+        return self._model._fn.state_to_numpy(name, self.tensors[name])
 
     def write_state(self, name: str, value: Any) -> None:
         if name not in self.tensors:
             raise RuntimeError(f"the model has no state named {name!r}; it has: {', '.join(self.tensors)}")
-        self._model.runner.write_state(self.tensors, name, value)
+        self._model._fn.write_state(self.tensors, name, value)
 
 
 class PortableModelProxy:

@@ -12,6 +12,9 @@ import torch
 
 from coreml_hub.errors import ModelInputError
 from coreml_hub.mil import load_model
+from coreml_hub.mil.executor import FunctionRunner
+from coreml_hub.mil.model import read_program
+from coreml_hub.mil.ops import Context
 
 ct = pytest.importorskip("coremltools", reason="coremltools converts the test programs")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
@@ -33,6 +36,17 @@ def convert(prog: Any, path: Path, target: Any = IOS17, **kwargs: Any) -> Path:
 
 def program(specs: list[Any], target: Any = IOS17) -> Callable[[Callable[..., Any]], Any]:
     return mb.program(input_specs=specs, opset_version=target)
+
+
+def runner_for(path: Path) -> FunctionRunner:
+    """The executor's runner for a package's main function, on the CPU in float32."""
+    ctx = Context.create("cpu", dict.fromkeys(("fp16", "fp32", "fp64", "bf16"), torch.float32))
+    return FunctionRunner(read_program(path).main, ctx, model_name=path.name)
+
+
+def tensors(**arrays: np.ndarray) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).float() if v.dtype.kind == "f" else torch.from_numpy(v)
+            for k, v in arrays.items()}
 
 
 # -- cond ----------------------------------------------------------------------------
@@ -149,33 +163,35 @@ def accumulator(tmp_path_factory: pytest.TempPathFactory) -> Any:
         total = mb.coreml_update_state(state=acc, value=mb.add(x=before, y=x))
         return mb.mul(x=total, y=np.float16(1)), mb.mul(x=before, y=np.float16(1))
 
-    return load_model(convert(prog, tmp_path_factory.mktemp("acc") / "acc.mlpackage", IOS18))
+    return runner_for(convert(prog, tmp_path_factory.mktemp("acc") / "acc.mlpackage", IOS18))
 
 
-def test_state_accumulates_across_calls_in_place(accumulator: Any) -> None:
-    states = accumulator.runner.new_states()
+def test_state_accumulates_across_calls_in_place(accumulator: FunctionRunner) -> None:
+    states = accumulator.new_states()
     assert list(states) == ["acc"] and not states["acc"].any()
-    total, before = (d.name for d in accumulator.output_description)
+    held = states["acc"]
+    total, before = accumulator.output_names
     running = np.zeros((2, 3))
     for step in range(1, 4):
-        x = np.full((2, 3), step, np.float16)
-        out = accumulator.predict({"x": x}, states=states)
-        np.testing.assert_allclose(out[before], running)
+        out = accumulator.run(tensors(x=np.full((2, 3), step, np.float32)), states)
+        np.testing.assert_allclose(out[before].numpy(), running)  # read before the update: kept as it was
         running = running + step
-        np.testing.assert_allclose(out[total], running)
-        np.testing.assert_allclose(accumulator.runner.state_to_numpy("acc", states["acc"]), running)
+        np.testing.assert_allclose(out[total].numpy(), running)
+        np.testing.assert_allclose(accumulator.state_to_numpy("acc", states["acc"]), running)
+    assert states["acc"] is held  # updated in place
+    assert accumulator.state_to_numpy("acc", held).dtype == np.float16
     # without states every call starts from zeros
-    out = accumulator.predict({"x": np.ones((2, 3), np.float16)})
-    np.testing.assert_allclose(out[total], 1.0)
+    out = accumulator.run(tensors(x=np.ones((2, 3), np.float32)))
+    np.testing.assert_allclose(out[total].numpy(), 1.0)
 
 
-def test_state_written_from_outside(accumulator: Any) -> None:
-    states = accumulator.runner.new_states()
-    accumulator.runner.write_state(states, "acc", np.full((2, 3), 7, np.float16))
-    total = accumulator.output_description[0].name
-    assert float(accumulator.predict({"x": np.ones((2, 3), np.float16)}, states=states)[total][0, 0]) == 8.0
+def test_state_written_from_outside(accumulator: FunctionRunner) -> None:
+    states = accumulator.new_states()
+    accumulator.write_state(states, "acc", np.full((2, 3), 7, np.float16))
+    total = accumulator.output_names[0]
+    assert float(accumulator.run(tensors(x=np.ones((2, 3), np.float32)), states)[total][0, 0]) == 8.0
     with pytest.raises(ModelInputError, match="state 'acc' has shape"):
-        accumulator.runner.write_state(states, "acc", np.zeros((3,), np.float16))
+        accumulator.write_state(states, "acc", np.zeros((3,), np.float16))
 
 
 class _KVCache(torch.nn.Module):
@@ -210,21 +226,21 @@ def test_kv_cache_attention_block(tmp_path: Path) -> None:
     mlmodel = ct.convert(traced, inputs=inputs, states=states, convert_to="mlprogram", minimum_deployment_target=IOS18,
                          compute_precision=ct.precision.FLOAT16, skip_model_load=True)
     mlmodel.save(str(tmp_path / "kv.mlpackage"))
-    model = load_model(tmp_path / "kv.mlpackage")
-    assert sorted(model.runner.new_states()) == ["k_cache", "v_cache"]
-    states_now = model.runner.new_states()
+    runner = runner_for(tmp_path / "kv.mlpackage")
+    states_now = runner.new_states()
+    assert sorted(states_now) == ["k_cache", "v_cache"]
     reference = _KVCache(heads, length, dim).float().eval()
     rng = np.random.default_rng(3)
     for pos in range(length):
         q, k, v = (rng.standard_normal((1, heads, 1, dim)).astype(np.float16) for _ in range(3))
         mask = np.where(np.arange(length) <= pos, 0.0, -1e4).astype(np.float16).reshape(1, 1, 1, length)
         feeds = {"q": q, "k": k, "v": v, "mask": mask, "pos": np.array([pos], np.int32)}
-        out = model.predict(feeds, states=states_now)
+        out = {name: t.numpy() for name, t in runner.run(tensors(**feeds), states_now).items()}
         with torch.no_grad():
             expected = reference(*(torch.from_numpy(a).float() if a.dtype == np.float16 else torch.from_numpy(a)
                                    for a in feeds.values()))
         np.testing.assert_allclose(next(iter(out.values())), expected.numpy(), atol=3e-3)
-    np.testing.assert_allclose(model.runner.state_to_numpy("k_cache", states_now["k_cache"]),
+    np.testing.assert_allclose(runner.state_to_numpy("k_cache", states_now["k_cache"]),
                                reference.k_cache.float().numpy(), atol=1e-3)
 
 
@@ -260,17 +276,20 @@ def test_flexible_input_shapes_compile_once_per_shape(net: torch.nn.Module, kind
                          skip_model_load=True)
     mlmodel.save(str(tmp_path / "flex.mlpackage"))
     model = load_model(tmp_path / "flex.mlpackage")
-    assert model.input_description[0].shape is None
+    runner = runner_for(tmp_path / "flex.mlpackage")
     shapes = [(1, 3, 8, 8), (1, 3, 16, 12), (1, 3, 8, 8)] if kind == "range" else [(1, 3, 16, 12), (2, 3, 6, 6)]
     for size in shapes:
         x = torch.rand(size)
-        out = model.predict({"x": x.numpy()})
         with torch.no_grad():
-            np.testing.assert_allclose(next(iter(out.values())), net(x).numpy(), rtol=1e-4, atol=1e-4)
-    assert len(model.runner._cache) == len(set(shapes))
+            expected = net(x).numpy()
+        np.testing.assert_allclose(next(iter(model.predict({"x": x.numpy()}).values())), expected, rtol=1e-4, atol=1e-4)
+        for _ in range(2):  # the first call with a shape specializes, the second runs the specialization
+            got = next(iter(runner.run({"x": x}).values()))
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert len(runner._cache) == len(set(shapes))
     # the shape arithmetic (y.shape[-1]) folds once the input shape is known
-    compiled = model.runner.compiled_for({"x": (1, 3, 16, 12)})
-    assert compiled.stats.steps < model.runner.generic.stats.steps
+    compiled = runner.compiled_for({"x": (1, 3, 16, 12)})
+    assert compiled is not None and compiled.stats.steps < runner.generic.stats.steps
 
 
 def test_flexible_shape_cache_is_bounded(tmp_path: Path) -> None:
@@ -278,9 +297,9 @@ def test_flexible_shape_cache_is_bounded(tmp_path: Path) -> None:
     def prog(x):  # noqa: ANN001, ANN202
         return mb.mul(x=x, y=2.0)
 
-    model = load_model(convert(prog, tmp_path / "flex.mlpackage"))
-    model.runner.cache_size = 3
+    runner = runner_for(convert(prog, tmp_path / "flex.mlpackage"))
+    runner.cache_size = 3
     for n in range(1, 7):
-        out = model.predict({"x": np.ones((1, n), np.float32)})
-        np.testing.assert_allclose(next(iter(out.values())), np.full((1, n), 2.0))
-    assert [key[0][1] for key in model.runner._cache] == [4, 5, 6]
+        out = runner.run({"x": torch.ones((1, n))})
+        np.testing.assert_allclose(next(iter(out.values())).numpy(), np.full((1, n), 2.0))
+    assert [key[0][1] for key in runner._cache] == [4, 5, 6]

@@ -56,7 +56,7 @@ def test_public_model_mil_runs(name: str) -> None:
     ctx = Context.create("cpu", dict.fromkeys(("fp16", "fp32", "fp64", "bf16"), torch.float32))
     main = program.functions["main"]
     runner = FunctionRunner(main, ctx, model_name=name)
-    outputs = runner({v.name: _example(v.type, ctx) for v in runner.inputs})
+    outputs = runner.run({v.name: _example(v.type, ctx) for v in runner.inputs})
     declared = main.output_types()
     assert list(outputs) == list(main.outputs)
     for key, value in outputs.items():

@@ -190,9 +190,34 @@ class FunctionRunner:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[Any, ...], CompiledFunction] = OrderedDict()
 
+    # the interface of CompiledFunction, so a runner can stand wherever one is called
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.generic.input_names
+
+    @property
+    def input_dtypes(self) -> tuple[Any, ...]:
+        return self.generic.input_dtypes
+
     @property
     def output_names(self) -> tuple[str, ...]:
         return self.generic.output_names
+
+    @property
+    def stats(self) -> CompileStats:
+        return self.generic.stats
+
+    @property
+    def source(self) -> str:
+        return self.generic.source
+
+    @property
+    def _eager(self) -> Callable[..., tuple[torch.Tensor, ...]]:
+        return self.generic._eager
+
+    @property
+    def _run(self) -> Callable[..., tuple[torch.Tensor, ...]]:
+        return self.generic._run
 
     def compiled_for(self, shapes: Mapping[str, tuple[int, ...]]) -> CompiledFunction | None:
         """The compilation for these concrete input shapes, if made (the static one when nothing is flexible)."""
@@ -204,25 +229,12 @@ class FunctionRunner:
             self._cache.move_to_end(key)
         return compiled
 
-    def __call__(
-        self, inputs: Mapping[str, torch.Tensor], states: MutableMapping[str, torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Run on tensors already on the device in their run-time types; returns outputs by name."""
-        if not self.flexible and not self.states:  # the common case, kept short
-            generic = self.generic
-            return dict(zip(generic.output_names, generic(*[inputs[name] for name in generic.input_names])))
-        if self.states:
-            if states is None:
-                states = self.new_states()
-            missing = [v.name for v in self.states if v.name not in states]
-            if missing:
-                raise ModelInputError(f"{self.model_name}: no tensor given for state(s) {', '.join(missing)}",
-                                      hint="Pass the tensors new_states() makes.")
-        shapes = {name: tuple(inputs[name].shape) for name in self.flexible}
+    def __call__(self, *args: torch.Tensor) -> tuple[Any, ...]:
+        """Run on tensors in `input_names` order (state tensors included), as CompiledFunction does."""
+        if self._plain:
+            return self.generic(*args)
+        shapes = {name: tuple(args[index].shape) for name, index in self._flexible_positions}
         compiled = self.compiled_for(shapes)
-        source = compiled or self.generic
-        args = [states[name] if name in self._state_names else inputs[name]  # type: ignore[index]
-                for name in source.input_names]
         if compiled is not None:
             outputs = compiled(*args)
         else:
@@ -233,10 +245,42 @@ class FunctionRunner:
             self._specialize(shapes, recorded)
         if self.states:
             # an output that is a state read must not change when the state is next written
-            held = {t.untyped_storage().data_ptr() for t in states.values()}  # type: ignore[union-attr]
+            held = {args[index].untyped_storage().data_ptr() for index in self._state_positions}
             outputs = tuple(o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in held else o
                             for o in outputs)
-        return dict(zip(source.output_names, outputs))
+        return outputs
+
+    def run(
+        self, inputs: Mapping[str, torch.Tensor], states: MutableMapping[str, torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Run on named tensors already on the device in their run-time types; returns outputs by name.
+
+        `states`: a tensor per state input (`new_states()`), updated in place; without it the
+        call starts from fresh zero states.
+        """
+        if self.states:
+            if states is None:
+                states = self.new_states()
+            missing = [v.name for v in self.states if v.name not in states]
+            if missing:
+                raise ModelInputError(f"{self.model_name}: no tensor given for state(s) {', '.join(missing)}",
+                                      hint="Pass the tensors new_states() makes.")
+            args = [states[name] if name in self._state_names else inputs[name] for name in self.input_names]
+        else:
+            args = [inputs[name] for name in self.input_names]
+        return dict(zip(self.output_names, self(*args)))
+
+    @functools.cached_property
+    def _plain(self) -> bool:
+        return not self.flexible and not self.states
+
+    @functools.cached_property
+    def _flexible_positions(self) -> tuple[tuple[str, int], ...]:
+        return tuple((name, self.input_names.index(name)) for name in self.flexible)
+
+    @functools.cached_property
+    def _state_positions(self) -> tuple[int, ...]:
+        return tuple(self.input_names.index(v.name) for v in self.states)
 
     @functools.cached_property
     def _determined(self) -> set[str]:

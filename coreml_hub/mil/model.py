@@ -13,10 +13,10 @@ device once, in the type they run in.
 coremltools' `MLModel.predict`; `predict_torch` takes and returns torch tensors and leaves
 outputs on the device in the type they were computed in, for callers that chain models.
 
-Both take `states=`: for a stateful program, a dict of state tensors (`model.runner.new_states()`
+Both take `states=`: for a stateful program, a dict of state tensors (`model._fn.new_states()`
 makes zero-filled ones) that the prediction reads and updates in place; without it each
-prediction starts from fresh zero states. `model.runner` (an `executor.FunctionRunner`) runs
-the main function; inputs with flexible dimensions are compiled per distinct shape.
+prediction starts from fresh zero states. The main function runs through an
+`executor.FunctionRunner`, which compiles inputs with flexible dimensions per distinct shape.
 """
 
 from __future__ import annotations
@@ -171,8 +171,7 @@ class Model:
         if compile is None:
             compile = os.environ.get("COREML_HUB_COMPILE", "") not in ("", "0")
         with torch.inference_mode():
-            self.runner = FunctionRunner(main, self.ctx, fuse=fuse, torch_compile=compile, model_name=self.path.name)
-        self._fn = self.runner.generic
+            self._fn = FunctionRunner(main, self.ctx, fuse=fuse, torch_compile=compile, model_name=self.path.name)
         types = main.output_types()
         self.input_description = tuple(_describe(v.name, v.type) for v in main.inputs
                                        if not isinstance(v.type, StateType))
@@ -228,7 +227,7 @@ class Model:
             if not isinstance(t, torch.Tensor):
                 t = torch.as_tensor(np.asarray(t))
             args[name] = t.to(device=self.device, dtype=dtype, non_blocking=True)
-        return self.runner(args, states)
+        return self._fn.run(args, states)
 
     __call__ = predict_torch
 

@@ -7,9 +7,10 @@ The public Python API. Every name loads its module on first use, so importing
 from __future__ import annotations
 
 import importlib
+import os as _os
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> module that defines it
 _API = {
@@ -30,23 +31,16 @@ _API = {
     "load_model": "mil",
     "convert": "convert",
     "generate": "pipeline",
+    "predict": "prediction",
 }
 
 __all__ = ["__version__", *_API]
 
+if _os.environ.get("COREML_HUB_COREMLTOOLS", "").strip().lower() in ("1", "true", "yes", "on"):
+    # coremltools' MLModel.predict through the portable runtime, once coremltools is imported
+    from .coremltools_compat import install_when_imported as _install_when_imported
 
-def _compat_from_environment() -> None:
-    """COREML_HUB_COREMLTOOLS=1: coremltools' MLModel.predict runs on the portable runtime once
-    coremltools is imported (nothing is imported here; see coreml_hub.coremltools_compat)."""
-    import os
-
-    if os.environ.get("COREML_HUB_COREMLTOOLS", "").strip().lower() in ("1", "true", "yes", "on"):
-        from .coremltools_compat import install_when_imported
-
-        install_when_imported()
-
-
-_compat_from_environment()
+    _install_when_imported()
 
 
 def __getattr__(name: str) -> Any:

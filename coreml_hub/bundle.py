@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import CoremlHubError
 from .layouts import COMPILED_FILE_OF, COMPILED_NAMES, COMPONENTS, TOKENIZER_FILES, component_order
 from .store import MANIFEST_NAME, tree_size
 
@@ -26,7 +27,9 @@ if TYPE_CHECKING:
 ERROR = "error"
 WARNING = "warning"
 BUNDLE_SUFFIXES = (".mlmodelc", ".mlpackage")
-REPULL_HINT = "Re-pull the model with `coreml-hub pull MODEL --variant VARIANT --force`."
+REPULL_HINT = "Re-pull the model with `coreml-hub pull MODEL --variant VARIANT --force`."  # see repair_hint
+LOCAL_REPAIR_HINT = ("It is not a pulled model, so `coreml-hub pull --force` cannot mend it: convert it again "
+                     "or copy it again from where it came from.")
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,13 @@ class Bundle:
     attention: str | None = None  # as the variant declares it (pull manifest), when known
     manifest: dict[str, Any] | None = None
 
+    @property
+    def kind(self) -> str:
+        """`model` for a single-model variant (plain Core ML repos), else `pipeline`, as the pull manifest says."""
+        variant = (self.manifest or {}).get("variant")
+        declared = variant.get("kind") if isinstance(variant, dict) else None
+        return "model" if declared == "model" else "pipeline"
+
     def get(self, name: str) -> Component | None:
         """The first component of that name (compiled before packages when a folder has both)."""
         for component in self.components:
@@ -186,6 +196,40 @@ def find_bundles(folder: Path) -> list[Path]:
     return deeper
 
 
+def variant_folders(root: Path, depth: int = 3) -> list[Path]:
+    """Folders under `root` (itself included, `depth` levels down) that hold a variant's bundles."""
+    found: list[Path] = []
+    stack = [(root, 0)]
+    while stack:
+        folder, level = stack.pop()
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError:
+            continue
+        if any(e.suffix in BUNDLE_SUFFIXES for e in entries):
+            if any(c.known for c in open_bundle(folder).components):
+                found.append(folder)
+            continue
+        if level < depth:
+            stack.extend((e, level + 1) for e in reversed(entries) if e.is_dir() and not e.name.startswith("."))
+    return sorted(found)
+
+
+def one_variant(path: Path, command: str) -> Path | None:
+    """The variant folder under `path` (such as the `-o` folder of `convert`), None when there is none.
+
+    `run` and `verify` take the same folders: several variants under `path` is a usage error naming them.
+    """
+    from .errors import UsageError
+
+    folders = variant_folders(path)
+    if len(folders) > 1:
+        listing = "\n  ".join(str(f) for f in folders)
+        example = f"coreml-hub {command} {folders[0]}" + (' "PROMPT"' if command == "run" else "")
+        raise UsageError(f"{path} holds several variants; name one:\n  {listing}", hint=f"For example: {example}")
+    return folders[0] if folders else None
+
+
 def open_bundle(path: str | os.PathLike[str], attention: str | None = None) -> Bundle:
     """A variant folder or a single bundle, with its components (nothing is read yet)."""
     from .errors import InvalidBundle
@@ -211,6 +255,27 @@ def open_bundle(path: str | os.PathLike[str], attention: str | None = None) -> B
         declared = (manifest.get("variant") or {}).get("attention") if isinstance(manifest.get("variant"), dict) else None
         attention = declared if isinstance(declared, str) else None
     return Bundle(path=path, components=components, is_variant=True, attention=attention, manifest=manifest)
+
+
+def pulled_ref(manifest: dict[str, Any] | None) -> str | None:
+    """`REPO:VARIANT` of a pull manifest (with ` --chunked` for the chunked Unet form), else None."""
+    if not isinstance(manifest, dict):
+        return None
+    variant = manifest.get("variant")
+    repo, vid = manifest.get("repo"), variant.get("id") if isinstance(variant, dict) else None
+    if not isinstance(repo, str) or not isinstance(vid, str):
+        return None
+    chunked = manifest.get("unet_form") == "chunked"
+    return f"{repo}:{vid}" + (" --chunked" if chunked else "")
+
+
+def repair_hint(path: str | os.PathLike[str]) -> str:
+    """How to mend a damaged file of the variant or bundle at `path`: pull it again when it was
+    pulled, else make it again (a local folder has nothing `pull --force` could fetch)."""
+    ref = pulled_ref(_read_manifest(Path(path)))
+    if ref is None:
+        return LOCAL_REPAIR_HINT
+    return f"Pull it again with `coreml-hub pull {ref} --force`."
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
@@ -266,29 +331,36 @@ class VerifyReport:
 
 
 def verify(target: str | os.PathLike[str], *, hashes: bool = False, attention: str | None = None,
-           progress: bool = False, plugins: bool = True) -> VerifyReport:
-    """Check a variant folder, a single bundle, or a pulled `MODEL[:VARIANT]`.
+           progress: bool = False, plugins: bool = True, chunked: bool | None = None) -> VerifyReport:
+    """Check a variant folder, a single bundle, or a pulled `MODEL[:VARIANT]` (`chunked` picks its Unet form).
 
     Structural checks always run; `hashes=True` also re-hashes every file against the pull
     manifest. Bad input never raises: every finding is a `Problem` in the report.
     """
-    path = resolve_target(target)
+    path = resolve_target(target, chunked=chunked)
+    if path.is_dir() and not is_bundle(path) and not find_bundles(path):
+        path = one_variant(path, "verify") or path  # OUT of `convert`: OUT/<attention>/packages
     bundle = open_bundle(path, attention=attention)
     return verify_bundle(bundle, hashes=hashes, progress=progress, plugins=plugins)
 
 
-def verify_variant(path: str | os.PathLike[str]) -> VerifyReport:
-    """The structural checks `pull` runs before marking a variant complete (no hashing)."""
-    return verify_bundle(open_bundle(Path(path)), hashes=False)
+def verify_variant(path: str | os.PathLike[str], kind: str | None = None) -> VerifyReport:
+    """The structural checks `pull` runs before marking a variant complete (no hashing).
+
+    `kind="model"` checks a single-model variant (its bundle only, no pipeline contract)
+    before its manifest exists.
+    """
+    return verify_bundle(open_bundle(Path(path)), hashes=False, kind=kind)
 
 
 def verify_bundle(bundle: Bundle, *, hashes: bool = False, progress: bool = False,
-                  plugins: bool = True) -> VerifyReport:
+                  plugins: bool = True, kind: str | None = None) -> VerifyReport:
     from . import validate
 
     problems: list[Problem] = []
     problems.extend(validate.check_components(bundle))
-    if bundle.is_variant:
+    # a single-model variant is valid when its bundle is: the diffusion contract is not its own
+    if bundle.is_variant and (kind or bundle.kind) != "model":
         problems.extend(validate.guarded(validate.check_contract, bundle, where="."))
     if plugins:
         problems.extend(_plugin_problems(bundle))
@@ -296,6 +368,8 @@ def verify_bundle(bundle: Bundle, *, hashes: bool = False, progress: bool = Fals
     if hashes:
         hash_problems, hashed = validate.check_hashes(bundle, progress=progress)
         problems.extend(hash_problems)
+    mend = repair_hint(bundle.path)
+    problems = [replace(p, hint=mend) if p.hint == REPULL_HINT else p for p in problems]
     return VerifyReport(
         path=bundle.path,
         kind="variant" if bundle.is_variant else "bundle",
@@ -326,9 +400,14 @@ def _plugin_problems(bundle: Bundle) -> list[Problem]:
     return found
 
 
-def resolve_target(target: str | os.PathLike[str]) -> Path:
-    """A path as given, or the store folder of a pulled `MODEL[@REV][:VARIANT]`."""
+def resolve_target(target: str | os.PathLike[str], *, chunked: bool | None = None) -> Path:
+    """A path as given, or the store folder of a pulled `MODEL[@REV][:VARIANT]` (`chunked`: its Unet form)."""
     if isinstance(target, os.PathLike) or Path(str(target)).exists():
+        if chunked is not None:
+            from .errors import UsageError
+
+            raise UsageError(f"--chunked/--no-chunked picks the Unet form of a pulled model; {target} is a path.",
+                             hint="Drop the flag, or name the model as ORG/NAME[:VARIANT].")
         return Path(target)
     text = str(target)
     if text.startswith(("/", "./", "../", "~")) or text.rstrip("/").endswith(BUNDLE_SUFFIXES):
@@ -338,7 +417,7 @@ def resolve_target(target: str | os.PathLike[str]) -> Path:
                             hint="Give a variant folder or a bundle, or a pulled model as ORG/NAME[:VARIANT].")
     from .store import find_pulled
 
-    return find_pulled(text).path
+    return find_pulled(text, chunked=chunked).path
 
 
 # -- inspect -----------------------------------------------------------------------------
@@ -359,6 +438,7 @@ class Inspection:
     weight_count: int
     size_bytes: int  # the bundle on disk
     mil: str | None = None
+    problems: tuple[Problem, ...] = ()  # weights the files cannot give (a truncated or damaged weight file)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -374,10 +454,49 @@ class Inspection:
             "weight_bytes": sum(self.weights.values()),
             "weight_count": self.weight_count,
             "size_bytes": self.size_bytes,
+            "problems": [p.to_dict() for p in self.problems],
         }
         if self.mil is not None:
             data["mil"] = self.mil
         return data
+
+
+def _single_model_bundle(path: Path) -> Path | None:
+    """The one bundle of a single-model variant folder (plain Core ML repos, as its pull manifest
+    says), else None."""
+    manifest = _read_manifest(path)
+    variant = (manifest or {}).get("variant")
+    if isinstance(variant, dict) and variant.get("kind") == "model":
+        found = find_bundles(path)
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def declared_shape(path: str | os.PathLike[str], name: str | None = None, *,
+                   output: bool = False) -> tuple[int, ...] | None:
+    """An input's (or output's) shape as a bundle's description declares it: `metadata.json` of a
+    `.mlmodelc`, the model spec of a `.mlpackage`. Quick (the program is not read); `name` None
+    takes the first; None when the description cannot tell."""
+    path = Path(path)
+    try:
+        if _bundle_format(path) == "compiled":
+            from .validate import parse_shape_string
+
+            meta = json.loads((path / "metadata.json").read_text(encoding="utf-8"))
+            meta = meta[0] if isinstance(meta, list) else meta
+            entries = meta["outputSchema" if output else "inputSchema"]
+            entry = next(e for e in entries if name is None or e.get("name") == name)
+            return parse_shape_string(entry.get("shape"))
+        from .mil.proto import load_spec
+
+        description = load_spec(path).description
+        features = description.output if output else description.input
+        feature = next(f for f in features if name is None or f.name == name)
+        shape = tuple(int(d) for d in feature.type.multiArrayType.shape)
+        return shape or None
+    except (OSError, ValueError, KeyError, IndexError, TypeError, StopIteration, CoremlHubError):
+        return None
 
 
 def load_bundle_program(path: str | os.PathLike[str]) -> "Program":
@@ -395,6 +514,41 @@ def load_bundle_program(path: str | os.PathLike[str]) -> "Program":
     from .mil.proto import load_program
 
     return load_program(path)
+
+
+def component_path(target: str | os.PathLike[str], component: str | None = None, *,
+                   chunked: bool | None = None) -> Path:
+    """The bundle `inspect` shows: TARGET itself when it is a bundle, else the bundle named `component`
+    (`unet`, `vae_decoder`, `Unet.mlmodelc`...) of the variant TARGET is: a folder, or a pulled `MODEL[:VARIANT]`.
+    A single-model variant (plain Core ML repos) needs no `component`: its one bundle is meant."""
+    from .errors import InvalidBundle, UsageError
+
+    path = resolve_target(target, chunked=chunked)
+    if is_bundle(path) and path.is_dir():
+        if component is not None:
+            raise UsageError(f"{target} is a bundle already; --component picks a bundle of a variant.",
+                             hint="Drop --component.")
+        return path
+    if not path.is_dir():
+        raise InvalidBundle(f"{path} is not a Core ML bundle (.mlmodelc or .mlpackage folder).",
+                            hint="Give one bundle, e.g. `Unet.mlmodelc`, or a variant with --component.")
+    if not find_bundles(path):
+        path = one_variant(path, "inspect") or path
+    single = _single_model_bundle(path) if component is None else None
+    if single is not None:  # a pulled single model (plain Core ML repos) names its one bundle
+        return single
+    components = open_bundle(path).components
+    names = ", ".join(dict.fromkeys(c.name for c in components)) or "none"
+    if component is None:
+        example = components[0].name if components else "unet"
+        raise UsageError(f"{target} is not a Core ML bundle but a variant; name one of its bundles with --component "
+                         f"({names}).", hint=f"For example: coreml-hub inspect {target} --component {example}")
+    wanted = component.strip().lower()
+    for c in components:
+        if wanted in (c.name.lower(), c.display_name.lower(), c.path.name.lower()):
+            return c.path
+    raise UsageError(f"{target} has no {component!r} bundle; it has: {names}.",
+                     hint="Name one of those with --component.")
 
 
 def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspection:
@@ -421,6 +575,11 @@ def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspectio
             continue
         weights[dtype] = weights.get(dtype, 0) + nbytes
     histogram = program.op_histogram()
+    from . import validate
+
+    opened = open_bundle(path)
+    problems = validate.check_blobs(opened, opened.components[0], program)
+    mend = repair_hint(path)
     return Inspection(
         path=path,
         format=_bundle_format(path),
@@ -433,4 +592,5 @@ def inspect_bundle(path: str | os.PathLike[str], mil: bool = False) -> Inspectio
         weight_count=len(seen),
         size_bytes=tree_size(path),
         mil=dumps(program) if mil else None,
+        problems=tuple(replace(p, hint=mend) if p.hint == REPULL_HINT else p for p in problems),
     )

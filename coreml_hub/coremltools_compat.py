@@ -1,26 +1,34 @@
-"""`coremltools.models.MLModel(...).predict` on any machine, through the portable runtime.
+"""`MLModel.predict` on Linux: coremltools' prediction API routed through the portable runtime.
 
-    import coreml_hub.coremltools_compat as compat
-    compat.install()                      # or COREML_HUB_COREMLTOOLS=1, or -p coreml_hub.pytest_plugin
-    model = coremltools.models.MLModel("Model.mlpackage", compute_units=ct.ComputeUnit.CPU_ONLY)
-    model.predict({"x": np.ones((1, 3), np.float32)})
+    import coremltools as ct
+    from coreml_hub import coremltools_compat
 
-On macOS coremltools hands predictions to Core ML through a native extension
-(`libcoremlpython._MLModelProxy`); elsewhere that extension is missing and `predict`
-raises. `install()` puts `PortableModelProxy` where coremltools looks for the extension,
-so every `MLModel` (and `CompiledMLModel`) loads its ML Program with coreml-hub's runtime
-and predicts on PyTorch, with coremltools' conventions: a dict of numpy arrays in, a dict
-of numpy arrays out, `compute_units` mapped to a device (CPU_ONLY runs on the CPU, the
-others on the best device present).
+    coremltools_compat.install()
+    mlmodel = ct.convert(traced, inputs=[ct.ImageType(name="image", shape=(1, 3, 224, 224))],
+                         classifier_config=ct.ClassifierConfig(labels))
+    mlmodel.predict({"image": PIL.Image.open("cat.png")})    # {"classLabel": "cat", ...}
+    state = stateful.make_state(); stateful.predict({"x": x}, state=state)
+    ct.models.CompiledMLModel("Model.mlmodelc").predict({"x": x})
+
+After `install()`, `MLModel.predict`, `MLModel.make_state`, and `CompiledMLModel(...)`
+with its `predict` and `make_state` work where Core ML does not, with coremltools'
+conventions: a dict of numpy arrays, torch tensors, lists or PIL images in; a dict of numpy
+arrays, PIL images (image outputs), a label and a probability dictionary (classifiers) out;
+a list of dicts for a batch; `compute_units` mapped to a device (`device_for`). Where Core
+ML itself can predict (macOS), it keeps doing so unless `install(force=True)`.
 
 It also opens the gates coremltools keeps for a working Core ML: its macOS-version checks
 answer `RUNTIME_MACOS_VERSION` (the Core ML release whose ML Program opsets the runtime
-implements), `MLModel.make_state` works, and coremltools' own test helpers
-(`testing_utils._IS_MACOS`) compare predictions instead of skipping them.
+implements), and coremltools' own test helpers (`testing_utils._IS_MACOS`) compare
+predictions instead of skipping them, so coremltools' op tests run against the runtime
+(`bench/coremltools_optests.py`). A prediction that fails in the runtime raises
+`PredictionError`, a RuntimeError as Core ML's is; wrong inputs raise `ModelInputError`.
 
-The conversion from an `MLModel` to a portable model happens in one place (`load_portable`),
-inputs are prepared in one place (`runtime_inputs`) and outputs returned in one place
-(`coreml_outputs`), so that other value kinds (images, classifier outputs) extend those.
+Also enabled by `COREML_HUB_COREMLTOOLS=1` in the environment (when coreml_hub is imported,
+and in every pytest run, see `coreml_hub.pytest_plugin`) and by `pytest -p coreml_hub.pytest_plugin`.
+
+The module has four parts: `to_model` (an MLModel or CompiledMLModel as the runtime's
+`Model`), `convert_inputs`, `convert_outputs`, and `install`/`uninstall`.
 """
 
 from __future__ import annotations
@@ -30,24 +38,28 @@ import importlib.machinery
 import os
 import sys
 import threading
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Mapping
 
-from .errors import CoremlHubError
+from .errors import CoremlHubError, ModelInputError, UnsupportedModel
 
+ENV_VAR = "COREML_HUB_COREMLTOOLS"
+_CACHE_ATTR = "_coreml_hub_model"
 # The Core ML release whose ML Program opsets (iOS15..iOS18) the portable runtime implements,
 # as coremltools' `_macos_version()` reports it; it answers coremltools' "can Core ML do this" checks.
 RUNTIME_MACOS_VERSION = (15, 5)
-# The newest Model spec version coremltools may hand over (iOS26 = 10); the loader names any
-# op it cannot run, which is a clearer error than coremltools' version refusal.
-MAX_SPECIFICATION_VERSION = 10
+TEST_HELPERS = "coremltools.converters.mil.testing_utils"
 
-# compute_units name -> portable runtime device
-DEVICES = {"CPU_ONLY": "cpu"}
-
+# (owner class or module, attribute) -> the original, while installed
+_originals: dict[tuple[Any, str], Any] = {}
+_settings: dict[str, Any] = {"device": None, "force": False}
 _lock = threading.Lock()
-_installed = False
 _predictions = 0
+
+
+class PredictionError(RuntimeError):
+    """A prediction failed in the portable runtime (Core ML raises RuntimeError here too)."""
 
 
 def prediction_count() -> int:
@@ -55,192 +67,244 @@ def prediction_count() -> int:
     return _predictions
 
 
-class NotAnMLProgram(RuntimeError):
-    """The model is not an ML Program (a NeuralNetwork spec, a pipeline of them): nothing to run portably.
+def enabled_by_environment() -> bool:
+    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
 
-    A RuntimeError, as Core ML's load failures are: coremltools keeps it and raises it from `predict`.
+
+# -- 1. MLModel / CompiledMLModel -> Model ------------------------------------------------
+
+
+def device_for(compute_units: Any) -> str:
+    """Where a coremltools compute-unit choice runs here.
+
+    CPU_ONLY -> the CPU. ALL and CPU_AND_GPU -> a GPU when torch sees one (CUDA, MPS), else
+    the CPU. CPU_AND_NE -> the CPU (there is no Neural Engine to use). `install(device=...)`
+    overrides all of them.
     """
-
-    def __init__(self, path: str, kind: str) -> None:
-        super().__init__(f"{os.path.basename(path.rstrip('/'))} is a '{kind}' model; the portable runtime "
-                         "runs ML Programs only (convert with convert_to='mlprogram')")
-        self.kind = kind
-
-
-class PredictionError(RuntimeError):
-    """A prediction failed in the portable runtime (Core ML raises RuntimeError here too)."""
+    if _settings["device"]:
+        return str(_settings["device"])
+    name = str(getattr(compute_units, "name", compute_units or "ALL")).upper()
+    return "auto" if name in ("ALL", "CPU_AND_GPU") else "cpu"
 
 
-def device_for(compute_units: str) -> str:
-    """The runtime device for a coremltools ComputeUnit name: CPU_ONLY -> cpu, anything else -> auto."""
-    return DEVICES.get(compute_units, "auto")
+def to_model(obj: Any) -> Any:
+    """The portable runtime's `Model` for a coremltools MLModel or CompiledMLModel (made once, kept on it)."""
+    cached = getattr(obj, _CACHE_ATTR, None)
+    if cached is not None:
+        return cached
+    from .mil.model import load_model
+    from .mil.spec import inner_model_types, unsupported_model
+
+    spec = getattr(obj, "_spec", None)
+    if spec is not None:
+        model_type = spec.WhichOneof("Type") or "unknown"
+        if model_type != "mlProgram":
+            raise unsupported_model(Path(str(getattr(obj, "package_path", None) or "model")), model_type,
+                                    inner_model_types(spec))
+        path = getattr(obj, "package_path", None)
+    else:
+        path = getattr(obj, "path_or_asset", None)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError("coreml-hub predicts with models saved as a .mlpackage or .mlmodelc folder "
+                        "(an in-memory model asset is not supported)")
+    function_name = getattr(obj, "function_name", None) or None
+    model = load_model(path, device=device_for(getattr(obj, "compute_unit", None)), function_name=function_name)
+    try:
+        setattr(obj, _CACHE_ATTR, model)
+    except AttributeError:  # pragma: no cover - coremltools' classes take attributes
+        pass
+    return model
 
 
-def load_portable(path: str, compute_units: str = "ALL", function_name: str | None = None) -> Any:
-    """The portable model for a `.mlpackage` / `.mlmodelc` path, as coremltools' proxy is given it."""
-    from .mil.model import Model
-
-    kwargs: dict[str, Any] = {}
-    if function_name and function_name != "main":  # multifunction models name the one to run
-        kwargs["function_name"] = function_name
-    return Model(path, device=device_for(compute_units), **kwargs)
+# -- 2. inputs ----------------------------------------------------------------------------
 
 
-def runtime_inputs(model: Any, data: Mapping[str, Any]) -> dict[str, Any]:
-    """coremltools input values -> what `Model.predict` takes.
+def convert_inputs(model: Any, data: Mapping[str, Any]) -> dict[str, Any]:
+    """coremltools' input conventions -> what `Model.predict` takes.
 
-    Multi-array inputs are converted to the type the model declares, as Core ML converts
-    them (coremltools' helpers pass float32 for every input, integer inputs included).
+    numpy arrays, torch tensors, lists and Python numbers become numpy arrays of the type
+    the model declares, as Core ML converts them (coremltools passes float32 for fp16 inputs,
+    and its test helpers float32 for integer inputs); PIL images stay images (the model
+    converts them by the declared color layout and checks the size).
     """
-    import numpy as np
+    if not isinstance(data, Mapping):
+        raise TypeError(f'"data" parameter must be either a dict or list of dict, but got {type(data)}.')
+    from .mil.features import as_array, is_pil_image
 
-    numpy_types = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int32": np.int32, "int8": np.int8,
-                   "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int64": np.int64, "bool": np.bool_}
     declared = {d.name: d for d in model.input_description}
     feeds: dict[str, Any] = {}
     for name, value in data.items():
-        desc = declared.get(name)
-        array = np.asarray(value)
-        if desc is not None and desc.dtype in numpy_types and array.dtype != numpy_types[desc.dtype]:
-            array = array.astype(numpy_types[desc.dtype])
-        feeds[name] = array
+        if is_pil_image(value):
+            feeds[str(name)] = value
+            continue
+        array = as_array(value)
+        desc = declared.get(str(name))
+        if desc is not None and desc.kind != "image" and array.dtype.kind in "biuf" \
+                and array.dtype != desc.numpy_dtype:
+            array = array.astype(desc.numpy_dtype)
+        feeds[str(name)] = array
     return feeds
 
 
-def coreml_outputs(model: Any, outputs: Mapping[str, Any]) -> dict[str, Any]:
-    """`Model.predict` outputs -> the dict Core ML returns (numpy arrays by output name)."""
-    return dict(outputs)
+# -- 3. outputs ---------------------------------------------------------------------------
 
 
-class PortableState:
-    """Stands in for Core ML's state handle (`MLState.__proxy__`): the model's state tensors."""
+def convert_outputs(model: Any, outputs: Mapping[str, Any]) -> dict[str, Any]:
+    """`Model.predict`'s outputs in coremltools' form: numpy arrays, PIL images, a label (str or
+    int) and a {label: probability} dictionary of Python values."""
+    import numpy as np
 
-    def __init__(self, proxy: "PortableModelProxy") -> None:
-        self._model = proxy.model()
-        self.tensors = self._model._fn.new_states()
-
-    def read_state(self, name: str) -> Any:
-        if name not in self.tensors:
-            raise RuntimeError(f"the model has no state named {name!r}; it has: {', '.join(self.tensors)}")
-        return self._model._fn.state_to_numpy(name, self.tensors[name])
-
-    def write_state(self, name: str, value: Any) -> None:
-        if name not in self.tensors:
-            raise RuntimeError(f"the model has no state named {name!r}; it has: {', '.join(self.tensors)}")
-        self._model._fn.write_state(self.tensors, name, value)
+    result: dict[str, Any] = {}
+    for name, value in outputs.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        elif isinstance(value, dict):
+            value = {(k.item() if isinstance(k, np.generic) else k): float(v) for k, v in value.items()}
+        result[name] = value
+    return result
 
 
-class PortableModelProxy:
-    """What coremltools calls `_MLModelProxy`, backed by the portable runtime.
-
-    The model is read when first needed (a prediction, a state), not when coremltools
-    constructs the proxy: `coremltools.convert` builds an MLModel for every conversion.
-    """
-
-    def __init__(self, path: str, compute_units: str = "ALL", function_name: str = "",
-                 optimization_hints: Any = None, asset: Any = None) -> None:
-        if asset is not None:
-            raise RuntimeError("MLModelAsset is not supported by the portable runtime; load the model from its path")
-        _check_ml_program(path)
-        self.path = path
-        self.compute_units = compute_units
-        self.function_name = function_name or None
-        self._model: Any = None
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def maximum_supported_specification_version() -> int:
-        return MAX_SPECIFICATION_VERSION
-
-    def model(self) -> Any:
-        with self._lock:
-            if self._model is None:
-                self._model = load_portable(self.path, self.compute_units, self.function_name)
-            return self._model
-
-    def predict(self, data: Mapping[str, Any], state: PortableState | None = None) -> dict[str, Any]:
-        global _predictions
-        model = self.model()
-        with _lock:
-            _predictions += 1
-        states = state.tensors if state is not None else None
-        try:
-            outputs = model.predict(runtime_inputs(model, data), states=states)
-        except (CoremlHubError, ArithmeticError, LookupError, ValueError, RuntimeError) as exc:
-            # what Core ML reports for a failed prediction, with the runtime's reason
-            raise PredictionError(f"Unable to compute the prediction using ML Program ({type(exc).__name__}: {exc})") \
-                from exc
-        return coreml_outputs(model, outputs)
-
-    def batchPredict(self, data: list[Mapping[str, Any]]) -> list[dict[str, Any]]:  # noqa: N802 - Core ML's name
-        return [self.predict(item) for item in data]
-
-    def newState(self) -> PortableState:  # noqa: N802 - Core ML's name
-        return PortableState(self)
-
-    def get_compiled_model_path(self) -> str:
-        return self.path
+# -- 4. install ---------------------------------------------------------------------------
 
 
-def _check_ml_program(path: str) -> None:
-    """Raise NotAnMLProgram for a spec that is not an ML Program (a compiled `.mlmodelc` is read later)."""
-    folder = os.path.join(path, "model.mil")
-    if os.path.isdir(path) and os.path.isfile(folder):
-        return
-    from .mil.proto import load_spec
-
-    kind = load_spec(path).WhichOneof("Type")
-    if kind != "mlProgram":
-        raise NotAnMLProgram(path, str(kind))
+def _native(obj: Any) -> bool:
+    """Whether Core ML itself can predict with `obj` (and we were not told to take over)."""
+    if _settings["force"]:
+        return False
+    return getattr(obj, "__proxy__", None) is not None or getattr(obj, "_proxy", None) is not None
 
 
-def install() -> None:
-    """Route coremltools' predictions through the portable runtime (idempotent).
+def _state_of(state: Any) -> Any:
+    if state is None:
+        return None
+    return getattr(state, "__proxy__", state)
 
-    Imports coremltools. Safe to call before or after coremltools' test helpers are imported.
-    """
-    global _installed
+
+def _original(obj: Any, name: str) -> Any:
+    for owner in type(obj).__mro__:
+        if (owner, name) in _originals:
+            return _originals[(owner, name)]
+    raise AttributeError(name)  # pragma: no cover - only patched classes reach here
+
+
+def _predict(self: Any, data: Any, state: Any = None) -> Any:
+    if _native(self):
+        return _original(self, "predict")(self, data, state)
+    model = to_model(self)
+    if isinstance(data, list):
+        if not all(isinstance(item, dict) for item in data):
+            raise TypeError('"data" list must contain only dictionaries')
+        if state is not None:
+            raise ValueError("State can only be used for unbatched predictions")
+        return [_predict_one(self, model, item, None) for item in data]
+    return _predict_one(self, model, data, _state_of(state))
+
+
+def _predict_one(owner: Any, model: Any, data: Any, state: Any) -> dict[str, Any]:
+    global _predictions
+    verify = getattr(owner, "_verify_input_dict", None)  # coremltools' own checks (names, PIL modes)
+    if verify is not None and isinstance(data, Mapping):
+        verify(data)
+    feeds = convert_inputs(model, data)
     with _lock:
-        if _installed:
-            return
-        import coremltools.models._compiled_model as compiled_module
-        import coremltools.models.model as model_module
-        import coremltools.models.utils as utils_module
+        _predictions += 1
+    try:
+        outputs = model.predict(feeds, state=state)
+    except (ModelInputError, UnsupportedModel):
+        raise
+    except (CoremlHubError, ArithmeticError, LookupError, ValueError, RuntimeError) as exc:
+        # what Core ML reports for a failed prediction, with the runtime's reason
+        raise PredictionError(f"Unable to compute the prediction using ML Program ({type(exc).__name__}: {exc})") \
+            from exc
+    return convert_outputs(model, outputs)
 
-        for module in (model_module, compiled_module):
-            module._MLModelProxy = PortableModelProxy
-        for module in (utils_module, model_module, compiled_module):
-            if hasattr(module, "_macos_version"):
-                module._macos_version = _runtime_macos_version
-        _patch_make_state(model_module)
-        _after_import("coremltools.converters.mil.testing_utils", _open_test_helpers)
-        _installed = True
+
+def _make_state(self: Any) -> Any:
+    if _native(self):
+        return _original(self, "make_state")(self)
+    from coremltools.models.model import MLState
+
+    return MLState(to_model(self).make_state())
+
+
+def _compiled_init(self: Any, path: str, compute_units: Any = None, function_name: str | None = None,
+                   optimization_hints: dict | None = None, asset: Any = None) -> None:
+    import coremltools as ct
+
+    from coremltools.models import _compiled_model
+
+    if getattr(_compiled_model, "_MLModelProxy", None) is not None and not _settings["force"]:
+        _originals[(ct.models.CompiledMLModel, "__init__")](
+            self, path, compute_units if compute_units is not None else ct.ComputeUnit.ALL, function_name,
+            optimization_hints, asset)
+        return
+    if asset is not None:
+        raise TypeError("coreml-hub predicts with compiled models on disk; pass the .mlmodelc path, not an asset")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError('The "path" parameter must be of type "str".')
+    self.compute_unit = compute_units if compute_units is not None else ct.ComputeUnit.ALL
+    self.function_name = function_name or ""
+    self.path_or_asset = os.path.expanduser(str(path))
+    self.optimization_hints = dict(optimization_hints) if optimization_hints else None
+    self._proxy = None
+    to_model(self)  # load now, as Core ML does: a broken bundle fails here
+
+
+def install(device: str | None = None, force: bool = False) -> None:
+    """Route coremltools' MLModel/CompiledMLModel predictions through the portable runtime.
+
+    `device`: "cpu", "cuda", "mps" or "auto" for every model (default: from each model's
+    `compute_units`, see `device_for`). `force`: also where Core ML itself could predict.
+    Calling it again changes the settings; `uninstall()` restores coremltools.
+    """
+    import coremltools as ct
+    import coremltools.models._compiled_model as compiled_module
+    import coremltools.models.model as model_module
+    import coremltools.models.utils as utils_module
+
+    _settings["device"] = device
+    _settings["force"] = force
+    if _originals:
+        return
+    patches: list[tuple[Any, str, Any]] = [
+        (ct.models.MLModel, "predict", _predict),
+        (ct.models.MLModel, "make_state", _make_state),
+        (ct.models.CompiledMLModel, "__init__", _compiled_init),
+        (ct.models.CompiledMLModel, "predict", _predict),
+        (ct.models.CompiledMLModel, "make_state", _make_state),
+    ]
+    if getattr(model_module, "_MLModelProxy", None) is None or force:  # no Core ML here: answer its checks
+        patches += [(module, "_macos_version", _runtime_macos_version)
+                    for module in (utils_module, model_module, compiled_module) if hasattr(module, "_macos_version")]
+        _after_import(TEST_HELPERS, _open_test_helpers)
+    for owner, name, replacement in patches:
+        _originals[(owner, name)] = owner.__dict__[name]
+        setattr(owner, name, replacement)
+
+
+def uninstall() -> None:
+    """Put coremltools' own methods and checks back."""
+    for (owner, name), original in _originals.items():
+        setattr(owner, name, original)
+    _originals.clear()
+    _settings.update(device=None, force=False)
+    for finder in sys.meta_path:
+        if isinstance(finder, _PatchOnImport):
+            finder.patches.pop(TEST_HELPERS, None)
 
 
 def installed() -> bool:
-    return _installed
+    return bool(_originals)
 
 
 def _runtime_macos_version() -> tuple[int, ...]:
     return RUNTIME_MACOS_VERSION
 
 
-def _patch_make_state(model_module: ModuleType) -> None:
-    mlmodel = model_module.MLModel
-    original = mlmodel.make_state
-
-    def make_state(self: Any) -> Any:
-        proxy = getattr(self, "__proxy__", None)
-        if isinstance(proxy, PortableModelProxy):
-            return model_module.MLState(proxy.newState())
-        return original(self)
-
-    make_state.__doc__ = original.__doc__
-    mlmodel.make_state = make_state
-
-
 def _open_test_helpers(module: ModuleType) -> None:
     # compare_backend() and compare_shapes() predict only where this says Core ML runs
+    if (module, "_IS_MACOS") not in _originals:
+        _originals[(module, "_IS_MACOS")] = module._IS_MACOS
     module._IS_MACOS = True
 
 
@@ -249,7 +313,7 @@ def _open_test_helpers(module: ModuleType) -> None:
 
 def _after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
     """Call `patch(module)` now if `name` is imported, else right after its first import."""
-    if name in sys.modules:
+    if name in sys.modules and (name != "coremltools" or hasattr(sys.modules[name], "models")):
         patch(sys.modules[name])
         return
     for finder in sys.meta_path:
@@ -260,6 +324,8 @@ def _after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Runs a patch right after a module's first import (one finder for every pending patch)."""
+
     def __init__(self, patches: dict[str, Callable[[ModuleType], None]]) -> None:
         self.patches = patches
 
@@ -275,20 +341,19 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module: ModuleType) -> None:
             original(module)
-            self.patches.pop(fullname, None)
-            patch(module)
+            if self.patches.get(fullname) is patch:
+                del self.patches[fullname]
+                patch(module)
 
         loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
 
+def armed() -> bool:
+    """Whether `install()` waits for coremltools to be imported."""
+    return any(isinstance(f, _PatchOnImport) and "coremltools" in f.patches for f in sys.meta_path)
+
+
 def install_when_imported() -> None:
-    """Install as soon as coremltools is imported (what COREML_HUB_COREMLTOOLS=1 asks for).
-
-    Importing coremltools takes seconds; this waits for whoever imports it first.
-    """
-    if "coremltools" in sys.modules and hasattr(sys.modules["coremltools"], "models"):
-        install()
-        return
+    """`install()` now if coremltools is imported, else as soon as it is (imports nothing itself)."""
     _after_import("coremltools", lambda module: install())
-

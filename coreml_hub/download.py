@@ -636,6 +636,6 @@ def hub_headers(token: str | None) -> dict[str, str]:
     """User agent and, when there is one, the token header huggingface_hub would send."""
     from huggingface_hub.utils import build_hf_headers
 
-    from . import __version__
+    from .version import __version__
 
     return build_hf_headers(token=token if token else False, library_name="coreml-hub", library_version=__version__)

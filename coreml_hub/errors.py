@@ -82,6 +82,13 @@ class UnsupportedOperation(CoremlHubError):
     default_hint = "Try the native Core ML backend on macOS (`--backend coreml`), or report the op."
 
 
+class UnsupportedModel(CoremlHubError):
+    """A Core ML model of a kind the portable runtime does not run (it runs ML Programs only)."""
+
+    default_hint = ("Convert the model to an ML Program (coremltools: convert_to='mlprogram'), "
+                    "or run it with Core ML on macOS (`--backend coreml`).")
+
+
 class ModelInputError(CoremlHubError):
     """Inputs given to a model's predict do not match its description (names, shapes, types)."""
 
@@ -126,8 +133,8 @@ def _cause_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _endpoint_of(exc: BaseException) -> str:
-    """Scheme and host the failing request went to, else HF_ENDPOINT as set now."""
+def _endpoint_of(exc: BaseException, endpoint: str | None) -> str:
+    """Scheme and host the failing request went to, else the endpoint the caller named."""
     try:
         url = getattr(getattr(exc, "request", None), "url", None)
         if url is not None:
@@ -135,9 +142,7 @@ def _endpoint_of(exc: BaseException) -> str:
             return f"{scheme}://{rest.split('/', 1)[0]}"
     except Exception:  # pragma: no cover - a request without a readable url
         pass
-    from .hub import endpoint
-
-    return endpoint()
+    return endpoint or "the Hub (HF_ENDPOINT)"
 
 
 def unreachable_hint(where: str) -> str:
@@ -149,7 +154,8 @@ def _repo_of(exc: BaseException) -> str | None:
     return repo_id if isinstance(repo_id, str) and repo_id else None
 
 
-def _translate_one(exc: BaseException, repo: str | None, revision: str | None) -> CoremlHubError | None:
+def _translate_one(exc: BaseException, repo: str | None, revision: str | None,
+                   endpoint: str | None) -> CoremlHubError | None:
     if isinstance(exc, CoremlHubError):
         return exc
     try:
@@ -162,12 +168,12 @@ def _translate_one(exc: BaseException, repo: str | None, revision: str | None) -
     named = f" {repo}" if repo else ""
     if isinstance(exc, hf_errors.GatedRepoError):
         if repo:
-            return GatedRepo(f"{repo} is gated on {_endpoint_of(exc)}: downloading it needs an access token "
-                             "that was granted access.")
+            return GatedRepo(f"{repo} is gated on {_endpoint_of(exc, endpoint)}: downloading it needs an access "
+                             "token that was granted access.")
         return GatedRepo(f"The repo is gated and needs an access token with access to it ({detail}).")
     if isinstance(exc, hf_errors.RepositoryNotFoundError):
         if repo:
-            return RepoNotFound(f"Repository {repo} not found on {_endpoint_of(exc)} "
+            return RepoNotFound(f"Repository {repo} not found on {_endpoint_of(exc, endpoint)} "
                                 "(or it is private and no valid token was sent).")
         return RepoNotFound(f"Repository not found: {text}")
     if isinstance(exc, hf_errors.RevisionNotFoundError):
@@ -187,23 +193,27 @@ def _translate_one(exc: BaseException, repo: str | None, revision: str | None) -
         status = getattr(getattr(exc, "response", None), "status_code", None)
         hint = ("The Hub is having trouble; try again in a moment." if isinstance(status, int) and status >= 500
                 else None)
-        return CoremlHubError(f"The Hub answered with an error: {text}", hint=hint)
+        said = getattr(exc, "server_message", None)  # e.g. a mirror naming its unreachable upstream
+        said = f" ({said.strip()})" if isinstance(said, str) and said.strip() and said.strip() not in text else ""
+        return CoremlHubError(f"The Hub answered with an error: {text}{said}", hint=hint)
     if type(exc).__name__ in _CONNECTION_ERRORS or isinstance(exc, ConnectionError):
-        where = _endpoint_of(exc)
+        where = _endpoint_of(exc, endpoint)
         return EndpointUnreachable(f"Cannot reach {where}: {text}", hint=unreachable_hint(where))
     return None
 
 
-def translate(exc: BaseException, repo_id: str | None = None, revision: str | None = None) -> CoremlHubError | None:
+def translate(exc: BaseException, repo_id: str | None = None, revision: str | None = None, *,
+              endpoint: str | None = None) -> CoremlHubError | None:
     """Map an exception from huggingface_hub or the HTTP stack to a typed coreml-hub error.
 
-    `repo_id` and `revision` name what was asked for, when the caller knows. Looks through
+    `repo_id` and `revision` name what was asked for, when the caller knows; `endpoint` is the
+    Hub the caller talked to, named in messages when the exception does not carry its URL. Looks through
     the `raise ... from` chain too: huggingface_hub wraps a refused connection into a
     "cannot find the requested files in the local cache" error.
     """
     first: CoremlHubError | None = None
     for item in _cause_chain(exc):
-        found = _translate_one(item, repo_id, revision)
+        found = _translate_one(item, repo_id, revision, endpoint)
         if found is None:
             continue
         if first is None:

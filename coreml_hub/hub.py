@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
-from . import __version__
-from .errors import CoremlHubError, EndpointUnreachable, OfflineError, UsageError, translate, unreachable_hint
+from .version import __version__
+from .errors import (CoremlHubError, EndpointUnreachable, NoVariants, OfflineError, UsageError, translate,
+                     unreachable_hint)
 from .layouts import RepoFile, Variant, find_variants
 
 if TYPE_CHECKING:
@@ -46,6 +47,19 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
+def checked_endpoint() -> str:
+    """`endpoint()`, refused at once when it is not an http(s) URL (a typo would otherwise surface
+    as a confusing name-resolution or connection error)."""
+    where = endpoint()
+    scheme, sep, rest = where.partition("://")
+    if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+        what = f"its scheme {scheme!r} is neither http nor https" if sep else "it is not a URL"
+        raise EndpointUnreachable(f"HF_ENDPOINT is {where!r}: {what}.",
+                                  hint="Set HF_ENDPOINT to e.g. https://huggingface.co or http://127.0.0.1:8080, "
+                                       "or unset it to use the Hub.")
+    return where
+
+
 def offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now."""
     raw = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
@@ -59,11 +73,13 @@ def token() -> str | None:
     return get_token()
 
 
-def api() -> "HfApi":
-    """An HfApi bound to the endpoint and token as set now."""
+def api(url: str | None = None, token_value: str | None = None) -> "HfApi":
+    """An HfApi bound to the endpoint and token as set now, or to `url` and `token_value` when given
+    (a mirror's upstream)."""
     from huggingface_hub import HfApi
 
-    return HfApi(endpoint=endpoint(), token=token(), library_name="coreml-hub", library_version=__version__)
+    return HfApi(endpoint=url or checked_endpoint(), token=token_value or token(), library_name="coreml-hub",
+                 library_version=__version__)
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,7 @@ def _check_reachable() -> None:
     huggingface_hub retries paginated listings on refused connections for ~25 s; a TCP
     connect tells in milliseconds. Skipped behind a proxy, where only the proxy can tell.
     """
+    checked_endpoint()
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
                                        "all_proxy")):
         return
@@ -194,7 +211,7 @@ def hub_errors(repo_id: str | None = None, revision: str | None = None) -> Itera
     except CoremlHubError:
         raise
     except Exception as exc:
-        known = translate(exc, repo_id, revision)
+        known = translate(exc, repo_id, revision, endpoint=endpoint())
         if known is None:
             raise
         raise known from exc
@@ -232,6 +249,17 @@ def repo_files(repo_id: str, revision: str | None = None) -> RepoSnapshot:
                              hint="Check that HF_ENDPOINT points at a Hugging Face Hub or a coreml-hub mirror.")
     return RepoSnapshot(repo_id=info.id or repo_id, revision=revision or "main", sha=info.sha, files=files,
                         created_at=info.created_at, endpoint=endpoint(), **_metadata(info))
+
+
+def no_variants(snapshot: RepoSnapshot) -> NoVariants:
+    """The error for a repo without Core ML variants; a diffusers pipeline is pointed at `convert`."""
+    repo = snapshot.repo_id
+    if any(f.path == "model_index.json" for f in snapshot.files):
+        return NoVariants(f"{repo} is a diffusers pipeline (it has model_index.json), not Core ML bundles.",
+                          hint=f"Convert it with `coreml-hub convert {repo} -o OUT`, then run "
+                               "`coreml-hub run OUT \"PROMPT\"`.")
+    return NoVariants(f"{repo} has no Core ML variant coreml-hub recognizes "
+                      f"({len(snapshot.files)} file{'' if len(snapshot.files) == 1 else 's'} at {snapshot.sha[:7]}).")
 
 
 def repo_variants(repo_id: str, revision: str | None = None) -> tuple[RepoSnapshot, list[Variant]]:

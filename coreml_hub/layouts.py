@@ -6,6 +6,13 @@ A layout plugin turns a repo's file list into variants. It has:
 - `allow_patterns(variant) -> list[str]`: the repo paths to fetch (defaults to `variant.files`)
 - `materialize(downloaded_dir, variant, dest) -> None`: turn the fetched files into a
   variant folder in `dest` (copy/move bundles, extract a zip)
+- optional `store_path(variant, repo_path) -> str | None`: where a fetched file lands in the
+  variant folder when that is not its path relative to `variant.root`, so a pull can reuse
+  the download's hash instead of reading the file again
+
+A variant's `kind` says what it is: `pipeline` (a diffusion pipeline: its components are
+checked against each other) or `model` (one Core ML model with its companion files, valid
+when its bundle is).
 """
 
 from __future__ import annotations
@@ -16,18 +23,21 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol, runtime_checkable
 
 ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
+KINDS = ("pipeline", "model")
 FORMATS = ("packages", "compiled")
 
 # Component names as used throughout coreml-hub (Apple's package suffixes).
 COMPONENTS = (
-    "text_encoder", "text_encoder_2", "unet", "unet_chunk1", "unet_chunk2",
-    "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner",
+    "text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "unet_chunk1", "unet_chunk2", "mmdit",
+    "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner", "refiner_chunk1", "refiner_chunk2",
 )
 
 # Compiled bundle names (Apple's Swift layout) -> component names.
 COMPILED_NAMES = {
     "TextEncoder": "text_encoder",
     "TextEncoder2": "text_encoder_2",
+    "TextEncoderT5": "text_encoder_t5",  # SD3's optional T5 (argmaxinc's repos; Apple's Swift pipeline)
+    "MultiModalDiffusionTransformer": "mmdit",  # SD3's denoiser, in place of the Unet
     "Unet": "unet",
     "UnetChunk1": "unet_chunk1",
     "UnetChunk2": "unet_chunk2",
@@ -35,10 +45,11 @@ COMPILED_NAMES = {
     "VAEEncoder": "vae_encoder",
     "SafetyChecker": "safety_checker",
     "ControlNet": "controlnet",
-    "UnetRefiner": "refiner",
-    "UnetRefinerChunk1": "refiner",
+    "UnetRefiner": "refiner",  # the SDXL refiner's Unet (Apple's `--refiner-version`)
+    "UnetRefinerChunk1": "refiner_chunk1",
+    "UnetRefinerChunk2": "refiner_chunk2",
 }
-COMPILED_FILE_OF = {v: k for k, v in COMPILED_NAMES.items() if k != "UnetRefinerChunk1"}
+COMPILED_FILE_OF = {v: k for k, v in COMPILED_NAMES.items()}
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
@@ -76,6 +87,7 @@ class Variant:
     unet_form: str | None = None  # "full", "chunked" or None when the variant has no Unet choice
     model_version: str | None = None  # PyTorch model the packages were converted from
     partial: bool = False  # lacks a text encoder, a Unet or a VAE decoder (e.g. a lone Unet): never a default pick
+    kind: str = "pipeline"  # "pipeline" (diffusion components) or "model" (one model and its companion files)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -111,6 +123,7 @@ class Variant:
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "kind": self.kind,
             "attention": self.attention,
             "format": self.format,
             "resolution": self.resolution,

@@ -50,11 +50,37 @@ _failures: list[_Failure] = []
 _dists: dict[str, tuple[str | None, str | None]] = {}
 
 
+ENV = "COREML_HUB_PLUGINS"
+
+
 def _allowed() -> set[str] | None:
-    raw = os.environ.get("COREML_HUB_PLUGINS")
+    raw = os.environ.get(ENV)
     if raw is None:
         return None
     return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def installed() -> list[str]:
+    """Names of every entry point in the group, loaded or not (nothing is imported)."""
+    return sorted({ep.name for ep in metadata.entry_points(group=GROUP)})
+
+
+def excluded() -> list[str]:
+    """Installed plugins that COREML_HUB_PLUGINS leaves out (none when it is unset)."""
+    allowed = _allowed()
+    return [] if allowed is None else [name for name in installed() if name not in allowed]
+
+
+def unknown_requested() -> list[str]:
+    """Names in COREML_HUB_PLUGINS that no installed plugin has (a typo, or a plugin not installed)."""
+    allowed = _allowed()
+    return [] if allowed is None else sorted(allowed - set(installed()))
+
+
+def restriction() -> str | None:
+    """`COREML_HUB_PLUGINS=a,b` as set now, for messages; None when it is unset."""
+    raw = os.environ.get(ENV)
+    return None if raw is None else f"{ENV}={raw}"
 
 
 def load_plugins() -> None:
@@ -81,6 +107,10 @@ def load_plugins() -> None:
             pm.register(module, name=ep.name)
             dist = getattr(ep, "dist", None)
             _dists[ep.name] = (dist.version if dist else None, dist.metadata["Name"] if dist else None)
+        unknown = unknown_requested()
+        if unknown:
+            print(f"Warning: {restriction()} names {', '.join(map(repr, unknown))}, which no installed plugin "
+                  f"provides (installed: {', '.join(installed()) or 'none'}).", file=sys.stderr)
         _loaded = True
 
 

@@ -19,6 +19,11 @@ Default variant, when a repo has several and none is named:
   * then variants without tags before tagged ones (quantized, ControlNet, no-i2i), the
     default resolution before explicit ones, and the smaller download; a partial variant
     (a lone Unet) is never the default.
+Single-model variants (`kind` "model", plain Core ML repos) go by precision instead: full
+precision (fp32) first where the model would run on a CPU, fp16 first where a GPU or Core ML
+runs it (a CUDA build of PyTorch with an NVIDIA device, Apple's MPS, native Core ML); then
+untagged names, then the other float precision, then quantized ones (more bits first),
+compiled before packages, the smaller download first.
 The Unet form is the full Unet unless `--chunked` is given or the variant only ships chunks.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,7 +42,7 @@ from typing import Any, Callable
 
 from . import paths, store
 from .atomic import write_json_atomic
-from .errors import (CoremlHubError, InvalidBundle, NoVariants, NotEnoughDiskSpace, OfflineError, RepoNotFound,
+from .errors import (CoremlHubError, InvalidBundle, NotEnoughDiskSpace, OfflineError, RepoNotFound, RevisionNotFound,
                      UsageError, VariantNotFound)
 from .layouts import Layout, Variant, in_variant
 
@@ -51,6 +57,9 @@ SOURCE_MODEL_FILES = (
 )
 SECOND_TOKENIZER_FILES = tuple(p.replace("tokenizer/", "tokenizer_2/") for p in SOURCE_MODEL_FILES
                                if p.startswith("tokenizer/"))
+# SD3's T5 tokenizer, for packages variants with a text_encoder_t5 (tokenizer.json is what runs it).
+T5_TOKENIZER_FILES = ("tokenizer_3/tokenizer.json", "tokenizer_3/tokenizer_config.json",
+                      "tokenizer_3/special_tokens_map.json")
 DISK_MARGIN = 16 * 1024 * 1024
 
 # PyTorch models that Apple's packages name but that left the Hub, and where the same files live now.
@@ -61,6 +70,7 @@ PORTABLE_ATTENTION_ORDER = ("original", "split_einsum", "split_einsum_v2")
 FORMAT_ORDER = ("compiled", "packages")
 
 PhaseFn = Callable[[str], None]
+BytesFn = Callable[[int, int], None]  # (bytes present so far, total bytes), called from download threads
 
 
 # ---------------------------------------------------------------------------
@@ -93,11 +103,58 @@ def _backends_here() -> tuple[bool, frozenset[str]]:
     return native, frozenset(formats)
 
 
+@functools.lru_cache(maxsize=1)
+def _accelerator_here() -> str | None:
+    """What would run a model here in fp16: `coreml`, `cuda`, `mps`, or None for the CPU.
+
+    Decided without importing torch: a CUDA build is read from torch/version.py, a device from
+    the NVIDIA driver's files (CUDA_VISIBLE_DEVICES set empty hides it).
+    """
+    import importlib.util
+    import platform
+
+    native, _ = _backends_here()
+    if native:
+        return "coreml"
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    if sys.platform == "darwin":
+        return "mps" if platform.machine() == "arm64" else None
+    try:
+        version = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    cuda_build = re.search(r"^cuda\b[^=\n]*=\s*['\"]", version, re.MULTILINE) is not None
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1")
+    gpus = Path("/proc/driver/nvidia/gpus")
+    device = (gpus.is_dir() and any(gpus.iterdir())) or Path("/dev/nvidia0").exists()
+    return "cuda" if cuda_build and device and not hidden else None
+
+
+def _precision_rank(tags: tuple[str, ...] | list[str], accelerator: str | None) -> tuple[int, int]:
+    """(rank, -bits) of a single-model variant's precision tags; smaller is preferred."""
+    tagset = set(tags)
+    bits = max((int(t[:-3]) for t in tagset if re.fullmatch(r"[0-9]+bit", t)), default=0)
+    bits = max([bits] + [int(t[3:]) for t in tagset if t in ("int8", "int4")])
+    if bits or "palettized" in tagset:
+        return 5, -bits
+    order = ("fp16", "", "bf16", "fp32") if accelerator else ("fp32", "", "fp16", "bf16")
+    precision = next((t for t in ("fp32", "fp16", "bf16") if t in tagset), "")
+    return order.index(precision), 0
+
+
 def variant_rank(*, attention: str, fmt: str, tags: tuple[str, ...] | list[str] = (), resolution: str | None = None,
-                 size: int = 0, unet_form: str | None = None) -> tuple:
+                 size: int = 0, unet_form: str | None = None, kind: str = "pipeline") -> tuple:
     """Sort key of the default-variant rule (smaller is preferred); see the module docstring."""
     native, formats = _backends_here()
     runnable = 0 if not formats or fmt in formats else 1
+    if kind == "model":
+        format_rank = FORMAT_ORDER.index(fmt) if fmt in FORMAT_ORDER else len(FORMAT_ORDER)
+        return (runnable, *_precision_rank(tags, _accelerator_here()), format_rank, size)
     order = NATIVE_ATTENTION_ORDER if native else PORTABLE_ATTENTION_ORDER
     attention_rank = order.index(attention) if attention in order else len(order)
     format_rank = FORMAT_ORDER.index(fmt) if fmt in FORMAT_ORDER else len(FORMAT_ORDER)
@@ -105,7 +162,13 @@ def variant_rank(*, attention: str, fmt: str, tags: tuple[str, ...] | list[str] 
             0 if unet_form in (None, "full") else 1, size)
 
 
-def default_rule_text() -> str:
+def default_rule_text(kind: str = "pipeline") -> str:
+    if kind == "model":
+        where = {"coreml": "native Core ML here", "cuda": "a CUDA GPU here", "mps": "Apple's GPU (MPS) here"}
+        accelerator = _accelerator_here()
+        if accelerator is None:
+            return "portable torch runtime on the CPU here: full precision (fp32) first"
+        return f"{where[accelerator]}: fp16 first"
     native, _ = _backends_here()
     if native:
         return "native Core ML here: split_einsum attention, compiled bundles"
@@ -116,7 +179,7 @@ def choose_variant(variants: list[Variant]) -> Variant:
     """The default variant of a repo (see the module docstring)."""
     def key(v: Variant) -> tuple:
         rank = variant_rank(attention=v.attention, fmt=v.format, tags=v.tags, resolution=v.resolution,
-                            size=v.size_bytes)
+                            size=v.size_bytes, kind=v.kind)
         return (v.partial, rank, v.id)
 
     return min(variants, key=key)
@@ -282,9 +345,14 @@ class PullPlan:
         }
 
     def execute(self, *, progress: bool | None = None, on_phase: PhaseFn | None = None,
-                on_wait: Callable[[], None] | None = None, workers: int | None = None) -> "PullResult":
-        """Fetch, materialize, check and store the variant. `progress=None`: a bar only when stderr is a terminal."""
-        return _execute(self, progress=progress, on_phase=on_phase, on_wait=on_wait, workers=workers)
+                on_wait: Callable[[], None] | None = None, workers: int | None = None,
+                on_bytes: BytesFn | None = None) -> "PullResult":
+        """Fetch, materialize, check and store the variant. `progress=None`: a bar only when stderr is a terminal.
+
+        `on_bytes(done, total)` follows the download for callers that draw their own progress.
+        """
+        return _execute(self, progress=progress, on_phase=on_phase, on_wait=on_wait, workers=workers,
+                        on_bytes=on_bytes)
 
 
 @dataclass(frozen=True)
@@ -344,10 +412,16 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
             raise OfflineError("HF_HUB_OFFLINE is set, so --force cannot download the variant again.",
                                hint="Unset HF_HUB_OFFLINE to download it again.")
         return _offline_plan(ref, chunked=chunked)
-    snapshot, variants = hub.repo_variants(ref.repo, ref.revision)
+    try:
+        snapshot, variants = hub.repo_variants(ref.repo, ref.revision)
+    except RevisionNotFound as exc:
+        if revision is None and ref.revision:  # named as REPO@REVISION, not with --revision
+            raise RevisionNotFound(exc.message, hint=f"Drop `@{ref.revision}` to use `main`, or check the branch, "
+                                                     "tag or commit name.") from exc
+        raise
     repo, commit = snapshot.repo_id, snapshot.sha
     if not variants:
-        raise NoVariants(f"{repo} has no Core ML variant coreml-hub recognizes ({len(snapshot.files)} files).")
+        raise hub.no_variants(snapshot)
     if ref.variant:
         chosen = select_variant(variants, ref.variant, repo)
         by_default = False
@@ -378,7 +452,7 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
 
 
 def _needs_source_model(variant: Variant) -> bool:
-    if variant.format != "packages":
+    if variant.kind != "pipeline" or variant.format != "packages":
         return False
     have = {p.rsplit("/", 1)[-1] for p in variant.tokenizer_files}
     return not {"vocab.json", "merges.txt"} <= have
@@ -417,6 +491,8 @@ def _plan_source_model(variant: Variant, model_version: str | None, warnings: li
     wanted = list(SOURCE_MODEL_FILES)
     if "text_encoder_2" in variant.components:
         wanted += list(SECOND_TOKENIZER_FILES)
+    if "text_encoder_t5" in variant.components:
+        wanted += list(T5_TOKENIZER_FILES)
     by_path = {f.path: f for f in snapshot.files}
     if "tokenizer/vocab.json" not in by_path and "tokenizer/tokenizer.json" in by_path:
         wanted.append("tokenizer/tokenizer.json")  # transformers 5 saves only tokenizer.json
@@ -455,7 +531,7 @@ def _offline_plan(ref: store.ModelRef, *, chunked: bool | None) -> PullPlan:
                       root=str(vdict.get("root") or ""), archive=bool(vdict.get("archive")),
                       resolution=vdict.get("resolution"), tags=tuple(vdict.get("tags") or ()),
                       components=tuple(vdict.get("components") or ()), unet_form=pulled.unet_form,
-                      model_version=vdict.get("model_version"))
+                      model_version=vdict.get("model_version"), kind=str(vdict.get("kind") or "pipeline"))
     return PullPlan(repo=pulled.repo, revision=ref.revision or pulled.revision or "main", commit=pulled.commit,
                     endpoint=str(manifest.get("endpoint") or ""), variant=variant, files=(), source_model=None,
                     key=pulled.key, up_to_date=True, offline=True)
@@ -468,11 +544,15 @@ def _offline_plan(ref: store.ModelRef, *, chunked: bool | None) -> PullPlan:
 class _Bar:
     """One aggregated byte bar (tqdm on stderr), safe to update from download threads."""
 
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str) -> None:
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str, observer: BytesFn | None = None) -> None:
         import threading
 
         self._lock = threading.Lock()
         self._bar = None
+        self._observer = observer
+        self._done, self._total = initial, total
+        if observer is not None:
+            observer(initial, total)
         if enabled:
             from tqdm import tqdm
 
@@ -481,9 +561,13 @@ class _Bar:
                              desc=desc, file=sys.stderr, ncols=columns, nrows=rows, mininterval=0.2, leave=True)
 
     def update(self, n: int) -> None:
-        if self._bar is not None and n:
+        if n and (self._bar is not None or self._observer is not None):
             with self._lock:
-                self._bar.update(n)
+                self._done += n
+                if self._bar is not None:
+                    self._bar.update(n)
+                if self._observer is not None:
+                    self._observer(self._done, self._total)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -507,14 +591,14 @@ def check_disk_space(where: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed + DISK_MARGIN > free:
-        from .cli.output import human_size
+        from .human import human_size
 
         raise NotEnoughDiskSpace(
             f"Pulling needs {human_size(needed)} of free space in {where}, but only {human_size(free)} is free.")
 
 
 def _execute(plan: PullPlan, *, progress: bool | None, on_phase: PhaseFn | None,
-             on_wait: Callable[[], None] | None, workers: int | None) -> PullResult:
+             on_wait: Callable[[], None] | None, workers: int | None, on_bytes: BytesFn | None = None) -> PullResult:
     started = time.monotonic()
     if plan.offline or not plan.needs_download:
         return _result_from_store(plan, started, already=True)
@@ -532,11 +616,11 @@ def _execute(plan: PullPlan, *, progress: bool | None, on_phase: PhaseFn | None,
         shutil.rmtree(build, ignore_errors=True)
         remaining = sum(f.size - _present(staging / folder, f.path, f.size) for folder, f in plan.staged_files)
         check_disk_space(paths.home(), remaining + plan.archive_bytes)
-        downloaded = _download(plan, staging, show, workers)
+        downloaded = _download(plan, staging, show, workers, on_bytes)
         _materialize(plan, staging, build, phase)
         source_record = _place_source_files(plan, staging, build)
         phase(f"Verifying {plan.variant.id}")
-        validation = _structural_check(build)
+        validation = _structural_check(build, plan.variant.kind)
         if validation["status"] == store.STATUS_INVALID:
             raise InvalidBundle(
                 f"{plan.repo}:{plan.variant.id} failed its structural check: "
@@ -572,7 +656,8 @@ def _result_from_store(plan: PullPlan, started: float, *, already: bool) -> Pull
                       source_model=source or None)
 
 
-def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) -> dict[tuple[str, str], Any]:
+def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None,
+              on_bytes: BytesFn | None = None) -> dict[tuple[str, str], Any]:
     """Fetch every planned file into staging/files and staging/source (repo paths); keyed by (folder, path)."""
     from huggingface_hub import hf_hub_url
 
@@ -588,7 +673,7 @@ def _download(plan: PullPlan, staging: Path, show: bool, workers: int | None) ->
         jobs.append(DownloadJob(name=name, url=url, dest=staging / folder / f.path, size=f.size, sha256=f.sha256))
     initial = sum(present_bytes(j.dest, j.size) for j in jobs)
     total = sum(j.size or 0 for j in jobs)
-    bar = _Bar(show and initial < total, total, initial, plan.variant.id)
+    bar = _Bar(show and initial < total, total, initial, plan.variant.id, on_bytes)
     try:
         with Downloader(headers=hub_headers(hub.token()), workers=workers) as downloader:
             results = downloader.fetch_all(jobs, bar.update)
@@ -698,12 +783,12 @@ def _place_source_files(plan: PullPlan, staging: Path, build: Path) -> dict[str,
     return source.to_dict()
 
 
-def _structural_check(path: Path) -> dict[str, Any]:
+def _structural_check(path: Path, kind: str = "pipeline") -> dict[str, Any]:
     """The verify module's structural checks: {'status': ok|invalid|unchecked, 'problems': [...], ...}."""
     from .bundle import verify_variant
 
     try:
-        report = verify_variant(path)
+        report = verify_variant(path, kind=kind)
     except ImportError as exc:  # a checker that cannot load leaves the variant unchecked, not unusable
         return {"status": "unchecked", "problems": [], "checker": None, "error": str(exc)}
     return {"status": store.STATUS_OK if report.ok else store.STATUS_INVALID,
@@ -737,6 +822,8 @@ def _manifest(plan: PullPlan, build: Path, downloaded: dict[tuple[str, str], Any
 def _known_hashes(plan: PullPlan, downloaded: dict[tuple[str, str], Any]) -> dict[str, tuple[int, str]]:
     """Store-relative path -> (size, sha256) for files moved without change, so they need no second read."""
     known: dict[str, tuple[int, str]] = {}
+    layout = _layout_plugin(plan.layout)
+    store_path = getattr(layout, "store_path", None)
     for (folder, repo_path), result in downloaded.items():
         if folder == "source":
             known[repo_path] = (result.size, result.sha256)
@@ -745,7 +832,8 @@ def _known_hashes(plan: PullPlan, downloaded: dict[tuple[str, str], Any]) -> dic
             if plan.keep_archive:
                 known[repo_path.rsplit("/", 1)[-1]] = (result.size, result.sha256)
             continue
-        known[in_variant(plan.variant.root, repo_path)] = (result.size, result.sha256)
+        placed = store_path(plan.variant, repo_path) if callable(store_path) else None
+        known[placed or in_variant(plan.variant.root, repo_path)] = (result.size, result.sha256)
     return known
 
 
@@ -792,7 +880,7 @@ def describe_choice(plan: PullPlan) -> str | None:
     if not plan.chosen_by_default:
         return None
     others = ", ".join(plan.other_variants)
-    return (f"Chose {plan.variant.id} ({default_rule_text()}); other variants: {others}; "
+    return (f"Chose {plan.variant.id} ({default_rule_text(plan.variant.kind)}); other variants: {others}; "
             f"pull another with `coreml-hub pull {plan.repo} --variant ID`.")
 
 

@@ -1,8 +1,14 @@
-"""pytest plugin: `pytest -p coreml_hub.pytest_plugin` runs coremltools' predictions on coreml-hub.
+"""pytest plugin: `coremltools.models.MLModel(...).predict` on Linux in a test suite.
 
-It installs `coreml_hub.coremltools_compat` before any test module is imported, so that
-test modules which decide at import time whether Core ML can predict (skip markers on
-`_macos_version()`) see the portable runtime, and `MLModel.predict` in the tests runs on it.
+    pytest -p coreml_hub.pytest_plugin          # install for this run
+    COREML_HUB_COREMLTOOLS=1 pytest             # the same, without the flag
+
+With `-p` (or the variable) it installs `coreml_hub.coremltools_compat` when pytest starts,
+before any test module is imported, so that test modules which decide at import time whether
+Core ML can predict (skip markers on `_macos_version()`) see the portable runtime, and
+`MLModel.predict` in the tests runs on it. The plugin is also registered for every pytest run
+(entry point `pytest11`), where without the variable it does nothing: importing this module
+imports neither coremltools nor torch.
 
 Options for measuring a suite (coremltools' own op tests: `bench/coremltools_optests.py`):
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,7 @@ from typing import Any
 
 import pytest
 
+ENTRY_POINT_NAME = "coreml_hub.pytest_plugin"
 PREDICTIONS_KEY = "coreml_hub_predictions"
 NEURAL_NETWORK_SKIP = "a NeuralNetwork model: the portable runtime runs ML Programs only"
 EXCLUDED_PREFIX = "excluded: "
@@ -57,13 +65,34 @@ def pytest_addoption(parser: Any) -> None:
     group.addoption("--coreml-hub-report", default=None, help="write per-case outcomes as JSON lines here")
 
 
-def pytest_configure(config: Any) -> None:
-    from . import coremltools_compat
+def _asked_for_explicitly(config: Any) -> bool:
+    """Whether `-p coreml_hub.pytest_plugin` was given (rather than only the entry point loading it)."""
+    args = list(getattr(getattr(config, "invocation_params", None), "args", ()) or ())
+    args += list(getattr(config.option, "plugins", None) or ())
+    return any(str(a).removeprefix("-p").strip() == ENTRY_POINT_NAME for a in args)
 
-    coremltools_compat.install()
+
+def _active() -> bool:
+    """Whether the drop-in is on in this process (installed, or waiting for coremltools' import)."""
+    compat = sys.modules.get("coreml_hub.coremltools_compat")
+    return compat is not None and (compat.installed() or compat.armed())
+
+
+def pytest_configure(config: Any) -> None:
+    from .coremltools_compat import enabled_by_environment, install_when_imported
+
+    if enabled_by_environment() or _asked_for_explicitly(config):
+        config.coreml_hub_switched_on = True  # by the run's command line or environment, not by a test
+        install_when_imported()
     path = config.getoption("--coreml-hub-report", None)
     if path and not hasattr(config, "workerinput"):  # only the controller writes the report
         config.pluginmanager.register(_Report(Path(path)), "coreml-hub-report")
+
+
+def pytest_report_header(config: Any) -> str | None:
+    if _active():
+        return "coreml-hub: coremltools' MLModel.predict runs on the portable ML Program runtime"
+    return None
 
 
 def _relative_id(item: Any) -> str:
@@ -95,6 +124,9 @@ def pytest_collection_modifyitems(session: Any, config: Any, items: list[Any]) -
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: Any) -> Any:
+    if not _active():
+        yield
+        return
     from . import coremltools_compat
 
     before = coremltools_compat.prediction_count()
@@ -107,12 +139,12 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Any:
     """A case whose model is not an ML Program (coremltools' NeuralNetwork backend) is skipped, saying why."""
     outcome = yield
     report = outcome.get_result()
-    if call.excinfo is None or report.outcome != "failed":
+    if call.excinfo is None or report.outcome != "failed" or not getattr(item.config, "coreml_hub_switched_on", False):
         return
-    from .coremltools_compat import NotAnMLProgram
+    from .errors import UnsupportedModel
 
     error = call.excinfo.value
-    if isinstance(error, NotAnMLProgram):
+    if isinstance(error, UnsupportedModel):
         report.outcome = "skipped"
         report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {NEURAL_NETWORK_SKIP} ({error})")
 

@@ -158,6 +158,7 @@ class PulledVariant:
     root: str = ""
     resolution: str | None = None
     tags: tuple[str, ...] = ()
+    kind: str = "pipeline"  # "model" for a single-model variant of a plain Core ML repo
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -176,6 +177,16 @@ class PulledVariant:
 
     def ref(self) -> str:
         return f"{self.repo}:{self.variant}"
+
+    @property
+    def form_flag(self) -> str:
+        """` --chunked` for the chunked Unet form: with `ref()`, the name `pull`, `rm`, `verify` and `run` take."""
+        return " --chunked" if self.unet_form == "chunked" else ""
+
+    @property
+    def unet(self) -> str:
+        """The Unet form as `ls` shows it: full, chunked, or - (a variant without a Unet)."""
+        return self.unet_form or "-"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -299,6 +310,7 @@ def load_entry(entry: Path, refs: tuple[str, ...] = ()) -> PulledVariant:
         root=str(variant.get("root") or ""),
         resolution=variant.get("resolution"),
         tags=tuple(variant.get("tags") or ()),
+        kind=str(variant.get("kind") or "pipeline"),
     )
 
 
@@ -335,7 +347,7 @@ def list_pulled(repo: str | None = None) -> list[PulledVariant]:
         pulled = load_entry(entry, tuple(refs.get(entry.parent.name, ())))
         if repo is None or pulled.repo.lower() == repo.lower():
             found.append(pulled)
-    return sorted(found, key=lambda p: (p.repo.lower(), p.variant, p.unet_form or "", p.commit))
+    return sorted(found, key=lambda p: (p.repo.lower(), p.variant, p.unet_form == "chunked", p.commit))
 
 
 def _matches_variant(pulled: PulledVariant, wanted: str) -> bool:
@@ -354,22 +366,27 @@ def _matches_revision(pulled: PulledVariant, revision: str) -> bool:
         len(revision) >= 7 and pulled.commit.startswith(revision))
 
 
-def _named_by(ref: ModelRef) -> list[PulledVariant]:
-    """Store entries of the ref's repo, narrowed by its revision and variant when it names them."""
+def _is_form(pulled: PulledVariant, chunked: bool | None) -> bool:
+    """`chunked` True: the chunked Unet form; False: the full one (or no Unet); None: either."""
+    return chunked is None or (pulled.unet_form == "chunked") == chunked
+
+
+def _named_by(ref: ModelRef, chunked: bool | None = None) -> list[PulledVariant]:
+    """Store entries of the ref's repo, narrowed by its revision, variant and Unet form when it names them."""
     found = list_pulled(ref.repo)
     if ref.revision:
         found = [p for p in found if _matches_revision(p, ref.revision)]
     if ref.variant:
         exact = [p for p in found if p.variant == ref.variant]
         found = exact or [p for p in found if _matches_variant(p, ref.variant)]
-    return found
+    return [p for p in found if _is_form(p, chunked)]
 
 
-def match_pulled(ref: ModelRef | str) -> list[PulledVariant]:
+def match_pulled(ref: ModelRef | str, *, chunked: bool | None = None) -> list[PulledVariant]:
     """Store entries a reference names, best first (see `find_pulled`)."""
     if isinstance(ref, str):
         ref = parse_ref(ref)
-    return sorted(_named_by(ref), key=_preference)
+    return sorted(_named_by(ref, chunked), key=_preference)
 
 
 def _preference(pulled: PulledVariant) -> tuple:
@@ -378,15 +395,17 @@ def _preference(pulled: PulledVariant) -> tuple:
     status_rank = {STATUS_OK: 0, STATUS_INVALID: 1, STATUS_INCOMPLETE: 2}.get(pulled.status, 3)
     newest = -(pulled.pulled_at.timestamp() if pulled.pulled_at else 0.0)
     rank = variant_rank(attention=pulled.attention or "", fmt=pulled.format or "", tags=pulled.tags,
-                        resolution=pulled.resolution, size=pulled.size, unet_form=pulled.unet_form)
+                        resolution=pulled.resolution, size=pulled.size, unet_form=pulled.unet_form,
+                        kind=pulled.kind)
     return (status_rank, 0 if "main" in pulled.refs else 1, rank, newest)
 
 
 def find_pulled(model_ref: str | ModelRef | os.PathLike[str], *, variant: str | None = None,
-                revision: str | None = None, require_ok: bool = False) -> PulledVariant:
+                revision: str | None = None, require_ok: bool = False, chunked: bool | None = None) -> PulledVariant:
     """The store entry for `REPO[@REVISION][:VARIANT]` (or a path inside the store).
 
-    Several matches: complete entries first, then the commit `main` points at, then the
+    `chunked` picks the Unet form (True: the two chunks, False: the full Unet) when both are
+    pulled. Several matches: complete entries first, then the commit `main` points at, then the
     default-variant rule of `pull`, then the newest. Raises ModelNotPulled when nothing
     matches; with `require_ok`, raises InvalidBundle for an incomplete or invalid entry.
     """
@@ -395,16 +414,23 @@ def find_pulled(model_ref: str | ModelRef | os.PathLike[str], *, variant: str | 
         found = load_entry(Path(model_ref).resolve())
         return _require(found, require_ok)
     ref = model_ref if isinstance(model_ref, ModelRef) else parse_ref(str(model_ref), variant=variant, revision=revision)
-    matches = match_pulled(ref)
+    matches = match_pulled(ref, chunked=chunked)
     if not matches:
         pulled_here = list_pulled(ref.repo)
+        asked = f"{ref}{chunked_flag(chunked)}"
         if pulled_here:
-            have = ", ".join(sorted({f"{p.variant}" + (f" ({p.commit[:7]})" if ref.revision else "") for p in pulled_here}))
+            have = ", ".join(sorted({f"{p.variant}{p.form_flag}" + (f" ({p.commit[:7]})" if ref.revision else "")
+                                     for p in pulled_here}))
             raise ModelNotPulled(
-                f"{ref} is not pulled; pulled variants of {ref.repo}: {have}.",
-                hint=f"Pull it with `coreml-hub pull {ref}`, or use one of the pulled variants.")
-        raise ModelNotPulled(f"{ref} is not pulled.", hint=f"Pull it first with `coreml-hub pull {ref}`.")
+                f"{asked} is not pulled; pulled variants of {ref.repo}: {have}.",
+                hint=f"Pull it with `coreml-hub pull {asked}`, or use one of the pulled variants.")
+        raise ModelNotPulled(f"{asked} is not pulled.", hint=f"Pull it first with `coreml-hub pull {asked}`.")
     return _require(matches[0], require_ok)
+
+
+def chunked_flag(chunked: bool | None) -> str:
+    """The `--chunked` / `--no-chunked` flag that asked for a Unet form (nothing when none was asked)."""
+    return {True: " --chunked", False: " --no-chunked", None: ""}[chunked]
 
 
 def _require(pulled: PulledVariant, require_ok: bool) -> PulledVariant:
@@ -412,8 +438,8 @@ def _require(pulled: PulledVariant, require_ok: bool) -> PulledVariant:
         from .errors import InvalidBundle
 
         detail = "; ".join(pulled.problems) or pulled.status
-        raise InvalidBundle(f"{pulled.ref()} in the store is {pulled.status} ({detail}).",
-                            hint=f"Pull it again with `coreml-hub pull {pulled.ref()} --force`.")
+        raise InvalidBundle(f"{pulled.ref()}{pulled.form_flag} in the store is {pulled.status} ({detail}).",
+                            hint=f"Pull it again with `coreml-hub pull {pulled.ref()}{pulled.form_flag} --force`.")
     return pulled
 
 
@@ -537,19 +563,21 @@ class Removal:
                 "dry_run": self.dry_run}
 
 
-def plan_remove(model_ref: str | ModelRef, *, variant: str | None = None, revision: str | None = None) -> list[PulledVariant]:
-    """Entries `remove` would delete: every variant and commit of the repo unless narrowed."""
+def plan_remove(model_ref: str | ModelRef, *, variant: str | None = None, revision: str | None = None,
+                chunked: bool | None = None) -> list[PulledVariant]:
+    """Entries `remove` would delete: every variant, Unet form and commit of the repo unless narrowed."""
     ref = model_ref if isinstance(model_ref, ModelRef) else parse_ref(model_ref, variant=variant, revision=revision)
-    found = _named_by(ref)
+    found = _named_by(ref, chunked)
     if not found:
-        raise ModelNotPulled(f"Nothing pulled matches {ref}.", hint="List pulled models with `coreml-hub ls`.")
+        raise ModelNotPulled(f"Nothing pulled matches {ref}{chunked_flag(chunked)}.",
+                             hint="List pulled models with `coreml-hub ls`.")
     return found
 
 
 def remove(model_ref: str | ModelRef, *, variant: str | None = None, revision: str | None = None,
-           dry_run: bool = False) -> Removal:
+           chunked: bool | None = None, dry_run: bool = False) -> Removal:
     """Delete pulled variants. Each entry leaves `models/` by one rename, then is deleted."""
-    entries = plan_remove(model_ref, variant=variant, revision=revision)
+    entries = plan_remove(model_ref, variant=variant, revision=revision, chunked=chunked)
     size = sum(tree_size(p.path) for p in entries)
     if dry_run:
         return Removal(tuple(entries), size, True)
@@ -673,6 +701,80 @@ def _rmdir_quietly(folder: Path) -> None:
         folder.rmdir()
 
 
+# ---------------------------------------------------------------------------
+# Disk usage
+
+
+@dataclass(frozen=True)
+class RepoUsage:
+    """One repo's share of the store: its pulled variants, and what `prune` would free of it."""
+
+    repo: str
+    variants: int
+    commits: int
+    size: int  # bytes on disk of its pulled variants (files and manifests)
+    prunable: int  # interrupted downloads, stale refs and leftover folders `prune` would remove
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo": self.repo, "variants": self.variants, "commits": self.commits, "size_bytes": self.size,
+                "prunable_bytes": self.prunable}
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """`du`: the store's bytes by repo, and what `prune` would free."""
+
+    home: Path
+    repos: tuple[RepoUsage, ...]
+    prunable: int  # everything `prune` would free now, some of it belonging to no repo
+    skipped_locked: int  # staging folders a running pull holds (neither counted as prunable nor freed)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.repos)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"home": str(self.home), "repos": [r.to_dict() for r in self.repos], "size_bytes": self.size,
+                "prunable_bytes": self.prunable, "skipped_locked": self.skipped_locked}
+
+
+def _repo_of_leftover(path: Path) -> str | None:
+    """The repo a prunable item belongs to, read from its place or name (`org--name[--commit--slug]`)."""
+    for root in (paths.models_dir(), paths.staging_dir()):
+        if path.is_relative_to(root) and path != root:
+            first = path.relative_to(root).parts[0]
+            org, sep, rest = first.partition("--")
+            if sep and rest and not first.startswith("."):
+                return f"{org}/{rest.split('--', 1)[0]}"
+    return None
+
+
+def disk_usage() -> DiskUsage:
+    """Bytes on disk per repo (every pulled variant and commit), and what `prune` would free of each."""
+    pulled = list_pulled()
+    pending = prune(dry_run=True)
+    prunable: dict[str, int] = {}
+    for item in pending.items:
+        repo = _repo_of_leftover(item.path)
+        if repo is not None:
+            prunable[repo.lower()] = prunable.get(repo.lower(), 0) + item.size
+    by_repo: dict[str, list[PulledVariant]] = {}
+    names: dict[str, str] = {}
+    for p in pulled:
+        by_repo.setdefault(p.repo.lower(), []).append(p)
+        names.setdefault(p.repo.lower(), p.repo)
+    for item in pending.items:
+        repo = _repo_of_leftover(item.path)
+        if repo is not None:
+            names.setdefault(repo.lower(), repo)
+    repos = tuple(
+        RepoUsage(repo=names[key], variants=len(by_repo.get(key, [])),
+                  commits=len({p.commit for p in by_repo.get(key, [])}),
+                  size=sum(tree_size(p.path) for p in by_repo.get(key, [])), prunable=prunable.get(key, 0))
+        for key in sorted(names))
+    return DiskUsage(paths.home(), repos, pending.bytes_freed, len(pending.skipped_locked))
+
+
 def pull(model_ref: str, **kwargs: Any) -> Any:
     """Pull a variant into the store (see `coreml_hub.pulling.pull`)."""
     from .pulling import pull as _pull
@@ -684,5 +786,5 @@ __all__ = [
     "EntryKey", "ModelRef", "PulledVariant", "Removal", "PruneResult", "PruneItem", "StoreBusy",
     "parse_ref", "list_pulled", "find_pulled", "match_pulled", "load_entry", "read_manifest",
     "record_validation", "remove", "plan_remove", "prune", "entry_lock", "install_entry", "is_complete",
-    "set_ref", "resolve_ref", "pull", "MANIFEST_NAME",
+    "set_ref", "resolve_ref", "pull", "MANIFEST_NAME", "disk_usage", "DiskUsage", "RepoUsage",
 ]

@@ -19,7 +19,6 @@ from .bundle import ERROR, MANIFEST_NAME, REPULL_HINT, WARNING, Bundle, Componen
 from .errors import CoremlHubError, UnsupportedOperation
 from .layouts import COMPILED_FILE_OF
 
-MAX_BLOB_PROBLEMS = 20  # per weight file; a wholly broken file gives a summary line after these
 BUG_HINT = "This is a bug in coreml-hub's checks; please report it with the file."
 
 # metadata.json dataType -> MIL dtype
@@ -299,12 +298,17 @@ def _compare_description(bundle: Bundle, spec_path: Path, spec: Any, component: 
 
 def check_blobs(bundle: Bundle, component: Component, program: Any) -> list[Problem]:
     """Every weight the program references: the file exists, the offset lands on a valid blob
-    header inside it, the blob's dtype is the declared one and its size fits the shape."""
-    from .mil.blob import BlobError, BlobFile, packed_size, resolve_blob_path
+    header inside it, the blob's dtype is the declared one and its size fits the shape.
+
+    One damage gives one problem: a truncated file is one line however many weights it cuts
+    off, and weights failing for the very same reason are counted in one line.
+    """
+    from .mil.blob import METADATA_SIZE, BlobError, BlobFile, packed_size, resolve_blob_path
 
     problems: list[Problem] = []
     files: dict[Path, Any] = {}
-    counts: dict[Path, int] = {}
+    failures: dict[Path, list[tuple[int, str, str]]] = {}  # weight file -> (offset, what, reason) per bad weight
+    referenced: dict[Path, set[int]] = {}
     try:
         for op, key, value in program.blob_values():
             ref = value.data
@@ -321,14 +325,33 @@ def check_blobs(bundle: Bundle, component: Component, program: Any) -> list[Prob
                     files[path] = None
                     problems.append(_problem(bundle, path, exc.reason))
             blob_file = files[path]
-            if blob_file is None or counts.get(path, 0) > MAX_BLOB_PROBLEMS:
+            if blob_file is None or ref.offset in referenced.setdefault(path, set()):
                 continue
-            found = _check_one_blob(blob_file, ref.offset, value.type, what, packed_size)
-            if found:
-                counts[path] = counts.get(path, 0) + 1
-                if counts[path] > MAX_BLOB_PROBLEMS:
-                    found = "more problems in this file are not listed"
-                problems.append(_problem(bundle, path, found))
+            referenced[path].add(ref.offset)
+            reason = _check_one_blob(blob_file, ref.offset, value.type, packed_size)
+            if reason:
+                failures.setdefault(path, []).append((ref.offset, what, reason))
+        for path, bad in failures.items():
+            size, furthest = files[path].size, max(referenced[path])
+            bad.sort()
+            cut = [b for b in bad if b[0] + METADATA_SIZE > size or f"the file ends at {size} " in b[2]]
+            if furthest + METADATA_SIZE > size and len(cut) > 1:  # cut short: every weight from the cut on is gone
+                offset, what, reason = cut[0]
+                problems.append(_problem(bundle, path, (
+                    f"is truncated: {size} bytes, but the program reads a weight at offset {furthest}; "
+                    f"{len(cut)} of the {len(referenced[path])} weights the program keeps in it cannot be read "
+                    f"(first: blob at offset {offset} for {what}{reason})")))
+                bad = [b for b in bad if b not in cut]
+            by_reason: dict[str, list[tuple[int, str, str]]] = {}
+            for item in bad:
+                by_reason.setdefault(item[2], []).append(item)
+            for reason, items in by_reason.items():
+                offset, what, _ = items[0]
+                if len(items) == 1:
+                    problems.append(_problem(bundle, path, f"blob at offset {offset} for {what}{reason}"))
+                else:
+                    problems.append(_problem(bundle, path, f"{len(items)} weights{reason} (first: blob at offset "
+                                                           f"{offset} for {what})"))
     finally:
         for blob_file in files.values():
             if blob_file is not None:
@@ -336,22 +359,22 @@ def check_blobs(bundle: Bundle, component: Component, program: Any) -> list[Prob
     return problems
 
 
-def _check_one_blob(blob_file: Any, offset: int, ttype: Any, what: str, packed_size: Callable[[str, int], int]) -> str | None:
+def _check_one_blob(blob_file: Any, offset: int, ttype: Any, packed_size: Callable[[str, int], int]) -> str | None:
+    """What is wrong with one weight, as the end of a sentence about it (`: reason` or ` holds ...`)."""
     from .mil.blob import BlobError
 
     try:
         info = blob_file.info(offset)
     except BlobError as exc:
-        return f"blob at offset {offset} for {what}: {exc.reason}"
+        return f": {exc.reason}"
     if info.dtype != ttype.dtype:
-        return f"blob at offset {offset} for {what} holds {info.dtype}, the program declares {ttype.dtype}"
+        return f" holds {info.dtype}, the program declares {ttype.dtype}"
     shape = ttype.static_shape
     if shape is None:
-        return f"blob at offset {offset} for {what} has no static shape in the program"
+        return " has no static shape in the program"
     expected = packed_size(info.dtype, math.prod(shape))
     if info.size != expected:
-        return (f"blob at offset {offset} for {what} holds {info.size} bytes; "
-                f"{ttype.dtype}{list(shape)} needs {expected}")
+        return f" holds {info.size} bytes; {ttype.dtype}{list(shape)} needs {expected}"
     return None
 
 
@@ -381,6 +404,10 @@ def check_contract(bundle: Bundle) -> list[Problem]:
     known = [c for c in bundle.components if c.known]
     if not known:
         return [Problem(WARNING, ".", "no Stable Diffusion components recognized by name; only each bundle was checked")]
+    if bundle.get("mmdit") is not None:  # SD3: a transformer in place of the Unet
+        from .validate_sd3 import check_sd3_contract
+
+        return check_sd3_contract(bundle)
 
     compiled = any(c.format == "compiled" for c in bundle.components)
     te_name = _display("text_encoder", compiled)
@@ -504,21 +531,31 @@ def check_contract(bundle: Bundle) -> list[Problem]:
         image = _static(vd.port("image", output=True))
         need(vd.port("image", output=True) is not None, vd, "has no output 'image'")
         if image is not None and z is not None and len(z) == 4:
-            need(len(image) == 4 and image[1] == 3 and image[2:] == (z[2] * 8, z[3] * 8), vd,
-                 f"image is {_fmt_shape(image)}; for z {_fmt_shape(z)} it must be [1, 3, {z[2] * 8}, {z[3] * 8}]")
-            image_hw = image[2:] if len(image) == 4 else None
+            ok = len(image) == 4 and image[1] == 3 and vae_scale_factor(z[2:], image[2:]) is not None
+            need(ok, vd, f"image is {_fmt_shape(image)}; for z {_fmt_shape(z)} it must be [1, 3, k*{z[2]}, k*{z[3]}] "
+                         "with one whole scale factor k for both sides")
+            image_hw = image[2:] if ok else None
     if ve is not None and ve.program is not None:
         x = _static(ve.port("x"))
         need(ve.port("x") is not None, ve, "has no input 'x'")
         if x is not None and image_hw is not None:
             need(len(x) == 4 and x[1] == 3 and x[2:] == image_hw, ve,
-                 f"x is {_fmt_shape(x)} but VAEDecoder makes images of {image_hw[0]}x{image_hw[1]}")
+                 f"x is {_fmt_shape(x)} but {_display('vae_decoder', compiled)} makes images of "
+                 f"{image_hw[1]}x{image_hw[0]}")
+        elif x is not None and latent_hw is not None:
+            need(len(x) == 4 and x[1] == 3 and vae_scale_factor(latent_hw, x[2:]) is not None, ve,
+                 f"x is {_fmt_shape(x)}; for the Unet's sample {_fmt_shape(sample_shape)} it must be "
+                 f"[1, 3, k*{latent_hw[0]}, k*{latent_hw[1]}] with one whole scale factor k for both sides")
         latent = _static(ve.port("latent", output=True))
         if latent is not None and latent_hw is not None:
             need(len(latent) == 4 and latent[2:] == latent_hw, ve,
                  f"latent is {_fmt_shape(latent)} but the Unet's sample is {_fmt_shape(sample_shape)}")
     if sc is None and not sdxl:
         problems.append(Problem(WARNING, ".", "no SafetyChecker: generated images are not filtered", None))
+    if bundle.get("refiner") or bundle.get("refiner_chunk1") or bundle.get("refiner_chunk2"):
+        from .validate_refiner import check_refiner_contract
+
+        problems.extend(check_refiner_contract(bundle))
 
     # attention: what the bundles say against what the variant declares
     found = attention_from_bundles(bundle)
@@ -529,6 +566,16 @@ def check_contract(bundle: Bundle) -> list[Problem]:
         elif declared == "original" and found == "split_einsum":
             need(False, first_unet, "the variant is original but the Unet uses einsum (split_einsum attention)")
     return problems
+
+
+def vae_scale_factor(latent_hw: Iterable[int], image_hw: Iterable[int]) -> int | None:
+    """How many pixels one latent cell covers per side (8 for Stable Diffusion's four-block VAE),
+    read from the shapes: `k` when the image is `k` times the latent on both sides, else None."""
+    latent, image = tuple(latent_hw), tuple(image_hw)
+    if len(latent) != 2 or len(image) != 2 or min(latent) <= 0 or min(image) <= 0:
+        return None
+    factor, rest = divmod(image[0], latent[0])
+    return factor if factor >= 1 and rest == 0 and image[1] == factor * latent[1] else None
 
 
 def attention_from_bundles(bundle: Bundle) -> str | None:

@@ -7,7 +7,8 @@ Rules (they are the documented behaviour of `show` and `pull`):
   (package). Its format comes from that content, not from its name or its
   parent's name, so a folder `mlpackages/` full of `.mlmodelc` bundles is compiled.
 - Component names: Apple's compiled names (`TextEncoder`, `UnetChunk1`, ...,
-  `ControlledUnet`, `UnetRefiner`) or Apple's package names
+  `ControlledUnet`, `UnetRefiner`, SD3's `MultiModalDiffusionTransformer` and
+  `TextEncoderT5`) or Apple's package names
   `Stable_Diffusion_version_<org>_<name>_<component>.mlpackage`, the component
   being the longest known suffix; `<org>_<name>` is the PyTorch model id with
   `/` turned into `_`, decoded by cutting at the first `_` (orgs on the Hub
@@ -65,7 +66,9 @@ PACKAGE_PREFIX = "Stable_Diffusion_version_"
 # Apple's converter suffixes (torch2coreml `_get_out_path`); matched longest first, so `text_encoder_2` wins.
 PACKAGE_ROLES = {
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_t5": "text_encoder_t5",
     "text_encoder": "text_encoder",
+    "mmdit": "mmdit",
     "unet_chunk1": "unet_chunk1",
     "unet_chunk2": "unet_chunk2",
     "unet": "unet",
@@ -88,6 +91,8 @@ UNET_FAMILIES = {  # family -> (full role, chunk roles)
 SIMPLE_COMPONENTS = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_t5": "text_encoder_t5",
+    "mmdit": "mmdit",  # SD3's denoiser: one bundle, no chunked form
     "vae_decoder": "vae_decoder",
     "vae_encoder": "vae_encoder",
     "safety_checker": "safety_checker",
@@ -312,7 +317,7 @@ def slug(text: str) -> str:
 def _is_partial(components: Iterable[str]) -> bool:
     comps = set(components)
     has_text = bool(comps & {"text_encoder", "text_encoder_2"})
-    has_unet = "unet" in comps or {"unet_chunk1", "unet_chunk2"} <= comps
+    has_unet = "unet" in comps or {"unet_chunk1", "unet_chunk2"} <= comps or "mmdit" in comps
     return not (has_text and has_unet and "vae_decoder" in comps)
 
 
@@ -320,7 +325,7 @@ def partial_tag(components: Iterable[str]) -> str | None:
     comps = set(components)
     if not _is_partial(comps):
         return None
-    unets = {"unet", "unet_chunk1", "unet_chunk2"}
+    unets = {"unet", "unet_chunk1", "unet_chunk2", "mmdit"}
     return "unet-only" if comps & unets and comps <= unets | {"controlnet"} else "partial"
 
 

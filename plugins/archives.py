@@ -17,7 +17,9 @@ the folder variant's id plus `+zip`, and it reports that variant's components
 components their names imply (`extra["components_from"] = "archive-name"`):
 text_encoder, unet, vae_decoder, vae_encoder; + text_encoder_2 for SDXL names
 (`xl`, `sdxl`, or 1024 px); - vae_encoder for `no-i2i`; + controlnet for `cn`
-(a Unet that takes ControlNet residuals). What a zip really holds is known
+(a Unet that takes ControlNet residuals); SD3 names (`sd3`, `stable-diffusion-3`,
+argmaxinc's repos) imply text_encoder, text_encoder_2, mmdit and vae_decoder, plus
+text_encoder_t5 when the name says `t5`. What a zip really holds is known
 after extraction, when the store checks the bundle.
 
 An id that another variant of the repo already has gets `+zip`, then a tag
@@ -67,6 +69,9 @@ from .flat import find_flat_variants
 
 _APPLE_ZIP = re.compile(r"^(?P<prefix>.+)_(?P<attention>original|split_einsum_v2|split_einsum)_(?P<fmt>compiled|packages)$")
 BASE_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+SD3_COMPONENTS = ("text_encoder", "text_encoder_2", "mmdit", "vae_decoder")
+_SD3 = re.compile(r"(?<![a-z0-9])(?:sd3|stable[-_ ]?diffusion[-_ ]?3)(?![0-9])")
+_T5 = re.compile(r"(?<![a-z0-9])t5(?![a-z0-9])")
 
 
 def _is_variant_zip(path: str) -> bool:
@@ -86,7 +91,9 @@ def _first(found_in: Callable[[str], str | None], stem: str, folders: list[str])
     return None
 
 
-def expected_components(tags: list[str], xl: bool) -> tuple[str, ...]:
+def expected_components(tags: list[str], xl: bool, sd3: bool = False, t5: bool = False) -> tuple[str, ...]:
+    if sd3:  # argmaxinc's zips: the CLIP pair, the transformer, the decoder; T5 when the name says so
+        return sort_components(SD3_COMPONENTS + (("text_encoder_t5",) if t5 else ()))
     comps = set(BASE_COMPONENTS)
     if xl:
         comps.add("text_encoder_2")
@@ -125,7 +132,9 @@ def _archive_variant(zf: RepoFile, folder_variants: list[Variant]) -> Variant | 
         components = mirror.components
         extra.update(components_from=f"folder:{mirror.root}", mirror_of=mirror.id)
     else:
-        components = expected_components(tags, looks_xl(path, resolution))
+        lower = path.lower()
+        components = expected_components(tags, looks_xl(path, resolution), sd3=bool(_SD3.search(lower)),
+                                         t5=bool(_T5.search(lower)))
         extra["components_from"] = "archive-name"
     return Variant(
         id=variant_id(attention, fmt, resolution, tags),

@@ -100,6 +100,7 @@ class CoreMLBackend:
 
     name = "coreml"
     formats = ("packages", "compiled")
+    compute_units = COMPUTE_UNITS  # what `--compute-unit` may name; a backend without this ignores it
     description = "native Core ML through coremltools (macOS only; CPU, GPU, Neural Engine)"
 
     def available(self) -> tuple[bool, str]:

@@ -14,6 +14,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="coreml-hub-test-hf-"))
+# One intra-op thread per process (torch reads this at import; child processes inherit it). The
+# tiny models gain nothing from more, and torch's default, a spinning worker thread per core in
+# every process, oversubscribes the cores two pytest-xdist workers already fill: on a busy
+# machine that made a tiny-model step take seconds instead of a tenth of one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -189,16 +189,17 @@ def test_show_gated_repo_says_a_token_is_needed(hub_server: HubServer, capsys: p
 # --- list ------------------------------------------------------------------------------------------
 
 
-def test_list_defaults_to_core_ml_in_one_request(catalog: HubServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_defaults_to_core_ml_in_one_request(catalog: HubServer, store_home: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     catalog.clear_log()
     assert run_cli(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert re.split(r"\s{2,}", lines[0]) == ["REPO", "VARIANTS", "LIKES", "DOWNLOADS", "UPDATED"]
+    assert re.split(r"\s{2,}", lines[0]) == ["REPO", "VARIANTS", "PULLED", "LIKES", "DOWNLOADS", "UPDATED"]
     repos = [line.split()[0] for line in lines[1:]]
     assert repos[0] == V15 and "someone/pytorch-only" not in repos  # sorted by downloads, Core ML only
     assert len(repos) == 11
     row = lines[1].split(None, 1)[1]
-    assert re.match(r"4\s+520\s+9\.1K\s+\d+ (year|month|week|day)s? ago$", row), row
+    assert re.match(r"4\s+-\s+520\s+9\.1K\s+\d+ (year|month|week|day)s? ago$", row), row  # nothing pulled
     (request,) = catalog.requests()  # variants came from the file names in the search answer itself
     assert request["path"] == "/api/models" and "filter=coreml" in request["query"] and "siblings" in request["query"]
 

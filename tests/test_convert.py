@@ -286,9 +286,12 @@ def _inputs(component: str, style: str, rng: np.random.Generator, batch: int = 2
 
 
 @pytest.mark.runtime
-@pytest.mark.parametrize("style", tiny.STYLES)
+@pytest.mark.parametrize("style", tiny.UNET_STYLES)
 def test_fp32_components_match_torch(style: str) -> None:
-    """fp32 conversions through the portable runtime vs the PyTorch modules: max error <= 1e-4 of scale."""
+    """fp32 conversions through the portable runtime vs the PyTorch modules: max error <= 1e-4 of scale.
+
+    SD3's components and the SDXL refiner are checked the same way in test_sd3.py and test_refiner.py.
+    """
     model = runtime()
     pipe, _ = factory.tiny_pipeline(style)
     out = factory.converted(style, "original", "fp32")
@@ -591,6 +594,69 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     assert data["model_version"] == "acme/tiny" and data["image_size"] == [64, 64]
 
 
+def _convert_cli(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # bars as a user has them
+    env["COREML_HUB_TEST_CACHE"] = str(factory.cache_dir())
+    return [sys.executable, "-m", "coreml_hub", "convert", *args], env
+
+
+def test_cli_quiet_prints_only_out_even_while_downloading(tmp_path: Path, hub_server) -> None:  # type: ignore[no-untyped-def]
+    from coreml_hub.testing.publish import publish_source
+
+    publish_source(hub_server.root, "sd1")
+    out = tmp_path / "quiet"
+    cmd, env = _convert_cli(["coreml-hub-test/tiny-sd1", "--attention", "original", "--components", "vae_decoder",
+                             "-o", str(out), "-q"])
+    env["HF_HOME"] = str(tmp_path / "hf")  # a cold download, as on a new machine: huggingface_hub has bars to show
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout.strip() == str(out)
+    assert (out / "original" / "packages").is_dir()
+
+
+def _interrupt_when_a_package_appears(out: Path) -> tuple[int, str]:
+    """`convert` of the tiny SD1 pipeline into `out`, sent SIGINT once its first package exists."""
+    import signal
+    import time
+
+    cmd, env = _convert_cli([str(factory.pipeline_folder("sd1")), "-o", str(out), "--attention", "original"])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(out.rglob("*.mlpackage")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the conversion ended before a package was written"
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err
+
+
+def test_ctrl_c_leaves_nothing_that_looks_like_a_conversion(tmp_path: Path) -> None:
+    import signal
+
+    from coreml_hub.convert import convert
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    code, err = _interrupt_when_a_package_appears(out)
+    assert code in (-signal.SIGINT, 130) and "Interrupted." in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]  # no package, no half-written folder, mine kept
+
+    def interrupt(line: str) -> None:  # Ctrl-C as the first component is done
+        raise KeyboardInterrupt
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(KeyboardInterrupt):
+        convert(factory.pipeline_folder("sd1"), fresh, attention="original", components=["vae_decoder", "vae_encoder"],
+                progress=False, on_message=interrupt)
+    assert not fresh.exists()  # a folder the conversion made is not left behind
+
+
 def test_cli_progress_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from coreml_hub.cli import run_cli
 
@@ -600,6 +666,11 @@ def test_cli_progress_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 0
     assert "vae_encoder" in captured.err and "Converted" in captured.err
     assert "vae_encoder" in captured.out  # the table of what was written
+    # no terminal (a log): one plain line per component, no bar redrawn with carriage returns
+    assert "\r" not in captured.err
+    lines = captured.err.splitlines()
+    assert lines[0].startswith("vae_encoder: ") and " KB in " in lines[0], captured.err
+    assert lines[-1].startswith("Converted ") and "(original, fp16, 64x64)" in lines[-1]
     assert run_cli(["convert", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o")]) == 1
     assert "Error:" in capsys.readouterr().err
     assert run_cli(["convert", str(factory.pipeline_folder("sd2")), "-o", str(tmp_path / "o"),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 
@@ -31,3 +32,19 @@ def test_demo_serves_pulls_and_runs_the_tiny_model(tmp_path: Path) -> None:
     log = [json.loads(line) for line in (tmp_path / "demo" / "requests.jsonl").read_text().splitlines()]
     assert any("/demo/coreml-tiny-sd/resolve/" in entry["path"] for entry in log)
     assert (tmp_path / "demo" / "store" / "models").is_dir()
+
+
+def test_the_demo_image_folder_is_not_left_for_git_to_add() -> None:
+    """`./scripts/demo.sh` in a checkout writes coreml-hub-outputs/ there; git must ignore it."""
+    import shutil
+
+    root = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed, so there is no .gitignore to check")
+    inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"], capture_output=True,
+                            text=True)
+    if inside.returncode != 0:
+        pytest.skip("the tests run outside a git checkout (e.g. an unpacked archive)")
+    for path in ("coreml-hub-outputs/a-photo-of-an-astronaut-riding-a-horse-42.png",
+                 "tests/coreml-hub-outputs/x.png"):
+        assert subprocess.run(["git", "-C", str(root), "check-ignore", "-q", path]).returncode == 0, path

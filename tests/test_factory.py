@@ -89,7 +89,7 @@ def test_pipelines_are_deterministic(tmp_path: Path) -> None:
         assert _state_digest(getattr(a, name)) == _state_digest(getattr(b, name)), name
 
 
-@pytest.mark.parametrize("style", tiny.STYLES)
+@pytest.mark.parametrize("style", tiny.UNET_STYLES)
 def test_styles_are_structurally_faithful(style: str) -> None:
     pipe, folder = factory.tiny_pipeline(style)
     index = json.loads((folder / "model_index.json").read_text())
@@ -114,6 +114,33 @@ def test_styles_are_structurally_faithful(style: str) -> None:
         assert pipe.text_encoder_2.config.projection_dim is not None
         assert pipe.tokenizer_2.pad_token == "!"
         assert pipe.vae.config.scaling_factor == 0.13025
+
+
+def test_sd3_and_refiner_styles_are_structurally_faithful() -> None:
+    import torch
+
+    sd3, folder = factory.tiny_pipeline("sd3")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    assert (folder / "tokenizer_3" / "tokenizer.json").is_file() and (folder / "tokenizer_2" / "merges.txt").is_file()
+    assert sd3.transformer.config.in_channels == sd3.vae.config.latent_channels == 16
+    assert (sd3.vae.config.scaling_factor, sd3.vae.config.shift_factor) == (1.5305, 0.0609)
+    assert sd3.scheduler.config.shift == 3.0 and sd3.tokenizer_2.pad_token == "!"
+    clip = sd3.text_encoder.config.hidden_size + sd3.text_encoder_2.config.hidden_size
+    assert clip <= sd3.transformer.config.joint_attention_dim == sd3.text_encoder_3.config.d_model
+    assert sd3.tokenizer_3("a cat").input_ids[-1] == 1  # T5's end token closes every text
+
+    refiner, folder = factory.tiny_pipeline("sdxl-refiner")
+    base, _ = factory.tiny_pipeline("sdxl")
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLImg2ImgPipeline"
+    assert refiner.text_encoder is None and refiner.config.requires_aesthetics_score
+    assert not refiner.config.force_zeros_for_empty_prompt
+    unet = refiner.unet.config
+    assert unet.cross_attention_dim == base.text_encoder_2.config.hidden_size
+    assert unet.projection_class_embeddings_input_dim == (base.text_encoder_2.config.projection_dim
+                                                          + 5 * unet.addition_time_embed_dim)
+    for shared in ("vae", "text_encoder_2"):  # the real pair shares them; so does the tiny one
+        ours, theirs = getattr(refiner, shared).state_dict(), getattr(base, shared).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), shared
 
 
 def test_tiny_pipeline_runs_in_diffusers() -> None:

@@ -241,6 +241,17 @@ def test_random_characters(data: Any) -> None:
     _parse_or_syntax_error("".join(text))
 
 
+@pytest.mark.parametrize("digit", ["\u00b2", "\u0663", "\uff15"])  # superscript two, Arabic-Indic three, fullwidth five
+def test_digits_outside_ascii_are_syntax_errors(digit: str) -> None:
+    # str.isdigit() takes these, int() does not: each one, in place of every digit of a real
+    # program (dimensions, the program version, numbers), is a parse error, never a ValueError
+    text = SEEDS[0]
+    for i in [i for i, ch in enumerate(text) if ch in "0123456789"]:
+        _parse_or_syntax_error(text[:i] + digit + text[i + 1:])
+    with pytest.raises(MILSyntaxError):
+        loads("program(1.0)\n{\n    func main<ios16>(tensor<fp32, [1, " + digit + "]> x) {\n    } -> (x);\n}\n")
+
+
 @FUZZ
 @given(st.text(st.sampled_from(list("[](){}<>,=;\"-0123456789.xpP?* abcdefintsorgu_\n")), max_size=300))
 def test_token_soup(text: str) -> None:

@@ -113,6 +113,27 @@ EXPECTED_IDS = {
     "flat__mlpackages-folder": {"original/compiled"},
     "flat__packages-folder": {"original/packages"},
     "runwayml__stable-diffusion-v1-5-diffusers": set(),
+    "argmaxinc__coreml-stable-diffusion-3-medium": {"original/compiled", "original/compiled+partial"},
+    "argmaxinc__coreml-stable-diffusion-3-medium-1024-t5": {"original/compiled"},
+    # plain Core ML repos (the plain layout): one variant per bundle, named by its path
+    "apple__coreml-depth-anything-v2-small": {
+        "DepthAnythingV2SmallF32", "DepthAnythingV2SmallF16", "DepthAnythingV2SmallF16INT8",
+        "DepthAnythingV2SmallF16P6", "DepthAnythingV2SmallF16P8",
+    },
+    "apple__coreml-depth-anything-small": {"DepthAnythingSmallF32", "DepthAnythingSmallF16", "DepthAnythingSmallF16P6"},
+    "apple__coreml-FastViT-T8": {"FastViTT8F16"},
+    "apple__coreml-FastViT-MA36": {"FastViTMA36F16"},
+    "apple__coreml-detr-semantic-segmentation": {
+        "DETRResnet50SemanticSegmentationF32", "DETRResnet50SemanticSegmentationF16",
+        "DETRResnet50SemanticSegmentationF16P8",
+    },
+    "apple__coreml-mobileclip": {f"mobileclip_{size}_{part}" for size in ("s0", "s1", "s2", "blt")
+                                 for part in ("image", "text")},
+    "apple__mistral-coreml": {"StatefulMistral7BInstructInt4", "StatefulMistral7BInstructFP16"},
+    "coreml-projects__Llama-2-7b-chat-coreml": {"llama-2-7b-chat"},
+    "apple__coreml-sam2.1-tiny": {"SAM2_1TinyImageEncoderFLOAT16", "SAM2_1TinyPromptEncoderFLOAT16",
+                                  "SAM2_1TinyMaskDecoderFLOAT16"},
+    "apple__coreml-resnet-50": set(),  # neural-network `.mlmodel` files only: no ML Program bundle
 }
 
 
@@ -146,7 +167,10 @@ def test_invariants(name: str) -> None:
         assert v.files and set(v.files) <= set(sizes)
         assert v.size_bytes == sum(sizes[p] for p in v.files)
         assert not both_unet_forms(bundles_in(v)), f"{v.id} fetches both Unet forms"
+        shared = set(v.extra.get("shared_files") or ())  # a plain repo's companions go with every variant
         for path in v.files:
+            if path in shared:
+                continue
             assert path not in seen, f"{path} is in {seen.get(path)} and {v.id}"
             seen[path] = v.id
         # the patterns the store hands to huggingface_hub select exactly the variant's files
@@ -252,6 +276,36 @@ def test_sdxl_with_refiner() -> None:
     assert "UnetRefiner.mlmodelc" in bundles_in(variants["original/compiled"])
     assert ("Stable_Diffusion_version_stabilityai_stable-diffusion-xl-base-1.0_refiner.mlpackage"
             in bundles_in(variants["original/packages"]))
+
+
+def test_sd3_argmax_zips_and_the_separate_t5() -> None:
+    """argmaxinc's SD3 repos: a root zip of the Swift resources; the 512 repo keeps T5 beside it, on its own."""
+    variants = by_id("argmaxinc__coreml-stable-diffusion-3-medium")
+    main = variants["original/compiled"]
+    assert main.layout == "archives" and main.archive and not main.partial
+    assert main.components == ("text_encoder", "text_encoder_2", "mmdit", "vae_decoder")
+    assert main.files == ("coreml-stable-diffusion-3-medium_original_compiled.zip",)  # the 9.5 GB T5 stays out
+    t5 = variants["original/compiled+partial"]
+    assert t5.partial and t5.components == ("text_encoder_t5",)
+    assert bundles_in(t5) == {"TextEncoderT5.mlmodelc"}
+    with_t5 = by_id("argmaxinc__coreml-stable-diffusion-3-medium-1024-t5")["original/compiled"]
+    assert with_t5.components == ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder")
+
+
+def test_sd3_bundle_roles_and_folder_variant() -> None:
+    """Converted SD3 folders (compiled or packages) are complete variants with Apple's names."""
+    compiled = [RepoFile(f"Resources/{name}.mlmodelc/model.mil", 10) for name in
+                ("TextEncoder", "TextEncoder2", "TextEncoderT5", "MultiModalDiffusionTransformer", "VAEDecoder")]
+    compiled += [RepoFile(f"Resources/{name}", 10) for name in ("vocab.json", "merges.txt", "tokenizer.json")]
+    prefix = "original/packages/Stable_Diffusion_version_stabilityai_stable-diffusion-3-medium-diffusers"
+    packages = [RepoFile(f"{prefix}_{c}.mlpackage/Manifest.json", 10)
+                for c in ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder", "vae_encoder")]
+    (flat,) = find_flat_variants(compiled)
+    assert not flat.partial and "tokenizer.json" in flat.tokenizer_files
+    assert flat.components == ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder")
+    (apple,) = find_apple_variants(packages)
+    assert not apple.partial and apple.model_version == "stabilityai/stable-diffusion-3-medium-diffusers"
+    assert "mmdit" in apple.components and "text_encoder_t5" in apple.components
 
 
 @pytest.mark.parametrize("name", ["apple__coreml-stable-diffusion-v1-5-palettized",
@@ -373,18 +427,21 @@ def test_layouts_stay_in_their_lane() -> None:
     assert find_apple_variants(flat) == [] and find_archive_variants(flat) == []
 
 
-@pytest.mark.parametrize("files", [
-    [],
-    [RepoFile("README.md", 10)],
-    load("runwayml__stable-diffusion-v1-5-diffusers"),
-    [RepoFile("data.zip", 100), RepoFile("weights/model.mlmodelc.zip", 100)],  # no attention/format; zipped bundle
-    [RepoFile("Resnet50.mlmodelc/model.mil", 10), RepoFile("Resnet50.mlmodelc/coremldata.bin", 10)],  # not SD
-    [RepoFile("compiled/notes.txt", 1)],
+@pytest.mark.parametrize(("files", "plain_ids"), [
+    ([], []),
+    ([RepoFile("README.md", 10)], []),
+    (load("runwayml__stable-diffusion-v1-5-diffusers"), []),
+    # no attention/format in the name; a zipped bundle is a plain model, not a pipeline
+    ([RepoFile("data.zip", 100), RepoFile("weights/model.mlmodelc.zip", 100)], ["weights/model"]),
+    ([RepoFile("Resnet50.mlmodelc/model.mil", 10), RepoFile("Resnet50.mlmodelc/coremldata.bin", 10)],
+     ["Resnet50"]),  # not SD: a plain model
+    ([RepoFile("compiled/notes.txt", 1)], []),
 ])
-def test_unknown_layouts_give_nothing(files: list[RepoFile]) -> None:
+def test_unknown_layouts_give_nothing(files: list[RepoFile], plain_ids: list[str]) -> None:
     for finder in FINDERS:
         assert finder(files) == []
-    assert find_variants(files) == []
+    found = find_variants(files)
+    assert [v.id for v in found] == plain_ids and all(v.layout == "plain" for v in found)
 
 
 def test_dedupe_of_colliding_flat_folders() -> None:

@@ -13,7 +13,7 @@ import torch
 from coreml_hub.errors import ModelInputError
 from coreml_hub.mil import load_model
 from coreml_hub.mil.executor import FunctionRunner
-from coreml_hub.mil.model import read_program
+from coreml_hub.mil.model import Model, read_program
 from coreml_hub.mil.ops import Context
 
 ct = pytest.importorskip("coremltools", reason="coremltools converts the test programs")
@@ -163,35 +163,35 @@ def accumulator(tmp_path_factory: pytest.TempPathFactory) -> Any:
         total = mb.coreml_update_state(state=acc, value=mb.add(x=before, y=x))
         return mb.mul(x=total, y=np.float16(1)), mb.mul(x=before, y=np.float16(1))
 
-    return runner_for(convert(prog, tmp_path_factory.mktemp("acc") / "acc.mlpackage", IOS18))
+    return load_model(convert(prog, tmp_path_factory.mktemp("acc") / "acc.mlpackage", IOS18))
 
 
-def test_state_accumulates_across_calls_in_place(accumulator: FunctionRunner) -> None:
-    states = accumulator.new_states()
-    assert list(states) == ["acc"] and not states["acc"].any()
-    held = states["acc"]
-    total, before = accumulator.output_names
+def test_state_accumulates_across_calls_in_place(accumulator: Model) -> None:
+    state = accumulator.make_state()
+    assert state.names == ("acc",) and not state.read_state("acc").any()
+    held = state.tensors_for(accumulator)["acc"]
+    total, before = (d.name for d in accumulator.output_description)
     running = np.zeros((2, 3))
     for step in range(1, 4):
-        out = accumulator.run(tensors(x=np.full((2, 3), step, np.float32)), states)
-        np.testing.assert_allclose(out[before].numpy(), running)  # read before the update: kept as it was
+        out = accumulator.predict({"x": np.full((2, 3), step, np.float16)}, state=state)
+        np.testing.assert_allclose(out[before], running)  # read before the update: kept as it was
         running = running + step
-        np.testing.assert_allclose(out[total].numpy(), running)
-        np.testing.assert_allclose(accumulator.state_to_numpy("acc", states["acc"]), running)
-    assert states["acc"] is held  # updated in place
-    assert accumulator.state_to_numpy("acc", held).dtype == np.float16
-    # without states every call starts from zeros
-    out = accumulator.run(tensors(x=np.ones((2, 3), np.float32)))
-    np.testing.assert_allclose(out[total].numpy(), 1.0)
+        np.testing.assert_allclose(out[total], running)
+        np.testing.assert_allclose(state.read_state("acc"), running)
+    assert state.tensors_for(accumulator)["acc"] is held  # updated in place
+    assert state.read_state("acc").dtype == np.float16
+    # without a state every call starts from zeros
+    out = accumulator.predict({"x": np.ones((2, 3), np.float16)})
+    np.testing.assert_allclose(out[total], 1.0)
 
 
-def test_state_written_from_outside(accumulator: FunctionRunner) -> None:
-    states = accumulator.new_states()
-    accumulator.write_state(states, "acc", np.full((2, 3), 7, np.float16))
-    total = accumulator.output_names[0]
-    assert float(accumulator.run(tensors(x=np.ones((2, 3), np.float32)), states)[total][0, 0]) == 8.0
-    with pytest.raises(ModelInputError, match="state 'acc' has shape"):
-        accumulator.write_state(states, "acc", np.zeros((3,), np.float16))
+def test_state_written_from_outside(accumulator: Model) -> None:
+    state = accumulator.make_state()
+    state.write_state("acc", np.full((2, 3), 7, np.float16))
+    total = accumulator.output_description[0].name
+    assert float(accumulator.predict({"x": np.ones((2, 3), np.float16)}, state=state)[total][0, 0]) == 8.0
+    with pytest.raises(ModelInputError, match=r"'acc' has shape \[3\]"):
+        state.write_state("acc", np.zeros((3,), np.float16))
 
 
 class _KVCache(torch.nn.Module):
@@ -226,21 +226,21 @@ def test_kv_cache_attention_block(tmp_path: Path) -> None:
     mlmodel = ct.convert(traced, inputs=inputs, states=states, convert_to="mlprogram", minimum_deployment_target=IOS18,
                          compute_precision=ct.precision.FLOAT16, skip_model_load=True)
     mlmodel.save(str(tmp_path / "kv.mlpackage"))
-    runner = runner_for(tmp_path / "kv.mlpackage")
-    states_now = runner.new_states()
-    assert sorted(states_now) == ["k_cache", "v_cache"]
+    model = load_model(tmp_path / "kv.mlpackage")
+    state = model.make_state()
+    assert sorted(state.names) == ["k_cache", "v_cache"]
     reference = _KVCache(heads, length, dim).float().eval()
     rng = np.random.default_rng(3)
     for pos in range(length):
         q, k, v = (rng.standard_normal((1, heads, 1, dim)).astype(np.float16) for _ in range(3))
         mask = np.where(np.arange(length) <= pos, 0.0, -1e4).astype(np.float16).reshape(1, 1, 1, length)
         feeds = {"q": q, "k": k, "v": v, "mask": mask, "pos": np.array([pos], np.int32)}
-        out = {name: t.numpy() for name, t in runner.run(tensors(**feeds), states_now).items()}
+        out = model.predict(feeds, state=state)
         with torch.no_grad():
             expected = reference(*(torch.from_numpy(a).float() if a.dtype == np.float16 else torch.from_numpy(a)
                                    for a in feeds.values()))
         np.testing.assert_allclose(next(iter(out.values())), expected.numpy(), atol=3e-3)
-    np.testing.assert_allclose(runner.state_to_numpy("k_cache", states_now["k_cache"]),
+    np.testing.assert_allclose(state.read_state("k_cache"),
                                reference.k_cache.float().numpy(), atol=1e-3)
 
 

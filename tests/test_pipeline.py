@@ -16,7 +16,7 @@ from coreml_hub.pipeline import images as imaging
 from coreml_hub.pipeline.components import TensorSpec, component_of, describe, find_components, unet_names
 from coreml_hub.pipeline.png import ImageMetadata, parse_parameters, save_png, slug
 from coreml_hub.pipeline.resolve import resolve_local, resolve_model
-from coreml_hub.pipeline.schedulers import SCHEDULERS, make_scheduler, scheduler_config
+from coreml_hub.pipeline.schedulers import FLOW_DEFAULT_CONFIG, SCHEDULERS, make_scheduler, scheduler_config
 from coreml_hub.pipeline.tokenizer import find_tokenizer_files, load_tokenizer
 from coreml_hub.testing.tokenizer import (BOS, EOS, build_vocab, load_clip_tokenizer, write_tokenizer_config,
                                           write_tokenizer_files)
@@ -60,6 +60,25 @@ def test_tokenizer_matches_transformers_padding_and_truncation(tok_dir: Path, tm
     assert ours.encode(long_prompt)[-1] == build_vocab(VOCAB)[0][EOS]
 
 
+@pytest.mark.parametrize("pad", [EOS, "!"])
+def test_tokenizer_matches_transformers_on_any_text(tok_dir: Path, tmp_path: Path, pad: str) -> None:
+    """coreml-hub's own BPE against transformers' CLIPTokenizer: unicode classes, contractions,
+    specials typed into the prompt, whitespace of every kind, the pad token inside the text."""
+    import random
+
+    shutil.copytree(tok_dir, tmp_path / "t")
+    write_tokenizer_config(tmp_path / "t", pad_token=pad)
+    ours, ref = load_tokenizer(tmp_path / "t"), load_clip_tokenizer(tmp_path / "t", pad_token=pad)
+    rng = random.Random(7)
+    alphabet = list("abcxyz ABC'!?.,-_019 \t\néüßİﬁ½²Ⅷ☕🚀日本\u200b\u0301<|>") + [EOS, BOS, "'re", "'ll"]
+    prompts = ["it's they're we've I'm you'll he'd", "x'''re !'s", f"{EOS} a {BOS}b", "<|ENDOFTEXT|>",
+               "tabs\tand\nnewlines   many   spaces", "e\u0301 combining, ÀÉÎÕÜ", "a--b__c..d", "wow!!! ok!"]
+    prompts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(400)]
+    for prompt in prompts:
+        expected = ref(prompt, padding="max_length", max_length=77, truncation=True)["input_ids"]
+        assert ours.encode(prompt) == expected, repr(prompt)
+
+
 def test_tokenizer_reads_tokenizer_json_only_folder(tok_dir: Path, tmp_path: Path) -> None:
     # transformers 5 save_pretrained writes tokenizer.json only.
     load_clip_tokenizer(tok_dir).save_pretrained(tmp_path / "tokenizer")
@@ -86,14 +105,19 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_every_scheduler_builds_the_diffusers_class() -> None:
     expected = {"pndm": "PNDMScheduler", "dpmpp": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler",
-                "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler"}
+                "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler", "lms": "LMSDiscreteScheduler",
+                "flow_euler": "FlowMatchEulerDiscreteScheduler"}
     assert set(SCHEDULERS) == set(expected)
     for name, cls in expected.items():
-        sched = make_scheduler(name)
+        flow = name == "flow_euler"
+        sched = make_scheduler(name, FLOW_DEFAULT_CONFIG if flow else None)
         assert cls in [c.__name__ for c in type(sched).__mro__], name
         sched.set_timesteps(10)
         assert len(sched.timesteps) >= 10
-        assert sched.config.beta_schedule == "scaled_linear"
+        if flow:  # SD3's shifted schedule: sigma' = 3 sigma / (1 + 2 sigma), from 1 down
+            assert sched.config.shift == 3.0 and float(sched.timesteps[0]) == 1000.0
+        else:
+            assert sched.config.beta_schedule == "scaled_linear"
     with pytest.raises(UsageError, match="Unknown scheduler"):
         make_scheduler("heun")
 
@@ -225,6 +249,31 @@ def test_init_image_errors(tmp_path: Path) -> None:
     assert changed and resized.size == (64, 64)
     with pytest.raises(UnsupportedSize, match="aspect ratio"):
         imaging.fit_init_image(Image.new("RGB", (128, 64)), 64, 64)
+
+
+def test_fit_crop_pad_stretch(tmp_path: Path) -> None:
+    from PIL import Image
+
+    wide = Image.fromarray(np.arange(64 * 128 * 3, dtype=np.uint32).reshape(64, 128, 3).astype(np.uint8))
+    tall = wide.transpose(Image.Transpose.TRANSPOSE)  # 64x128
+    for image, middle, pad_box in ((wide, (32, 0, 96, 64), (0, 32, 128, 96)), (tall, (0, 32, 64, 96), (32, 0, 96, 128))):
+        cropped, changed = imaging.fit_init_image(image, 32, 32, "crop")
+        assert changed and np.array_equal(np.asarray(cropped), np.asarray(image.crop(middle).resize((32, 32),
+                                                                                                 Image.LANCZOS)))
+        padded, _ = imaging.fit_init_image(image, 32, 32, "pad")
+        canvas = Image.new("RGB", (128, 128))
+        canvas.paste(image, pad_box[:2])
+        assert np.array_equal(np.asarray(padded), np.asarray(canvas.resize((32, 32), Image.LANCZOS)))
+        stretched, _ = imaging.fit_init_image(image, 32, 32, "stretch")
+        assert np.array_equal(np.asarray(stretched), np.asarray(image.resize((32, 32), Image.LANCZOS)))
+    # a model that is not square: crop keeps its shape (2:1 from a square image)
+    cropped, _ = imaging.fit_init_image(Image.new("RGB", (100, 100)), 64, 32, "crop")
+    assert cropped.size == (64, 32)
+    # the same aspect ratio needs no fit, and without one another ratio is refused
+    assert imaging.check_aspect((128, 128), 64, 64, None) is False
+    with pytest.raises(UnsupportedSize, match="aspect ratio") as refused:
+        imaging.check_aspect((128, 64), 64, 64, None)
+    assert "--fit crop" in (refused.value.hint or "")
 
 
 def test_image_tensor_round_trip() -> None:

@@ -132,6 +132,80 @@ def test_chunked_flag_takes_the_two_chunks_instead(hub_server, hub_root, store_h
     assert store.find_pulled(f"{SD15}:original/compiled").unet_form == "chunked"
 
 
+def test_both_unet_forms_are_told_apart_in_ls_rm_verify_and_run(hub_server, hub_root, store_home, capsys, tmp_path):
+    sd15_repo(hub_root)
+    ref = f"{SD15}:original/compiled"
+    assert cli(capsys, "pull", ref, "-q")[0] == 0 and cli(capsys, "pull", ref, "--chunked", "-q")[0] == 0
+    code, out, err = cli(capsys, "ls")
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0][:3] == ["MODEL", "VARIANT", "UNET"]
+    assert [r[1:3] for r in rows[1:]] == [["original/compiled", "full"], ["original/compiled", "chunked"]]
+    code, out, err = cli(capsys, "ls", "--json")
+    assert sorted(p["unet_form"] for p in json.loads(out)) == ["chunked", "full"]
+    # verify and run take the form by flag; without one they take the full Unet
+    for flag, folder in (("--chunked", "original--compiled~chunked"), ("--no-chunked", "original--compiled"),
+                         (None, "original--compiled")):
+        code, out, err = cli(capsys, "verify", ref, "--json", *([flag] if flag else []))
+        assert code == 0 and Path(json.loads(out)["path"]).name == folder, err
+    code, out, err = cli(capsys, "run", ref, "a cat", "--chunked", "--steps", "1", "--seed", "1", "--no-pull",
+                         "--disable-safety", "--backend", "torch", "--device", "cpu", "-o", str(tmp_path), "--json")
+    assert code == 0, err
+    assert Path(json.loads(out)["model"]["path"]).name == "original--compiled~chunked"
+    # rm takes one form; the other stays
+    code, out, err = cli(capsys, "rm", ref, "--chunked", "--dry-run")
+    assert code == 0 and "chunked" in out.splitlines()[1] and "Would remove 1 variant(s)" in out
+    assert cli(capsys, "rm", ref, "--chunked", "-y")[0] == 0
+    assert [(p.variant, p.unet_form) for p in store.list_pulled()] == [("original/compiled", "full")]
+    code, out, err = cli(capsys, "verify", ref, "--chunked")
+    assert code == 1 and f"{ref} --chunked is not pulled" in err and "original/compiled." in err
+    assert cli(capsys, "rm", ref, "--chunked", "-y")[0] == 1
+
+
+def test_list_marks_pulled_repos_du_totals_and_inspect_by_name(hub_server, hub_root, store_home, capsys):
+    from coreml_hub.testing.hubrepo import apple_sd_files, make_repo
+
+    sd15_repo(hub_root)
+    make_repo(hub_root, "org/not-pulled", apple_sd_files(attentions=("original",)), meta={"library_name": "coreml"})
+    ref = f"{SD15}:original/compiled"
+    assert cli(capsys, "pull", ref, "-q")[0] == 0 and cli(capsys, "pull", ref, "--chunked", "-q")[0] == 0
+    # list marks what is pulled (table and JSON)
+    code, out, err = cli(capsys, "list", "--json")
+    pulled = {r["repo_id"]: r["pulled"] for r in json.loads(out)}
+    assert pulled == {SD15: ["original/compiled", "original/compiled --chunked"], "org/not-pulled": []}
+    code, out, err = cli(capsys, "list")
+    header, *rows = out.splitlines()
+    assert header.split()[:3] == ["REPO", "VARIANTS", "PULLED"]
+    row = {line.split()[0]: line for line in rows}
+    assert "original/compiled, original/compiled --chunked" in row[SD15] and " - " in row["org/not-pulled"]
+    # list --local shows sizes
+    code, out, err = cli(capsys, "list", "--local")
+    assert out.splitlines()[0].split()[:4] == ["MODEL", "VARIANT", "UNET", "SIZE"]
+    sizes = {p.unet_form: p.size for p in store.list_pulled()}
+    assert all(size > 0 for size in sizes.values())
+    # du: bytes on disk by model, and what prune would free (an interrupted download of this repo)
+    entries = store.list_pulled()
+    leftover = paths.staging_dir() / f"{store.repo_folder(SD15)}--{'b' * 40}--original--packages"
+    (leftover / "files").mkdir(parents=True)
+    (leftover / "files" / "part").write_bytes(b"x" * 1500)
+    code, out, err = cli(capsys, "du", "--json")
+    usage = json.loads(out)
+    (repo,) = usage["repos"]
+    assert repo == {"repo": SD15, "variants": 2, "commits": 1,
+                    "size_bytes": sum(store.tree_size(p.path) for p in entries), "prunable_bytes": 1500}
+    assert usage["prunable_bytes"] == 1500 and usage["size_bytes"] == repo["size_bytes"]
+    code, out, err = cli(capsys, "du")
+    assert out.splitlines()[0].split() == ["MODEL", "VARIANTS", "SIZE", "PRUNABLE"]
+    assert out.splitlines()[1].split()[:2] == [SD15, "2"] and out.splitlines()[1].endswith("1.5 KB")
+    assert "in 1 pulled model" in err and "`coreml-hub cache prune` would free 1.5 KB more" in err
+    # inspect a pulled model's bundle by name
+    code, out, err = cli(capsys, "inspect", ref, "--component", "unet", "--json")
+    assert code == 0 and json.loads(out)["path"] == str(store.find_pulled(ref, chunked=False).path / "Unet.mlmodelc")
+    code, out, err = cli(capsys, "inspect", ref, "--chunked", "--component", "UnetChunk2.mlmodelc")
+    assert code == 0 and "noise_pred" in out
+    code, out, err = cli(capsys, "inspect", ref)
+    assert code == 2 and "--component" in err and "text_encoder" in err
+
+
 def test_apple_packages_fetch_tokenizer_and_scheduler_but_no_weights(hub_server, hub_root, store_home):
     repo_dir = sd15_repo(hub_root)
     result = pull(SD15, variant="original/packages")
@@ -679,7 +753,7 @@ def test_ls_rm_and_prune(hub_server, hub_root, store_home, capsys, monkeypatch):
     code, out, err = cli(capsys, "ls")
     assert code == 0
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["MODEL", "VARIANT", "SIZE", "PULLED", "STATUS"]
+    assert lines[0].split() == ["MODEL", "VARIANT", "UNET", "SIZE", "PULLED", "STATUS"]
     assert any("original/compiled" in line and line.rstrip().endswith("ok") and "just now" in line for line in lines)
     code, out, err = cli(capsys, "ls", "--json")
     rows = json.loads(out)

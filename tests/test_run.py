@@ -350,6 +350,46 @@ def test_unsupported_size(sd1: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     Image.new("RGB", (128, 64)).save(tmp_path / "wide.png")
     _, err = run([str(sd1), PROMPT, "--image", str(tmp_path / "wide.png"), "-o", str(tmp_path)], capsys, expect=1)
     assert "128x64" in err and "64x64" in err and "aspect ratio" in err
+    assert "Loaded" not in err  # refused before any model was loaded
+    assert "--fit crop" in err and "--fit pad" in err and "--fit stretch" in err
+
+
+def test_fit_makes_another_aspect_ratio_fit(sd1: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 128, 3), dtype=np.uint8)).save(wide)
+    out, err = run([str(sd1), PROMPT, "--image", str(wide), "--fit", "pad", "--seed", "2", "--steps", "2",
+                    "--disable-safety", "-o", str(tmp_path)], capsys)
+    assert "Padded the init image from 128x64 to 64x64, the model's size." in err
+    assert pixels(out.strip()).shape == (64, 64, 3)
+    _, err = run([str(sd1), PROMPT, "--image", str(wide), "--fit", "squash"], capsys, expect=2)
+    assert "crop" in err and "pad" in err and "stretch" in err
+
+
+def test_random_seed_wall_time_and_what_run_imports(sd1: Path, tmp_path: Path) -> None:
+    import re
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "coreml_hub", "run", str(sd1), PROMPT,
+                           "--steps", "1", "--disable-safety", "-o", str(tmp_path), "--json"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" in imported and "diffusers.schedulers.scheduling_pndm" in imported  # the instrument works
+    assert not {m for m in imported if m.split(".")[0] == "transformers"}  # the tokenizer is coreml-hub's own
+    # of diffusers only what its scheduler modules need: no pipelines, models or loaders
+    assert not {m for m in imported if m.split(".")[:2] in (["diffusers", "pipelines"], ["diffusers", "models"],
+                                                            ["diffusers", "loaders"])}
+    data = json.loads(proc.stdout)
+    seed = data["images"][0]["seed"]
+    assert f"Seed {seed} (chosen at random; `--seed {seed}` makes the same image again)." in proc.stderr
+    # the whole command (imports included), not only loading and generating
+    found = re.search(r"Took ([\d.]+) s in all: ([\d.]+) s starting up \(imports, finding the model\), ([\d.]+) s "
+                      r"loading, ([\d.]+) s generating\.", proc.stderr)
+    assert found, proc.stderr
+    total, rest, load, gen = map(float, found.groups())
+    assert data["wall_seconds"] >= data["load_seconds"] + data["generate_seconds"]
+    assert abs(total - data["wall_seconds"]) < 0.06 and rest > 0
 
 
 def test_unknown_model_without_pull(store_home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -457,6 +457,10 @@ def test_serve_cli_errors(tmp_path: Path) -> None:
     finally:
         busy.close()
     assert taken.returncode == 1 and "Cannot listen" in taken.stderr and "Traceback" not in taken.stderr
+    for bad in (["--header-timeout", "0"], ["--idle-timeout", "-1"], ["--max-connections", "0"]):
+        refused = subprocess.run([sys.executable, "-m", "coreml_hub", "serve", str(tmp_path), "--port", "0", *bad],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and bad[0] in refused.stderr and "Traceback" not in refused.stderr
 
 
 @pytest.mark.parametrize("warm", [True, False])

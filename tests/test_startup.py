@@ -64,7 +64,7 @@ def test_console_script_help_with_importtime() -> None:
     assert not names & set(HEAVY), sorted(names & set(HEAVY))
 
 
-@pytest.mark.parametrize("args", [["--help"], ["list", "--help"], ["plugins"], ["serve", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["list", "--help"], ["plugins"], ["serve", "--help"], ["app", "--help"]])
 def test_commands_without_network_stay_light(args: list[str]) -> None:
     result, heavy = heavy_after(args)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -85,4 +85,12 @@ def test_server_module_stays_light(tmp_path: Path) -> None:
     code = ("import sys; from coreml_hub.server import make_server; s = make_server(sys.argv[1]); s.server_close(); "
             f"print(sorted({{n.split('.')[0] for n in sys.modules}} & set({HEAVY!r})))")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]
+
+
+def test_app_module_stays_light() -> None:
+    code = ("import sys; from coreml_hub.app.web import AppConfig, make_app; import pathlib; "
+            "make_app(AppConfig(outputs=pathlib.Path('.'))).state.coreml_hub.close(); "
+            f"print(sorted({{n.split('.')[0] for n in sys.modules}} & set({HEAVY!r})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr[-2000:]

@@ -183,6 +183,38 @@ def test_package_blob_header_damage(packages: Path, field: str, value: int, reas
     ]
 
 
+def test_a_truncated_weight_file_is_one_problem(packages: Path) -> None:
+    unet = packages / UNET_PKG
+    weight = unet / "Data/com.apple.CoreML/weights/weight.bin"
+    blobs = _blobs(unet)
+    weight.write_bytes(weight.read_bytes()[: weight.stat().st_size // 2])
+    size = weight.stat().st_size
+    bad = [o for o, info in blobs if o + 64 > size or info.data_offset + info.size > size]
+    assert len(bad) > 1
+    found = errors(verify(packages))
+    assert len(found) == 1, found  # one damage, one line (not one per unreadable weight)
+    assert found[0].startswith(f"{UNET_PKG}/Data/com.apple.CoreML/weights/weight.bin: is truncated: {size} bytes, "
+                               f"but the program reads a weight at offset {blobs[-1][0]}; {len(bad)} of the "
+                               f"{len(blobs)} weights the program keeps in it cannot be read (first: blob at "
+                               f"offset {bad[0]} for {_owner(unet, bad[0])}: ")
+
+
+def test_inspect_fails_on_a_truncated_weight_file(packages: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    unet = packages / UNET_PKG
+    weight = unet / "Data/com.apple.CoreML/weights/weight.bin"
+    weight.write_bytes(weight.read_bytes()[: weight.stat().st_size // 2])
+    assert run_cli(["inspect", str(unet)]) == 1
+    captured = capsys.readouterr()
+    assert "Inputs:" in captured.out  # what could be read is still shown
+    lines = captured.err.splitlines()
+    assert lines[0].startswith(f"Error: {UNET_PKG}/Data/com.apple.CoreML/weights/weight.bin: is truncated")
+    assert lines[1].startswith(f"Hint: `coreml-hub verify {unet}` lists every problem.")
+    assert "not a pulled model" in lines[1]
+    assert run_cli(["inspect", str(unet), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["problems"]) == 1 and "is truncated" in data["problems"][0]["message"]
+
+
 def test_package_garbage_protobuf(packages: Path) -> None:
     spec = packages / UNET_PKG / "Data/com.apple.CoreML/model.mlmodel"
     spec.write_bytes(b"\xff" * 64)
@@ -391,11 +423,18 @@ def test_shape_disagreements(tmp_path: Path) -> None:
     report = verify(write_variant(tmp_path / "e", overrides={"text_encoder": short}))
     assert errors(report) == ["TextEncoder.mlmodelc: last_hidden_state has 64 tokens but the Unet's "
                               "encoder_hidden_states has 77"]
-    wrong_image = ([("z", "fp16", (1, 4, 8, 8))], [("image", "fp16", (1, 3, 32, 32))])
-    report = verify(write_variant(tmp_path / "f", overrides={"vae_decoder": wrong_image},
+    # the VAE's scale factor is read from its shapes (a two-block VAE scales by 4), but it must be one
+    # whole factor for both sides
+    scale_4 = ([("z", "fp16", (1, 4, 8, 8))], [("image", "fp16", (1, 3, 32, 32))])
+    report = verify(write_variant(tmp_path / "f", overrides={"vae_decoder": scale_4},
                                   components=["text_encoder", "unet", "vae_decoder"]))
-    assert errors(report) == ["VAEDecoder.mlmodelc: image is [1, 3, 32, 32]; for z [1, 4, 8, 8] it must be "
-                              "[1, 3, 64, 64]"]
+    assert errors(report) == []
+    for i, hw in enumerate([(32, 64), (36, 36)]):
+        wrong_image = ([("z", "fp16", (1, 4, 8, 8))], [("image", "fp16", (1, 3, *hw))])
+        report = verify(write_variant(tmp_path / f"g{i}", overrides={"vae_decoder": wrong_image},
+                                      components=["text_encoder", "unet", "vae_decoder"]))
+        assert errors(report) == [f"VAEDecoder.mlmodelc: image is [1, 3, {hw[0]}, {hw[1]}]; for z [1, 4, 8, 8] it "
+                                  "must be [1, 3, k*8, k*8] with one whole scale factor k for both sides"]
 
 
 def test_sdxl_contract(tmp_path: Path) -> None:
@@ -523,7 +562,9 @@ def test_verify_cli_exit_codes_and_json(compiled: Path, capsys: pytest.CaptureFi
     assert run_cli(["verify", str(compiled)]) == 1
     captured = capsys.readouterr()
     assert "Unet.mlmodelc/coremldata.bin" in captured.out and "is missing" in captured.out
-    assert "Invalid:" in captured.err and "Hint: Re-pull" in captured.err
+    # a folder that was never pulled cannot be mended by `pull --force`, and the hint says so
+    assert "Invalid:" in captured.err and "Hint: It is not a pulled model" in captured.err
+    assert "pull MODEL" not in captured.err
     assert run_cli(["verify", str(compiled), "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is False and data["errors"] == 1
@@ -552,8 +593,10 @@ def test_inspect_cli(compiled: Path, package_variant: Path, capsys: pytest.Captu
     from coreml_hub.mil.text import load
 
     assert loads(text.rstrip("\n")) == load(compiled / "VAEDecoder.mlmodelc")
-    assert run_cli(["inspect", str(compiled)]) == 1
-    assert "is not a Core ML bundle" in capsys.readouterr().err
+    assert run_cli(["inspect", str(compiled)]) == 2  # a variant: --component names one of its bundles
+    assert "is not a Core ML bundle but a variant" in capsys.readouterr().err
+    assert run_cli(["inspect", str(compiled), "--component", "unet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(compiled / "Unet.mlmodelc")
 
 
 def test_open_bundle_names_components(tmp_path: Path, package_variant: Path) -> None:
@@ -615,6 +658,21 @@ def test_factory_conversions_verify_clean(style: str, attention: str) -> None:
         if wrong == "original" else
         f"{unet}: the variant is split_einsum but the Unet has no einsum op (original attention)"
     ]
+
+
+@pytest.mark.slow
+def test_verify_takes_what_run_takes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from coreml_hub.testing.factory import converted
+
+    out = converted("sd1", "split_einsum")  # the folder `convert -o OUT` writes: OUT/<attention>/packages
+    assert run_cli(["verify", str(out)]) == 0, capsys.readouterr()
+    assert f"Valid: {out / 'split_einsum' / 'packages'} (5 bundles, split_einsum attention)" in capsys.readouterr().err
+    two = tmp_path / "two"
+    for attention in ("split_einsum", "original"):
+        shutil.copytree(converted("sd1", attention) / attention, two / attention)
+    assert run_cli(["verify", str(two)]) == 2  # as `run` does: a folder of several variants names them
+    err = capsys.readouterr().err
+    assert "holds several variants" in err and str(two / "original" / "packages") in err
 
 
 @pytest.mark.slow

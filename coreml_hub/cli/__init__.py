@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 import traceback
 from typing import Any
 
+IMPORTED = time.perf_counter()
+STARTED = IMPORTED  # when the current command began, for the wall times it reports (see run_cli)
+_commands_run = 0
+
 import click
 
-from .. import __version__
+from ..version import __version__
 from ..errors import translate
 from ..paths import debug
 
@@ -27,11 +32,15 @@ COMMANDS: dict[str, str] = {
     "ls": "store_cmds:ls_cmd",
     "rm": "store_cmds:rm_cmd",
     "cache": "store_cmds:cache_group",
+    "du": "store_cmds:du_cmd",
     "verify": "verify_cmds:verify_cmd",
     "inspect": "verify_cmds:inspect_cmd",
     "convert": "convert_cmd:convert_cmd",
     "run": "run_cmd:run_cmd",
+    "batch": "batch_cmd:batch_cmd",
+    "predict": "predict_cmd:predict_cmd",
     "serve": "serve_cmd:serve_cmd",
+    "app": "app_cmd:app_cmd",
     "plugins": "plugins_cmd:plugins_cmd",
     "demo": "demo_cmd:demo_cmd",
 }
@@ -43,11 +52,15 @@ SHORT_HELP: dict[str, str] = {
     "ls": "List pulled models.",
     "rm": "Remove pulled models.",
     "cache": "Manage the local store.",
+    "du": "Disk space by model, and what `cache prune` would free.",
     "verify": "Check that a variant or bundle is complete and consistent.",
     "inspect": "Show a bundle's inputs, outputs, ops and weights.",
     "convert": "Convert a diffusers pipeline to Core ML packages.",
     "run": "Generate images with a Core ML Stable Diffusion model.",
+    "batch": "Run a file of run/predict jobs, here or on a Ray cluster.",
+    "predict": "Run any Core ML model (ML Program) on given inputs.",
     "serve": "Serve a folder of repos as a read-only Hub mirror.",
+    "app": "Serve the web app and HTTP API, with models kept warm.",
     "plugins": "List installed plugins.",
     "demo": "Run the offline demo on a bundled tiny model.",
 }
@@ -129,6 +142,10 @@ def _fail(message: str, hint: str | None, code: int) -> int:
 
 def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: the single place errors become messages."""
+    global STARTED, _commands_run
+    # the first command of a process counts from this module's import (its own imports included)
+    STARTED = IMPORTED if _commands_run == 0 else time.perf_counter()
+    _commands_run += 1
     try:
         result = cli.main(args=argv, prog_name="coreml-hub", standalone_mode=False)
         # without standalone mode click returns (not raises) the code of `ctx.exit(n)` / `Exit(n)`
@@ -152,7 +169,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     except Exception as exc:  # the one exit point for every failure
         if debug():
             traceback.print_exc()
-        known = translate(exc)
+        known = translate(exc, endpoint=_endpoint())
         if known is not None:
             return _fail(known.message, known.hint, known.exit_code)
         return _fail(
@@ -160,6 +177,16 @@ def run_cli(argv: list[str] | None = None) -> int:
             "This is a bug in coreml-hub. Run again with COREML_HUB_DEBUG=1 for the traceback and report it.",
             1,
         )
+
+
+def _endpoint() -> str | None:
+    """The Hub endpoint as set now, for messages about a failure that does not name its URL."""
+    try:
+        from ..hub import endpoint
+
+        return endpoint()
+    except Exception:  # a message must never fail for want of an endpoint
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..errors import NoVariants, UsageError
+from ..errors import UsageError
 from .output import Column, Output, human_count, human_size, plural, relative_time
 
 if TYPE_CHECKING:
@@ -45,9 +45,14 @@ def _variant_count(variants: list[str]) -> str:
     return str(len(variants))
 
 
+def _pulled_cell(pulled: list[str]) -> str:
+    return ", ".join(pulled) if len(pulled) <= 2 else f"{len(pulled)} variants"
+
+
 LIST_COLUMNS = [
     Column("repo_id", "REPO"),
     Column("variants", "VARIANTS", _variant_count),
+    Column("pulled", "PULLED", lambda v: _pulled_cell(v) or "-"),
     Column("likes", "LIKES", human_count),
     Column("downloads", "DOWNLOADS", human_count),
     Column("last_modified", "UPDATED", relative_time),
@@ -68,7 +73,9 @@ Examples:
 Without --filter, --search or --author the search is limited to library=coreml, so
 the list shows Core ML models; pass any of them to search beyond that.
 Filter keys: library, author, pipeline_tag, tag (repeat --filter to combine).
-VARIANTS counts the runnable forms (attention x format) found in each repo's files.""",
+VARIANTS counts the runnable forms found in each repo's files (attention x format for
+diffusion pipelines, one per model bundle in plain Core ML repos); PULLED names the
+variants already in the local store (`coreml-hub ls`, `coreml-hub du`).""",
 )
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="library=, author=, pipeline_tag= or tag=; repeatable.")
@@ -101,6 +108,13 @@ def list_cmd(filters: tuple[str, ...], search: str | None, author: str | None, s
     models = search_models(filter=tags, search=search, author=author, pipeline_tag=pipeline_tag, sort=sort,
                            limit=limit)
     rows = [m.to_dict() for m in models]
+    from ..store import list_pulled
+
+    pulled: dict[str, list[str]] = {}
+    for p in list_pulled():
+        pulled.setdefault(p.repo.lower(), []).append(f"{p.variant}{p.form_flag}")
+    for row in rows:
+        row["pulled"] = sorted(set(pulled.get(row["repo_id"].lower(), [])))
     if not rows and not json_mode:
         out.info("No models found.")
         return
@@ -147,6 +161,17 @@ SHOW_COLUMNS = [
 ]
 
 
+# Single-model variants (plain Core ML repos) have no attention, resolution or Unet: show the bundle instead.
+MODEL_SHOW_COLUMNS = [
+    Column("id", "VARIANT"),
+    Column("size_bytes", "SIZE", human_size),
+    Column("format", "FORMAT"),
+    Column("tags", "TAGS", lambda v: ",".join(v) or "-"),
+    Column("root", "BUNDLE"),
+    Column("companions", "WITH", lambda v: ", ".join(v) or "-"),
+]
+
+
 @click.command(
     "show",
     epilog="""\b
@@ -157,19 +182,21 @@ Examples:
 
 \b
 SIZE is what a pull downloads. UNET lists the Unet forms a variant offers,
-the one pulled by default first (full Unet, or UnetChunk1 + UnetChunk2).""",
+the one pulled by default first (full Unet, or UnetChunk1 + UnetChunk2).
+In a plain Core ML repo every bundle is a variant: BUNDLE is its path in the repo,
+TAGS its precision and compression, WITH the companion files (tokenizer, config,
+labels) pulled with it.""",
 )
 @click.argument("repo")
 @click.option("--revision", help="Branch or commit sha (default: main).")
 @click.option("--json", "json_mode", is_flag=True, help="The repo and every variant as JSON.")
 def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
     """Show a repo's variants: size, components, attention, format, and the command that pulls each."""
-    from ..hub import repo_variants
+    from ..hub import no_variants, repo_variants
 
     snapshot, variants = repo_variants(repo, revision)
     if not variants:
-        raise NoVariants(f"{snapshot.repo_id} has no Core ML variant coreml-hub recognizes "
-                         f"({plural(len(snapshot.files), 'file')} at {snapshot.sha[:7]}).")
+        raise no_variants(snapshot)
     out = Output(json_mode=json_mode)
     records = []
     for v in variants:
@@ -177,6 +204,8 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
         record["unet"] = _unet_cell(v)
         record["unet_form_sizes"] = _form_sizes(v)
         record["pull_command"] = pull_command(snapshot.repo_id, v.id, revision)
+        if v.kind == "model":
+            record["companions"] = list(v.extra.get("companions") or ())
         records.append(record)
     if json_mode:
         doc = snapshot.to_dict()
@@ -189,7 +218,8 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
     click.echo(f"{snapshot.repo_id} @ {snapshot.revision} (commit {snapshot.sha[:7]}), updated {updated}, "
                f"{plural(len(variants), 'variant')}")
     click.echo()
-    out.table(records, SHOW_COLUMNS)
+    single_models = all(v.kind == "model" for v in variants)
+    out.table(records, MODEL_SHOW_COLUMNS if single_models else SHOW_COLUMNS)
     click.echo()
     click.echo("Pull with:")
     for record in records:

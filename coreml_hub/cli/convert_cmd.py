@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from .output import Column, Output, human_size
+from .output import Column, Output, human_size, stderr_is_tty
 
 ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
-COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "safety_checker")
+COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit", "vae_decoder", "vae_encoder",
+                   "safety_checker")
 
 
 @click.command(
@@ -18,6 +19,9 @@ Examples:
   coreml-hub convert ./my-diffusers-pipeline -o ./out --attention original --precision fp32
   coreml-hub convert stabilityai/stable-diffusion-2-1-base -o ./sd21 --chunk-unet --quantize-nbits 6
   coreml-hub convert ./pipe -o ./out --components unet,vae_decoder --latent-size 96 64
+  coreml-hub convert stabilityai/stable-diffusion-3-medium-diffusers -o ./sd3 --latent-size 64 64
+  coreml-hub convert stabilityai/stable-diffusion-xl-base-1.0 -o ./sdxl \\
+      --refiner stabilityai/stable-diffusion-xl-refiner-1.0 --attention original
 
 \b
 SOURCE is a local diffusers pipeline folder or a Hub repo id (only model_index.json, the
@@ -27,14 +31,24 @@ are downloaded; HF_ENDPOINT and HF_TOKEN apply). OUT becomes a repo of its own:
   OUT/tokenizer/{vocab.json,merges.txt}  OUT/scheduler/scheduler_config.json
   OUT/README.md  OUT/.hub.json
 so `coreml-hub serve` can mirror it and `coreml-hub pull` can fetch it. Converting again
-into the same OUT with another --attention adds that attention's folder.
+into the same OUT with another --attention adds that attention's folder. Everything is
+written into a hidden folder in OUT and moved into place at the end: an interrupted
+conversion (Ctrl-C) leaves nothing that looks like a conversion. Progress: bars on a
+terminal, one line per component otherwise; -q prints only OUT.
+SD3 (StableDiffusion3Pipeline) gives text_encoder, text_encoder_2, text_encoder_t5 (T5,
+OUT/tokenizer_3/), mmdit (MultiModalDiffusionTransformer, float32, original attention),
+vae_decoder and vae_encoder; leave T5 out with --components.
+--refiner adds an SDXL refiner's Unet beside an SDXL base, as Apple's --refiner-version:
+  OUT/<attention>/packages/Stable_Diffusion_version_<base>_refiner.mlpackage
+(with --chunk-unet also _refiner_chunk1/2); only the refiner's Unet is read, and
+--components refiner converts it alone.
 --format compiled also writes OUT/<attention>/compiled/*.mlmodelc with Apple's compiler
 (macOS with Xcode only).""",
 )
 @click.argument("source")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--attention", type=click.Choice(ATTENTIONS), default="split_einsum", show_default=True,
-              help="Attention implementation in the Unet.")
+@click.option("--attention", type=click.Choice(ATTENTIONS), default=None,
+              help="Attention implementation in the Unet [default: split_einsum; SD3: original].")
 @click.option("--precision", type=click.Choice(("fp16", "fp32")), default="fp16", show_default=True,
               help="Compute precision (and input dtype of the Unet, VAE and safety checker).")
 @click.option("--chunk-unet", is_flag=True, help="Also write the Unet as two chunks (unet_chunk1, unet_chunk2).")
@@ -48,14 +62,17 @@ into the same OUT with another --attention adds that attention's folder.
 @click.option("--model-version", metavar="ORG/NAME", default=None,
               help="Model id that names the packages (default: the repo id, or the folder's name).")
 @click.option("--revision", metavar="REV", default=None, help="Branch, tag or commit of a Hub SOURCE.")
+@click.option("--refiner", "refiner", metavar="REFINER_SOURCE", default=None,
+              help="An SDXL refiner (folder or repo id) whose Unet to convert beside the SDXL base.")
 @click.option("--format", "fmt", type=click.Choice(("packages", "compiled")), default="packages", show_default=True,
               help="compiled: also compile to .mlmodelc (macOS with Xcode).")
 @click.option("--json", "json_mode", is_flag=True, help="Print the result as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; print only the output folder.")
-def convert_cmd(source: str, out_dir: str, attention: str, precision: str, chunk_unet: bool, unet_batch_one: bool,
+def convert_cmd(source: str, out_dir: str, attention: str | None, precision: str, chunk_unet: bool, unet_batch_one: bool,
                 quantize_nbits: str | None, latent_size: tuple[int, int] | None, components: str | None,
-                model_version: str | None, revision: str | None, fmt: str, json_mode: bool, quiet: bool) -> None:
-    """Convert a diffusers Stable Diffusion pipeline (SD 1.x/2.x, SDXL) to Core ML."""
+                model_version: str | None, revision: str | None, refiner: str | None, fmt: str, json_mode: bool,
+                quiet: bool) -> None:
+    """Convert a diffusers Stable Diffusion pipeline (SD 1.x/2.x, SDXL, SD3) to Core ML."""
     from ..convert import convert
 
     out = Output(json_mode=json_mode, quiet=quiet)
@@ -70,9 +87,11 @@ def convert_cmd(source: str, out_dir: str, attention: str, precision: str, chunk
         latent_size=tuple(latent_size) if latent_size else None,
         components=components,
         model_version=model_version,
-        progress=not (quiet or json_mode),
+        progress=not (quiet or json_mode) and stderr_is_tty(),  # bars on a terminal; plain lines in logs
         format=fmt,
         revision=revision,
+        refiner=refiner,
+        on_message=None if quiet or json_mode else out.info,
     )
     if json_mode:
         out.json(result.to_dict())

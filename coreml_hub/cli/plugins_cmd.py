@@ -26,8 +26,15 @@ that fails to import is reported and skipped.""",
 @click.option("-q", "--quiet", is_flag=True, help="Print plugin names only.")
 def plugins_cmd(json_mode: bool, quiet: bool) -> None:
     """List installed plugins: name, version, hooks and the distribution that provides each."""
-    from ..plugins import failures, list_plugins, registered_by
+    from ..errors import CoremlHubError
+    from ..plugins import failures, installed, list_plugins, registered_by, restriction, unknown_requested
 
+    unknown = unknown_requested()
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        raise CoremlHubError(f"{restriction()} names {names}, which no installed plugin provides.",
+                             hint=f"Installed plugins: {', '.join(installed()) or 'none'}; fix or unset "
+                                  "COREML_HUB_PLUGINS.")
     rows = [{"name": p.name, "version": p.version, "hooks": list(p.hooks), "distribution": p.distribution,
              "module": p.module, "status": "loaded", "error": None, **_provides(registered_by(p.name))}
             for p in list_plugins()]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import UsageError
-from .output import Column, Output, human_size, relative_time, stderr_is_tty
+from .output import Column, Output, human_size, plural, relative_time, stderr_is_tty
 
 if TYPE_CHECKING:
     from ..pulling import PlannedFile, PullPlan
@@ -24,6 +24,7 @@ Examples:
   coreml-hub pull apple/coreml-stable-diffusion-v1-5:original/packages --chunked
   coreml-hub pull coreml-community/coreml-anything-v3.0 --variant original/512x768/anything_original_512x768.zip
   coreml-hub pull apple/coreml-stable-diffusion-2-1-base --dry-run --json
+  coreml-hub pull apple/coreml-depth-anything-v2-small --variant DepthAnythingV2SmallF16
 
 \b
 Default variant (no --variant, several in the repo):
@@ -34,6 +35,8 @@ Default variant (no --variant, several in the repo):
     carries its own tokenizer).
   Then untagged before tagged, default resolution first, smaller download first;
   a partial variant (a lone Unet) is never the default.
+  Single models (plain Core ML repos: one variant per bundle): fp32 first on a CPU,
+    fp16 first on a GPU or with Core ML; quantized ones last.
 The full Unet is fetched unless --chunked is given or the variant only ships chunks.
 Packages variants also get the tokenizer and scheduler config files (never weights) of the
 PyTorch model they were converted from, named by the files or by --model-version.
@@ -46,7 +49,7 @@ COREML_HUB_HOME, COREML_HUB_DOWNLOAD_WORKERS (files at once, 4), COREML_HUB_DOWN
 (first backoff, 1 s).""",
 )
 @click.argument("model")
-@click.option("--variant", "variant", metavar="ID", help="Variant id, or its folder or archive path in the repo.")
+@click.option("--variant", "variant", metavar="ID", help="Variant id, or its folder, bundle or archive path in the repo.")
 @click.option("--revision", metavar="REV", help="Branch, tag or commit (default: main).")
 @click.option("--force", is_flag=True, help="Download again even if the store holds the variant.")
 @click.option("--dry-run", is_flag=True, help="Print the files and bytes it would fetch; fetch nothing.")
@@ -120,6 +123,7 @@ def _print_plan(out: Output, plan: PullPlan) -> None:
 LS_COLUMNS = [
     Column("model", "Model"),
     Column("variant", "Variant"),
+    Column("unet", "Unet"),  # full or chunked: `--chunked` names the second form in rm, verify and run
     Column("size_bytes", "Size", human_size),
     Column("pulled_at", "Pulled", relative_time),
     Column("status", "Status"),
@@ -135,8 +139,7 @@ def ls_rows(pulled: list[PulledVariant]) -> list[dict[str, Any]]:
     for p in pulled:
         row = p.to_dict()
         row["model"] = p.repo if len(commits[p.repo]) == 1 else f"{p.repo}@{p.commit[:7]}"
-        if p.unet_form == "chunked":
-            row["variant"] = f"{p.variant} (chunked)"
+        row["unet"] = p.unet
         rows.append(row)
     return rows
 
@@ -147,13 +150,18 @@ def ls_rows(pulled: list[PulledVariant]) -> list[dict[str, Any]]:
 Examples:
   coreml-hub ls
   coreml-hub ls --json
-  coreml-hub ls apple/coreml-stable-diffusion-v1-5""",
+  coreml-hub ls apple/coreml-stable-diffusion-v1-5
+
+\b
+UNET is the form of the Unet pulled: full, or chunked (UnetChunk1 + UnetChunk2, pulled with
+--chunked). Both forms of one variant can be pulled; `--chunked` / `--no-chunked` picks one
+in rm, verify and run.""",
 )
 @click.argument("repo", required=False)
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print model ids only.")
 def ls_cmd(repo: str | None, json_mode: bool, quiet: bool) -> None:
-    """List pulled models: MODEL, VARIANT, SIZE, PULLED, STATUS (same as `list --local`)."""
+    """List pulled models: MODEL, VARIANT, UNET, SIZE, PULLED, STATUS (same as `list --local`)."""
     from ..store import list_pulled
 
     out = Output(json_mode=json_mode, quiet=quiet)
@@ -166,7 +174,13 @@ def ls_cmd(repo: str | None, json_mode: bool, quiet: bool) -> None:
             click.echo(f"{p.repo}:{p.variant}")
         return
     if not pulled:
-        out.info("Nothing pulled yet. Pull a model with `coreml-hub pull ORG/NAME`.")
+        others = list_pulled() if repo else []
+        if others:
+            models = len({p.repo for p in others})
+            out.info(f"{repo} is not pulled; {plural(models, 'other model')} {'is' if models == 1 else 'are'} "
+                     f"(`coreml-hub ls` lists them). Pull it with `coreml-hub pull {repo}`.")
+        else:
+            out.info("Nothing pulled yet. Pull a model with `coreml-hub pull ORG/NAME`.")
         return
     out.table(ls_rows(pulled), LS_COLUMNS)
 
@@ -177,23 +191,27 @@ def ls_cmd(repo: str | None, json_mode: bool, quiet: bool) -> None:
 Examples:
   coreml-hub rm apple/coreml-stable-diffusion-v1-5                  # every pulled variant
   coreml-hub rm apple/coreml-stable-diffusion-v1-5:split_einsum/compiled -y
+  coreml-hub rm apple/coreml-stable-diffusion-v1-5:original/compiled --chunked   # the chunked Unet form only
   coreml-hub rm apple/coreml-stable-diffusion-v1-5@abc1234 --dry-run   # one commit""",
 )
 @click.argument("model")
 @click.option("--variant", metavar="ID", help="Only this variant.")
 @click.option("--revision", metavar="REV", help="Only the commit this revision or commit prefix names.")
+@click.option("--chunked/--no-chunked", default=None,
+              help="Only the chunked / the full Unet form (default: both, when both are pulled).")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask.")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed.")
 @click.option("--json", "json_mode", is_flag=True, help="Print JSON.")
-def rm_cmd(model: str, variant: str | None, revision: str | None, yes: bool, dry_run: bool, json_mode: bool) -> None:
+def rm_cmd(model: str, variant: str | None, revision: str | None, chunked: bool | None, yes: bool, dry_run: bool,
+           json_mode: bool) -> None:
     """Remove pulled variants of MODEL (ORG/NAME[@REVISION][:VARIANT]) from the store."""
     from ..store import remove
 
     out = Output(json_mode=json_mode)
-    planned = remove(model, variant=variant, revision=revision, dry_run=True)
+    planned = remove(model, variant=variant, revision=revision, chunked=chunked, dry_run=True)
     entries, total = list(planned.entries), planned.bytes_freed
     if not json_mode:
-        out.table(ls_rows(entries), LS_COLUMNS[:3] + [Column("path", "Path")])
+        out.table(ls_rows(entries), LS_COLUMNS[:4] + [Column("path", "Path")])
     if dry_run:
         if json_mode:
             out.json(planned.to_dict())
@@ -205,11 +223,50 @@ def rm_cmd(model: str, variant: str | None, revision: str | None, yes: bool, dry
             raise UsageError(f"Removing {len(entries)} variant(s) ({human_size(total)}) needs confirmation.",
                              hint="Pass -y to remove without asking, or --dry-run to see what would go.")
         click.confirm(f"Remove {len(entries)} variant(s), freeing {human_size(total)}?", abort=True, err=True)
-    result = remove(model, variant=variant, revision=revision)
+    result = remove(model, variant=variant, revision=revision, chunked=chunked)
     if json_mode:
         out.json(result.to_dict())
     else:
         click.echo(f"Removed {len(result.entries)} variant(s), freed {human_size(result.bytes_freed)}.")
+
+
+@click.command(
+    "du",
+    epilog="""\b
+Examples:
+  coreml-hub du
+  coreml-hub du --json
+
+\b
+SIZE is what each model's pulled variants (every commit, both Unet forms) take on disk;
+PRUNABLE is what `coreml-hub cache prune` would free of it (interrupted downloads, refs to
+removed commits, leftover folders). Remove a model with `coreml-hub rm MODEL`.""",
+)
+@click.option("--json", "json_mode", is_flag=True, help="Print JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print the total in bytes only.")
+def du_cmd(json_mode: bool, quiet: bool) -> None:
+    """Disk space by model, and what `cache prune` would free."""
+    from ..store import disk_usage
+
+    out = Output(json_mode=json_mode, quiet=quiet)
+    usage = disk_usage()
+    if json_mode:
+        out.json(usage.to_dict())
+        return
+    if quiet:
+        click.echo(str(usage.size + usage.prunable))
+        return
+    if usage.repos:
+        out.table([r.to_dict() for r in usage.repos], [
+            Column("repo", "Model"), Column("variants", "Variants"), Column("size_bytes", "Size", human_size),
+            Column("prunable_bytes", "Prunable", lambda n: human_size(n) if n else "-")])
+    models = sum(1 for r in usage.repos if r.variants)
+    line = f"{human_size(usage.size)} in {plural(models, 'pulled model')} under {usage.home}"
+    if usage.prunable:
+        line += f"; `coreml-hub cache prune` would free {human_size(usage.prunable)} more."
+    else:
+        line += "; nothing to prune."
+    out.info(line)
 
 
 @click.group("cache", epilog="""\b
@@ -251,8 +308,12 @@ def cache_prune_cmd(dry_run: bool, json_mode: bool) -> None:
         out.table(rows, [Column("kind", "Kind"), Column("size_bytes", "Size", human_size), Column("path", "Path")])
     for skipped in result.skipped_locked:
         out.info(f"Skipped {_rel(skipped, root)}: a running pull holds it.")
+    if not result.items:
+        out.info("Nothing to prune: no interrupted downloads, stale refs or empty folders"
+                 + (" (a running pull holds what is in staging)." if result.skipped_locked else "."))
+        return
     verb = "Would free" if dry_run else "Freed"
-    click.echo(f"{verb} {human_size(result.bytes_freed)} ({len(result.items)} item(s)).")
+    click.echo(f"{verb} {human_size(result.bytes_freed)} ({plural(len(result.items), 'item')}).")
 
 
 def _rel(path: Path, root: Path) -> str:

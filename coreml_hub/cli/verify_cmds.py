@@ -9,7 +9,7 @@ import click
 from .output import Column, Output, format_table, human_size, plural, stderr_is_tty
 
 if TYPE_CHECKING:
-    from ..bundle import Port, VerifyReport
+    from ..bundle import Inspection, Port, VerifyReport
 
 
 @click.command(
@@ -19,6 +19,7 @@ Examples:
   coreml-hub verify apple/coreml-stable-diffusion-v1-5:split_einsum/compiled
   coreml-hub verify ./my-variant --hashes
   coreml-hub verify Unet.mlmodelc --json
+  coreml-hub verify apple/coreml-stable-diffusion-v1-5:original/compiled --chunked
 
 \b
 TARGET is a pulled model (ORG/NAME[@REV][:VARIANT]), a variant folder, or one bundle
@@ -31,14 +32,17 @@ Exit status: 0 valid (warnings allowed), 1 problems found, 2 usage error.""",
 )
 @click.argument("target", metavar="TARGET")
 @click.option("--hashes", is_flag=True, help="Also recompute every file's sha256 and compare with the pull manifest.")
+@click.option("--chunked/--no-chunked", default=None,
+              help="A pulled model's chunked / full Unet form, when both are pulled.")
 @click.option("--json", "json_mode", is_flag=True, help="Print the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing; only the exit status tells.")
-def verify_cmd(target: str, hashes: bool, json_mode: bool, quiet: bool) -> None:
+def verify_cmd(target: str, hashes: bool, chunked: bool | None, json_mode: bool, quiet: bool) -> None:
     """Check that a variant or a bundle is complete, well formed and consistent."""
     from ..bundle import verify
 
     out = Output(json_mode=json_mode, quiet=quiet)
-    report = verify(target, hashes=hashes, progress=hashes and not quiet and not json_mode and stderr_is_tty())
+    report = verify(target, hashes=hashes, chunked=chunked,
+                    progress=hashes and not quiet and not json_mode and stderr_is_tty())
     _record_in_store(report)
     if json_mode:
         out.json(report.to_dict())
@@ -87,23 +91,51 @@ def _record_in_store(report: VerifyReport) -> None:
 Examples:
   coreml-hub inspect Unet.mlmodelc
   coreml-hub inspect Stable_Diffusion_version_runwayml_stable-diffusion-v1-5_text_encoder.mlpackage --json
-  coreml-hub inspect VAEDecoder.mlmodelc --mil > vae_decoder.mil""",
+  coreml-hub inspect VAEDecoder.mlmodelc --mil > vae_decoder.mil
+  coreml-hub inspect apple/coreml-stable-diffusion-v1-5:split_einsum/compiled --component unet
+  coreml-hub inspect ./converted --component vae_decoder    # the -o folder of `convert`
+  coreml-hub inspect apple/coreml-depth-anything-v2-small:DepthAnythingV2SmallF16
+
+\b
+TARGET is one bundle (.mlmodelc or .mlpackage folder), or a variant with --component naming
+one of its bundles: a variant folder, or a pulled model (ORG/NAME[@REV][:VARIANT]). A pulled
+single-model variant (MODEL[:VARIANT] of a plain Core ML repo, or its folder in the store)
+needs no --component.""",
 )
-@click.argument("bundle", metavar="BUNDLE", type=click.Path(exists=True, file_okay=False))
+@click.argument("target", metavar="TARGET")
+@click.option("--component", metavar="NAME",
+              help="The bundle of a variant to show: unet, text_encoder, vae_decoder, ... (or Unet.mlmodelc).")
+@click.option("--chunked/--no-chunked", default=None,
+              help="A pulled model's chunked / full Unet form, when both are pulled.")
 @click.option("--mil", "mil", is_flag=True, help="Print the whole program as model.mil text instead of the summary.")
 @click.option("--json", "json_mode", is_flag=True, help="Print as JSON (with --mil: the text under \"mil\").")
-def inspect_cmd(bundle: str, mil: bool, json_mode: bool) -> None:
+def inspect_cmd(target: str, component: str | None, chunked: bool | None, mil: bool, json_mode: bool) -> None:
     """Show a bundle's inputs, outputs, op histogram and weight bytes by dtype."""
-    from ..bundle import inspect_bundle
+    from ..bundle import component_path, inspect_bundle
 
     out = Output(json_mode=json_mode)
-    info = inspect_bundle(bundle, mil=mil)
+    info = inspect_bundle(component_path(target, component, chunked=chunked), mil=mil)
     if json_mode:
         out.json(info.to_dict())
-        return
-    if mil:
+    elif mil:
         click.echo(info.mil)
-        return
+    else:
+        _print_inspection(info)
+    if info.problems:
+        _fail_on(info)
+
+
+def _fail_on(info: Inspection) -> None:
+    """The summary is printed; damaged weights still make the command fail, naming the first."""
+    from ..errors import InvalidBundle
+
+    first = info.problems[0]
+    more = f" (and {plural(len(info.problems) - 1, 'more problem')})" if len(info.problems) > 1 else ""
+    raise InvalidBundle(f"{first.path}: {first.message}{more}.",
+                        hint=f"`coreml-hub verify {info.path}` lists every problem. {first.hint or ''}".strip())
+
+
+def _print_inspection(info: Inspection) -> None:
     functions = ", ".join(f"{name}<{opset}>" for name, opset in info.functions)
     click.echo(f"{info.path}  ({info.format}, program {info.program_version}, {functions}, "
                f"{human_size(info.size_bytes)} on disk)")

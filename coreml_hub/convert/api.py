@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import ConversionError, UsageError
 from .naming import ATTENTIONS as IMPLEMENTATIONS
 from .naming import COMPONENTS, DEFAULT_QUERY_CHUNK_SIZE, package_name
+from .refiner import BASE_TIME_IDS, REFINER, REFINER_TIME_IDS, refiner_source
 
 PRECISIONS = ("fp16", "fp32")
 QUANTIZE_NBITS = (2, 4, 6, 8)
 FORMATS = ("packages", "compiled")
 # Components whose weights `quantize_nbits` palettizes (as Apple's converter does).
-QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit", "refiner")
+# Unets that --chunk-unet writes as two chunks as well (Apple chunks the refiner with the Unet).
+CHUNKED_COMPONENTS = ("unet", "refiner")
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class ConversionResult:
 
     out: Path
     model_version: str
-    arch: str  # "sd" or "sdxl"
+    arch: str  # "sd", "sdxl" or "sd3"
     attention: str
     precision: str
     format: str
@@ -46,6 +52,7 @@ class ConversionResult:
     components: tuple[ComponentResult, ...]
     extra_files: tuple[Path, ...] = field(default=())
     seconds: float = 0.0
+    refiner_version: str | None = None  # the refiner pipeline converted beside the base, if any
 
     @property
     def packages(self) -> dict[str, Path]:
@@ -71,6 +78,7 @@ class ConversionResult:
             "image_size": list(self.image_size),
             "unet_batch": self.unet_batch,
             "quantize_nbits": self.quantize_nbits,
+            "refiner_version": self.refiner_version,
             "seconds": round(self.seconds, 2),
             "components": [
                 {"name": c.name, "path": str(c.path), "size_bytes": c.size_bytes, "seconds": round(c.seconds, 2)}
@@ -85,24 +93,26 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _parse_components(components: Iterable[str] | str | None) -> tuple[str, ...] | None:
+def _parse_components(components: Iterable[str] | str | None, refiner: bool = False) -> tuple[str, ...] | None:
     if components is None:
         return None
     if isinstance(components, str):
         components = [c for c in components.split(",")]
     names = tuple(dict.fromkeys(c.strip() for c in components if c.strip()))
-    unknown = [c for c in names if c not in COMPONENTS]
+    known = COMPONENTS + ((REFINER,) if refiner else ())
+    unknown = [c for c in names if c not in known]
     if unknown:
-        raise UsageError(
-            f"Unknown component(s): {', '.join(unknown)}.", hint=f"Choose from: {', '.join(COMPONENTS)}."
-        )
+        hint = f"Choose from: {', '.join(known)}."
+        if REFINER in unknown:
+            hint = "The refiner is converted with --refiner REFINER_SOURCE; " + hint
+        raise UsageError(f"Unknown component(s): {', '.join(unknown)}.", hint=hint)
     if not names:
         raise UsageError("--components is empty.", hint=f"Choose from: {', '.join(COMPONENTS)}.")
     return names
 
 
-def _validate(attention: str, precision: str, quantize_nbits: int | None, latent_size: Any, fmt: str) -> None:
-    if attention not in IMPLEMENTATIONS:
+def _validate(attention: str | None, precision: str, quantize_nbits: int | None, latent_size: Any, fmt: str) -> None:
+    if attention is not None and attention not in IMPLEMENTATIONS:
         raise UsageError(f"Unknown attention {attention!r}.", hint=f"Choose from: {', '.join(IMPLEMENTATIONS)}.")
     if precision not in PRECISIONS:
         raise UsageError(f"Unknown precision {precision!r}.", hint="Choose fp16 or fp32.")
@@ -115,6 +125,19 @@ def _validate(attention: str, precision: str, quantize_nbits: int | None, latent
         raise UsageError(f"Unknown format {fmt!r}.", hint="Choose packages or compiled.")
 
 
+def _attention_for(arch: str, attention: str | None, chunk_unet: bool) -> str:
+    """The attention to convert with: the asked one, else the family's default (SD3: original only)."""
+    if arch != "sd3":
+        return attention or "split_einsum"
+    if attention not in (None, "original"):
+        raise UsageError(f"SD3's transformer converts with original attention only (asked: {attention}).",
+                         hint="Drop --attention, or pass --attention original.")
+    if chunk_unet:
+        raise UsageError("--chunk-unet splits a Unet; SD3 has a transformer (MultiModalDiffusionTransformer).",
+                         hint="Drop --chunk-unet.")
+    return "original"
+
+
 def _geometry(folder: Path, latent_size: tuple[int, int] | None, batch: int) -> tuple[Any, tuple[int, int], int]:
     from .components import Geometry
 
@@ -125,7 +148,8 @@ def _geometry(folder: Path, latent_size: tuple[int, int] | None, batch: int) -> 
     vae = cfg("vae")
     scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
     if latent_size is None:
-        sample = cfg("unet").get("sample_size") or (vae.get("sample_size", 512) // scale)
+        denoiser = cfg("unet") or cfg("transformer")
+        sample = denoiser.get("sample_size") or (vae.get("sample_size", 512) // scale)
         h, w = (sample, sample) if isinstance(sample, int) else tuple(sample)
     else:
         h, w = int(latent_size[0]), int(latent_size[1])
@@ -135,9 +159,13 @@ def _geometry(folder: Path, latent_size: tuple[int, int] | None, batch: int) -> 
 
 
 class _Progress:
-    """One stderr line per component: a short bar over its stages."""
+    """One stderr line per component: a short bar over its stages (on a terminal), or one plain
+    line when the component is done (`on_line`, for logs: no carriage returns)."""
 
-    def __init__(self, name: str, stages: list[str], enabled: bool) -> None:
+    def __init__(self, name: str, stages: list[str], enabled: bool,
+                 on_line: Callable[[str], None] | None = None) -> None:
+        self.name = name
+        self.on_line = on_line
         from tqdm import tqdm
 
         self.bar = tqdm(
@@ -159,13 +187,45 @@ class _Progress:
     def close(self, note: str) -> None:
         self.bar.set_postfix_str(note)
         self.bar.close()
+        if self.on_line is not None and self.bar.disable:
+            self.on_line(f"{self.name}: {note}")
+
+
+PARTIAL_PREFIX = ".coreml-hub-partial-"  # inside OUT while converting: hidden, so nothing takes it for a variant
+
+
+def _install(stage: Path, out: Path) -> None:
+    """Move a finished conversion from `stage` into `out`, one rename per bundle or file.
+
+    Bundles and files of the same name in `out` are replaced; others there (another attention,
+    components converted earlier) stay.
+    """
+    trash = stage / ".replaced"
+    trash.mkdir()
+
+    def put(src: Path, dest: Path) -> None:
+        if dest.exists() or dest.is_symlink():
+            os.replace(dest, trash / uuid.uuid4().hex)
+        os.replace(src, dest)
+
+    for item in sorted(stage.iterdir()):
+        if item == trash:
+            continue
+        dest = out / item.name
+        if item.name in IMPLEMENTATIONS and dest.is_dir():  # OUT/<attention>/{packages,compiled}/<bundle>
+            for fmt in sorted(item.iterdir()):
+                (dest / fmt.name).mkdir(parents=True, exist_ok=True)
+                for bundle in sorted(fmt.iterdir()):
+                    put(bundle, dest / fmt.name / bundle.name)
+        else:
+            put(item, dest)
 
 
 def convert(
     source: str | Path,
     out: str | Path,
     *,
-    attention: str = "split_einsum",
+    attention: str | None = None,
     precision: str = "fp16",
     chunk_unet: bool = False,
     unet_batch_one: bool = False,
@@ -177,20 +237,33 @@ def convert(
     format: str = "packages",
     revision: str | None = None,
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
+    refiner: str | Path | None = None,
+    on_message: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert a diffusers pipeline (local folder or Hub repo id) to Core ML.
 
     Writes `out/<attention>/packages/Stable_Diffusion_version_<org>_<name>_<component>.mlpackage`
     (and `out/<attention>/compiled/*.mlmodelc` with `format="compiled"`, macOS only), the
-    tokenizer(s) and scheduler config, a model card and `.hub.json`.
+    tokenizer(s) and scheduler config, a model card and `.hub.json`. `attention` defaults to
+    `split_einsum` (SD 1.x/2.x, SDXL) and is `original` for SD3, whose transformer is exported
+    with plain attention as DiffusionKit exports it; SD3's transformer is float32 whatever
+    `precision` says (Apple's contract). `refiner` (an SDXL refiner's folder or repo id; only
+    its Unet is read) adds `..._refiner.mlpackage` beside an SDXL base, as Apple's
+    `--refiner-version` does; `components` may then name `refiner` alone.
+    Everything is written into a hidden folder inside `out` first and moved into place at the
+    end, so an interrupted or failed conversion leaves nothing in `out` that looks like (part of)
+    a conversion. `progress` shows bars (terminals); without it, `on_message` gets one plain line
+    per component.
     """
     from . import source as sources
-    from .components import Job, convert_component, import_coremltools
-    from ..cli.output import human_size
+    from .components import import_coremltools
 
     started = time.time()
     _validate(attention, precision, quantize_nbits, latent_size, format)
-    wanted = _parse_components(components)
+    wanted = _parse_components(components, refiner=refiner is not None)
+    with_refiner = refiner is not None and (wanted is None or REFINER in wanted)
+    if wanted is not None:
+        wanted = tuple(c for c in wanted if c != REFINER)
     if format == "compiled":
         from .compile import ensure_compiler
 
@@ -202,7 +275,7 @@ def convert(
         src, chosen = sources.from_folder(src_path, wanted)
         default_version = src_path.resolve().name
     elif sources.looks_like_repo_id(str(source)):
-        src, chosen = sources.from_hub(str(source), wanted, revision=revision)
+        src, chosen = sources.from_hub(str(source), wanted, revision=revision, progress=progress)
         default_version = str(source)
     elif str(source).startswith((".", "/", "~")) or src_path.exists():
         raise ConversionError(
@@ -215,32 +288,90 @@ def convert(
             hint="Pass a local diffusers pipeline folder, or a repo id such as runwayml/stable-diffusion-v1-5.",
         )
     version = model_version or default_version
+    attention = _attention_for(src.arch, attention, chunk_unet)
+    refiner_src = refiner_source(refiner, src, revision) if refiner is not None else None
     batch = 1 if unet_batch_one else 2
     geometry, latent, scale = _geometry(src.folder, latent_size, batch)
 
     import_coremltools()
-    packages_dir = out / attention / "packages"
+    created = not out.exists()
+    stage = out / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+    stage.mkdir(parents=True)
+    try:
+        results, extra_files, _order = _convert_into(
+            stage, out, src, chosen, version, attention, precision, geometry, latent, scale, chunk_unet,
+            quantize_nbits, query_chunk_size, format, progress, on_message, refiner_src if with_refiner else None)
+        _install(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            _remove_if_empty(out)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+    def moved(path: Path) -> Path:
+        return out / path.relative_to(stage) if path.is_relative_to(stage) else path
+
+    return ConversionResult(
+        out=out,
+        model_version=version,
+        arch=src.arch,
+        attention=attention,
+        precision=precision,
+        format=format,
+        latent_size=latent,
+        image_size=(latent[0] * scale, latent[1] * scale),
+        unet_batch=batch,
+        quantize_nbits=quantize_nbits,
+        components=tuple(replace(c, path=moved(c.path)) for c in results),
+        extra_files=tuple(moved(p) for p in extra_files),
+        seconds=time.time() - started,
+        refiner_version=(refiner_src.repo_id or str(refiner_src.folder)) if with_refiner and refiner_src else None,
+    )
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _convert_into(stage: Path, out: Path, src: Any, chosen: tuple[str, ...], version: str, attention: str,
+                  precision: str, geometry: Any, latent: tuple[int, int], scale: int, chunk_unet: bool,
+                  quantize_nbits: int | None, query_chunk_size: int, format: str, progress: bool,
+                  on_message: Callable[[str], None] | None,
+                  refiner_src: Any = None) -> tuple[list[ComponentResult], list[Path], list[str]]:
+    """Every component (and the refiner's Unet when `refiner_src` is given), the repo files and
+    (macOS) the compiled bundles, written into `stage`."""
+    from . import source as sources
+    from .components import Job, convert_component
+    from ..human import human_size
+
+    packages_dir = stage / attention / "packages"
     packages_dir.mkdir(parents=True, exist_ok=True)
     results: list[ComponentResult] = []
-    order = [c for c in COMPONENTS if c in chosen]
+    order = [c for c in COMPONENTS if c in chosen] + ([REFINER] if refiner_src is not None else [])
     for comp in order:
         stages = ["trace + convert", "save"]
         if quantize_nbits and comp in QUANTIZED_COMPONENTS:
             stages.append(f"palettize {quantize_nbits}-bit")
-        if comp == "unet" and chunk_unet:
+        if comp in CHUNKED_COMPONENTS and chunk_unet:
             stages.append("chunk")
-        bar = _Progress(comp, stages, progress)
+        bar = _Progress(comp, stages, progress, on_message)
         t0 = time.time()
+        comp_src = refiner_src if comp == REFINER else src
         job = Job(
             component=comp,
-            folder=src.folder,
-            variant=src.variants.get(sources.SUBFOLDERS[comp]),
-            arch=src.arch,
+            folder=comp_src.folder,
+            variant=comp_src.variants.get(sources.SUBFOLDERS.get(comp, "unet")),
+            arch=comp_src.arch,
             attention=attention,
             precision=precision,
             geometry=geometry,
             model_version=version,
             query_chunk_size=query_chunk_size,
+            time_ids=REFINER_TIME_IDS if comp == REFINER else BASE_TIME_IDS,
         )
         dest = packages_dir / package_name(version, comp)
         try:
@@ -255,15 +386,15 @@ def convert(
                 palettize(dest, quantize_nbits)
                 bar.step()
             extra: list[Path] = []
-            if comp == "unet" and chunk_unet:
+            if comp in CHUNKED_COMPONENTS and chunk_unet:
                 from .chunking import chunk_package
 
                 bar.start("chunk")
                 extra = list(
                     chunk_package(
                         dest,
-                        packages_dir / package_name(version, "unet_chunk1"),
-                        packages_dir / package_name(version, "unet_chunk2"),
+                        packages_dir / package_name(version, f"{comp}_chunk1"),
+                        packages_dir / package_name(version, f"{comp}_chunk2"),
                     )
                 )
                 bar.step()
@@ -274,33 +405,21 @@ def convert(
         bar.close(f"{human_size(_size(dest))} in {seconds:.1f}s")
         results.append(ComponentResult(comp, dest, _size(dest), seconds))
         for i, path in enumerate(extra, start=1):
-            results.append(ComponentResult(f"unet_chunk{i}", path, _size(path), 0.0))
+            results.append(ComponentResult(f"{comp}_chunk{i}", path, _size(path), 0.0))
         gc.collect()
 
-    extra_files = _write_repo_files(src, out, version, attention, precision, quantize_nbits, order, latent, scale)
+    extra_files = _write_repo_files(src, stage, out, version, attention, precision, quantize_nbits, order, latent,
+                                    scale)
     if format == "compiled":
         from .compile import compile_outputs
 
-        results += compile_outputs(results, out / attention / "compiled", out, progress)
-    return ConversionResult(
-        out=out,
-        model_version=version,
-        arch=src.arch,
-        attention=attention,
-        precision=precision,
-        format=format,
-        latent_size=latent,
-        image_size=(latent[0] * scale, latent[1] * scale),
-        unet_batch=batch,
-        quantize_nbits=quantize_nbits,
-        components=tuple(results),
-        extra_files=tuple(extra_files),
-        seconds=time.time() - started,
-    )
+        results += compile_outputs(results, stage / attention / "compiled", stage, progress)
+    return results, extra_files, order
 
 
 def _write_repo_files(
     src: Any,
+    stage: Path,
     out: Path,
     version: str,
     attention: str,
@@ -310,15 +429,19 @@ def _write_repo_files(
     latent: tuple[int, int],
     scale: int,
 ) -> list[Path]:
-    from .repo_files import hub_metadata, write_card, write_scheduler, write_tokenizer
+    """Tokenizer(s), scheduler config, card and `.hub.json` into `stage`; the card names the
+    attentions `out` will hold (those there already and this one)."""
+    from .repo_files import hub_metadata, write_card, write_scheduler, write_t5_tokenizer, write_tokenizer
 
     written: list[Path] = []
     for name in ("tokenizer", "tokenizer_2"):
         if (src.folder / name).is_dir():
-            written += write_tokenizer(src.folder / name, out / name)
-    written.append(write_scheduler(src.folder / "scheduler", out / "scheduler"))
-    attentions = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name in IMPLEMENTATIONS)
-    meta = hub_metadata(version, src.arch, attentions or [attention], quantize_nbits)
-    write_card(out, meta, order, precision, latent, scale)
-    written += [out / "README.md", out / ".hub.json"]
+            written += write_tokenizer(src.folder / name, stage / name)
+    if (src.folder / "tokenizer_3").is_dir():
+        written += write_t5_tokenizer(src.folder / "tokenizer_3", stage / "tokenizer_3")
+    written.append(write_scheduler(src.folder / "scheduler", stage / "scheduler"))
+    attentions = sorted({p.name for p in out.iterdir() if p.is_dir() and p.name in IMPLEMENTATIONS} | {attention})
+    meta = hub_metadata(version, src.arch, attentions, quantize_nbits)
+    write_card(stage, meta, order, precision, latent, scale)
+    written += [stage / "README.md", stage / ".hub.json"]
     return written

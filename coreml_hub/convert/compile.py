@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConversionError
-from .naming import compiled_name
+from .naming import compiled_name, copy_compiled_resources
 
 
 def compiler_command(package: Path, dest_dir: Path) -> list[str]:
@@ -64,7 +64,5 @@ def compile_outputs(results: list[Any], compiled_dir: Path, out: Path, progress:
         t0 = time.time()
         dest = compile_package(result.path, compiled_dir / compiled_name(result.name))
         compiled.append(ComponentResult(result.name, dest, _size(dest), time.time() - t0))
-    for name in ("vocab.json", "merges.txt"):
-        if (out / "tokenizer" / name).is_file():
-            shutil.copyfile(out / "tokenizer" / name, compiled_dir / name)
+    copy_compiled_resources(out, compiled_dir)
     return compiled

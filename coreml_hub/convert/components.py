@@ -22,6 +22,7 @@ from ..errors import ConversionError
 LICENSES = {
     "sd": "OpenRAIL (https://huggingface.co/spaces/CompVis/stable-diffusion-license)",
     "sdxl": "OpenRAIL++-M (https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/blob/main/LICENSE.md)",
+    "sd3": "Stability AI Community License (https://huggingface.co/stabilityai/stable-diffusion-3-medium/blob/main/LICENSE.md)",
 }
 SHORT_DESCRIPTION = (
     "Stable Diffusion generates images conditioned on text or other images as input through the diffusion process. "
@@ -55,6 +56,18 @@ DESCRIPTIONS = {
     "has_nsfw_concepts": "Indicates whether the safety checker model found any sensitive content in the given image",
     "concept_scores": "Concept scores are the scores before thresholding at zero yields the `has_nsfw_concepts` "
     "output. These scores can be used to tune the `adjustment` input",
+    "latent_image_embeddings": "The low resolution latent feature maps being denoised through reverse diffusion",
+    "token_level_text_embeddings": "Output embeddings from the associated text encoders (CLIP, zero padded, then "
+    "T5) to condition the generated image on text",
+    "pooled_text_embeddings": "Pooled embeddings of both CLIP text encoders, added to the time embedding",
+    "denoiser_output": "Same shape and dtype as the `latent_image_embeddings` input: the predicted velocity of the "
+    "flow-matching reverse diffusion process",
+    "attention_mask": "1 at padding positions the T5 encoder ignores, 0 elsewhere (all zeros: attend everywhere)",
+}
+# Names whose meaning depends on the component.
+COMPONENT_DESCRIPTIONS = {
+    ("text_encoder_t5", "encoder_hidden_states"): "T5 token embeddings in the [1, C, 1, L] text layout",
+    ("mmdit", "timestep"): "The flow-matching time (sigma) times 1000, as the scheduler emits it",
 }
 
 
@@ -84,12 +97,13 @@ class Job:
     component: str
     folder: Path  # local diffusers pipeline folder
     variant: str | None  # weights variant ("fp16") when only that is present
-    arch: str  # "sd" or "sdxl"
+    arch: str  # "sd", "sdxl" or "sd3"
     attention: str
     precision: str  # "fp16" or "fp32"
     geometry: Geometry
     model_version: str
     query_chunk_size: int
+    time_ids: int = 6  # SDXL Unets: 6 time ids; the refiner's: 5 (its last is the aesthetic score)
 
 
 @dataclass
@@ -117,6 +131,10 @@ def _load(kind: str, job: Job, subfolder: str) -> Any:
             from transformers import CLIPTextModel as cls  # type: ignore[no-redef]
         elif kind == "clip_projection":
             from transformers import CLIPTextModelWithProjection as cls  # type: ignore[no-redef]
+        elif kind == "t5":
+            from transformers import T5EncoderModel as cls  # type: ignore[no-redef]
+        elif kind == "transformer":
+            from diffusers import SD3Transformer2DModel as cls  # type: ignore[no-redef]
         else:
             from diffusers.pipelines.stable_diffusion.safety_checker import (  # type: ignore[no-redef]
                 StableDiffusionSafetyChecker as cls,
@@ -174,18 +192,51 @@ def _trace(module: Any, inputs: "OrderedDict[str, np.ndarray]") -> Any:
 def prepare_text_encoder(job: Job, rng: np.random.Generator) -> Prepared:
     from .wrappers import TextEncoder
 
-    second = job.component == "text_encoder_2"
-    model = _load("clip_projection" if second else "clip", job, job.component)
+    projected = job.component == "text_encoder_2" or job.arch == "sd3"  # SD3's first CLIP projects too
+    model = _load("clip_projection" if projected else "clip", job, job.component)
     vocab = model.config.vocab_size
     seq = model.config.max_position_embeddings
     ids = rng.integers(0, vocab - 2, size=(1, seq)).astype(np.float32)
     ids[0, 0] = vocab - 2
     ids[0, seq // 2 :] = vocab - 1  # an end token, then padding
-    module = TextEncoder(model, penultimate=job.arch == "sdxl")
+    penultimate = job.arch in ("sdxl", "sd3")  # both take the states before the last layer
+    module = TextEncoder(model, penultimate=penultimate)
     inputs = OrderedDict(input_ids=ids)
     traced = _trace(module, inputs)
-    names = ("hidden_embeds", "pooled_outputs") if job.arch == "sdxl" else ("last_hidden_state", "pooled_outputs")
+    names = ("hidden_embeds", "pooled_outputs") if penultimate else ("last_hidden_state", "pooled_outputs")
     return Prepared(traced, inputs, names, job.precision)
+
+
+def prepare_text_encoder_t5(job: Job, rng: np.random.Generator) -> Prepared:
+    from .wrappers import TextEncoderT5
+
+    model = _load("t5", job, "text_encoder_3")
+    seq = job.geometry.seq_len  # the MMDiT keeps this many T5 tokens (Apple's pipeline: 77)
+    ids = rng.integers(2, model.config.vocab_size, size=(1, seq)).astype(np.float32)
+    ids[0, seq // 2] = 1  # the end token, then padding
+    ids[0, seq // 2 + 1 :] = 0
+    mask = np.zeros((1, seq), dtype=np.float32)
+    inputs = OrderedDict(input_ids=ids, attention_mask=mask)
+    traced = _trace(TextEncoderT5(model, seq), inputs)
+    return Prepared(traced, inputs, ("encoder_hidden_states",), job.precision)
+
+
+def prepare_mmdit(job: Job, rng: np.random.Generator) -> Prepared:
+    from .wrappers import MMDiT
+
+    transformer = _load("transformer", job, "transformer")
+    cfg = transformer.config
+    g = job.geometry
+    b = g.batch
+    inputs: OrderedDict[str, np.ndarray] = OrderedDict()
+    inputs["latent_image_embeddings"] = rng.standard_normal((b, cfg.in_channels, g.latent_h, g.latent_w)).astype(np.float32)
+    inputs["token_level_text_embeddings"] = rng.standard_normal(
+        (b, cfg.joint_attention_dim, 1, 2 * g.seq_len)).astype(np.float32)  # CLIP tokens, then T5 tokens
+    inputs["pooled_text_embeddings"] = rng.standard_normal((b, cfg.pooled_projection_dim, 1, 1)).astype(np.float32)
+    inputs["timestep"] = np.full((b,), 750.0, dtype=np.float32)
+    traced = _trace(MMDiT(transformer), inputs)
+    # float32 whatever --precision says, as Apple's converter (through DiffusionKit) exports it
+    return Prepared(traced, inputs, ("denoiser_output",), "fp32")
 
 
 def prepare_unet(job: Job, rng: np.random.Generator) -> Prepared:
@@ -206,8 +257,10 @@ def prepare_unet(job: Job, rng: np.random.Generator) -> Prepared:
     inputs["timestep"] = np.full((b,), 981.0, dtype=dtype)
     inputs["encoder_hidden_states"] = rng.standard_normal((b, context_dim, 1, g.seq_len)).astype(dtype)
     if cfg.addition_embed_type == "text_time":
-        text_embeds_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        row = [g.image_h, g.image_w, 0, 0, g.image_h, g.image_w]
+        text_embeds_dim = cfg.projection_class_embeddings_input_dim - job.time_ids * cfg.addition_time_embed_dim
+        row = [g.image_h, g.image_w, 0, 0, g.image_h, g.image_w][: job.time_ids]
+        if job.time_ids == 5:
+            row[4] = 6.0  # the refiner's aesthetic score
         inputs["time_ids"] = np.array([row] * b, dtype=dtype)
         inputs["text_embeds"] = rng.standard_normal((b, text_embeds_dim)).astype(dtype)
         module: Any = UnetXL(unet)
@@ -273,7 +326,10 @@ def prepare_safety_checker(job: Job, rng: np.random.Generator) -> Prepared:
 PREPARERS: dict[str, Callable[[Job, np.random.Generator], Prepared]] = {
     "text_encoder": prepare_text_encoder,
     "text_encoder_2": prepare_text_encoder,
+    "text_encoder_t5": prepare_text_encoder_t5,
     "unet": prepare_unet,
+    "mmdit": prepare_mmdit,
+    "refiner": prepare_unet,  # the refiner pipeline's Unet (Job.folder is the refiner's)
     "vae_decoder": prepare_vae_decoder,
     "vae_encoder": prepare_vae_encoder,
     "safety_checker": prepare_safety_checker,
@@ -302,24 +358,24 @@ def to_coreml(prepared: Prepared) -> Any:
 
 def describe(mlmodel: Any, job: Job, extra: dict[str, str] | None = None) -> None:
     """Author, license, version, descriptions and coreml-hub's own metadata, like Apple's packages carry."""
-    from .. import __version__
+    from ..version import __version__
 
     mlmodel.author = f"Please refer to the Model Card available at huggingface.co/{job.model_version}"
     mlmodel.license = LICENSES[job.arch]
     mlmodel.version = job.model_version
     mlmodel.short_description = SHORT_DESCRIPTION
     spec = mlmodel.get_spec()
-    for feature in spec.description.input:
-        if feature.name in DESCRIPTIONS:
-            mlmodel.input_description[feature.name] = DESCRIPTIONS[feature.name]
-    for feature in spec.description.output:
-        if feature.name in DESCRIPTIONS:
-            mlmodel.output_description[feature.name] = DESCRIPTIONS[feature.name]
+    for features, target in ((spec.description.input, mlmodel.input_description),
+                             (spec.description.output, mlmodel.output_description)):
+        for feature in features:
+            text = COMPONENT_DESCRIPTIONS.get((job.component, feature.name)) or DESCRIPTIONS.get(feature.name)
+            if text:
+                target[feature.name] = text
     meta = mlmodel.user_defined_metadata
     meta["com.github.coreml-hub.version"] = __version__
     meta["com.github.coreml-hub.model_version"] = job.model_version
     meta["com.github.coreml-hub.component"] = job.component
-    if job.component == "unet":
+    if job.component in ("unet", "mmdit", "refiner"):
         meta["com.github.coreml-hub.attention"] = job.attention
     for key, value in (extra or {}).items():
         meta[key] = value
@@ -354,7 +410,8 @@ def convert_component(job: Job, dest: Path) -> Path:
     gc.collect()
     hidden = None
     if job.component.startswith("text_encoder"):
-        hidden = str(mlmodel.get_spec().description.output[0].type.multiArrayType.shape[-1])
+        shape = mlmodel.get_spec().description.output[0].type.multiArrayType.shape
+        hidden = str(shape[1] if job.component == "text_encoder_t5" else shape[-1])  # T5: [1, C, 1, L]
     describe(mlmodel, job, {"hidden_size": hidden} if hidden else None)
     tmp = dest.with_name(f".partial-{dest.name}")
     if tmp.exists():

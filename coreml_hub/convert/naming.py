@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..layouts import COMPILED_FILE_OF
 
 ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
 # Queries per chunk for split_einsum_v2; sequences no longer than this are not chunked.
 DEFAULT_QUERY_CHUNK_SIZE = 512
 
-# Components in the order they are converted (and listed).
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder", "safety_checker")
+# Components in the order they are converted (and listed). SD3 has `mmdit` (Apple's package suffix for
+# its MultiModalDiffusionTransformer) in place of the Unet, and optionally `text_encoder_t5`.
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit", "vae_decoder", "vae_encoder",
+              "safety_checker")
 UNET_CHUNKS = ("unet_chunk1", "unet_chunk2")
+
+# Files a compiled variant carries beside its bundles (where Apple's Swift pipeline reads them):
+# OUT/<this> -> compiled/<name>. SD3's T5 tokenizer lies flat as tokenizer.json + tokenizer_config.json.
+COMPILED_RESOURCES = (
+    ("tokenizer/vocab.json", "vocab.json"),
+    ("tokenizer/merges.txt", "merges.txt"),
+    ("tokenizer_3/tokenizer.json", "tokenizer.json"),
+    ("tokenizer_3/tokenizer_config.json", "tokenizer_config.json"),
+)
 
 def version_slug(model_version: str) -> str:
     """`runwayml/stable-diffusion-v1-5` -> `runwayml_stable-diffusion-v1-5`."""
@@ -25,3 +38,16 @@ def package_name(model_version: str, component: str) -> str:
 def compiled_name(component: str) -> str:
     """`unet_chunk1` -> `UnetChunk1.mlmodelc`."""
     return f"{COMPILED_FILE_OF[component]}.mlmodelc"
+
+
+def copy_compiled_resources(out: Path, compiled_dir: Path) -> list[Path]:
+    """Put the tokenizer files of a conversion output `out` beside its compiled bundles."""
+    import shutil
+
+    written = []
+    for rel, name in COMPILED_RESOURCES:
+        src = out / rel
+        if src.is_file():
+            shutil.copyfile(src, compiled_dir / name)
+            written.append(compiled_dir / name)
+    return written

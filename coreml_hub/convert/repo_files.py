@@ -42,6 +42,22 @@ def write_tokenizer(src: Path, dest: Path) -> list[Path]:
     return written
 
 
+T5_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
+
+
+def write_t5_tokenizer(src: Path, dest: Path) -> list[Path]:
+    """Copy SD3's T5 tokenizer (`tokenizer_3/`): `tokenizer.json` is what runs it; the rest when present."""
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{src} has no tokenizer.json")
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in T5_TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dest / name)
+            written.append(dest / name)
+    return written
+
+
 def write_scheduler(src: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / "scheduler_config.json"
@@ -53,6 +69,8 @@ def hub_metadata(model_version: str, arch: str, attentions: list[str], quantize_
     tags = ["coreml", "core-ml", "stable-diffusion", "text-to-image", "diffusers"]
     if arch == "sdxl":
         tags.append("stable-diffusion-xl")
+    if arch == "sd3":
+        tags.append("stable-diffusion-3")
     if quantize_nbits:
         tags.append(f"{quantize_nbits}bit")
         tags.append("palettized")

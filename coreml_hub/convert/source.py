@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import ConversionError, UnsupportedArchitecture
 
@@ -19,19 +21,26 @@ PIPELINES = {
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
 }
 
 # Component -> the pipeline subfolder holding its weights.
 SUBFOLDERS = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "text_encoder_t5": "text_encoder_3",
     "unet": "unet",
+    "mmdit": "transformer",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
     "safety_checker": "safety_checker",
 }
-WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}  # else transformers' "model"
-SUPPORT_DIRS = ("tokenizer", "tokenizer_2", "scheduler")
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                "transformer": "diffusion_pytorch_model"}  # else transformers' "model"
+SUPPORT_DIRS = ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
+# Small configs that fix the geometry (latent size, VAE scale, sequence lengths) of any component.
+GEOMETRY_CONFIGS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,7 @@ class Source:
     """A local pipeline folder ready to convert."""
 
     folder: Path
-    arch: str  # "sd" or "sdxl"
+    arch: str  # "sd", "sdxl" or "sd3"
     pipeline_class: str
     available: tuple[str, ...]  # components the pipeline has
     variants: dict[str, str | None] = field(default_factory=dict)  # subfolder -> weights variant
@@ -62,7 +71,7 @@ def _arch(index: dict, where: str) -> tuple[str, str]:
     name = index.get("_class_name", "?")
     if name not in PIPELINES:
         raise UnsupportedArchitecture(
-            f"{where} is a {name}; coreml-hub converts Stable Diffusion 1.x/2.x and SDXL pipelines only.",
+            f"{where} is a {name}; coreml-hub converts Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines only.",
             hint=f"Supported pipelines: {', '.join(sorted(PIPELINES))}.",
         )
     unet = index.get("unet")
@@ -105,7 +114,7 @@ def needed_files(files: set[str], subfolders: set[str], where: str) -> tuple[lis
     wanted = ["model_index.json"]
     wanted += sorted(f for f in files if f.split("/", 1)[0] in SUPPORT_DIRS)
     # small configs that fix the geometry (latent size, VAE scale, sequence length) of any component
-    wanted += [f"{sub}/config.json" for sub in ("unet", "vae", "text_encoder", "text_encoder_2") if f"{sub}/config.json" in files]
+    wanted += [f"{sub}/config.json" for sub in GEOMETRY_CONFIGS if f"{sub}/config.json" in files]
     variants: dict[str, str | None] = {}
     missing = []
     for sub in sorted(subfolders):
@@ -157,8 +166,12 @@ def from_folder(folder: Path, components: tuple[str, ...] | None) -> tuple[Sourc
     return Source(folder, arch, cls, available, variants), chosen
 
 
-def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | None = None) -> tuple[Source, tuple[str, ...]]:
-    """Download just what converting `components` of `repo_id` needs; returns the local snapshot."""
+def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | None = None,
+             progress: bool = True) -> tuple[Source, tuple[str, ...]]:
+    """Download just what converting `components` of `repo_id` needs; returns the local snapshot.
+
+    `progress` False keeps huggingface_hub's download bars off (`convert -q`, and logs: no terminal).
+    """
     from huggingface_hub import snapshot_download
 
     from .. import hub
@@ -166,7 +179,7 @@ def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | N
     where = f"Hub repo {repo_id}"
     snapshot = hub.repo_files(repo_id, revision)
     files = {f.path for f in snapshot.files}
-    with hub.hub_errors(repo_id, revision):
+    with hub.hub_errors(repo_id, revision), _hub_bars(progress):
         fetch = lambda patterns: Path(  # noqa: E731 - one call site per phase
             snapshot_download(repo_id, revision=snapshot.sha, allow_patterns=patterns, endpoint=hub.endpoint(),
                               token=hub.token())
@@ -179,6 +192,21 @@ def from_hub(repo_id: str, components: tuple[str, ...] | None, revision: str | N
         wanted, variants = needed_files(files, _subfolders(chosen), where)
         local = fetch(wanted)
     return Source(local, arch, cls, available, variants, repo_id=repo_id), chosen
+
+
+@contextmanager
+def _hub_bars(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's progress bars off for the block unless `enabled` (its switch is global)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if enabled or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def looks_like_repo_id(text: str) -> bool:

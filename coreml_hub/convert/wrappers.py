@@ -72,6 +72,68 @@ class UnetXL(nn.Module):
         return _unet_call(self.unet, sample, timestep, encoder_hidden_states, added_cond_kwargs=added)
 
 
+class TextEncoderT5(nn.Module):
+    """SD3's T5: (`input_ids`, `attention_mask`, both float [1, L]) -> `encoder_hidden_states` [1, C, 1, L].
+
+    The inputs are those Apple's Swift pipeline feeds TextEncoderT5.mlmodelc. `attention_mask` is 1 at a
+    padding position the encoder must ignore and 0 elsewhere (the Swift pipeline sets 1 on the padding);
+    all zeros attends to every position, which is how diffusers runs SD3's T5. The output is in the
+    4-D text layout of the MMDiT's `token_level_text_embeddings`.
+    """
+
+    def __init__(self, encoder: nn.Module, seq_len: int) -> None:
+        super().__init__()
+        # The encoder stack written out over transformers' own layers: its mask helpers do not trace
+        # to Core ML. The relative position bias depends only on the (fixed) length: computed once.
+        stack = encoder.encoder
+        self.embed_tokens = stack.embed_tokens
+        self.blocks = stack.block
+        self.final_layer_norm = stack.final_layer_norm
+        first = stack.block[0].layer[0].SelfAttention
+        with torch.no_grad():
+            bias = first.compute_bias(seq_len, seq_len, device=first.relative_attention_bias.weight.device)
+        self.register_buffer("position_bias", bias.detach().clone())  # [1, heads, L, L]
+
+    def _attend(self, attn: nn.Module, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        shape = (batch, seq, attn.n_heads, attn.key_value_proj_dim)
+        q = attn.q(x).view(shape).transpose(1, 2)
+        k = attn.k(x).view(shape).transpose(1, 2)
+        v = attn.v(x).view(shape).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + bias
+        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).reshape(batch, seq, -1)
+        return attn.o(out)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids.to(torch.long))
+        bias = self.position_bias + attention_mask[:, None, None, :] * -1e4  # masked keys drop out of softmax
+        for block in self.blocks:
+            attention = block.layer[0]
+            hidden = hidden + self._attend(attention.SelfAttention, attention.layer_norm(hidden), bias)
+            hidden = block.layer[-1](hidden)  # layer norm, gated feed-forward, residual
+        hidden = self.final_layer_norm(hidden)
+        return hidden.transpose(1, 2).unsqueeze(2)
+
+
+class MMDiT(nn.Module):
+    """SD3's transformer with the contract of Apple's MultiModalDiffusionTransformer (DiffusionKit's export):
+    (`latent_image_embeddings` [B, 16, H, W], `token_level_text_embeddings` [B, C, 1, S],
+    `pooled_text_embeddings` [B, P, 1, 1], `timestep` [B], the flow-matching time times 1000)
+    -> `denoiser_output` [B, 16, H, W], the velocity the flow-matching scheduler steps with.
+    """
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, latent_image_embeddings: torch.Tensor, token_level_text_embeddings: torch.Tensor,
+                pooled_text_embeddings: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        context = token_level_text_embeddings.squeeze(2).transpose(1, 2)
+        pooled = pooled_text_embeddings.flatten(1)
+        return self.transformer(hidden_states=latent_image_embeddings, encoder_hidden_states=context,
+                                pooled_projections=pooled, timestep=timestep, return_dict=False)[0]
+
+
 class VAEDecoder(nn.Module):
     """`z` (latents already divided by the scale factor) -> `image` in [-1, 1]."""
 

@@ -321,28 +321,9 @@ class FunctionRunner:
             states[var.name] = torch.zeros(t.static_shape, dtype=self.ctx.dtype(t.dtype), device=self.ctx.device)
         return states
 
-    def state_to_numpy(self, name: str, tensor: torch.Tensor) -> np.ndarray:
-        """A state tensor as numpy, in the state's declared type (a copy)."""
-        t = self.state_type(name)
-        value = tensor.detach()
-        if value.dtype == torch.bfloat16:
-            value = value.float()
-        return value.cpu().numpy().astype(t.numpy_dtype if t.dtype != "bf16" else np.float32, copy=True)
-
-    def write_state(self, states: MutableMapping[str, torch.Tensor], name: str, value: Any) -> None:
-        """Copy a value (numpy or torch) of the state's shape into its tensor."""
-        t = self.state_type(name)
-        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-        if tuple(tensor.shape) != t.static_shape:
-            raise ModelInputError(f"{self.model_name}: state {name!r} has shape {list(t.static_shape or ())}, "
-                                  f"the value given has shape {list(tensor.shape)}")
-        with torch.inference_mode():
-            states[name].copy_(tensor.to(device=states[name].device, dtype=states[name].dtype))
-
-
 # Ops whose output shapes may depend on input values, not only on input shapes and parameters.
 DATA_DEPENDENT = frozenset({"non_zero", "cond", "while_loop", "make_list", "list_read", "list_write",
-                            "list_gather", "list_scatter", "list_length", "classify"})
+                            "list_gather", "list_scatter", "list_length"})
 
 
 def shape_determined(fn: Function, kernels: Mapping[str, Kernel]) -> set[str]:

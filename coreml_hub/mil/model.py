@@ -1,7 +1,15 @@
 """Run `.mlpackage` and `.mlmodelc` models on PyTorch: `load_model(path).predict(inputs)`.
 
 Both formats load into the same program model (`.mlpackage` through the protobuf
-spec, `.mlmodelc` through `model.mil`) and run through the same executor.
+spec, `.mlmodelc` through `model.mil`) and run through the same executor. What the model
+declares about itself (`mil.spec`: image inputs and outputs, flexible shapes, optional
+inputs, states, functions, metadata) shapes the interface, as it does coremltools' MLModel:
+
+    model = load_model("Classifier.mlpackage")
+    model.predict({"image": PIL.Image.open("cat.png")})  # {"classLabel": "cat", "classLabel_probs": {...}}
+    state = kv_model.make_state()                        # stateful models: state persists across calls
+    kv_model.predict({"x": x}, state=state); state.read_state("k_cache")
+    load_model("Multi.mlpackage", function_name="decode") # multifunction models
 
 Numerics: an fp32 program runs in float32. An fp16 program runs in float16 on a GPU
 (CUDA, MPS) and in float32 on the CPU, where float16 arithmetic is slow and less exact;
@@ -9,56 +17,34 @@ Numerics: an fp32 program runs in float32. An fp16 program runs in float16 on a 
 keep their types. Weights are read from the weight file's memory map and placed on the
 device once, in the type they run in.
 
-`predict` takes and returns numpy arrays (outputs in the types the model declares), like
-coremltools' `MLModel.predict`; `predict_torch` takes and returns torch tensors and leaves
-outputs on the device in the type they were computed in, for callers that chain models.
+`predict` takes numpy arrays (or torch tensors, lists, PIL images for image inputs) and
+returns numpy arrays in the types the model declares, PIL images for image outputs and a
+label and a probability dictionary for a classifier, like coremltools' `MLModel.predict`;
+`predict_torch` takes and returns torch tensors and leaves outputs on the device in the type
+they were computed in, for callers that chain models.
 
-Both take `states=`: for a stateful program, a dict of state tensors (`model._fn.new_states()`
-makes zero-filled ones) that the prediction reads and updates in place; without it each
-prediction starts from fresh zero states. The main function runs through an
-`executor.FunctionRunner`, which compiles inputs with flexible dimensions per distinct shape.
+The function runs through an `executor.FunctionRunner`: compiled once, or, for inputs with
+flexible dimensions, once per distinct input shape (kept in a small cache). A stateful
+function's state inputs are the `State`'s own tensors, which its state ops update in place.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, MutableMapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..errors import InvalidBundle, ModelInputError, UnsupportedOperation
-from .program import FLOAT_DTYPES, Function, Program, StateType, TensorType
+from .features import ClassifierHead, array_to_image, check_array, prepare_inputs, strip_classifiers
+from .program import FLOAT_DTYPES, Function, Program, TensorType
+from .spec import FeatureDescription, Metadata, ModelSpec, choose_function, describe_function, is_compiled, read_spec
+from .state import State
+
+__all__ = ["DEVICES", "FeatureDescription", "Model", "State", "load_model", "read_program"]
 
 DEVICES = ("cpu", "cuda", "mps", "auto")
-
-_NUMPY_TYPES = {
-    "fp16": np.float16,
-    "fp32": np.float32,
-    "fp64": np.float64,
-    "int8": np.int8,
-    "uint8": np.uint8,
-    "int16": np.int16,
-    "uint16": np.uint16,
-    "int32": np.int32,
-    "uint32": np.uint32,
-    "int64": np.int64,
-    "bool": np.bool_,
-}
-
-
-@dataclass(frozen=True)
-class FeatureDescription:
-    """One model input or output: name, shape (None where a dimension is flexible), MIL dtype."""
-
-    name: str
-    shape: tuple[int, ...] | None
-    dtype: str  # "fp16", "fp32", "int32", ...
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        return np.dtype(_NUMPY_TYPES.get(self.dtype, np.float32))
 
 
 def read_program(path: str | Path) -> Program:
@@ -76,6 +62,19 @@ def read_program(path: str | Path) -> Program:
     from .proto import load_program
 
     return load_program(path)
+
+
+def _read(path: Path) -> tuple[ModelSpec, Program]:
+    """The declared interface and the program, the spec checked first (a NeuralNetwork model fails
+    there, by name) and a package's protobuf parsed once for both."""
+    if is_compiled(path):
+        return read_spec(path), read_program(path)
+    from .proto import load_spec, program_from_proto, spec_file
+
+    file = spec_file(path)
+    message = load_spec(file)
+    spec = read_spec(path, message)
+    return spec, program_from_proto(message.mlProgram, base_dir=file.parent)
 
 
 def program_is_fp16(fn: Function) -> bool:
@@ -135,7 +134,11 @@ def float_types(fp16_program: bool, device: Any, dtype: Any = None) -> dict[str,
 
 
 class Model:
-    """A loaded model; mirrors coremltools' MLModel (`predict`, `input_description`, `output_description`)."""
+    """A loaded model; mirrors coremltools' MLModel (`predict`, `make_state`, descriptions, metadata).
+
+    `function_name` picks a function of a multifunction model (default: the one the model
+    names as its default, else `main`).
+    """
 
     def __init__(
         self,
@@ -144,6 +147,7 @@ class Model:
         dtype: Any = None,
         compile: bool | None = None,
         fuse: bool = True,
+        function_name: str | None = None,
     ) -> None:
         import torch
 
@@ -151,11 +155,17 @@ class Model:
         from .ops import Context
 
         self.path = Path(path)
-        self.program = read_program(self.path)
-        if "main" not in self.program.functions:
-            raise InvalidBundle(f"{self.path}: the ML Program has no 'main' function")
-        main = self.program.main
-        missing = unsupported_ops([main])
+        self.spec, self.program = _read(self.path)
+        self.function_name = choose_function(self.spec, list(self.program.functions), function_name)
+        function = self.program.functions[self.function_name]
+        interface = describe_function(function, self.spec.function(self.function_name))
+        self.input_description: tuple[FeatureDescription, ...] = interface.inputs
+        self.output_description: tuple[FeatureDescription, ...] = interface.outputs
+        self.state_description: tuple[FeatureDescription, ...] = interface.states
+        self._inputs = {d.name: d for d in self.input_description}
+
+        runnable, self._classifiers = strip_classifiers(function)
+        missing = unsupported_ops([runnable])
         if missing:
             total = sum(missing.values())
             listed = ", ".join(f"{name} ({count})" for name, count in sorted(missing.items(), key=lambda kv: -kv[1]))
@@ -164,21 +174,17 @@ class Model:
                 f"does not implement: {listed}"
             )
         self.device = resolve_device(device)
-        self.fp16_program = program_is_fp16(main)
+        self.fp16_program = program_is_fp16(runnable)
         floats = float_types(self.fp16_program, self.device, dtype)
         self.ctx = Context.create(self.device, floats)
         self.dtype = floats["fp16" if self.fp16_program else "fp32"]
         if compile is None:
             compile = os.environ.get("COREML_HUB_COMPILE", "") not in ("", "0")
         with torch.inference_mode():
-            self._fn = FunctionRunner(main, self.ctx, fuse=fuse, torch_compile=compile, model_name=self.path.name)
-        types = main.output_types()
-        self.input_description = tuple(_describe(v.name, v.type) for v in main.inputs
-                                       if not isinstance(v.type, StateType))
-        self.output_description = tuple(_describe(name, types.get(name)) for name in main.outputs)
-        self._inputs = {d.name: d for d in self.input_description}
-        self._input_dtypes = tuple((name, dtype) for name, dtype in zip(self._fn.input_names, self._fn.input_dtypes)
-                                   if name in self._inputs)
+            # compiles once, or once per distinct input shape for flexible inputs
+            self._fn = FunctionRunner(runnable, self.ctx, fuse=fuse, torch_compile=compile, model_name=self.path.name)
+        self._heads = {name: head for head in self._classifiers
+                       for name in (head.label_output, head.probabilities_output)}
 
     @property
     def stats(self) -> Any:
@@ -186,52 +192,133 @@ class Model:
         return self._fn.stats
 
     def __repr__(self) -> str:
-        return f"Model({str(self.path)!r}, device={self.device.type!r}, dtype={self.dtype})"
+        function = f", function_name={self.function_name!r}" if len(self.program.functions) > 1 else ""
+        return f"Model({str(self.path)!r}, device={self.device.type!r}, dtype={self.dtype}{function})"
+
+    # -- what the model declares -----------------------------------------------------
+
+    @property
+    def metadata(self) -> Metadata:
+        """Author, license, version, short description and user-defined entries of the model."""
+        return self.spec.metadata
+
+    @property
+    def author(self) -> str:
+        return self.spec.metadata.author
+
+    @property
+    def license(self) -> str:
+        return self.spec.metadata.license
+
+    @property
+    def version(self) -> str:
+        return self.spec.metadata.version
+
+    @property
+    def short_description(self) -> str:
+        return self.spec.metadata.short_description
+
+    @property
+    def user_defined_metadata(self) -> dict[str, str]:
+        return dict(self.spec.metadata.user_defined)
+
+    @property
+    def functions(self) -> tuple[str, ...]:
+        """The program's function names (several for a multifunction model)."""
+        return tuple(self.program.functions)
+
+    @property
+    def classifier(self) -> ClassifierHead | None:
+        """The classifier head (output names and class labels), for a classifier model."""
+        return self._classifiers[0] if self._classifiers else None
+
+    @property
+    def class_labels(self) -> tuple[Any, ...]:
+        return self._classifiers[0].classes if self._classifiers else ()
+
+    @property
+    def is_stateful(self) -> bool:
+        return bool(self._fn.states)
+
+    # -- state -----------------------------------------------------------------------
+
+    def make_state(self) -> State:
+        """A new state for a stateful model (zeros), to pass as `predict(..., state=)`."""
+        if not self.is_stateful:
+            raise ModelInputError(f"{self.path.name} declares no state, so it has none to make.",
+                                  hint="make_state() is for stateful models (iOS 18 state inputs).")
+        return State(self, self.state_description, self._fn.new_states())
 
     # -- prediction ------------------------------------------------------------------
 
-    def predict(
-        self, inputs: Mapping[str, Any], states: MutableMapping[str, Any] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Run on numpy inputs; returns numpy outputs in the model's declared output types."""
+    def predict(self, inputs: Mapping[str, Any], state: State | None = None) -> dict[str, Any]:
+        """Run on numpy inputs (PIL images for image inputs); numpy, PIL or label outputs.
+
+        Missing optional inputs take their declared defaults. A stateful model reads and
+        updates `state` (from `make_state()`); without one it starts from a fresh zero state.
+        """
         import torch
 
-        arrays = {name: np.asarray(value) for name, value in inputs.items()}
-        self._check(arrays, lambda a: a.dtype.kind, lambda a: tuple(a.shape))
+        arrays = prepare_inputs(inputs, self.input_description, self.path.name)
         # np.ascontiguousarray would turn a 0-d input into shape (1,)
         tensors = {name: torch.from_numpy(a if a.flags.c_contiguous else a.copy()) for name, a in arrays.items()}
-        outputs = self.predict_torch(tensors, _checked=True, states=states)
-        result = {}
+        values = self._run(tensors, state)
+        result: dict[str, Any] = {}
         for desc in self.output_description:
-            t = outputs[desc.name]
-            if not isinstance(t, torch.Tensor):  # a classifier's label and probabilities
-                result[desc.name] = t
+            head = self._heads.get(desc.name)
+            if head is not None:
+                result[desc.name] = head.outputs(values[head.probabilities_var].detach().float().cpu().numpy())[desc.name]
                 continue
-            t = t.detach()
+            t = values[desc.name].detach()
             if t.dtype == torch.bfloat16:
                 t = t.float()
-            result[desc.name] = t.cpu().numpy().astype(desc.numpy_dtype, copy=False)
+            array = t.cpu().numpy().astype(desc.numpy_dtype, copy=False)
+            if desc.kind == "image" and desc.image is not None:
+                result[desc.name] = array_to_image(array, desc.image, desc.name)
+            else:
+                result[desc.name] = array
         return result
 
-    def predict_torch(
-        self, inputs: Mapping[str, Any], _checked: bool = False, states: MutableMapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Run on torch tensors; outputs stay on the model's device in the type computed."""
-        import torch
+    def predict_torch(self, inputs: Mapping[str, Any], state: State | None = None, _checked: bool = False
+                      ) -> dict[str, Any]:
+        """Run on torch tensors; outputs stay on the model's device in the type computed.
 
+        Image outputs stay tensors; a classifier's label and probabilities are Python values.
+        """
         if not _checked:
-            self._check(inputs, _torch_kind, lambda t: tuple(t.shape))
-        args = {}
-        for name, dtype in self._input_dtypes:
-            t = inputs[name]
-            if not isinstance(t, torch.Tensor):
-                t = torch.as_tensor(np.asarray(t))
-            args[name] = t.to(device=self.device, dtype=dtype, non_blocking=True)
-        return self._fn.run(args, states)
+            self._check_tensors(inputs)
+        values = self._run(inputs, state)
+        result: dict[str, Any] = {}
+        for desc in self.output_description:
+            head = self._heads.get(desc.name)
+            if head is not None:
+                result[desc.name] = head.outputs(values[head.probabilities_var].detach().float().cpu().numpy())[desc.name]
+            else:
+                result[desc.name] = values[desc.name]
+        return result
 
     __call__ = predict_torch
 
-    def _check(self, inputs: Mapping[str, Any], kind_of: Any, shape_of: Any) -> None:
+    def _run(self, inputs: Mapping[str, Any], state: State | None) -> dict[str, Any]:
+        import torch
+
+        states: dict[str, Any] = {}
+        if self.is_stateful:
+            states = (state if state is not None else self.make_state()).tensors_for(self)
+        elif state is not None:
+            raise ModelInputError(f"{self.path.name} declares no state; call predict without state=.")
+        args = []
+        for name, dtype in zip(self._fn.input_names, self._fn.input_dtypes):
+            if name in states:  # the state's own tensor: the program updates it in place
+                args.append(states[name])
+                continue
+            t = inputs[name]
+            if not isinstance(t, torch.Tensor):
+                t = torch.as_tensor(np.asarray(t))
+            args.append(t.to(device=self.device, dtype=dtype, non_blocking=True))
+        return dict(zip(self._fn.output_names, self._fn(*args)))
+
+    def _check_tensors(self, inputs: Mapping[str, Any]) -> None:
         given, expected = set(inputs), set(self._inputs)
         problems = []
         if expected - given:
@@ -239,23 +326,13 @@ class Model:
         if given - expected:
             problems.append(f"unknown input(s): {', '.join(sorted(given - expected))}")
         for name in sorted(given & expected):
-            desc = self._inputs[name]
-            shape = shape_of(inputs[name])
-            if desc.shape is not None and shape != desc.shape:
-                problems.append(f"'{name}' has shape {list(shape)}, the model takes {list(desc.shape)}")
-            kind = kind_of(inputs[name])
-            if kind not in _ACCEPTS.get(desc.dtype, "biuf"):
-                problems.append(f"'{name}' has a {_KIND_NAMES.get(kind, kind)} type, the model takes {desc.dtype}")
+            value = inputs[name]
+            problem = check_array(value, self._inputs[name], tuple(value.shape), _torch_kind(value))
+            if problem:
+                problems.append(problem)
         if problems:
-            names = ", ".join(f"{d.name} {d.dtype}{list(d.shape) if d.shape is not None else '[?]'}" for d in self.input_description)
+            names = "; ".join(f"{d.name} {d.declared()}" for d in self.input_description)
             raise ModelInputError(f"{self.path.name}: " + "; ".join(problems), hint=f"The model takes: {names}.")
-
-
-# numpy dtype kinds each MIL input type accepts without losing meaning
-_ACCEPTS = {"fp16": "biuf", "fp32": "biuf", "fp64": "biuf", "int32": "biu", "int16": "biu", "int8": "biu",
-            "uint8": "bu", "uint16": "bu", "int64": "biu", "bool": "b"}
-_KIND_NAMES = {"f": "float", "i": "signed integer", "u": "unsigned integer", "b": "boolean", "c": "complex",
-               "U": "string", "O": "object"}
 
 
 def _torch_kind(t: Any) -> str:
@@ -272,14 +349,9 @@ def _torch_kind(t: Any) -> str:
     return np.asarray(t).dtype.kind
 
 
-def _describe(name: str, t: Any) -> FeatureDescription:
-    if isinstance(t, TensorType):
-        return FeatureDescription(name, t.static_shape, t.dtype)
-    return FeatureDescription(name, None, "unknown")
-
-
 def load_model(
-    path: str | Path, device: str | Any = "cpu", dtype: Any = None, compile: bool | None = None, fuse: bool = True
+    path: str | Path, device: str | Any = "cpu", dtype: Any = None, compile: bool | None = None, fuse: bool = True,
+    function_name: str | None = None,
 ) -> Model:
     """Load a `.mlpackage` or `.mlmodelc` for prediction with PyTorch on `device`.
 
@@ -287,9 +359,11 @@ def load_model(
     default numerics (module docstring), or "fp32"/"fp16"/a torch dtype for every float.
     `compile`: wrap the executor in torch.compile (default: the COREML_HUB_COMPILE
     environment variable, off when unset). `fuse`: the attention and group-norm fusions
-    (on by default; off only to compare results).
+    (on by default; off only to compare results). `function_name`: which function of a
+    multifunction model (default: the model's default function).
 
-    Raises UnsupportedOperation, naming every op type the runtime lacks and how often it
-    occurs, before any weight is read.
+    Raises UnsupportedModel for a model that is not an ML Program (NeuralNetwork models,
+    pipelines), and UnsupportedOperation, naming every op type the runtime lacks and how
+    often it occurs, before any weight is read.
     """
-    return Model(path, device=device, dtype=dtype, compile=compile, fuse=fuse)
+    return Model(path, device=device, dtype=dtype, compile=compile, fuse=fuse, function_name=function_name)

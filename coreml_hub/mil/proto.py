@@ -37,6 +37,7 @@ from .program import (
     Operation,
     StateType,
     Program,
+    StateType,
     TensorType,
     TensorValue,
     TupleType,
@@ -178,7 +179,7 @@ def opset_name(proto_opset: str) -> str:
     """`CoreML6` -> `ios16`: the model.mil spelling of a function's opset."""
     if proto_opset in OPSETS_FROM_PROTO:
         return OPSETS_FROM_PROTO[proto_opset]
-    if proto_opset.startswith("CoreML") and proto_opset[6:].isdigit():
+    if proto_opset.startswith("CoreML") and proto_opset[6:].isascii() and proto_opset[6:].isdigit():
         return f"ios{int(proto_opset[6:]) + 10}"
     return proto_opset
 

@@ -114,6 +114,11 @@ _INT_RANGES = {name: integer_range(name) for name in DTYPES if name not in (*FLO
 _INTS = frozenset(name for name in _INT_RANGES if name.startswith(("int", "uint")))
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes '²' or '٣', which `int()` then refuses."""
+    return text.isascii() and text.isdigit()
+
+
 class _Parser:
     def __init__(self, text: str, base_dir: Path | None, source: str | None) -> None:
         self.text = text
@@ -151,7 +156,7 @@ class _Parser:
 
     def ident(self, what: str) -> str:
         tok = self.toks[self.i]
-        if tok == _EOF or not (tok[0].isalpha() or tok[0] == "_") or tok.startswith("tensor<"):
+        if tok == _EOF or not (tok[0].isascii() and (tok[0].isalpha() or tok[0] == "_")) or tok.startswith("tensor<"):
             raise self.fail(f"expected {what}, found {self.describe()}")
         self.i += 1
         return tok
@@ -169,7 +174,7 @@ class _Parser:
         self.i += 1
         self.expect("(")
         version = self.toks[self.i]
-        if not version[:1].isdigit():
+        if not _digits(version[:1]):
             raise self.fail(f"expected a program version, found {self.describe()}")
         self.i += 1
         self.expect(")")
@@ -410,7 +415,7 @@ class _Parser:
         return TensorType(dtype, dims)
 
     def dim_token(self, part: str) -> int | str:
-        if part.isdigit():
+        if _digits(part):
             value = int(part)
             if value >= 1 << 63:
                 raise self.fail(f"dimension {part} is too large")
@@ -706,7 +711,7 @@ def dump(program: Program, path: str | Path, style: str | None = None) -> Path:
 def _version_at_least(version: str, wanted: tuple[int, int]) -> bool:
     parts = []
     for part in str(version).split(".")[:2]:
-        if not part.isdigit():
+        if not _digits(part):
             return False
         parts.append(int(part))
     while len(parts) < 2:

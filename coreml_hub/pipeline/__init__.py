@@ -17,6 +17,7 @@ _API = {
     "load_pipeline": "generate",
     "RunResult": "generate",
     "SavedImage": "generate",
+    "StepProgress": "generate",
     "StableDiffusion": "diffusion",
     "resolve_model": "resolve",
     "select_backend": "components",

@@ -165,32 +165,48 @@ def unet_names(found: Iterable[str]) -> tuple[str, ...]:
     return ()
 
 
+def require_vae_encoder(found: dict[str, Path], folder: Path) -> str:
+    """The VAE encoder image-to-image needs, or a clear error when the variant has none."""
+    if "vae_encoder" not in found:
+        raise InvalidBundle(f"{folder} has no VAEEncoder, so it cannot do image-to-image.",
+                            hint="Drop --image, or use a variant that ships a VAE encoder.")
+    return "vae_encoder"
+
+
 # ---- backends ----------------------------------------------------------------------------
 
 def select_backend(name: str = "auto") -> Any:
     """The backend object for `--backend NAME`; `auto` is coreml on macOS, torch elsewhere."""
-    from ..plugins import get_backends
+    from ..plugins import excluded, get_backends, restriction
 
     name = (name or "auto").lower()
     backends = get_backends()
+    left_out = excluded()
+    # a backend missing because COREML_HUB_PLUGINS filtered its plugin out is not "not installed"
+    missing = f"not loaded ({restriction()} leaves out {', '.join(left_out)})" if left_out else "not installed"
+    env_hint = f"Add the plugin to {restriction()}, or unset COREML_HUB_PLUGINS." if left_out else None
     if name == "auto":
         candidates = ["coreml", "torch"] if sys.platform == "darwin" else ["torch"]
         reasons = []
         for candidate in candidates:
             backend = backends.get(candidate)
             if backend is None:
-                reasons.append(f"{candidate}: not installed")
+                reasons.append(f"{candidate}: {missing}")
                 continue
             ok, reason = backend.available()
             if ok:
                 return backend
             reasons.append(f"{candidate}: {reason}")
         raise BackendUnavailable("No backend can run here (" + "; ".join(reasons) + ").",
-                                 hint="Install PyTorch for the portable runtime, or run on macOS for Core ML.")
+                                 hint=env_hint or "Install PyTorch for the portable runtime, or run on macOS for "
+                                                  "Core ML.")
     if name not in backends:
         known = ", ".join(sorted(backends)) or "none"
-        raise BackendUnavailable(f"No backend named {name!r} is installed (installed: {known}).",
-                                 hint="Run `coreml-hub plugins` to see the backends and why each is (un)available.")
+        what = "loaded" if left_out else "installed"
+        raise BackendUnavailable(f"No backend named {name!r} is {what} ({what}: {known}"
+                                 + (f"; {restriction()} leaves out {', '.join(left_out)}" if left_out else "") + ").",
+                                 hint=env_hint or "Run `coreml-hub plugins` to see the backends and why each is "
+                                                  "(un)available.")
     backend = backends[name]
     ok, reason = backend.available()
     if not ok:

@@ -2,10 +2,10 @@
 
 Everything the pipeline needs to know about sizes is read from the components' input
 descriptions: latent size and Unet batch from `sample`, text length and hidden size from
-`encoder_hidden_states` ([B, C, 1, L]), image size from the VAE decoder. Random draws use
-a CPU torch.Generator in the same order diffusers uses, so a seed means the same image
-on every backend and device. Latents stay on the Unet's device from the first draw to
-the decoded image.
+`encoder_hidden_states` ([B, C, 1, L]), image size from the VAE decoder. Random draws come
+from a CPU noise source (`rng`: torch in diffusers' order, numpy or nvidia as Apple's and
+Mochi's pipelines draw them), so a seed means the same image on every backend and device.
+Latents stay on the Unet's device from the first draw to the decoded image.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ..errors import InvalidBundle, UnsupportedSize, UsageError
 from . import images as imaging
 from .components import Component, unet_names
+from .rng import DEFAULT_RNG, NoiseSource, check_latent_dtype, make_noise
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .tokenizer import ClipTokenizer
 
@@ -38,6 +39,7 @@ class Geometry:
     image_height: int
     image_width: int
     sdxl: bool
+    latent_dtype: str = "float32"  # the dtype the denoiser takes its latents in
 
     @property
     def size(self) -> str:
@@ -78,6 +80,14 @@ def _first_output(outputs: dict[str, Any], preferred: tuple[str, ...], rank: int
 class StableDiffusion:
     """Text-to-image and image-to-image over loaded components."""
 
+    # The denoiser's contract; SD3's transformer names these differently (pipeline.sd3).
+    sample_input = "sample"
+    context_input = "encoder_hidden_states"
+    prediction_output = "noise_pred"
+    default_scheduler = DEFAULT_SCHEDULER
+    shift_factor = 0.0  # latents = (VAE sample - shift) * scale; only SD3's VAE shifts
+    refiner: Any = None  # an SDXL refiner (pipeline.refiner) that takes over the last part of the schedule
+
     def __init__(self, components: dict[str, Component], tokenizers: list[ClipTokenizer],
                  scheduler_config: dict[str, Any], *, scale_factor: float | None = None,
                  zero_empty_negative: bool | None = None) -> None:
@@ -100,7 +110,7 @@ class StableDiffusion:
         self.zero_empty_negative = self.geometry.sdxl if zero_empty_negative is None else zero_empty_negative
         # one scheduler built now imports diffusers and checks the config while loading, so neither
         # is counted in the first image's time (or fails after the Unet is loaded and a run started)
-        make_scheduler(DEFAULT_SCHEDULER, scheduler_config)
+        make_scheduler(self.default_scheduler, scheduler_config)
 
     # ---- sizes ------------------------------------------------------------------------
     def unet_inputs(self) -> dict[str, Any]:
@@ -136,11 +146,17 @@ class StableDiffusion:
         out = next(iter(decoder.outputs.values()), None)
         if out is not None and len(out.shape) == 4 and all(d > 0 for d in out.shape):
             ih, iw = out.shape[2], out.shape[3]
+            from ..validate import vae_scale_factor  # the rule `verify` and `pull` check
+
+            if vae_scale_factor((lh, lw), (ih, iw)) is None:
+                raise UnsupportedSize(f"The VAE decoder makes {iw}x{ih} images from {lw}x{lh} latents: not one "
+                                      "whole scale factor for both sides.",
+                                      hint="Run `coreml-hub verify` on the variant.")
         else:
             ih, iw = lh * 8, lw * 8
         return Geometry(unet_batch=batch, latent_channels=channels, latent_height=lh, latent_width=lw,
                         text_length=hidden[3], hidden_size=hidden[1], image_height=ih, image_width=iw,
-                        sdxl="time_ids" in specs and "text_embeds" in specs)
+                        sdxl="time_ids" in specs and "text_embeds" in specs, latent_dtype=specs["sample"].dtype)
 
     # ---- text -------------------------------------------------------------------------
     def _encode_one(self, encoder: Component, tokenizer: ClipTokenizer, text: str) -> tuple[Any, Any]:
@@ -189,7 +205,7 @@ class StableDiffusion:
         for part in self.unet_parts:
             out = part(values)
             values.update(out)
-        return _first_output(out, ("noise_pred",), rank=4)
+        return _first_output(out, (self.prediction_output,), rank=4)
 
     def predict_noise(self, sample: Any, t: Any, cond: Conditioning, which: tuple[int, ...]) -> Any:
         """Noise predictions for `sample` under each conditioning index in `which`, batched as the Unet takes."""
@@ -201,9 +217,9 @@ class StableDiffusion:
             group = list(which[start:start + batch])
             padded = group + [group[-1]] * (batch - len(group))
             feed: dict[str, Any] = {
-                "sample": torch.cat([sample] * batch),
+                self.sample_input: torch.cat([sample] * batch),
                 "timestep": torch.full((batch,), float(t), dtype=torch.float32, device=sample.device),
-                "encoder_hidden_states": torch.cat([cond.hidden[i] for i in padded]),
+                self.context_input: torch.cat([cond.hidden[i] for i in padded]),
             }
             for key in cond.extras[1]:
                 feed[key] = torch.cat([cond.extras[i][key] for i in padded])
@@ -214,10 +230,10 @@ class StableDiffusion:
     def decode(self, latents: Any) -> Any:
         """Latents -> float numpy [H, W, 3] in [0, 1]."""
         decoder = self.components["vae_decoder"]
-        out = decoder({next(iter(decoder.inputs)): latents / self.scale_factor})
+        out = decoder({next(iter(decoder.inputs)): latents / self.scale_factor + self.shift_factor})
         return imaging.tensor_to_unit(_first_output(out, ("image",), rank=4))
 
-    def encode_image(self, image: Any, generator: Any) -> Any:
+    def encode_image(self, image: Any, noise: NoiseSource) -> Any:
         """Init image tensor [1, 3, H, W] -> scaled latents, sampled from the encoder's distribution."""
         import torch
 
@@ -228,46 +244,89 @@ class StableDiffusion:
         moments = _first_output(encoder({next(iter(encoder.inputs)): image}), ("latent",), rank=4)
         mean, logvar = moments.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
-        return (mean + std * noise) * self.scale_factor
+        return (noise.gaussian(mean, std) - self.shift_factor) * self.scale_factor
+
+    def img2img_start(self, steps: int, strength: float) -> int:
+        """The first of `steps` steps an image-to-image run denoises (diffusers' rounding)."""
+        return max(steps - min(int(steps * strength), steps), 0)
+
+    def noised(self, sched: Any, init: Any, noise: Any, t: Any) -> Any:
+        """The init image's latents noised to timestep `t`."""
+        return sched.add_noise(init, noise, t)
 
     # ---- the loop ---------------------------------------------------------------------
     def generate(self, *, prompt: str, negative_prompt: str = "", steps: int = 25, guidance_scale: float = 7.5,
-                 seed: int = 0, scheduler: str = "pndm", init_image: Any = None, strength: float = 0.75,
+                 seed: int = 0, scheduler: str | None = None, init_image: Any = None, strength: float = 0.75,
                  conditioning: Conditioning | None = None, on_step: StepCallback | None = None,
                  progress: bool = False, desc: str = "Generating", check_safety: bool = True,
-                 latents: Any = None) -> Generated:
-        """Make one image. `init_image` (PIL, model size) switches to image-to-image."""
+                 latents: Any = None, rng: str = DEFAULT_RNG, noise: NoiseSource | None = None) -> Generated:
+        """Make one image. `init_image` (PIL, model size) switches to image-to-image.
+
+        The initial noise comes from `noise` when given (a source shared by several images),
+        else from a fresh `rng` source seeded with `seed`; `latents` overrides the draw.
+        """
         import torch
-        from tqdm import tqdm
 
         if steps < 1:
             raise UsageError("--steps must be at least 1.")
         g = self.geometry
         cond = conditioning or self.condition(prompt, negative_prompt)
+        scheduler = scheduler or self.default_scheduler
         sched = make_scheduler(scheduler, self.scheduler_config)
         sched.set_timesteps(steps)
-        generator = torch.Generator("cpu").manual_seed(int(seed))
+        if noise is None:
+            check_latent_dtype(rng, g.latent_dtype)
+            noise = make_noise(rng, seed)
+        generator = noise.step_generator
         shape = (1, g.latent_channels, g.latent_height, g.latent_width)
         timesteps = sched.timesteps
         if init_image is not None:
             if not 0.0 < strength <= 1.0:
                 raise UsageError(f"--strength must be in (0, 1], got {strength}.")
-            init = self.encode_image(imaging.image_to_tensor(init_image), generator)
-            keep = min(int(steps * strength), steps)
-            t_start = max(steps - keep, 0)
+            pixels = imaging.image_to_tensor(init_image)
+            first = noise.latents(shape) if noise.noise_first else None  # the Swift order: noise, then sample
+            init = self.encode_image(pixels, noise)
+            t_start = self.img2img_start(steps, strength)
             timesteps = sched.timesteps[t_start * sched.order:]
             if len(timesteps) == 0:
                 raise UsageError(f"--strength {strength} with --steps {steps} leaves no denoising step.",
                                  hint="Raise --strength or --steps.")
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
-            noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(init.device)
-            current = sched.add_noise(init, noise, timesteps[:1])
+            added = (first if first is not None else noise.latents(tuple(init.shape))).to(init.device)
+            current = self.noised(sched, init, added, timesteps[:1])
         else:
-            if latents is None:
-                latents = torch.randn(shape, generator=generator, dtype=torch.float32)
-            current = (latents.to(torch.float32) * sched.init_noise_sigma).to(self.unet_parts[0].device)
+            sigma = getattr(sched, "init_noise_sigma", 1.0)  # flow matching starts from plain noise
+            if latents is not None:
+                current = (latents.to(torch.float32) * sigma).to(self.unet_parts[0].device)
+            else:
+                current = noise.latents(shape, float(sigma)).to(self.unet_parts[0].device)
+        total = len(timesteps)
+        if self.refiner is not None:
+            current = self.refiner.finish(self, sched, scheduler, steps, timesteps, current, cond, guidance_scale,
+                                          generator, prompt=prompt, negative_prompt=negative_prompt,
+                                          on_step=on_step, progress=progress, desc=desc)
+        else:
+            current = self.denoise(sched, timesteps, current, cond, guidance_scale, generator, on_step=on_step,
+                                   progress=progress, desc=desc)
+        image = self.decode(current)
+        flagged = False
+        if check_safety and "safety_checker" in self.components:
+            from .safety import blacked_out, is_flagged
+
+            flagged = is_flagged(self.components["safety_checker"], image, imaging.unit_to_pil(image))
+            if flagged:
+                image = blacked_out(image)
+        return Generated(image=image, seed=int(seed), flagged=flagged, unet_steps=total)
+
+    def denoise(self, sched: Any, timesteps: Any, current: Any, cond: Conditioning, guidance_scale: float,
+                generator: Any, *, on_step: StepCallback | None = None, progress: bool = False,
+                desc: str = "Generating", done: int = 0, total: int | None = None) -> Any:
+        """Step `current` through `timesteps` with this pipeline's denoiser; returns the last latents.
+
+        `done` steps of `total` were run before (by another denoiser), for the progress callback.
+        """
+        from tqdm import tqdm
 
         step_params = inspect.signature(sched.step).parameters
         step_kwargs: dict[str, Any] = {}
@@ -276,12 +335,13 @@ class StableDiffusion:
         if "eta" in step_params:
             step_kwargs["eta"] = 0.0
         guided = guidance_scale > 1.0
-        total = len(timesteps)
-        bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, file=sys.stderr,
+        total = total or done + len(timesteps)
+        bar = tqdm(total=total, initial=done, desc=desc, unit="step", disable=not progress, file=sys.stderr,
                    dynamic_ncols=True, leave=False)
+        scale_input = getattr(sched, "scale_model_input", None)  # flow matching has none
         try:
-            for i, t in enumerate(timesteps):
-                model_in = sched.scale_model_input(current, t)
+            for i, t in enumerate(timesteps, start=done):
+                model_in = scale_input(current, t) if scale_input is not None else current
                 if guided:
                     uncond, text = self.predict_noise(model_in, t, cond, (0, 1)).chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
@@ -293,12 +353,4 @@ class StableDiffusion:
                     on_step(i + 1, total, current)
         finally:
             bar.close()
-        image = self.decode(current)
-        flagged = False
-        if check_safety and "safety_checker" in self.components:
-            from .safety import blacked_out, is_flagged
-
-            flagged = is_flagged(self.components["safety_checker"], image, imaging.unit_to_pil(image))
-            if flagged:
-                image = blacked_out(image)
-        return Generated(image=image, seed=int(seed), flagged=flagged, unet_steps=total)
+        return current

@@ -10,6 +10,8 @@ from ..errors import InvalidImage, UnsupportedSize
 # How far an init image's aspect ratio may differ from the model's before it is refused
 # (a resize would visibly distort it).
 ASPECT_TOLERANCE = 0.02
+# What `--fit` does with an init image of another aspect ratio.
+FITS = ("crop", "pad", "stretch")
 
 
 def open_init_image(path: Path | str) -> Any:
@@ -28,19 +30,42 @@ def open_init_image(path: Path | str) -> Any:
                            hint="Pass a PNG or JPEG file to --image.") from exc
 
 
-def fit_init_image(image: Any, width: int, height: int) -> tuple[Any, bool]:
-    """Resize to the model's size when only the scale differs; refuse another aspect ratio."""
+def check_aspect(size: tuple[int, int], width: int, height: int, fit: str | None) -> bool:
+    """True when an init image of `size` needs `fit` for a model of width x height; without a
+    `fit`, another aspect ratio is refused (before any model is loaded, when the size is known)."""
+    w, h = size
+    if abs((w / h) / (width / height) - 1.0) <= ASPECT_TOLERANCE:
+        return False
+    if fit is None:
+        raise UnsupportedSize(
+            f"The init image is {w}x{h}, but this model makes {width}x{height} images "
+            "(a different aspect ratio).",
+            hint=f"Pass --fit crop (cut to the model's shape), --fit pad (add black bars) or --fit stretch, "
+                 f"or crop the image to {width}x{height} yourself.",
+        )
+    if fit not in FITS:
+        raise UnsupportedSize(f"Unknown --fit {fit!r}.", hint=f"Choose one of: {', '.join(FITS)}.")
+    return True
+
+
+def fit_init_image(image: Any, width: int, height: int, fit: str | None = None) -> tuple[Any, bool]:
+    """The init image at the model's size: resized when only the scale differs; of another aspect
+    ratio, cropped to the middle, padded with black bars or stretched as `fit` says (else refused)."""
     from PIL import Image
 
     if image.size == (width, height):
         return image, False
     w, h = image.size
-    if abs((w / h) / (width / height) - 1.0) > ASPECT_TOLERANCE:
-        raise UnsupportedSize(
-            f"The init image is {w}x{h}, but this model makes {width}x{height} images "
-            "(a different aspect ratio).",
-            hint=f"Crop the image to {width}x{height} (or the same aspect ratio), or use a variant of that size.",
-        )
+    if check_aspect((w, h), width, height, fit):
+        wider = w * height > h * width  # than the model's shape
+        if fit == "crop":  # keep the middle, at the model's shape
+            keep = (round(h * width / height), h) if wider else (w, round(w * height / width))
+            left, top = (w - keep[0]) // 2, (h - keep[1]) // 2
+            image = image.crop((left, top, left + keep[0], top + keep[1]))
+        elif fit == "pad":  # all of it, centred on black at the model's shape
+            canvas = Image.new("RGB", (w, round(w * height / width)) if wider else (round(h * width / height), h))
+            canvas.paste(image, ((canvas.width - w) // 2, (canvas.height - h) // 2))
+            image = canvas
     return image.resize((width, height), resample=Image.LANCZOS), True
 
 

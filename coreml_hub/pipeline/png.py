@@ -39,6 +39,9 @@ class ImageMetadata:
     init_image: str | None = None
     step: int | None = None  # intermediate decodes only
     prediction_type: str | None = None  # from the model's scheduler config or --prediction-type
+    rng: str | None = None  # the noise source (torch, numpy, nvidia)
+    seed_mode: str | None = None  # "stream": image `image_index` of one stream seeded with `seed`
+    image_index: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def parameters_text(self) -> str:
@@ -54,6 +57,10 @@ class ImageMetadata:
             ("Size", f"{self.width}x{self.height}"),
             ("Model", self.model),
         ]
+        if self.rng:
+            pairs.append(("RNG", self.rng))
+        if self.seed_mode == "stream":
+            pairs += [("Seed mode", "stream"), ("Image index", str(self.image_index or 0))]
         if self.variant:
             pairs.append(("Variant", self.variant))
         if self.revision:
@@ -90,6 +97,12 @@ class ImageMetadata:
             data["step"] = self.step
         if self.prediction_type is not None:
             data["prediction_type"] = self.prediction_type
+        if self.rng is not None:
+            data["rng"] = self.rng
+        if self.seed_mode is not None:
+            data["seed_mode"] = self.seed_mode
+        if self.image_index is not None:
+            data["image_index"] = self.image_index
         data.update(self.extra)
         return data
 
@@ -132,6 +145,54 @@ def parse_parameters(text: str) -> dict[str, str]:
             value = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), value[1:-1])
         result[key] = value
     return result
+
+
+# `parameters` keys (A1111 style) -> ImageMetadata fields, for PNGs that carry only that chunk.
+_PARAMETER_FIELDS = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed", "Model": "model",
+                     "Variant": "variant", "Denoising strength": "strength", "Backend": "backend", "Step": "step"}
+_INT_FIELDS = ("seed", "steps", "width", "height", "step")
+_FLOAT_FIELDS = ("guidance_scale", "strength")
+
+
+def read_metadata(path: Path | str) -> dict[str, Any] | None:
+    """The settings a PNG was made with, as `ImageMetadata.to_dict()` gives them; None when it has none.
+
+    coreml-hub's own chunks (one per setting) come first; a PNG with only the `parameters` chunk
+    (other image tools) is read from that. Unreadable files give None, never an exception.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if img.format != "PNG":
+                return None
+            chunks = dict(getattr(img, "text", {}) or {})
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+    known = {f for f in ImageMetadata.__dataclass_fields__ if f != "extra"}
+    data: dict[str, Any] = {k: v for k, v in chunks.items() if k in known or k == "prediction_type"}
+    if "prompt" not in data and "parameters" in chunks:
+        parsed = parse_parameters(chunks["parameters"])
+        data = {"prompt": parsed.get("prompt", ""), "negative_prompt": parsed.get("negative_prompt", "")}
+        for key, field_name in _PARAMETER_FIELDS.items():
+            if key in parsed:
+                data[field_name] = parsed[key]
+        by_sampler = {v: k for k, v in SAMPLER_NAMES.items()}
+        if "Sampler" in parsed:
+            data["scheduler"] = by_sampler.get(parsed["Sampler"], parsed["Sampler"])
+        width, _, height = parsed.get("Size", "").partition("x")
+        if width.isdigit() and height.isdigit():
+            data["width"], data["height"] = width, height
+    if "prompt" not in data:
+        return None
+    for keys, kind in ((_INT_FIELDS, int), (_FLOAT_FIELDS, float)):
+        for key in keys:
+            if key in data:
+                try:
+                    data[key] = kind(data[key])
+                except (TypeError, ValueError):
+                    data.pop(key)  # a value no tool could have meant: left out rather than guessed
+    return data
 
 
 def slug(text: str, limit: int = 40) -> str:

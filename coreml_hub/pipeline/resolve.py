@@ -8,10 +8,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InvalidBundle, ModelNotPulled, UsageError
-from .components import find_components
-
-MAX_SEARCH_DEPTH = 3
-
 
 @dataclass(frozen=True)
 class ResolvedModel:
@@ -29,41 +25,19 @@ class ResolvedModel:
                 "revision": self.revision, "pulled_now": self.pulled_now}
 
 
-def _variant_folders(root: Path, depth: int = MAX_SEARCH_DEPTH) -> list[Path]:
-    """Folders under `root` (itself included) that hold Core ML bundles directly."""
-    found: list[Path] = []
-    stack = [(root, 0)]
-    while stack:
-        folder, level = stack.pop()
-        try:
-            entries = sorted(folder.iterdir())
-        except OSError:
-            continue
-        if any(e.suffix in (".mlpackage", ".mlmodelc") for e in entries):
-            if find_components(folder):
-                found.append(folder)
-            continue
-        if level < depth:
-            stack.extend((e, level + 1) for e in reversed(entries) if e.is_dir() and not e.name.startswith("."))
-    return sorted(found)
-
-
 def resolve_local(path: Path) -> ResolvedModel:
     """A variant folder, a store entry, or a folder (like `convert -o`) holding exactly one variant."""
     path = path.expanduser().resolve()
     if path.suffix in (".mlpackage", ".mlmodelc"):
         raise UsageError(f"{path.name} is a single bundle; `run` needs the folder holding all of a variant's bundles.",
                          hint=f"Pass {path.parent} instead.")
-    folders = _variant_folders(path)
-    if not folders:
+    from ..bundle import one_variant
+
+    folder = one_variant(path, "run")
+    if folder is None:
         raise InvalidBundle(f"No Core ML Stable Diffusion bundles found in {path}.",
                             hint="Pass a variant folder (holding TextEncoder/Unet/VAEDecoder bundles), "
                                  "the -o folder of `coreml-hub convert`, or a repo id.")
-    if len(folders) > 1:
-        listing = "\n  ".join(str(f) for f in folders)
-        raise UsageError(f"{path} holds several variants; name one:\n  {listing}",
-                         hint=f"For example: coreml-hub run {folders[0]} \"PROMPT\"")
-    folder = folders[0]
     repo = variant = revision = None
     try:
         from ..store import MANIFEST_NAME, load_entry
@@ -91,10 +65,16 @@ def looks_like_path(text: str) -> bool:
 
 
 def resolve_model(text: str, *, pull: bool = True, progress: bool = False,
-                  on_message: Callable[[str], None] | None = None) -> ResolvedModel:
-    """MODEL as `run` takes it: a folder, `REPO`, `REPO:VARIANT`, `REPO@REV[:VARIANT]`."""
+                  on_message: Callable[[str], None] | None = None, chunked: bool | None = None) -> ResolvedModel:
+    """MODEL as `run` takes it: a folder, `REPO`, `REPO:VARIANT`, `REPO@REV[:VARIANT]`.
+
+    `chunked` picks a pulled model's Unet form (and the form a pull fetches); None takes the
+    full Unet where both are pulled."""
     candidate = Path(text).expanduser()
     if candidate.exists():
+        if chunked is not None:
+            raise UsageError(f"--chunked/--no-chunked picks the Unet form of a pulled model; {text} is a folder.",
+                             hint="Drop the flag, or name the model as ORG/NAME[:VARIANT].")
         return resolve_local(candidate)
     if looks_like_path(text):
         raise InvalidBundle(f"No such folder: {text}.",
@@ -103,18 +83,19 @@ def resolve_model(text: str, *, pull: bool = True, progress: bool = False,
 
     ref = store.parse_ref(text)
     try:
-        pulled = store.find_pulled(ref, require_ok=True)
+        pulled = store.find_pulled(ref, require_ok=True, chunked=chunked)
         pulled_now = False
     except ModelNotPulled as exc:
         if not pull:
-            raise ModelNotPulled(exc.message, hint=f"Pull it with `coreml-hub pull {ref}` (or drop --no-pull "
+            asked = f"{ref}{store.chunked_flag(chunked)}"
+            raise ModelNotPulled(exc.message, hint=f"Pull it with `coreml-hub pull {asked}` (or drop --no-pull "
                                                    "to pull it automatically).") from None
         if on_message:
             on_message(f"{ref} is not pulled yet; pulling it.")
-        store.pull(str(ref), progress=progress)
-        pulled = store.find_pulled(ref, require_ok=True)
+        store.pull(str(ref), progress=progress, chunked=chunked)
+        pulled = store.find_pulled(ref, require_ok=True, chunked=chunked)
         pulled_now = True
         if on_message:
-            on_message(f"Pulled {pulled.ref()} ({pulled.commit[:7]}).")
+            on_message(f"Pulled {pulled.ref()}{pulled.form_flag} ({pulled.commit[:7]}).")
     return ResolvedModel(path=Path(pulled.path), name=pulled.repo, repo=pulled.repo, variant=pulled.variant,
                          revision=pulled.commit, pulled_now=pulled_now)

@@ -1,7 +1,9 @@
 """Noise schedulers: diffusers' implementations, configured from the model's scheduler config.
 
-diffusers is imported lazily. The LMS scheduler's coefficients are integrals of Lagrange
-polynomials; they are computed exactly with numpy here, so scipy is not needed.
+diffusers is imported lazily, and only the module of the scheduler in use (not the package's
+exports, which load every scheduler and pipeline placeholder). The LMS scheduler's coefficients
+are integrals of Lagrange polynomials; they are computed exactly with numpy here, so scipy is
+not needed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,23 @@ SCHEDULERS: dict[str, str] = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "ddim": "DDIMScheduler",
     "lms": "LMSDiscreteScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",  # SD3: Euler over the flow-matching sigmas, with a shift
+}
+# CLI name -> the diffusers module that defines it (under diffusers.schedulers)
+SCHEDULER_MODULES: dict[str, str] = {
+    "pndm": "scheduling_pndm",
+    "dpmpp": "scheduling_dpmsolver_multistep",
+    "euler": "scheduling_euler_discrete",
+    "euler_a": "scheduling_euler_ancestral_discrete",
+    "ddim": "scheduling_ddim",
+    "lms": "scheduling_lms_discrete",
+    "flow_euler": "scheduling_flow_match_euler_discrete",
 }
 DEFAULT_SCHEDULER = "pndm"
+# Which schedulers fit which denoiser: the discrete-time ones predict noise (or v) at a timestep,
+# SD3's transformer predicts the flow's velocity.
+FLOW_SCHEDULERS = ("flow_euler",)
+DEFAULT_FLOW_SCHEDULER = "flow_euler"
 # What the Unet predicts; SD 2.x 768-px models use v_prediction, everything else epsilon.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -33,6 +50,7 @@ SAMPLER_NAMES = {
     "euler_a": "Euler a",
     "ddim": "DDIM",
     "lms": "LMS",
+    "flow_euler": "Euler",
 }
 
 # The training schedule shared by SD 1.x, 2.x and SDXL.
@@ -47,6 +65,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "skip_prk_steps": True,
     "clip_sample": False,
     "timestep_spacing": "leading",
+}
+
+# SD3's schedule when the model ships no config (Apple's compiled repos): Apple's Swift pipeline uses shift 3.
+FLOW_DEFAULT_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
 }
 
 CONFIG_PLACES = ("scheduler/scheduler_config.json", "scheduler_config.json")
@@ -65,9 +89,9 @@ def find_scheduler_config(variant_dir: Path, also: tuple[Path, ...] = ()) -> Pat
 
 
 def scheduler_config(variant_dir: Path | None = None, *, prediction_type: str | None = None,
-                     also: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The model's scheduler config (or SD defaults), with `prediction_type` forced when given."""
-    config = dict(DEFAULT_CONFIG)
+                     also: tuple[Path, ...] = (), defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model's scheduler config (or `defaults`, SD's by default), with `prediction_type` forced when given."""
+    config = dict(DEFAULT_CONFIG if defaults is None else defaults)
     path = find_scheduler_config(variant_dir, also) if variant_dir is not None else None
     if path is not None:
         try:
@@ -88,9 +112,9 @@ def make_scheduler(name: str, config: dict[str, Any] | None = None) -> Any:
     if name == "lms":
         cls = _exact_lms_class()
     else:
-        import diffusers
-
-        cls = getattr(diffusers, SCHEDULERS[name])
+        # an import statement's machinery (not importlib.import_module), so `python -X importtime` shows it
+        module = __import__(f"diffusers.schedulers.{SCHEDULER_MODULES[name]}", fromlist=[SCHEDULERS[name]])
+        cls = getattr(module, SCHEDULERS[name])
     if name == "pndm":
         config["skip_prk_steps"] = True  # PRK warm-up steps are not used by any SD pipeline
     return cls.from_config(config)

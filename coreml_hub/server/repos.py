@@ -1,8 +1,14 @@
 """A folder of repos as the Hub sees them: `ROOT/<org>/<name>/` plain files plus optional `.hub.json`.
 
 Paths with a component starting with "." (`.hub.json`, `.git`, editor droppings) are not part
-of a repo. The commit sha is a real git commit id over the files' git trees, so it changes
+of a repo, and neither is anything whose real path is outside ROOT (see coreml_hub/safeserve.py). The commit sha is a real git commit id over the files' git trees, so it changes
 exactly when the content does.
+
+A pinned repo is what the pull-through mirror (server/upstream.py) writes, in the Hugging Face
+cache layout: ROOT/models--<org>--<name>/snapshots/<commit>/.hub.json is upstream's model info
+at that commit (its `sha` and every file's size, blob id and LFS sha256), refs/<branch> names
+a commit, and the files fetched so far link to blobs/. Its commit is upstream's, its listing is
+upstream's, and a file not fetched yet is listed but not `present`.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .hashing import Digest, DigestCache, is_lfs
+from ..safeserve import clean_parts, links_out_of, resolve_under, walk_under
+from .hashing import Digest, DigestCache, is_lfs, lfs_pointer
 
 META_FILE = ".hub.json"
 TOKENS_FILE = ".tokens"
@@ -33,9 +40,13 @@ class Entry:
     abs_path: Path
     size: int
     mtime_ns: int
+    digest: Digest | None = None  # known without hashing (a pinned repo's listing)
+    present: bool = True  # False: listed by a pinned repo, not fetched yet
 
     @property
     def lfs(self) -> bool:
+        if self.digest is not None:
+            return self.digest.sha256 is not None
         return is_lfs(self.path, self.size)
 
 
@@ -45,6 +56,8 @@ class Repo:
     folder: Path
     entries: tuple[Entry, ...]
     meta: dict[str, Any] = field(compare=False, hash=False)
+    commit: str | None = None  # pinned: upstream's commit, not one computed from the content
+    revisions: tuple[str, ...] = ()  # pinned: the names that lead to this commit (itself, refs)
 
     @property
     def author(self) -> str:
@@ -124,18 +137,27 @@ def iso_time(ns: int) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
 def valid_repo_path(path: str) -> bool:
-    """A repo-relative path that names something a listing could show (no dotfiles, no `..`)."""
-    parts = path.split("/")
-    return bool(path) and all(part and not _hidden(part) and part != ".." for part in parts)
+    """A repo-relative path that names something a listing could show (the rules of `safeserve.clean_parts`)."""
+    return bool(path) and clean_parts(path) is not None
+
+
+def cache_repo_id(name: str) -> str | None:
+    """`models--org--name` (a Hugging Face cache folder) -> `org/name`; None for anything else."""
+    kind, _, rest = name.partition("--")
+    org, sep, repo = rest.partition("--")
+    if kind != "models" or not sep or not org or not repo or "--" in repo:
+        return None
+    return f"{org}/{repo}"
 
 
 class RepoStore:
-    """Reads repos from ROOT on every request (cheap: a walk and stats); caches digests and commits."""
+    """Reads repos from ROOT on every request (cheap: a walk and stats); caches digests and commits.
+
+    A repo is ROOT/<org>/<name>/, or, when ROOT is a Hugging Face cache folder (`~/.cache/huggingface/hub`),
+    ROOT/models--<org>--<name>/snapshots/<refs/main>/. Files and folders are found by
+    `safeserve.walk_under`: nothing whose real path is outside ROOT is listed or served.
+    """
 
     def __init__(self, root: Path, *, remember_digests: bool = True) -> None:
         self.root = Path(root)
@@ -147,26 +169,52 @@ class RepoStore:
     # -- discovery ---------------------------------------------------------------------------
 
     def repo_ids(self) -> list[str]:
-        ids = []
-        try:
-            orgs = sorted(os.scandir(self.root), key=lambda d: d.name)
-        except FileNotFoundError:
-            return []
-        for org in orgs:
-            if _hidden(org.name) or not org.is_dir():
+        ids: set[str] = set()
+        for top in self._names(""):
+            if "--" in top:  # no Hub org has "--" in its name: a cache folder (datasets and spaces are skipped)
+                repo_id = cache_repo_id(top)
+                if repo_id is not None and self._cache_snapshot(top) is not None:
+                    ids.add(repo_id)
                 continue
-            for repo in sorted(os.scandir(org.path), key=lambda d: d.name):
-                if not _hidden(repo.name) and repo.is_dir():
-                    ids.append(f"{org.name}/{repo.name}")
-        return ids
+            if not self._is_dir(top):
+                continue
+            for name in self._names(top):
+                if self._is_dir(f"{top}/{name}"):
+                    ids.add(f"{top}/{name}")
+        return sorted(ids)
 
-    def get(self, repo_id: str) -> Repo | None:
-        if repo_id.count("/") != 1 or not valid_repo_path(repo_id):
+    def get(self, repo_id: str, revision: str = "main") -> Repo | None:
+        """The repo as `revision` finds it: a pinned repo's branch or commit; other repos have one revision."""
+        if repo_id.count("/") != 1 or not valid_repo_path(repo_id) or "--" in repo_id:  # the Hub forbids "--"
             return None
-        folder = self.root / repo_id
-        if not folder.is_dir():
+        rel = self._folder(repo_id, revision)
+        if rel is None:
             return None
-        return Repo(repo_id=repo_id, folder=folder, entries=tuple(self._walk(folder)), meta=self._meta(folder, repo_id))
+        folder = resolve_under(self.root, rel)
+        if folder is None:
+            return None
+        found = walk_under(self.root, rel)
+        meta = self._meta(rel, repo_id)
+        listing = pinned_listing(meta, folder.name)
+        if listing is None:
+            entries = tuple(Entry(path=f.path, abs_path=f.real, size=f.size, mtime_ns=f.mtime_ns) for f in found)
+            return Repo(repo_id=repo_id, folder=folder, entries=entries, meta=meta)
+        on_disk = {f.path: f for f in found}
+        pinned: list[Entry] = []
+        for path, size, digest in listing:
+            have = on_disk.get(path)
+            if have is not None and have.size == size:
+                pinned.append(Entry(path, have.real, size, have.mtime_ns, digest))
+            else:
+                pinned.append(Entry(path, folder / path, size, 0, digest, present=False))
+        cache = rel.split("/", 1)[0]
+        names = (folder.name, *self._refs_to(cache, folder.name))
+        return Repo(repo_id=repo_id, folder=folder, entries=tuple(pinned), meta=meta, commit=folder.name,
+                    revisions=names)
+
+    def is_plain(self, repo_id: str) -> bool:
+        """Whether the repo is a plain folder ROOT/<org>/<name> (one revision, served as it is)."""
+        return repo_id.count("/") == 1 and valid_repo_path(repo_id) and self._is_dir(repo_id)
 
     def repos(self) -> Iterable[Repo]:
         for repo_id in self.repo_ids():
@@ -174,54 +222,115 @@ class RepoStore:
             if repo is not None:
                 yield repo
 
-    def _walk(self, folder: Path) -> list[Entry]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-            rel_dir = os.path.relpath(dirpath, folder)
-            for name in filenames:
-                if _hidden(name):
-                    continue
-                full = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(full)
-                except OSError:  # a dangling link or a file removed while walking
-                    continue
-                rel = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
-                found.append(Entry(path=rel, abs_path=Path(full), size=st.st_size, mtime_ns=st.st_mtime_ns))
-        return sorted(found, key=lambda e: e.path)
+    def links_out(self) -> list[tuple[str, str]]:
+        """(path in ROOT, link text) of every link that leads out of ROOT: never served, named at start."""
+        return links_out_of(self.root)
 
-    def _meta(self, folder: Path, repo_id: str) -> dict[str, Any]:
-        meta_path = folder / META_FILE
+    def _names(self, rel: str) -> list[str]:
+        folder = resolve_under(self.root, rel)
+        if folder is None:
+            return []
+        try:
+            with os.scandir(folder) as it:
+                return sorted(e.name for e in it if clean_parts(e.name) is not None)
+        except OSError:
+            return []
+
+    def _is_dir(self, rel: str) -> bool:
+        found = resolve_under(self.root, rel)
+        return found is not None and found.is_dir()
+
+    def _folder(self, repo_id: str, revision: str = "main") -> str | None:
+        """Where the repo's files are, relative to ROOT: a plain folder first, else a cache snapshot."""
+        if self._is_dir(repo_id):
+            return repo_id
+        return self._cache_snapshot(cache_folder(repo_id), revision)
+
+    def ref(self, repo_id: str, revision: str) -> str | None:
+        """The commit ROOT's refs/<revision> of a cache-layout repo names, when its snapshot is there."""
+        return self._ref(cache_folder(repo_id), revision)
+
+    def _ref(self, cache_name: str, revision: str) -> str | None:
+        ref = resolve_under(self.root, f"{cache_name}/refs/{revision}")
+        if ref is None or not ref.is_file():
+            return None
+        try:
+            commit = ref.read_text(errors="replace").strip()
+        except OSError:
+            return None
+        if "/" not in commit and clean_parts(commit) is not None and self._is_dir(f"{cache_name}/snapshots/{commit}"):
+            return commit
+        return None
+
+    def _refs_to(self, cache_name: str, commit: str) -> list[str]:
+        """Every ref (branch) of a cache-layout repo that names `commit`."""
+        refs = resolve_under(self.root, f"{cache_name}/refs")
+        if refs is None or not refs.is_dir():
+            return []
+        return [f.path for f in walk_under(self.root, f"{cache_name}/refs")
+                if self._ref(cache_name, f.path) == commit]
+
+    def _cache_snapshot(self, cache_name: str, revision: str = "main") -> str | None:
+        """The snapshot `revision` names (a ref, or a snapshot's own name); else the one of `refs/main`,
+        else the newest (such a repo's commit is then checked against its content)."""
+        snapshots = f"{cache_name}/snapshots"
+        if revision != "main":
+            commit = self._ref(cache_name, revision)
+            if commit is None and clean_parts(revision) is not None and "/" not in revision \
+                    and self._is_dir(f"{snapshots}/{revision}"):
+                commit = revision
+            if commit is not None:
+                return f"{snapshots}/{commit}"
+        commit = self._ref(cache_name, "main")
+        if commit is not None:
+            return f"{snapshots}/{commit}"
+        newest: tuple[int, str] | None = None
+        for name in self._names(snapshots):
+            found = resolve_under(self.root, f"{snapshots}/{name}")
+            if found is not None and found.is_dir():
+                stamp = found.stat().st_mtime_ns
+                if newest is None or stamp > newest[0]:
+                    newest = (stamp, f"{snapshots}/{name}")
+        return newest[1] if newest else None
+
+    def _meta(self, rel: str, repo_id: str) -> dict[str, Any]:
+        meta_path = resolve_under(self.root, f"{rel}/{META_FILE}", allow_hidden=True)
+        if meta_path is None or not meta_path.is_file():
+            return {}
         try:
             data = json.loads(meta_path.read_text())
-        except FileNotFoundError:
-            return {}
         except (OSError, ValueError) as exc:
             if repo_id not in self._bad_meta_warned:
                 self._bad_meta_warned.add(repo_id)
-                print(f"Warning: ignoring unreadable {meta_path}: {exc}", file=sys.stderr, flush=True)
+                print(f"Warning: ignoring unreadable {self.root / rel / META_FILE}: {exc}", file=sys.stderr,
+                      flush=True)
             return {}
         return data if isinstance(data, dict) else {}
 
     # -- content ids ---------------------------------------------------------------------------
 
     def digest(self, entry: Entry) -> Digest:
+        if entry.digest is not None:
+            return entry.digest
         return self.digests.get(entry.abs_path, entry.size, entry.mtime_ns, entry.lfs)
 
     def commit(self, repo: Repo) -> str:
-        return self._commit_and_trees(repo)[0]
+        return repo.commit or self._commit_and_trees(repo)[0]
 
     def tree_oid(self, repo: Repo, directory: str) -> str:
         return self._commit_and_trees(repo)[1][directory]
 
     def _commit_and_trees(self, repo: Repo) -> tuple[str, dict[str, str]]:
-        key = (repo.repo_id, tuple((e.path, e.size, e.mtime_ns) for e in repo.entries))
+        key = (repo.repo_id, repo.commit, tuple((e.path, e.size, e.mtime_ns) for e in repo.entries))
         cached = self._commits.get(key)
         if cached is not None:
             return cached
         blobs = {e.path: self.digest(e).blob_id for e in repo.entries}
         trees = git_trees(blobs)
+        if repo.commit is not None:  # upstream's commit; its trees hold the same blobs, so the same ids
+            with self._commit_lock:
+                self._commits[key] = (repo.commit, trees)
+            return repo.commit, trees
         body = (
             f"tree {trees['']}\n"
             "author coreml-hub <mirror@localhost> 0 +0000\n"
@@ -241,6 +350,37 @@ class RepoStore:
             except OSError:
                 continue
         self.digests.save()
+
+
+def cache_folder(repo_id: str) -> str:
+    """`org/name` -> `models--org--name`, the Hugging Face cache's folder for a model repo."""
+    return "models--" + repo_id.replace("/", "--")
+
+
+def pinned_listing(meta: dict[str, Any], commit: str) -> list[tuple[str, int, Digest]] | None:
+    """A pinned snapshot's files (path, size, digest) from its `.hub.json`, when it is upstream's info at
+    `commit` with every file's size and blob id; None otherwise. Paths a request could not name are dropped."""
+    siblings = meta.get("siblings")
+    if meta.get("sha") != commit or not isinstance(siblings, list):
+        return None
+    files: list[tuple[str, int, Digest]] = []
+    for item in siblings:
+        if not isinstance(item, dict):
+            return None
+        path, size, blob_id = item.get("rfilename"), item.get("size"), item.get("blobId")
+        if not isinstance(path, str) or not isinstance(size, int) or not isinstance(blob_id, str):
+            return None
+        if not valid_repo_path(path):
+            continue
+        lfs = item.get("lfs")
+        if isinstance(lfs, dict) and isinstance(lfs.get("sha256"), str):
+            pointer = lfs.get("pointerSize")
+            digest = Digest(blob_id, lfs["sha256"], pointer if isinstance(pointer, int) else
+                            len(lfs_pointer(lfs["sha256"], size)))
+        else:
+            digest = Digest(blob_id, None, None)
+        files.append((path, size, digest))
+    return sorted(files)
 
 
 def git_trees(blobs: dict[str, str]) -> dict[str, str]:

@@ -19,11 +19,14 @@ from typing import Any
 STANDARD: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     *((s, a, "fp16", {}) for s in ("sd1", "sd2", "sdxl") for a in ("original", "split_einsum", "split_einsum_v2")),
     *((s, "original", "fp32", {}) for s in ("sd1", "sd2", "sdxl")),
-    ("sd1", "split_einsum", "fp32", {}),
-    ("sd1", "split_einsum_v2", "fp32", {}),
+    # every attention in fp32 too (the runtime parity tests), and each style's chunked Unet
+    *((s, a, "fp32", {}) for s in ("sd1", "sd2", "sdxl") for a in ("split_einsum", "split_einsum_v2")),
+    *((s, "split_einsum", p, {"chunk": True}) for s in ("sd1", "sd2", "sdxl") for p in ("fp16", "fp32")
+      if (s, p) != ("sd1", "fp16")),
     ("sd1", "original", "fp32", {"batch_one": True}),
     ("sd1", "split_einsum", "fp16", {"chunk": True}),
     ("sd1", "split_einsum", "fp16", {"quantize": 6}),
+    ("sd1", "split_einsum", "fp16", {"quantize": 4}),
     ("sd1", "split_einsum", "fp16", {"chunk": True, "quantize": 6}),
     ("sd1", "split_einsum", "fp16", {"latent_size": (8, 12)}),
     ("sd1", "original", "fp16", {"chunk": True, "compiled": True}),
@@ -33,10 +36,15 @@ STANDARD: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("sd1", "split_einsum", "fp16", {"compiled": True}),
     ("sd1", "split_einsum", "fp16", {"quantize": 6, "compiled": True}),
     ("sdxl", "original", "fp16", {"compiled": True}),
+    ("sd2", "original", "fp16", {"compiled": True}),
     ("sdxl", "original", "fp16", {"chunk": True, "compiled": True}),
     ("sd1", "split_einsum_v2", "fp16", {"compiled": True}),
     ("sd1", "original", "fp16", {"latent_size": (24, 16), "compiled": True}),
     ("sd1", "split_einsum", "fp16", {"latent_size": (24, 16), "compiled": True}),
+    ("sd3", "original", "fp32", {}),
+    ("sd3", "original", "fp16", {"compiled": True}),
+    ("sdxl", "original", "fp32", {"refiner": True}),
+    ("sdxl", "original", "fp16", {"chunk": True, "compiled": True, "refiner": True}),
 )
 
 
@@ -63,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         out = factory.converted(style, attention, precision, **options)
         print(f"{time.perf_counter() - t0:7.1f} s  {label}  {out}", file=sys.stderr, flush=True)
+    from . import feature_models
+
+    for name in feature_models.NAMES:  # one small model per model-level feature, both forms
+        if args.list:
+            print(f"feature {name}")
+            continue
+        t0 = time.perf_counter()
+        out = feature_models.package(name)
+        if out.suffix == ".mlpackage":
+            feature_models.compiled(name)
+        print(f"{time.perf_counter() - t0:7.1f} s  feature {name}  {out}", file=sys.stderr, flush=True)
     if not args.list:
         print(f"{time.perf_counter() - total:7.1f} s  total ({factory.cache_dir()})", file=sys.stderr)
     return 0

@@ -106,22 +106,89 @@ def _precisions(program: Any) -> tuple[str, str]:
     return _mixed(storage or {"Float32"}), _mixed(compute or {"Float32"})
 
 
+_COLOR_SPACES = {10: "Grayscale", 20: "RGB", 30: "BGR", 40: "Grayscale"}  # fp16 gray: read from model.mil
+_FEATURE_KINDS = {"multiArrayType": "MultiArray", "imageType": "Image", "stringType": "String",
+                  "int64Type": "Int64", "doubleType": "Double", "dictionaryType": "Dictionary",
+                  "stateType": "State"}
+
+
+# the order Apple's compiler writes an entry's keys in (seen in real metadata.json files)
+_KEY_ORDER = {k: i for i, k in enumerate(("hasShapeFlexibility", "isOptional", "dataType", "formattedType",
+                                           "shortDescription", "shape", "name", "type"))}
+
+
+def _dims(values: Any, separator: str = ", ", brackets: bool = True) -> str:
+    text = separator.join(str(int(v)) for v in values)
+    return f"[{text}]" if brackets else text
+
+
+def _array_fields(array: Any) -> dict[str, str]:
+    """The multi-array fields of Core ML's FeatureType::toDictionary (shapes as strings)."""
+    flex = array.WhichOneof("ShapeFlexibility")
+    shape = [int(d) for d in array.shape]
+    fields: dict[str, str] = {"dataType": _FEATURE_TYPES.get(int(array.dataType), "Float32")}
+    if flex == "enumeratedShapes":
+        shapes = [[int(d) for d in s.shape] for s in array.enumeratedShapes.shapes]
+        shape = shape or shapes[0]
+        fields["enumeratedShapes"] = "[" + ", ".join(_dims(s) for s in shapes) + "]"
+        fields["shapeFlexibility"] = " | ".join(_dims(s, " × ", False) for s in shapes)
+    elif flex == "shapeRange":
+        ranges = [(int(r.lowerBound), int(r.upperBound)) for r in array.shapeRange.sizeRanges]
+        shape = shape or [lo for lo, _ in ranges]
+        fields["shapeRange"] = "[" + ", ".join(f"[{lo}, {hi}]" for lo, hi in ranges) + "]"
+        fields["shapeFlexibility"] = " × ".join(str(lo) if lo == hi else f"{lo}...{hi if hi >= 0 else ''}"
+                                                 for lo, hi in ranges)
+    fields["shape"] = _dims(shape)
+    fields["hasShapeFlexibility"] = "1" if flex else "0"
+    fields["formattedType"] = f"MultiArray ({fields['dataType']} {' × '.join(str(d) for d in shape)})"
+    return fields
+
+
+def _image_fields(image: Any) -> dict[str, str]:
+    flex = image.WhichOneof("SizeFlexibility")
+    width, height = int(image.width), int(image.height)
+    fields: dict[str, str] = {}
+    if flex == "enumeratedSizes":
+        sizes = [(int(s.width), int(s.height)) for s in image.enumeratedSizes.sizes]
+        width, height = (width, height) if width and height else sizes[0]
+        fields["enumeratedSizes"] = "[" + ", ".join(f"[{w}, {h}]" for w, h in sizes) + "]"
+        fields["sizeFlexibility"] = " | ".join(f"{w} × {h}" for w, h in sizes)
+    elif flex == "imageSizeRange":
+        rng = image.imageSizeRange
+        (wl, wh), (hl, hh) = ((int(rng.widthRange.lowerBound), int(rng.widthRange.upperBound)),
+                              (int(rng.heightRange.lowerBound), int(rng.heightRange.upperBound)))
+        width, height = (width, height) if width and height else (wl, hl)
+        fields["sizeRange"] = f"[[{wl}, {wh}], [{hl}, {hh}]]"
+        fields["sizeFlexibility"] = f"{wl}...{wh if wh >= 0 else ''} × {hl}...{hh if hh >= 0 else ''}"
+    space = _COLOR_SPACES.get(int(image.colorSpace), "RGB")
+    fields.update({"width": str(width), "height": str(height), "colorspace": space,
+                   "isColor": "0" if space == "Grayscale" else "1", "hasSizeFlexibility": "1" if flex else "0",
+                   "formattedType": f"Image ({'Grayscale' if space == 'Grayscale' else 'Color'} {width} × {height})"})
+    return fields
+
+
 def _schema(features: Any) -> list[dict[str, str]]:
+    """metadata.json feature entries, with the fields Core ML's FeatureType::toDictionary writes."""
     rows = []
     for f in features:
-        array = f.type.multiArrayType
-        shape = [int(d) for d in array.shape]
-        dtype = _FEATURE_TYPES.get(int(array.dataType), "Float32")
-        rows.append({
-            "hasShapeFlexibility": "0",
-            "isOptional": "0",
-            "dataType": dtype,
-            "formattedType": f"MultiArray ({dtype} {' × '.join(str(d) for d in shape)})",
-            "shortDescription": f.shortDescription,
-            "shape": "[" + ", ".join(str(d) for d in shape) + "]",
-            "name": f.name,
-            "type": "MultiArray",
-        })
+        which = f.type.WhichOneof("Type")
+        row: dict[str, str] = {"isOptional": "1" if f.type.isOptional else "0", "shortDescription": f.shortDescription,
+                               "name": f.name, "type": _FEATURE_KINDS.get(which, "Invalid")}
+        if which == "multiArrayType":
+            row.update(_array_fields(f.type.multiArrayType))
+        elif which == "stateType":
+            array = _array_fields(f.type.stateType.arrayType)
+            row.update({k: array[k] for k in ("dataType", "shape")})
+            row["formattedType"] = "State (" + array["formattedType"] + ")"
+        elif which == "imageType":
+            row.update(_image_fields(f.type.imageType))
+        elif which == "dictionaryType":
+            key = f.type.dictionaryType.WhichOneof("KeyType")
+            row["keyType"] = "String" if key == "stringKeyType" else "Int64"
+            row["formattedType"] = f"Dictionary ({row['keyType']} → Double)"
+        else:
+            row["formattedType"] = row["type"]
+        rows.append(dict(sorted(row.items(), key=lambda kv: _KEY_ORDER.get(kv[0], len(_KEY_ORDER)))))
     return rows
 
 
@@ -142,7 +209,7 @@ def metadata(spec: Any, program: Any, class_name: str) -> list[dict[str, Any]]:
         "license": desc.metadata.license,
         "mlProgramOperationTypeHistogram": op_histogram(program),
         "computePrecision": compute,
-        "stateSchema": [],
+        "stateSchema": _schema(desc.state),
         "isUpdatable": "0",
         "availability": AVAILABILITY.get(version, AVAILABILITY[7]),
         "modelType": {"name": "MLModelType_mlProgram"},
@@ -216,8 +283,9 @@ def is_fixture(bundle: Path) -> bool:
 
 def compile_folder(out: Path, attention: str) -> Path:
     """`out/<attention>/compiled/`: every package of `out/<attention>/packages/` as Apple names it
-    (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ...) plus vocab.json and merges.txt."""
-    from coreml_hub.convert.naming import compiled_name
+    (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ...) plus vocab.json and merges.txt
+    (and SD3's T5 tokenizer.json + tokenizer_config.json)."""
+    from coreml_hub.convert.naming import compiled_name, copy_compiled_resources
     from coreml_hub.layouts import COMPILED_FILE_OF
 
     packages = out / attention / "packages"
@@ -228,8 +296,5 @@ def compile_folder(out: Path, attention: str) -> Path:
         if component is None:
             continue
         build_mlmodelc(pkg, compiled / compiled_name(component))
-    for name in ("vocab.json", "merges.txt"):
-        src = out / "tokenizer" / name
-        if src.is_file():
-            shutil.copyfile(src, compiled / name)
+    copy_compiled_resources(out, compiled)
     return compiled

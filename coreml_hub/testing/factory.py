@@ -134,6 +134,8 @@ def model_version(style: str) -> str:
 
 def components_of(style: str) -> tuple[str, ...]:
     """Components a full conversion of `style` produces (Unet chunks not included)."""
+    if style == "sd3":
+        return ("text_encoder", "text_encoder_2", "text_encoder_t5", "mmdit", "vae_decoder", "vae_encoder")
     comps = ["text_encoder"]
     if style == "sdxl":
         comps.append("text_encoder_2")
@@ -163,6 +165,7 @@ def converted(
     batch_one: bool = False,
     latent_size: tuple[int, int] | None = None,
     compiled: bool = False,
+    refiner: bool = False,
 ) -> Path:
     """A full conversion output folder of a tiny style, as `coreml-hub convert` writes it.
 
@@ -170,15 +173,21 @@ def converted(
     (+ `unet_chunk1`/`unet_chunk2` with `chunk=True`), `OUT/tokenizer[_2]/`, `OUT/scheduler/`,
     `README.md`, `.hub.json`. With `compiled=True` also `OUT/<attention>/compiled/` with
     Apple's bundle names (test fixtures from `coreml_hub.testing.compiled`) and the tokenizer files.
+    `refiner=True` (sdxl) adds the tiny refiner's Unet as `..._refiner.mlpackage` (and its chunks).
     """
-    comps = components_of(style)
+    comps = components_of(style) + (("refiner",) if refiner else ())
+    if refiner and style != "sdxl":
+        raise ValueError("the tiny refiner goes with the sdxl style")
     latent = tuple(latent_size) if latent_size else None
+    if style == "sd3" and attention != "original":
+        raise ValueError("SD3 converts with original attention only")
 
     def build(tmp: Path) -> None:
         parts = [(_component_part(style, comp, attention, precision, chunk, quantize, batch_one, latent), comp)
                  for comp in comps]
         _assemble(tmp, style, attention, precision, quantize, latent or (tiny.LATENT, tiny.LATENT),
-                  [(part, attention if comp == "unet" else "original") for part, comp in parts])
+                  [(part, attention if comp in ("unet", "refiner") else "original") for part, comp in parts],
+                  comps)
         if compiled:
             from .compiled import compile_folder
 
@@ -196,6 +205,7 @@ def converted(
         batch_one=batch_one,
         latent=latent,
         compiled=compiled,
+        refiner=refiner,
     )
 
 
@@ -215,9 +225,11 @@ def _component_part(style: str, comp: str, attention: str, precision: str, chunk
         options["quantize_nbits"] = quantize
     if not comp.startswith("text_encoder") and latent:
         options["latent_size"] = latent
-    if comp == "unet":
+    if comp in ("unet", "refiner"):
         options.update(attention=attention, chunk_unet=chunk, unet_batch_one=batch_one,
                        query_chunk_size=TINY_QUERY_CHUNK)
+    if comp == "refiner":
+        options["refiner"] = str(pipeline_folder("sdxl-refiner"))
     return _convert_part(style, (comp,), **options)
 
 
@@ -241,6 +253,7 @@ def _assemble(
     quantize: int | None,
     latent: tuple[int, ...],
     parts: list[tuple[Path, str]],
+    comps: tuple[str, ...],
 ) -> None:
     from ..convert.repo_files import hub_metadata, write_card
 
@@ -249,12 +262,12 @@ def _assemble(
     for part, part_attention in parts:
         for pkg in sorted((part / part_attention / "packages").glob("*.mlpackage")):
             _link_tree(pkg, packages / pkg.name)
-        for sub in ("tokenizer", "tokenizer_2", "scheduler"):
+        for sub in ("tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"):
             if (part / sub).is_dir() and not (out / sub).exists():
                 _link_tree(part / sub, out / sub)
-    arch = "sdxl" if style == "sdxl" else "sd"
+    arch = style if style in ("sdxl", "sd3") else "sd"
     meta = hub_metadata(model_version(style), arch, [attention], quantize)
-    write_card(out, meta, list(components_of(style)), precision, (latent[0], latent[1]), 8)
+    write_card(out, meta, list(comps), precision, (latent[0], latent[1]), 8)
 
 
 def package(out: Path, component: str) -> Path:

@@ -14,6 +14,43 @@ from typing import Any
 STARTUP_TIMEOUT = 30.0
 
 
+def start_serving(cmd: list[str], env: dict[str, str] | None, stderr_path: Path,
+                  timeout: float = STARTUP_TIMEOUT) -> tuple[subprocess.Popen[str], str]:
+    """Start a coreml-hub server command; return it and its URL once it prints `Serving ... at URL`."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(stderr_path, "a") as err_file:  # a file, not a pipe: a chatty server never blocks
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
+    deadline = time.monotonic() + timeout
+    line = ""
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("Serving ") or not line:
+            break
+    if not line.startswith("Serving "):
+        proc.kill()
+        proc.wait(timeout=10)
+        err = stderr_path.read_text()
+        raise RuntimeError(f"{' '.join(cmd[2:4])} did not start: {line!r} {err[-2000:]}")
+    return proc, line.rsplit(" at ", 1)[1].strip()
+
+
+def stop_process(proc: subprocess.Popen[str] | None) -> None:
+    """Ask a server started by `start_serving` to stop (SIGTERM), then kill it if it lingers."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
 class HubServer:
     """A running mirror of `root`: `.url`, `.requests()`, `.clear_log()`, `.stop()`, `.start()`."""
 
@@ -33,39 +70,13 @@ class HubServer:
             return self
         cmd = [sys.executable, "-m", "coreml_hub", "serve", str(self.root), "--port", str(self.port),
                "--log-requests", str(self.log_path), *self.extra_args]
-        env = dict(os.environ if self.env is None else self.env)
-        env.setdefault("PYTHONUNBUFFERED", "1")
         self.stderr_path = self.log_path.with_name(self.log_path.name + ".stderr")
-        with open(self.stderr_path, "a") as err_file:  # a file, not a pipe: a chatty server never blocks
-            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True, env=env)
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        line = ""
-        assert self._proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self._proc.stdout.readline()
-            if line.startswith("Serving ") or not line:
-                break
-        if not line.startswith("Serving "):
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-            err = self.stderr_path.read_text()
-            raise RuntimeError(f"coreml-hub serve did not start: {line!r} {err[-2000:]}")
-        self.url = line.rsplit(" at ", 1)[1].strip()
+        self._proc, self.url = start_serving(cmd, self.env, self.stderr_path)
         self.port = int(self.url.rsplit(":", 1)[1])
         return self
 
     def stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=10)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        stop_process(self._proc)
         self._proc = None
 
     @property

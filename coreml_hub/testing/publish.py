@@ -14,6 +14,10 @@ names imitate the repos on the Hub (see ARCHITECTURE.md "Hub layouts"):
   `<W>x<H>` folders and suffixes, `_no-i2i` (no VAEEncoder), `_cn`, or names with spaces.
   The `_cn` tag is only a name: the Unet inside takes no ControlNet residuals.
 - ``flat``: bundles at the root or in one folder (e.g. `mlpackages/` holding `.mlmodelc`).
+- ``argmax``: SD3 as argmaxinc publishes it: a root zip `<name>_original_compiled.zip` of the
+  Swift resources, with T5 (and its tokenizer.json + tokenizer_config.json) inside it
+  (`t5="zip"`, like `coreml-stable-diffusion-3-medium-1024-t5`) or `TextEncoderT5.mlmodelc/`
+  beside it at the repo root (`t5="root"`, like `coreml-stable-diffusion-3-medium`).
 
 Files are copied, never linked, so tests may damage what they publish. Zips are written
 with fixed timestamps, so a layout has the same bytes (and hashes) every time.
@@ -29,7 +33,8 @@ from typing import Any, Iterable
 
 from . import factory
 
-LAYOUTS = ("apple", "apple-sdxl", "root-zip", "community", "flat")
+LAYOUTS = ("apple", "apple-sdxl", "root-zip", "community", "flat", "argmax")
+T5_FILES = ("TextEncoderT5.mlmodelc", "tokenizer.json", "tokenizer_config.json")
 GITATTRIBUTES = (
     "*.bin filter=lfs diff=lfs merge=lfs -text\n"
     "*.mlmodel filter=lfs diff=lfs merge=lfs -text\n"
@@ -43,6 +48,8 @@ def _meta(style: str, tags: Iterable[str] = (), library: str = "coreml") -> dict
     base = ["coreml", "stable-diffusion", "text-to-image"]
     if style == "sdxl":
         base.append("stable-diffusion-xl")
+    if style == "sd3":
+        base.append("stable-diffusion-3")
     return {
         "library_name": library,
         "pipeline_tag": "text-to-image",
@@ -98,16 +105,17 @@ def _zip_folder(src: Path, zip_path: Path, arcroot: str) -> Path:
 
 
 def _converted(style: str, attention: str, precision: str, chunk: bool, quantize: int | None,
-               latent: tuple[int, int] | None = None) -> Path:
+               latent: tuple[int, int] | None = None, refiner: bool = False) -> Path:
     return factory.converted(style, attention, precision, chunk=chunk, quantize=quantize, latent_size=latent,
-                             compiled=True)
+                             compiled=True, refiner=refiner)
 
 
 def _stage_compiled(out: Path, attention: str, dest: Path, drop: Iterable[str] = (), chunks: bool = False) -> None:
     """Copy the compiled bundles (and tokenizer files) of `out` into `dest`, leaving out `drop` bundles."""
     dropped = set(drop)
     if not chunks:
-        dropped |= {"UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc"}
+        dropped |= {"UnetChunk1.mlmodelc", "UnetChunk2.mlmodelc", "UnetRefinerChunk1.mlmodelc",
+                    "UnetRefinerChunk2.mlmodelc"}
     for item in sorted((out / attention / "compiled").iterdir()):
         if item.name not in dropped:
             _copy(item, dest / item.name)
@@ -115,7 +123,7 @@ def _stage_compiled(out: Path, attention: str, dest: Path, drop: Iterable[str] =
 
 def _stage_packages(out: Path, attention: str, dest: Path, chunks: bool = True) -> None:
     for pkg in sorted((out / attention / "packages").glob("*.mlpackage")):
-        if not chunks and "_unet_chunk" in pkg.name:
+        if not chunks and ("_unet_chunk" in pkg.name or "_refiner_chunk" in pkg.name):
             continue
         _copy(pkg, dest / pkg.name)
 
@@ -156,6 +164,8 @@ def publish(
     spaces: bool = False,
     with_source: bool | None = None,
     chunks: bool = True,
+    t5: str = "zip",
+    refiner: bool = False,
 ) -> Path:
     """Write `repo_id` into the serve ROOT `root` in `layout`; returns the repo folder.
 
@@ -163,7 +173,9 @@ def publish(
     (each converted at that size); the default size zip is always written. `tags`:
     community name tags (`no-i2i`, `cn`, `6bit`). `folder`: for ``flat``, the one folder
     holding the bundles (None = the repo root). `with_source`: also publish the tiny
-    diffusers repo the packages name (default: when packages are published).
+    diffusers repo the packages name (default: when packages are published). `t5`: for
+    ``argmax``, T5 inside the zip (`zip`) or beside it at the root (`root`). `refiner`: for
+    ``apple-sdxl``, the tiny SDXL refiner beside the Unet (`apple/coreml-stable-diffusion-xl-base-with-refiner`).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -191,7 +203,7 @@ def publish(
                 _stage_compiled(out, attention, repo / attention / "compiled", chunks=chunks)
     elif layout == "apple-sdxl":
         attention = attentions[0] if attentions else "original"
-        out = _converted(style, attention, precision, chunks, quantize)
+        out = _converted(style, attention, precision, chunks, quantize, refiner=refiner)
         if "packages" in formats:
             _stage_packages(out, attention, repo / "packages", chunks=chunks)
         if "compiled" in formats:
@@ -207,6 +219,15 @@ def publish(
             shutil.rmtree(staging)
     elif layout == "community":
         _community(root, repo, style, attentions, precision, quantize, tuple(resolutions), tags, hyphen_folders, spaces)
+    elif layout == "argmax":
+        out = _converted(style, "original", precision, False, quantize)
+        stem = f"{name}_original_compiled"
+        staging = root / f".staging-{stem}"
+        _stage_compiled(out, "original", staging, drop=T5_FILES if t5 == "root" else ())
+        _zip_folder(staging, repo / f"{stem}.zip", stem)
+        shutil.rmtree(staging)
+        if t5 == "root":
+            _copy(out / "original" / "compiled" / "TextEncoderT5.mlmodelc", repo / "TextEncoderT5.mlmodelc")
     elif layout == "flat":
         attention = attentions[0] if attentions else "original"
         out = _converted(style, attention, precision, chunks, quantize)

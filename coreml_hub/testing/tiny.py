@@ -8,6 +8,14 @@ Three styles, structurally like the real models but a few hundred kilobytes each
   scheduler, the tokenizer pads with "!", no safety checker.
 - ``sdxl``: SDXL. Two text encoders (the second with a projection), the Unet's
   ``text_time`` added conditioning (``time_ids`` + ``text_embeds``), VAE scale 0.13025.
+- ``sdxl-refiner``: the SDXL refiner for ``sdxl``: no first text encoder, the same second
+  text encoder and VAE (the same weights), its own Unet that takes only the second encoder's
+  states and five time ids (sizes, crop, aesthetic score); diffusers'
+  StableDiffusionXLImg2ImgPipeline with `requires_aesthetics_score`, as the real refiner ships.
+- ``sd3``: Stable Diffusion 3. Two CLIP encoders with projections, a T5 encoder (gated
+  GELU, relative position buckets) and its SentencePiece-style tokenizer, the MMDiT
+  transformer (2x2 patches, joint attention), a 16-channel VAE without quant convs
+  (scale 1.5305, shift 0.0609), the flow-matching Euler scheduler with shift 3.
 
 Every model is built under a fixed seed, so a style always has the same weights.
 Latents are 8x8 (64x64 pixels): small enough that converting every component takes
@@ -20,9 +28,11 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .tokenizer import EOS, load_clip_tokenizer, write_tokenizer_config, write_tokenizer_files
+from .tokenizer import (EOS, build_t5_vocab, load_clip_tokenizer, load_t5_tokenizer, write_t5_tokenizer,
+                        write_tokenizer_config, write_tokenizer_files)
 
-STYLES = ("sd1", "sd2", "sdxl")
+STYLES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3")
+UNET_STYLES = ("sd1", "sd2", "sdxl")  # whole pipelines around a Unet (the refiner converts beside sdxl)
 VOCAB_SIZE = 1000
 LATENT = 8  # latent height and width; pixels are 8x this
 SEED = 20240229
@@ -32,6 +42,8 @@ MODEL_VERSIONS = {
     "sd1": "coreml-hub-test/tiny-sd1",
     "sd2": "coreml-hub-test/tiny-sd2",
     "sdxl": "coreml-hub-test/tiny-sdxl",
+    "sdxl-refiner": "coreml-hub-test/tiny-sdxl-refiner",
+    "sd3": "coreml-hub-test/tiny-sd3",
 }
 
 _TEXT_ENCODER = {
@@ -190,6 +202,74 @@ def style_config(style: str) -> dict[str, Any]:
             "scheduler": dict(_SCHEDULER_SDXL),
             "safety_checker": None,
         }
+    if style == "sdxl-refiner":
+        base = style_config("sdxl")
+        text_2 = base["text_encoder_2"]
+        time_dim = base["unet"]["addition_time_embed_dim"]
+        unet = _merged(
+            base["unet"],
+            cross_attention_dim=text_2["hidden_size"],  # the second encoder's states only
+            projection_class_embeddings_input_dim=text_2["projection_dim"] + 5 * time_dim,  # 5 time ids
+        )
+        return {
+            "style": "sdxl-refiner",
+            "model_version": MODEL_VERSIONS["sdxl-refiner"],
+            "pad_token_2": base["pad_token_2"],
+            "text_encoder_2": text_2,
+            "unet": unet,
+            "vae": base["vae"],
+            "scheduler": base["scheduler"],
+            "safety_checker": None,
+        }
+    if style == "sd3":
+        text_1 = _merged(_TEXT_ENCODER, projection_dim=32)
+        text_2 = _merged(
+            _TEXT_ENCODER, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=48, pad_token_id=0
+        )
+        t5 = {
+            "vocab_size": len(build_t5_vocab()),
+            "d_model": 96,  # SD3's joint attention width: >= the two CLIP widths together (32 + 48)
+            "d_kv": 16,
+            "d_ff": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "relative_attention_num_buckets": 8,
+            "relative_attention_max_distance": 20,
+            "feed_forward_proj": "gated-gelu",
+            "dropout_rate": 0.0,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "decoder_start_token_id": 0,
+        }
+        transformer = {
+            "sample_size": LATENT,
+            "patch_size": 2,
+            "in_channels": 16,
+            "num_layers": 2,
+            "attention_head_dim": 8,
+            "num_attention_heads": 4,
+            "joint_attention_dim": t5["d_model"],
+            "caption_projection_dim": 32,
+            "pooled_projection_dim": text_1["projection_dim"] + text_2["projection_dim"],
+            "out_channels": 16,
+            "pos_embed_max_size": 16,
+        }
+        vae = _merged(_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                      use_post_quant_conv=False)
+        return {
+            "style": "sd3",
+            "model_version": MODEL_VERSIONS["sd3"],
+            "pad_token": EOS,
+            "pad_token_2": "!",
+            "text_encoder": text_1,
+            "text_encoder_2": text_2,
+            "text_encoder_3": t5,
+            "transformer": transformer,
+            "vae": vae,
+            "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                          "shift": 3.0},
+            "safety_checker": None,
+        }
     raise ValueError(f"unknown tiny style {style!r}; expected one of {', '.join(STYLES)}")
 
 
@@ -255,8 +335,12 @@ def build_pipeline(style: str = "sd1", tokenizer_dir: Path | None = None):  # ty
     if tokenizer_dir is None:
         tokenizer_dir = Path(tempfile.mkdtemp(prefix="coreml-hub-tiny-tok-"))
     write_tokenizer_files(tokenizer_dir, VOCAB_SIZE)
+    if style == "sdxl-refiner":
+        return _build_refiner(cfg, load_clip_tokenizer(tokenizer_dir, pad_token=cfg["pad_token_2"]))
     tokenizer = load_clip_tokenizer(tokenizer_dir, pad_token=cfg["pad_token"])
 
+    if style == "sd3":
+        return _build_sd3(cfg, tokenizer, load_clip_tokenizer(tokenizer_dir, pad_token=cfg["pad_token_2"]))
     _seeded(1)
     unet = diffusers.UNet2DConditionModel(**cfg["unet"]).eval()
     _seeded(2)
@@ -301,6 +385,57 @@ def build_pipeline(style: str = "sd1", tokenizer_dir: Path | None = None):  # ty
     )
 
 
+def _build_refiner(cfg: dict[str, Any], tokenizer_2: Any):  # type: ignore[no-untyped-def]
+    import diffusers
+
+    _seeded(7)
+    unet = diffusers.UNet2DConditionModel(**cfg["unet"]).eval()
+    _seeded(2)  # the base's seed and config: the same VAE weights, as the real pair shares its VAE
+    vae = diffusers.AutoencoderKL(**cfg["vae"]).eval()
+    text_encoder_2 = _text_encoder(cfg["text_encoder_2"], 4, with_projection=True)  # the base's too
+    return diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=_scheduler(cfg["scheduler"]), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False,
+    )
+
+
+def _build_sd3(cfg: dict[str, Any], tokenizer: Any, tokenizer_2: Any):  # type: ignore[no-untyped-def]
+    import tempfile
+
+    import diffusers
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    _seeded(1)
+    transformer = diffusers.SD3Transformer2DModel(**cfg["transformer"]).eval()
+    with torch.no_grad():  # diffusers starts the output projection at zero; random weights make real images
+        transformer.proj_out.weight.normal_(0.0, 0.05)
+        for block in transformer.transformer_blocks:
+            for name, param in block.named_parameters():
+                if "norm1" in name and param.abs().sum() == 0:
+                    param.normal_(0.0, 0.05)
+    _seeded(2)
+    vae = diffusers.AutoencoderKL(**cfg["vae"]).eval()
+    text_encoder = _text_encoder(cfg["text_encoder"], 3, with_projection=True)
+    text_encoder_2 = _text_encoder(cfg["text_encoder_2"], 4, with_projection=True)
+    _seeded(6)
+    text_encoder_3 = T5EncoderModel(T5Config(**cfg["text_encoder_3"])).eval()
+    t5_dir = Path(tempfile.mkdtemp(prefix="coreml-hub-tiny-t5-"))
+    write_t5_tokenizer(t5_dir)
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=_scheduler(cfg["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=load_t5_tokenizer(t5_dir),
+    )
+
+
 def save_pipeline(pipe: Any, folder: Path, style: str) -> None:
     """Save like a Hub diffusers repo: safetensors weights plus CLIP `vocab.json`/`merges.txt`.
 
@@ -309,9 +444,11 @@ def save_pipeline(pipe: Any, folder: Path, style: str) -> None:
     """
     cfg = style_config(style)
     pipe.save_pretrained(folder, safe_serialization=True)
-    names = [("tokenizer", cfg["pad_token"])]
-    if style == "sdxl":
+    names = [("tokenizer", cfg["pad_token"])] if "pad_token" in cfg else []
+    if style in ("sdxl", "sdxl-refiner", "sd3"):
         names.append(("tokenizer_2", cfg["pad_token_2"]))
     for name, pad in names:
         write_tokenizer_files(folder / name, VOCAB_SIZE)
         write_tokenizer_config(folder / name, pad_token=pad)
+    if style == "sd3":
+        write_t5_tokenizer(folder / "tokenizer_3")

@@ -151,3 +151,53 @@ def load_clip_tokenizer(folder: Path, *, pad_token: str = EOS, model_max_length:
     return CLIPTokenizer(
         str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=model_max_length
     )
+
+
+# ---- T5 (SentencePiece Unigram) ---------------------------------------------------------------
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in the T5 vocabularies on the Hub
+T5_WORD_MARK = "\u2581"  # SentencePiece's word-start marker
+
+
+def build_t5_vocab() -> list[tuple[str, float]]:
+    """A small Unigram vocabulary: the specials, whole prompt words (likelier), then single characters."""
+    words = sorted(set(w.lower() for w in _CORPUS))
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"))
+    vocab: list[tuple[str, float]] = [(t, 0.0) for t in T5_SPECIALS]
+    vocab += [(T5_WORD_MARK + w, -2.0 - 0.01 * i) for i, w in enumerate(words)]
+    vocab += [(T5_WORD_MARK, -3.0)]
+    vocab += [(c, -8.0) for c in chars] + [(T5_WORD_MARK + c, -7.0) for c in chars]
+    seen: set[str] = set()
+    return [(piece, score) for piece, score in vocab if not (piece in seen or seen.add(piece))]
+
+
+def write_t5_tokenizer(folder: Path, *, model_max_length: int = 77) -> int:
+    """`tokenizer.json` + `tokenizer_config.json` (+ `special_tokens_map.json`) of a T5-style tokenizer.
+
+    Returns the vocabulary size. The files have the shape of `google-t5/t5-*` and SD3's `tokenizer_3/`:
+    a Unigram model, SentencePiece word marks, `</s>` appended to every text, `<pad>` = 0.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = build_t5_vocab()
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=T5_WORD_MARK, prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement=T5_WORD_MARK, prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length, "extra_ids": 0,
+              "additional_special_tokens": [], "clean_up_tokenization_spaces": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def load_t5_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
+    """transformers' T5 tokenizer over `folder`'s tokenizer.json (what diffusers' SD3 pipeline takes)."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="</s>", pad_token="<pad>",
+                           unk_token="<unk>", extra_ids=0, model_max_length=77)

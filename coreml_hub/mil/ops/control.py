@@ -1,10 +1,11 @@
-"""List ops and `classify`.
+"""List ops.
 
 A MIL list is a Python list of tensors at run time (`None` where nothing was written yet).
 `list_write` and `list_scatter` return a new list: MIL values are never updated in place,
 and a list read before a write must keep what it held.
 
 `cond` and `while_loop` are not kernels: the executor emits them as Python control flow.
+`classify` is not one either: the model takes it out of the program (`features.strip_classifiers`).
 """
 
 from __future__ import annotations
@@ -103,14 +104,3 @@ def list_scatter(ls: TensorList, indices: torch.Tensor, value: torch.Tensor) -> 
     for row, index in enumerate(indices.reshape(-1).tolist()):
         out = out.written(int(index), value[row])
     return out
-
-
-@kernel("classify", tensors=("probabilities",), foldable=False)
-def classify(probabilities: torch.Tensor, classes: list[Any]) -> tuple[Any, dict[Any, float]]:
-    """The most probable class, and every class's probability (the classifier outputs)."""
-    probs = probabilities.reshape(-1).double().tolist()
-    labels = [c.item() if hasattr(c, "item") else c for c in classes]
-    if len(labels) != len(probs):
-        raise ValueError(f"classify: {len(labels)} classes for {len(probs)} probabilities")
-    best = max(range(len(probs)), key=probs.__getitem__)
-    return labels[best], dict(zip(labels, probs))

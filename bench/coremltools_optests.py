@@ -111,8 +111,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         if record["outcome"] == "passed" and record["predicted"]:
             predicted += 1
     totals: collections.Counter[str] = collections.Counter()
-    for counts in per_file.values():
+    per_opset: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for name, counts in per_file.items():
         totals.update(counts)
+        per_opset[name.split("/", 1)[0]].update(counts)
     ran = totals["passed"] + totals["failed"] + totals["error"]
     failures = collections.Counter(_category(r["reason"]) for r in records if r["outcome"] in ("failed", "error"))
     return {
@@ -120,6 +122,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "totals": {k: totals[k] for k in OUTCOMES},
         "passed_with_prediction": predicted,
         "pass_rate": (totals["passed"] / ran) if ran else None,
+        "per_opset": {name: {k: counts[k] for k in OUTCOMES} for name, counts in sorted(per_opset.items())},
         "per_file": {name: {k: counts[k] for k in OUTCOMES} for name, counts in sorted(per_file.items())},
         "failure_categories": failures.most_common(),
         "failures": [{"id": r["id"], "reason": r["reason"]} for r in records if r["outcome"] in ("failed", "error")],
@@ -150,6 +153,16 @@ def markdown(summary: dict[str, Any], elapsed: float, sample: int) -> str:
         f"Excluded (Apple-engine behaviour): {totals['excluded']}; skipped by the tests: {totals['skipped']}; "
         f"xfailed: {totals['xfailed']}; xpassed: {totals['xpassed']}",
         f"Time: {elapsed:.0f} CPU seconds ({LAST_WALL_SECONDS[0]:.0f} s wall)",
+        "",
+        "| opset | pass rate | passed | failed | excluded | skipped | xfailed | xpassed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, counts in summary["per_opset"].items():
+        ran = counts["passed"] + counts["failed"] + counts["error"]
+        share = f"{counts['passed'] / ran:.2%}" if ran else "n/a"
+        lines.append(f"| {name} | {share} | {counts['passed']} | {counts['failed'] + counts['error']} | "
+                     f"{counts['excluded']} | {counts['skipped']} | {counts['xfailed']} | {counts['xpassed']} |")
+    lines += [
         "",
         "| file | passed | failed | excluded | skipped | xfailed | xpassed |",
         "|---|---|---|---|---|---|---|",

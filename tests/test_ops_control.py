@@ -194,6 +194,35 @@ def test_state_written_from_outside(accumulator: Model) -> None:
         state.write_state("acc", np.zeros((3,), np.float16))
 
 
+def test_state_written_inside_a_cond_branch(tmp_path: Path) -> None:
+    """acc += x only when sum(x) > 0: the write happens inside a block; the value read before it is kept."""
+
+    @program([mb.StateTensorSpec((3,), dtype=types.fp16), mb.TensorSpec((3,), dtype=types.fp16)], IOS18)
+    def prog(acc, x):  # noqa: ANN001, ANN202
+        before = mb.read_state(input=acc)
+
+        def add() -> Any:
+            return mb.coreml_update_state(state=acc, value=mb.add(x=before, y=x))
+
+        def keep() -> Any:
+            return mb.identity(x=before)
+
+        out = mb.cond(pred=mb.greater(x=mb.reduce_sum(x=x), y=np.float16(0)), _true_fn=add, _false_fn=keep)
+        return mb.mul(x=out, y=np.float16(1)), mb.mul(x=before, y=np.float16(1))
+
+    model = load_model(convert(prog, tmp_path / "cond_state.mlpackage", IOS18))
+    state = model.make_state()
+    result, seen = (d.name for d in model.output_description)
+    running = np.zeros(3)
+    for x in ([1, 2, 3], [-5, -5, -5], [1, 1, 1]):
+        out = model.predict({"x": np.array(x, np.float16)}, state=state)
+        np.testing.assert_allclose(out[seen], running)
+        if sum(x) > 0:
+            running = running + x
+        np.testing.assert_allclose(out[result], running)
+        np.testing.assert_allclose(state.read_state("acc"), running)
+
+
 class _KVCache(torch.nn.Module):
     """One attention step over a key/value cache kept in state buffers (coremltools' stateful pattern)."""
 

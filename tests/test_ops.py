@@ -576,6 +576,9 @@ def test_nearest_neighbor_resizing() -> None:
     hi = np.floor(np.arange(6) / 1.5).astype(int)
     wi = np.floor(np.arange(2) / 0.5).astype(int)
     close(frac, x[:, :, hi][:, :, :, wi])
+    # Core ML takes source pixel floor(i * in / out): 3 pixels at scale 1.12 -> 0, 1, 2 (floor(i / 1.12): 0, 0, 1)
+    odd = run_op("upsample_nearest_neighbor", {"x": x[..., :3]}, {"scale_factor_height": 1.0, "scale_factor_width": 1.12})
+    close(odd, x[..., :3])
     resized = run_op("resize_nearest_neighbor", {"x": x}, {"target_size_height": 8, "target_size_width": 10})
     close(resized, x.repeat(2, axis=2).repeat(2, axis=3))
 
@@ -638,6 +641,7 @@ def test_reshape_expand_squeeze_transpose() -> None:
     close(run_op("transpose", {"x": x}, {"perm": np.int32([0, -1, -2])}), x.transpose(0, 2, 1))
     close(run_op("flatten2d", {"x": x}, {"axis": -1}), x.reshape(6, 4))
     close(run_op("flatten2d", {"x": x}), x.reshape(2, 12))
+    close(run_op("flatten2d", {"x": x}, {"axis": 3}), x.reshape(24, 1))  # axis == rank
     close(run_op("shape", {"x": x}, out_dtype="int32"), np.int32([2, 3, 4]))
     close(run_op("reverse", {"x": x}, {"axes": np.int32([0, 2])}), x[::-1, :, ::-1])
     close(run_op("reverse", {"x": x}), x[::-1, ::-1, ::-1])

@@ -407,7 +407,9 @@ def upsample_nearest_neighbor(
 ) -> torch.Tensor:
     h = int(math.floor(x.shape[-2] * scale_factor_height))
     w = int(math.floor(x.shape[-1] * scale_factor_width))
-    return _nearest(x, h, w, float(scale_factor_height), float(scale_factor_width))
+    # the source pixel is floor(i * in / out), not floor(i / scale): with a fractional scale
+    # the two differ (3 pixels at scale 1.12 map to 0, 1, 2), and Core ML uses the sizes
+    return _nearest(x, h, w)
 
 
 @kernel("resize_nearest_neighbor")

@@ -59,7 +59,9 @@ def transpose(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
 
 @kernel("flatten2d")
 def flatten2d(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
-    return x.reshape(math.prod(x.shape[:axis % x.dim()]), -1)
+    # axis lies in [-rank, rank]: axis == rank flattens everything into the first dimension
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 @kernel("shape")

@@ -19,7 +19,7 @@ ML itself can predict (macOS), it keeps doing so unless `install(force=True)`.
 
 It also opens the gates coremltools keeps for a working Core ML: its macOS-version checks
 answer `RUNTIME_MACOS_VERSION` (the Core ML release whose ML Program opsets the runtime
-implements), and coremltools' own test helpers (`testing_utils._IS_MACOS`) compare
+implements), and coremltools' own testing utilities (`testing_utils._IS_MACOS`) compare
 predictions instead of skipping them, so coremltools' op tests run against the runtime
 (`bench/coremltools_optests.py`). A prediction that fails in the runtime raises
 `PredictionError`, a RuntimeError as Core ML's is; wrong inputs raise `ModelInputError`.
@@ -49,7 +49,7 @@ _CACHE_ATTR = "_coreml_hub_model"
 # The Core ML release whose ML Program opsets (iOS15..iOS18) the portable runtime implements,
 # as coremltools' `_macos_version()` reports it; it answers coremltools' "can Core ML do this" checks.
 RUNTIME_MACOS_VERSION = (15, 5)
-TEST_HELPERS = "coremltools.converters.mil.testing_utils"
+TESTING_UTILS = "coremltools.converters.mil.testing_utils"
 
 # (owner class or module, attribute) -> the original, while installed
 _originals: dict[tuple[Any, str], Any] = {}
@@ -124,7 +124,7 @@ def convert_inputs(model: Any, data: Mapping[str, Any]) -> dict[str, Any]:
 
     numpy arrays, torch tensors, lists and Python numbers become numpy arrays of the type
     the model declares, as Core ML converts them (coremltools passes float32 for fp16 inputs,
-    and its test helpers float32 for integer inputs); PIL images stay images (the model
+    and its testing utilities float32 for integer inputs); PIL images stay images (the model
     converts them by the declared color layout and checks the size).
     """
     if not isinstance(data, Mapping):
@@ -276,7 +276,7 @@ def install(device: str | None = None, force: bool = False) -> None:
     if getattr(model_module, "_MLModelProxy", None) is None or force:  # no Core ML here: answer its checks
         patches += [(module, "_macos_version", _runtime_macos_version)
                     for module in (utils_module, model_module, compiled_module) if hasattr(module, "_macos_version")]
-        _after_import(TEST_HELPERS, _open_test_helpers)
+        _after_import(TESTING_UTILS, _open_testing_utils)
     for owner, name, replacement in patches:
         _originals[(owner, name)] = owner.__dict__[name]
         setattr(owner, name, replacement)
@@ -290,7 +290,7 @@ def uninstall() -> None:
     _settings.update(device=None, force=False)
     for finder in sys.meta_path:
         if isinstance(finder, _PatchOnImport):
-            finder.patches.pop(TEST_HELPERS, None)
+            finder.patches.pop(TESTING_UTILS, None)
 
 
 def installed() -> bool:
@@ -301,7 +301,7 @@ def _runtime_macos_version() -> tuple[int, ...]:
     return RUNTIME_MACOS_VERSION
 
 
-def _open_test_helpers(module: ModuleType) -> None:
+def _open_testing_utils(module: ModuleType) -> None:
     # compare_backend() and compare_shapes() predict only where this says Core ML runs
     if (module, "_IS_MACOS") not in _originals:
         _originals[(module, "_IS_MACOS")] = module._IS_MACOS

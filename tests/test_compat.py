@@ -85,7 +85,7 @@ def test_loaded_package_compute_units_and_batches(cnn: Any) -> None:
 
 
 def test_integer_inputs_get_the_declared_type(tmp_path: Path) -> None:
-    """coremltools' test helpers pass float32 for every input: Core ML converts to the declared type."""
+    """coremltools' testing utilities pass float32 for every input: Core ML converts to the declared type."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 

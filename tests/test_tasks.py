@@ -352,8 +352,12 @@ def _greedy(package: Path, prompt_ids: list[int], new: int) -> list[int]:
 def test_stateful_lm_needs_the_gated_tokenizer_and_matches_transformers(mirror: Any, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import huggingface_hub.constants
+
     from coreml_hub.testing import lm_models as lm
 
+    # an empty Hugging Face cache: another test of the session may have fetched this tokenizer with a token
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     entry = pull_only(mirror, capsys, MISTRAL, "StatefulMistral7BInstructInt4",
                       "StatefulMistral7BInstructInt4.mlpackage")
     assert (entry / "StatefulMistral7BInstructInt4.mlpackage").is_dir()

@@ -263,24 +263,49 @@ async function cancelJob(id) {
 }
 
 // ---- the queue ----------------------------------------------------------------------------------
-function renderQueue() {
-  const jobs = [...state.jobs.values()].sort((a, b) => b.created - a.created);
-  const rows = jobs.map((job) => {
-    const [done, total, label] = progressOf(job);
-    const active = job.state === "queued" || job.state === "running";
-    return el("tr", { dataset: { job: job.id, state: job.state } },
+// Rows are kept per job and rebuilt only when what they show besides progress changes (state,
+// message, results): a running job sends an event every step, and a row replaced that often would
+// swallow a click on its Cancel button (the press and the release would land on different buttons).
+const queueRows = new Map();
+
+function queueRow(job) {
+  const [done, total, label] = progressOf(job);
+  const active = job.state === "queued" || job.state === "running";
+  const key = JSON.stringify([job.state, job.title, job.message, job.hint, stateText(job),
+    job.result && job.result.images ? job.result.images.map((image) => image.url) : null]);
+  let row = queueRows.get(job.id);
+  if (!row || row.key !== key) {
+    const bar = active || job.state === "done" ? el("progress", {}) : null;
+    const phase = el("div", { class: "why" });
+    const tr = el("tr", { dataset: { job: job.id, state: job.state } },
       el("td", {}, el("div", {}, job.kind === "pull" ? "⬇ " : "", job.title),
         job.message ? el("div", { class: "why" }, job.message, job.hint ? ` ${job.hint}` : "") : null),
       el("td", {}, el("span", { class: `state ${job.state}` }, stateText(job))),
-      el("td", {}, active || job.state === "done" ? el("progress", { max: total || 1, value: job.state === "done" ? total || 1 : done }) : null,
-        el("div", { class: "why" }, job.state === "running" ? `${job.phase}${label ? ` · ${label}` : ""}` : "")),
+      el("td", {}, bar, phase),
       el("td", { class: "num" },
         active ? el("button", { class: "small danger cancel", type: "button", onclick: () => cancelJob(job.id) }, "Cancel") : null,
         job.state === "done" && job.result && job.result.images
           ? job.result.images.map((image) => el("a", { href: image.url, target: "_blank" }, el("img", { class: "thumb", src: image.url, alt: "" })))
           : null));
-  });
-  $("queue-list").replaceChildren(...rows);
+    row = { key, tr, bar, phase };
+    queueRows.set(job.id, row);
+  }
+  if (row.bar) {
+    row.bar.max = total || 1;
+    row.bar.value = job.state === "done" ? total || 1 : done;
+  }
+  row.phase.textContent = job.state === "running" ? `${job.phase}${label ? ` · ${label}` : ""}` : "";
+  return row.tr;
+}
+
+function renderQueue() {
+  const jobs = [...state.jobs.values()].sort((a, b) => b.created - a.created);
+  const rows = jobs.map(queueRow);
+  for (const id of queueRows.keys()) if (!state.jobs.has(id)) queueRows.delete(id);
+  const list = $("queue-list");
+  // move rows into order without detaching the ones already in place
+  rows.forEach((tr, i) => { if (list.children[i] !== tr) list.insertBefore(tr, list.children[i] || null); });
+  while (list.children.length > rows.length) list.lastChild.remove();
   $("queue-empty").hidden = rows.length > 0;
   const waiting = jobs.filter((j) => j.state === "queued" || j.state === "running").length;
   $("queue-count").textContent = waiting ? `(${waiting})` : "";

@@ -1,4 +1,4 @@
-"""coreml-hub: find, pull, verify, convert and run Core ML Stable Diffusion models.
+"""coreml-hub: find, pull, verify, convert and run Core ML models (Stable Diffusion, and the rest of library=coreml).
 
 The public Python API. Every name loads its module on first use, so importing
 `coreml_hub` stays cheap (no torch, no coremltools).
@@ -32,6 +32,7 @@ _API = {
     "convert": "convert",
     "generate": "pipeline",
     "predict": "prediction",
+    "run": "tasks",
 }
 
 __all__ = ["__version__", *_API]

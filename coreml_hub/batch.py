@@ -4,7 +4,9 @@
     result = run_batch("jobs.jsonl", "out/", ray="auto", workers=4, device="cuda")
 
 One job per line: `{"model": "org/name", "prompt": "a red fox", "seed": 7, "steps": 20}` (a `run`:
-any option `generate` takes) or `{"type": "predict", "model": "./Model.mlpackage", "inputs": {...}}`
+any option `generate` takes; for a model of another task, `"images"`, `"texts"`, `"task"` and that
+task's options, as `coreml-hub run` takes them: `{"model": "apple/coreml-FastViT-T8", "images":
+["a.jpg"], "top_k": 3}`) or `{"type": "predict", "model": "./Model.mlpackage", "inputs": {...}}`
 (what `predict` takes). Each job's files land in OUT/<job id>/ and one line per job in
 OUT/results.jsonl says how it went. A rerun skips the jobs already done; a job that fails is
 recorded and the others go on.
@@ -44,7 +46,9 @@ FORWARDED_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "COREML_HUB_HOME", "COREML_HUB
 RUN_RESERVED = {"model", "output_dir", "backend", "device", "compute_unit", "pull", "progress", "on_message",
                 "loaded", "on_step", "started"}
 # options naming files: a relative path is taken from the JOBS file's folder
-RUN_PATH_FIELDS = ("image", "mask", "control_images")
+RUN_PATH_FIELDS = ("image", "mask", "control_images", "images")
+# what a run job for a task other than text-to-image may name besides its task's options
+TASK_FIELDS = ("task", "images", "texts")
 PREDICT_FIELDS = ("inputs", "component", "function", "state_in")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -155,12 +159,20 @@ class BatchResult:
 # -- reading the JOBS file ----------------------------------------------------------------------
 
 
-def _run_options() -> set[str]:
-    """What a `run` job may set: every keyword of `generate` the batch does not decide itself."""
+def _generate_options() -> set[str]:
+    """What a text-to-image `run` job may set: every keyword of `generate` the batch does not decide itself."""
     from .pipeline.generate import generate  # light: the pipeline imports torch only when it runs
 
     return {name for name, p in inspect.signature(generate).parameters.items()
             if p.kind == p.KEYWORD_ONLY and name not in RUN_RESERVED} | {"prompt"}
+
+
+def _run_options() -> set[str]:
+    """What a `run` job may set: generate's options, and every task's (the task checks its own when it runs)."""
+    from .tasks import available_tasks
+
+    tasks = set().union(*(set(t.options) for t in available_tasks()))
+    return _generate_options() | (tasks - RUN_RESERVED) | set(TASK_FIELDS)
 
 
 def _absolute(value: Any, base: Path) -> Any:
@@ -220,8 +232,9 @@ def read_jobs(path: str | os.PathLike[str]) -> list[Job]:
             if unknown:
                 raise UsageError(f"{where}: unknown option(s) for a run job: {', '.join(unknown)}.",
                                  hint=f"A run job takes: {', '.join(sorted(allowed))}.")
-            if not isinstance(data.get("prompt"), str):
-                raise UsageError(f"{where}: a run job needs a \"prompt\" (text).")
+            if not isinstance(data.get("prompt"), str) and not data.get("images") and not data.get("texts"):
+                raise UsageError(f"{where}: a run job needs a \"prompt\" (text), or \"images\" or \"texts\" "
+                                 "for a task that takes them.")
             for name in RUN_PATH_FIELDS:
                 if name in data:
                     data[name] = _absolute(data[name], base)
@@ -451,14 +464,24 @@ class Worker:
         if payload["type"] == "run":
             from .pipeline.generate import load_pipeline
             from .pipeline.resolve import resolve_model
+            from .tasks import describe_model, resolve
 
             extra = load_options(options)
-            resolved = resolve_model(payload["model"], pull=True, chunked=extra.pop("chunked", None))
+            resolved = resolve(payload["model"], pull=True, chunked=extra.pop("chunked", None))
+            info = describe_model(resolved)
+            if not info.diffusion or options.get("task") not in (None, "text-to-image"):
+                return _TaskModel(info)  # its task loads it for each job
             refiner = extra.get("refiner", True)
             if "refiner" in extra:  # generate's `refiner` is True, False or a model: load_pipeline splits it
                 extra["refiner"] = refiner is not False
                 if not isinstance(refiner, bool):
                     extra["refiner_model"] = resolve_model(str(refiner), pull=True)
+            if extra.get("controlnets"):  # names (or REPO:NAME, paths) -> the bundles, as `generate` finds them
+                from .pipeline.controlnet import pair_requests
+                from .pipeline.generate import resolve_controlnets
+
+                requests = pair_requests(extra["controlnets"], (), ())
+                extra["controlnets"] = tuple(resolve_controlnets(resolved, requests, pull=True))
             return load_pipeline(resolved, backend=self.backend, device=self.device,
                                  img2img=bool(load.get("img2img")), safety=bool(load.get("safety")), **extra)
         from .mil.model import load_model
@@ -470,13 +493,33 @@ class Worker:
     def _run(self, payload: dict[str, Any], folder: Path) -> dict[str, Any]:
         from .pipeline.generate import generate
 
+        if isinstance(self._model, _TaskModel):
+            return self._run_task(payload, folder)
         options = dict(payload["options"])
+        options.pop("task", None)
+        unused = sorted(set(options) - _generate_options())
+        if unused:
+            raise UsageError(f"{', '.join(unused)}: not options of the text-to-image task this model runs.")
         prompt = options.pop("prompt")
         result = generate(payload["model"], prompt, **options, output_dir=folder, backend=self.backend,
                           device=self.device, pull=False, progress=False, loaded=self._model)
         return {"seeds": [i.seed for i in result.images], "size": result.size, "backend": result.backend,
                 "device": result.device, "unet_steps": result.unet_steps,
                 "flagged": [i.flagged for i in result.images]}
+
+    def _run_task(self, payload: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """A run job of another task than text-to-image, through `coreml_hub.tasks.run`."""
+        from .tasks import run
+
+        options = dict(payload["options"])
+        prompt = options.pop("prompt", None)
+        images, texts = options.pop("images", None) or [], options.pop("texts", None) or []
+        result = run(self._model.info.resolved, [prompt] if prompt is not None else [], task=options.pop("task", None),
+                     images=[images] if isinstance(images, str) else images,
+                     texts=[texts] if isinstance(texts, str) else texts, options=options, output_dir=folder,
+                     backend=self.backend, device=self.device, pull=False)
+        # the files move to OUT/<job id>/: name them relative to that folder
+        return json.loads(json.dumps(result.to_dict(), default=str).replace(str(folder) + os.sep, ""))
 
     def _predict(self, payload: dict[str, Any], folder: Path) -> dict[str, Any]:
         from .prediction import predict
@@ -487,6 +530,13 @@ class Worker:
                          output_dir=folder, loaded=self._model)
         return {"outputs": [o.to_dict() | {"path": o.path.name if o.path else None} for o in result.outputs],
                 "function": result.function, "device": result.device}
+
+
+@dataclass(frozen=True)
+class _TaskModel:
+    """The warm "model" of a worker whose run jobs go to a task: the model's description."""
+
+    info: Any  # coreml_hub.tasks.ModelInfo
 
 
 # -- progress -----------------------------------------------------------------------------------

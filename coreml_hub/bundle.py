@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CoremlHubError
-from .layouts import COMPILED_FILE_OF, COMPILED_NAMES, COMPONENTS, TOKENIZER_FILES, component_order
+from .layouts import COMPILED_FILE_OF, CONTROLNET_DIR, TOKENIZER_FILES, component_of_stem, component_order
 from .store import MANIFEST_NAME, tree_size
 
 if TYPE_CHECKING:
@@ -76,6 +76,8 @@ class Component:
 
     @property
     def display_name(self) -> str:
+        if self.name == "controlnet":
+            return self.path.stem
         if self.known and self.format == "compiled":
             return COMPILED_FILE_OF.get(self.name, self.name)
         return self.name
@@ -166,13 +168,8 @@ def component_name(bundle_name: str) -> tuple[str, bool]:
     for suffix in BUNDLE_SUFFIXES:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
-    if stem in COMPILED_NAMES:
-        return COMPILED_NAMES[stem], True
-    lowered = stem.lower()
-    for name in sorted(COMPONENTS, key=len, reverse=True):
-        if lowered == name or lowered.endswith("_" + name):
-            return name, True
-    return stem, False
+    found = component_of_stem(stem)
+    return (found, True) if found is not None else (stem, False)
 
 
 def is_bundle(path: Path) -> bool:
@@ -186,9 +183,13 @@ def _bundle_format(path: Path) -> str:
 
 
 def find_bundles(folder: Path) -> list[Path]:
-    """Bundles directly in `folder`, else one level down (an extracted archive's `compiled/`)."""
+    """Bundles directly in `folder` (and its `controlnet/` folder), else one level down (an extracted
+    archive's `compiled/`)."""
     found = sorted(p for p in folder.iterdir() if p.is_dir() and p.suffix in BUNDLE_SUFFIXES)
     if found:
+        controlnets = folder / CONTROLNET_DIR
+        if controlnets.is_dir():
+            found += sorted(p for p in controlnets.iterdir() if p.is_dir() and p.suffix in BUNDLE_SUFFIXES)
         return found
     deeper: list[Path] = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -248,6 +249,8 @@ def open_bundle(path: str | os.PathLike[str], attention: str | None = None) -> B
     components = []
     for bundle_path in find_bundles(path):
         name, known = component_name(bundle_path.name)
+        if bundle_path.parent.name == CONTROLNET_DIR and bundle_path.parent != path:
+            name, known = "controlnet", True  # Apple names them after the ControlNet (LllyasvielSdControlnetCanny)
         components.append(Component(name=name, path=bundle_path, format=_bundle_format(bundle_path), known=known))
     # compiled first: when a folder holds both forms of a component, the contract reads the compiled one
     components.sort(key=lambda c: (c.format != "compiled", component_order(c.name), c.path.name))

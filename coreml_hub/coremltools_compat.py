@@ -17,6 +17,13 @@ arrays, PIL images (image outputs), a label and a probability dictionary (classi
 a list of dicts for a batch; `compute_units` mapped to a device (`device_for`). Where Core
 ML itself can predict (macOS), it keeps doing so unless `install(force=True)`.
 
+It also opens the gates coremltools keeps for a working Core ML: its macOS-version checks
+answer `RUNTIME_MACOS_VERSION` (the Core ML release whose ML Program opsets the runtime
+implements), and coremltools' own testing utilities (`testing_utils._IS_MACOS`) compare
+predictions instead of skipping them, so coremltools' op tests run against the runtime
+(`bench/coremltools_optests.py`). A prediction that fails in the runtime raises
+`PredictionError`, a RuntimeError as Core ML's is; wrong inputs raise `ModelInputError`.
+
 Also enabled by `COREML_HUB_COREMLTOOLS=1` in the environment (when coreml_hub is imported,
 and in every pytest run, see `coreml_hub.pytest_plugin`) and by `pytest -p coreml_hub.pytest_plugin`.
 
@@ -27,18 +34,37 @@ The module has four parts: `to_model` (an MLModel or CompiledMLModel as the runt
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import os
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Mapping
+from types import ModuleType
+from typing import Any, Callable, Mapping
+
+from .errors import CoremlHubError, ModelInputError, UnsupportedModel
 
 ENV_VAR = "COREML_HUB_COREMLTOOLS"
 _CACHE_ATTR = "_coreml_hub_model"
+# The Core ML release whose ML Program opsets (iOS15..iOS18) the portable runtime implements,
+# as coremltools' `_macos_version()` reports it; it answers coremltools' "can Core ML do this" checks.
+RUNTIME_MACOS_VERSION = (15, 5)
+TESTING_UTILS = "coremltools.converters.mil.testing_utils"
 
-# (owner class, attribute) -> the original, while installed
+# (owner class or module, attribute) -> the original, while installed
 _originals: dict[tuple[Any, str], Any] = {}
 _settings: dict[str, Any] = {"device": None, "force": False}
+_lock = threading.Lock()
+_predictions = 0
+
+
+class PredictionError(RuntimeError):
+    """A prediction failed in the portable runtime (Core ML raises RuntimeError here too)."""
+
+
+def prediction_count() -> int:
+    """How many predictions went through the portable runtime in this process."""
+    return _predictions
 
 
 def enabled_by_environment() -> bool:
@@ -96,14 +122,28 @@ def to_model(obj: Any) -> Any:
 def convert_inputs(model: Any, data: Mapping[str, Any]) -> dict[str, Any]:
     """coremltools' input conventions -> what `Model.predict` takes.
 
-    numpy arrays, torch tensors, lists and Python numbers become numpy arrays; PIL images
-    stay images (the model converts them by the declared color layout and checks the size).
+    numpy arrays, torch tensors, lists and Python numbers become numpy arrays of the type
+    the model declares, as Core ML converts them (coremltools passes float32 for fp16 inputs,
+    and its testing utilities float32 for integer inputs); PIL images stay images (the model
+    converts them by the declared color layout and checks the size).
     """
     if not isinstance(data, Mapping):
         raise TypeError(f'"data" parameter must be either a dict or list of dict, but got {type(data)}.')
     from .mil.features import as_array, is_pil_image
 
-    return {str(name): value if is_pil_image(value) else as_array(value) for name, value in data.items()}
+    declared = {d.name: d for d in model.input_description}
+    feeds: dict[str, Any] = {}
+    for name, value in data.items():
+        if is_pil_image(value):
+            feeds[str(name)] = value
+            continue
+        array = as_array(value)
+        desc = declared.get(str(name))
+        if desc is not None and desc.kind != "image" and array.dtype.kind in "biuf" \
+                and array.dtype != desc.numpy_dtype:
+            array = array.astype(desc.numpy_dtype)
+        feeds[str(name)] = array
+    return feeds
 
 
 # -- 3. outputs ---------------------------------------------------------------------------
@@ -156,8 +196,27 @@ def _predict(self: Any, data: Any, state: Any = None) -> Any:
             raise TypeError('"data" list must contain only dictionaries')
         if state is not None:
             raise ValueError("State can only be used for unbatched predictions")
-        return [convert_outputs(model, model.predict(convert_inputs(model, item))) for item in data]
-    return convert_outputs(model, model.predict(convert_inputs(model, data), state=_state_of(state)))
+        return [_predict_one(self, model, item, None) for item in data]
+    return _predict_one(self, model, data, _state_of(state))
+
+
+def _predict_one(owner: Any, model: Any, data: Any, state: Any) -> dict[str, Any]:
+    global _predictions
+    verify = getattr(owner, "_verify_input_dict", None)  # coremltools' own checks (names, PIL modes)
+    if verify is not None and isinstance(data, Mapping):
+        verify(data)
+    feeds = convert_inputs(model, data)
+    with _lock:
+        _predictions += 1
+    try:
+        outputs = model.predict(feeds, state=state)
+    except (ModelInputError, UnsupportedModel):
+        raise
+    except (CoremlHubError, ArithmeticError, LookupError, ValueError, RuntimeError) as exc:
+        # what Core ML reports for a failed prediction, with the runtime's reason
+        raise PredictionError(f"Unable to compute the prediction using ML Program ({type(exc).__name__}: {exc})") \
+            from exc
+    return convert_outputs(model, outputs)
 
 
 def _make_state(self: Any) -> Any:
@@ -199,68 +258,102 @@ def install(device: str | None = None, force: bool = False) -> None:
     Calling it again changes the settings; `uninstall()` restores coremltools.
     """
     import coremltools as ct
+    import coremltools.models._compiled_model as compiled_module
+    import coremltools.models.model as model_module
+    import coremltools.models.utils as utils_module
 
     _settings["device"] = device
     _settings["force"] = force
     if _originals:
         return
-    patches = [
+    patches: list[tuple[Any, str, Any]] = [
         (ct.models.MLModel, "predict", _predict),
         (ct.models.MLModel, "make_state", _make_state),
         (ct.models.CompiledMLModel, "__init__", _compiled_init),
         (ct.models.CompiledMLModel, "predict", _predict),
         (ct.models.CompiledMLModel, "make_state", _make_state),
     ]
+    if getattr(model_module, "_MLModelProxy", None) is None or force:  # no Core ML here: answer its checks
+        patches += [(module, "_macos_version", _runtime_macos_version)
+                    for module in (utils_module, model_module, compiled_module) if hasattr(module, "_macos_version")]
+        _after_import(TESTING_UTILS, _open_testing_utils)
     for owner, name, replacement in patches:
         _originals[(owner, name)] = owner.__dict__[name]
         setattr(owner, name, replacement)
 
 
 def uninstall() -> None:
-    """Put coremltools' own methods back."""
+    """Put coremltools' own methods and checks back."""
     for (owner, name), original in _originals.items():
         setattr(owner, name, original)
     _originals.clear()
     _settings.update(device=None, force=False)
+    for finder in sys.meta_path:
+        if isinstance(finder, _PatchOnImport):
+            finder.patches.pop(TESTING_UTILS, None)
 
 
 def installed() -> bool:
     return bool(_originals)
 
 
-class _InstallAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Installs right after `coremltools` itself is imported (armed by the environment variable)."""
+def _runtime_macos_version() -> tuple[int, ...]:
+    return RUNTIME_MACOS_VERSION
 
-    def __init__(self) -> None:
-        self._loader: Any = None
+
+def _open_testing_utils(module: ModuleType) -> None:
+    # compare_backend() and compare_shapes() predict only where this says Core ML runs
+    if (module, "_IS_MACOS") not in _originals:
+        _originals[(module, "_IS_MACOS")] = module._IS_MACOS
+    module._IS_MACOS = True
+
+
+# -- patch a module once it is imported ------------------------------------------------------
+
+
+def _after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
+    """Call `patch(module)` now if `name` is imported, else right after its first import."""
+    if name in sys.modules and (name != "coremltools" or hasattr(sys.modules[name], "models")):
+        patch(sys.modules[name])
+        return
+    for finder in sys.meta_path:
+        if isinstance(finder, _PatchOnImport):
+            finder.patches[name] = patch
+            return
+    sys.meta_path.insert(0, _PatchOnImport({name: patch}))
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Runs a patch right after a module's first import (one finder for every pending patch)."""
+
+    def __init__(self, patches: dict[str, Callable[[ModuleType], None]]) -> None:
+        self.patches = patches
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != "coremltools":
+        patch = self.patches.get(fullname)
+        if patch is None:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
-            return spec
-        self._loader = spec.loader
-        spec.loader = self
+            return None
+        loader = spec.loader
+        original = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            original(module)
+            if self.patches.get(fullname) is patch:
+                del self.patches[fullname]
+                patch(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
-
-    def create_module(self, spec: Any) -> Any:
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self._loader.exec_module(module)
-        install()
 
 
 def armed() -> bool:
     """Whether `install()` waits for coremltools to be imported."""
-    return any(isinstance(f, _InstallAfterImport) for f in sys.meta_path)
+    return any(isinstance(f, _PatchOnImport) and "coremltools" in f.patches for f in sys.meta_path)
 
 
 def install_when_imported() -> None:
     """`install()` now if coremltools is imported, else as soon as it is (imports nothing itself)."""
-    if "coremltools" in sys.modules:
-        install()
-    elif not armed():
-        sys.meta_path.insert(0, _InstallAfterImport())
+    _after_import("coremltools", lambda module: install())

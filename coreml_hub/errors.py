@@ -111,6 +111,16 @@ class UnsupportedSize(CoremlHubError):
     default_hint = "Use an image of the model's size, or a variant converted for the size you need."
 
 
+class NoTaskFound(CoremlHubError):
+    """`run` found no task that knows what to do with a model."""
+
+    default_hint = "Run it once with `coreml-hub predict MODEL -i NAME=VALUE`, or name a task with --task."
+
+
+class AmbiguousTask(UsageError):
+    """More than one task claims a model equally: `run` needs --task."""
+
+
 class ConversionError(CoremlHubError):
     pass
 

@@ -24,6 +24,11 @@ def register_backends(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_tasks(register: Callable[[Any], None]) -> None:
+    """Register tasks that recognize a model and own what `coreml-hub run` does with it."""
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add click commands to the `coreml-hub` group."""
 

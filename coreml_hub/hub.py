@@ -19,6 +19,8 @@ from .errors import (CoremlHubError, EndpointUnreachable, NoVariants, OfflineErr
 from .layouts import RepoFile, Variant, find_variants
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from huggingface_hub import HfApi
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -249,6 +251,26 @@ def repo_files(repo_id: str, revision: str | None = None) -> RepoSnapshot:
                              hint="Check that HF_ENDPOINT points at a Hugging Face Hub or a coreml-hub mirror.")
     return RepoSnapshot(repo_id=info.id or repo_id, revision=revision or "main", sha=info.sha, files=files,
                         created_at=info.created_at, endpoint=endpoint(), **_metadata(info))
+
+
+def download_files(repo_id: str, patterns: Sequence[str], *, revision: str | None = None) -> "Path":
+    """Fetch the files of `repo_id` matching `patterns` (a tokenizer's few files, say) into the
+    Hugging Face cache and return the snapshot folder; offline, the cached copy or an OfflineError."""
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+
+    kwargs: dict[str, Any] = {"revision": revision, "allow_patterns": list(patterns), "endpoint": endpoint(),
+                              "token": token(), "library_name": "coreml-hub", "library_version": __version__}
+    if offline():
+        try:
+            return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
+        except Exception:
+            raise OfflineError(f"HF_HUB_OFFLINE is set and no copy of {repo_id}'s files is cached here.",
+                               hint=f"Unset HF_HUB_OFFLINE once, so the files of {repo_id} can be fetched.") from None
+    _check_reachable()
+    with hub_errors(repo_id, revision):
+        return Path(snapshot_download(repo_id, **kwargs))
 
 
 def no_variants(snapshot: RepoSnapshot) -> NoVariants:

@@ -6,6 +6,8 @@ A layout plugin turns a repo's file list into variants. It has:
 - `allow_patterns(variant) -> list[str]`: the repo paths to fetch (defaults to `variant.files`)
 - `materialize(downloaded_dir, variant, dest) -> None`: turn the fetched files into a
   variant folder in `dest` (copy/move bundles, extract a zip)
+- optionally `controlnets(files: list[RepoFile]) -> list[ControlNetEntry]`: the ControlNets a
+  repo holds (never fetched with a variant; `pull --controlnet NAME` fetches one); never raises
 - optional `store_path(variant, repo_path) -> str | None`: where a fetched file lands in the
   variant folder when that is not its path relative to `variant.root`, so a pull can reuse
   the download's hash instead of reading the file again
@@ -29,6 +31,7 @@ FORMATS = ("packages", "compiled")
 # Component names as used throughout coreml-hub (Apple's package suffixes).
 COMPONENTS = (
     "text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "unet_chunk1", "unet_chunk2", "mmdit",
+    "controlled_unet", "controlled_unet_chunk1", "controlled_unet_chunk2",
     "vae_decoder", "vae_encoder", "safety_checker", "controlnet", "refiner", "refiner_chunk1", "refiner_chunk2",
 )
 
@@ -45,6 +48,9 @@ COMPILED_NAMES = {
     "VAEEncoder": "vae_encoder",
     "SafetyChecker": "safety_checker",
     "ControlNet": "controlnet",
+    "ControlledUnet": "controlled_unet",
+    "ControlledUnetChunk1": "controlled_unet_chunk1",
+    "ControlledUnetChunk2": "controlled_unet_chunk2",
     "UnetRefiner": "refiner",  # the SDXL refiner's Unet (Apple's `--refiner-version`)
     "UnetRefinerChunk1": "refiner_chunk1",
     "UnetRefinerChunk2": "refiner_chunk2",
@@ -52,6 +58,61 @@ COMPILED_NAMES = {
 COMPILED_FILE_OF = {v: k for k, v in COMPILED_NAMES.items()}
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+# Apple's package suffixes that differ from the component name (torch2coreml `--unet-support-controlnet`).
+PACKAGE_SUFFIX_OF = {
+    "controlled_unet": "control-unet",
+    "controlled_unet_chunk1": "control-unet_chunk1",
+    "controlled_unet_chunk2": "control-unet_chunk2",
+}
+CONTROLNET_PREFIX = "ControlNet_"  # packages: ControlNet_<org>_<name>.mlpackage beside the pipeline's packages
+CONTROLNET_DIR = "controlnet"  # compiled: controlnet/<Name>.mlmodelc beside the pipeline's bundles
+
+
+def component_of_stem(stem: str) -> str | None:
+    """The component a bundle's name (without suffix) stands for: Apple's compiled names
+    (`ControlledUnet`), package names (`..._control-unet_chunk1`, `..._text_encoder_2`),
+    `ControlNet_<org>_<name>`; None for other names."""
+    if stem in COMPILED_NAMES:
+        return COMPILED_NAMES[stem]
+    if stem.startswith(CONTROLNET_PREFIX):
+        return "controlnet"
+    lowered = stem.lower()
+    suffixes = {PACKAGE_SUFFIX_OF.get(c, c): c for c in COMPONENTS}
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if lowered == suffix or lowered.endswith("_" + suffix):
+            return suffixes[suffix]
+    return None
+
+
+def controlnet_bundle_name(model_id: str) -> str:
+    """Apple's compiled name of a ControlNet: `lllyasviel/sd-controlnet-canny` -> `LllyasvielSdControlnetCanny`
+    (the id's `/`, `_` and `-` separated words, each `str.title()`d, as torch2coreml names them)."""
+    import re
+
+    slug = model_id.replace("/", "_")
+    return "".join(word.title() for word in re.split("[_-]", slug) if word)
+
+
+def controlnet_key(name: str) -> str:
+    """What ControlNet names are compared by: `LllyasvielSdControlnetCanny`, `lllyasviel_sd-controlnet-canny`,
+    `ControlNet_lllyasviel_sd-controlnet-canny` and `lllyasviel/sd-controlnet-canny` are one ControlNet."""
+    import re
+
+    stem = name.rsplit("/", 1)[-1] if name.endswith((".mlmodelc", ".mlpackage", ".zip")) else name
+    for suffix in (".mlmodelc", ".mlpackage", ".zip"):
+        stem = stem.removesuffix(suffix)
+    stem = stem.removeprefix(CONTROLNET_PREFIX)
+    return re.sub(r"[^a-z0-9]", "", stem.lower())
+
+
+def controlnet_base_key(name: str) -> str:
+    """`controlnet_key` without the attention, size and format words an archive's name carries:
+    `Canny_split-einsum_512x512` -> `canny`, so that `--controlnet Canny` finds it."""
+    import re
+
+    noise = r"(original|split[-_ ]?einsum(?:[-_ ]?v2)?|compiled|packages|[0-9]{3,4}x[0-9]{3,4}|(?<![a-z])cn(?![a-z]))"
+    return controlnet_key(re.sub(noise, " ", name, flags=re.IGNORECASE))
 
 
 @dataclass(frozen=True)
@@ -89,6 +150,7 @@ class Variant:
     partial: bool = False  # lacks a text encoder, a Unet or a VAE decoder (e.g. a lone Unet): never a default pick
     kind: str = "pipeline"  # "pipeline" (diffusion components) or "model" (one model and its companion files)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    controlnets: tuple[str, ...] = ()  # names of the ControlNets beside it in the repo (fetched only when asked)
 
     @property
     def file_entries(self) -> tuple[RepoFile, ...]:
@@ -116,8 +178,12 @@ class Variant:
                 f"Variant {self.id} has no {form} Unet (it has: {', '.join(self.unet_forms) or 'none'}).",
                 hint="Drop --chunked/--no-chunked to take the form the variant has.",
             )
-        comps = [c for c in self.components if c not in ("unet", "unet_chunk1", "unet_chunk2")]
-        comps += ["unet"] if form == "full" else ["unet_chunk1", "unet_chunk2"]
+        comps = list(self.components)
+        for base in ("unet", "controlled_unet"):  # a ControlledUnet rides with the form of the Unet
+            names = (base, f"{base}_chunk1", f"{base}_chunk2")
+            if base == "unet" or any(c in names for c in comps):
+                comps = [c for c in comps if c not in names]
+                comps += [base] if form == "full" else [f"{base}_chunk1", f"{base}_chunk2"]
         return dataclasses.replace(self, unet_form=form, components=sort_components(comps))
 
     def to_dict(self) -> dict[str, Any]:
@@ -139,7 +205,33 @@ class Variant:
             "partial": self.partial,
             "size_bytes": self.size_bytes,
             "files": list(self.files),
+            "controlnets": list(self.controlnets),
         }
+
+
+@dataclass(frozen=True)
+class ControlNetEntry:
+    """One ControlNet in a repo: a bundle folder (`controlnet/<Name>.mlmodelc`, `ControlNet_*.mlpackage`)
+    or an archive holding one; `folder` is the variant folder it sits beside ("" when none)."""
+
+    name: str
+    root: str  # the bundle's folder in the repo, or the archive's path
+    format: str  # "compiled" or "packages"
+    layout: str
+    files: tuple[RepoFile, ...]
+    archive: bool = False
+    folder: str = ""
+    attention: str | None = None  # when its path names one
+    resolution: str | None = None  # "WxH", when its path names one
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "root": self.root, "format": self.format, "layout": self.layout,
+                "archive": self.archive, "folder": self.folder, "attention": self.attention,
+                "resolution": self.resolution, "size_bytes": self.size_bytes, "files": [f.path for f in self.files]}
 
 
 def component_order(name: str) -> int:
@@ -176,6 +268,24 @@ class Layout(Protocol):
     def allow_patterns(self, variant: Variant) -> list[str]: ...
 
     def materialize(self, downloaded_dir: Path, variant: Variant, dest: Path) -> None: ...
+
+
+def find_controlnets(files: list[RepoFile]) -> list[ControlNetEntry]:
+    """ControlNets of a repo from every layout plugin that finds them; one entry per root, sorted."""
+    from .plugins import get_layouts
+
+    seen: dict[str, ControlNetEntry] = {}
+    for layout in get_layouts():
+        finder = getattr(layout, "controlnets", None)
+        if finder is None:
+            continue
+        try:
+            found = finder(list(files))
+        except Exception:  # contract: a layout never breaks discovery for the others
+            continue
+        for entry in found:
+            seen.setdefault(entry.root, entry)
+    return sorted(seen.values(), key=lambda e: (e.folder, e.name.lower(), e.root))
 
 
 def find_variants(files: list[RepoFile]) -> list[Variant]:

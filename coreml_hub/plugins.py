@@ -19,6 +19,7 @@ from . import hookspecs
 
 if TYPE_CHECKING:
     from .layouts import Layout
+    from .tasks import Task
 
 GROUP = "coreml_hub"
 
@@ -140,11 +141,12 @@ def _collect(hook_name: str) -> list[Any]:
 
 
 def registered_by(name: str) -> dict[str, list[Any]]:
-    """What one loaded plugin registers: {"layouts": [...], "backends": [...]}."""
+    """What one loaded plugin registers: {"layouts": [...], "backends": [...], "tasks": [...]}."""
     load_plugins()
     plugin = pm.get_plugin(name)
-    found: dict[str, list[Any]] = {"layouts": [], "backends": []}
-    for hook, key in (("register_layouts", "layouts"), ("register_backends", "backends")):
+    found: dict[str, list[Any]] = {"layouts": [], "backends": [], "tasks": []}
+    for hook, key in (("register_layouts", "layouts"), ("register_backends", "backends"),
+                      ("register_tasks", "tasks")):
         impl = getattr(plugin, hook, None)
         if callable(impl):
             impl(register=found[key].append)
@@ -159,6 +161,11 @@ def get_layouts() -> list[Layout]:
 def get_backends() -> dict[str, Any]:
     """Backends by name."""
     return {backend.name: backend for backend in _collect("register_backends")}
+
+
+def get_tasks() -> list[Task]:
+    """Task objects from every plugin, in registration order."""
+    return _collect("register_tasks")
 
 
 def _reset_for_tests() -> None:

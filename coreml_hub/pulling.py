@@ -35,7 +35,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -276,6 +276,8 @@ class PullPlan:
     keep_archive: bool = False
     offline: bool = False
     warnings: tuple[str, ...] = ()
+    # the repo card's pipeline_tag, library_name and tags: what `run` recognizes a task by
+    repo_card: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def layout(self) -> str:
@@ -448,6 +450,8 @@ def plan_pull(model_ref: str, *, variant: str | None = None, revision: str | Non
         repo=repo, revision=ref.revision or "main", commit=commit, endpoint=hub.endpoint(), variant=chosen,
         files=files, source_model=source, key=key, up_to_date=up_to_date, chosen_by_default=by_default,
         other_variants=others, force=force, keep_archive=keep_archive, warnings=tuple(warnings),
+        repo_card={"pipeline_tag": snapshot.pipeline_tag, "library_name": snapshot.library_name,
+                   "tags": list(snapshot.tags)},
     )
 
 
@@ -812,6 +816,7 @@ def _manifest(plan: PullPlan, build: Path, downloaded: dict[tuple[str, str], Any
         "layout": plan.layout,
         "pulled_at": datetime.now(timezone.utc).isoformat(),
         "repo_files": [f.to_dict() for f in plan.files],
+        "repo_card": dict(plan.repo_card),
         "source_model": source,
         "validation": validation,
         "keep_archive": plan.keep_archive,
@@ -868,11 +873,36 @@ def _hash_tree(build: Path, known: dict[str, tuple[int, str]]) -> list[dict[str,
 
 def pull(model_ref: str, *, variant: str | None = None, revision: str | None = None, force: bool = False,
          chunked: bool | None = None, model_version: str | None = None, keep_archive: bool = False,
-         progress: bool | None = None) -> PullResult:
-    """Pull `REPO[@REVISION][:VARIANT]` into the store and return where it is; see `plan_pull`."""
+         progress: bool | None = None, controlnets: tuple[str, ...] | list[str] = ()) -> PullResult:
+    """Pull `REPO[@REVISION][:VARIANT]` into the store and return where it is; see `plan_pull`.
+
+    `controlnets` (NAME or REPO:NAME) are fetched into the variant's entry too (coreml_hub.controlnets);
+    they are looked up, and the variant's Unet checked for residual inputs, before anything is downloaded.
+    """
     plan = plan_pull(model_ref, variant=variant, revision=revision, force=force, chunked=chunked,
                      model_version=model_version, keep_archive=keep_archive)
-    return plan.execute(progress=progress)
+    planned = plan_variant_controlnets(plan, controlnets) if controlnets else None
+    result = plan.execute(progress=progress)
+    if controlnets:
+        from .controlnets import pull_controlnets
+
+        pull_controlnets(result.path, controlnets, progress=progress, force=force, plans=planned)
+    return result
+
+
+def plan_variant_controlnets(plan: PullPlan, controlnets: tuple[str, ...] | list[str]) -> list[Any]:
+    """The ControlNets a pull of `plan` will add, after checking the variant's Unet takes their residuals."""
+    from .controlnets import no_residuals_error, plan_controlnets
+
+    if "controlnet" not in plan.variant.components:
+        from .hub import repo_variants
+
+        try:
+            _, variants = repo_variants(plan.repo, plan.commit)
+        except CoremlHubError:
+            variants = []
+        raise no_residuals_error(plan.repo, plan.variant.id, variants)
+    return plan_controlnets(controlnets, repo=plan.repo, commit=plan.commit, variant=plan.variant.to_dict())
 
 
 def describe_choice(plan: PullPlan) -> str | None:
@@ -884,5 +914,6 @@ def describe_choice(plan: PullPlan) -> str | None:
             f"pull another with `coreml-hub pull {plan.repo} --variant ID`.")
 
 
-__all__ = ["PullPlan", "PullResult", "PlannedFile", "SourceModel", "plan_pull", "pull", "choose_variant",
+__all__ = ["PullPlan", "PullResult", "PlannedFile", "SourceModel", "plan_pull", "pull", "plan_variant_controlnets",
+           "choose_variant",
            "select_variant", "variant_rank", "check_disk_space", "describe_choice"]

@@ -400,6 +400,9 @@ def check_contract(bundle: Bundle) -> list[Problem]:
 
     te, te2 = bundle.get("text_encoder"), bundle.get("text_encoder_2")
     unet, c1, c2 = bundle.get("unet"), bundle.get("unet_chunk1"), bundle.get("unet_chunk2")
+    if unet is None and c1 is None and c2 is None:  # a variant whose only Unet takes ControlNet residuals
+        unet, c1, c2 = (bundle.get("controlled_unet"), bundle.get("controlled_unet_chunk1"),
+                        bundle.get("controlled_unet_chunk2"))
     vd, ve, sc = bundle.get("vae_decoder"), bundle.get("vae_encoder"), bundle.get("safety_checker")
     known = [c for c in bundle.components if c.known]
     if not known:
@@ -441,8 +444,9 @@ def check_contract(bundle: Bundle) -> list[Problem]:
     sdxl = first_unet.port("time_ids") is not None and first_unet.port("text_embeds") is not None
     batch = None
     if sample_shape is not None:
-        need(len(sample_shape) == 4 and sample_shape[1] == 4, first_unet,
-             f"sample is {_fmt_shape(sample_shape)}; expected [B, 4, H, W]")
+        # 4 latent channels, or 9 for an inpainting Unet (latents, mask, masked-image latents)
+        need(len(sample_shape) == 4 and sample_shape[1] in (4, 9), first_unet,
+             f"sample is {_fmt_shape(sample_shape)}; expected [B, 4, H, W] (or [B, 9, H, W] for inpainting)")
         batch = sample_shape[0] if sample_shape else None
         need(batch in (1, 2), first_unet, f"batch size {batch}: Stable Diffusion Unets take a batch of 1 or 2")
     if t_shape is not None and batch is not None:
@@ -503,9 +507,10 @@ def check_contract(bundle: Bundle) -> list[Problem]:
     if final is not None and final.program is not None:
         noise = final.port("noise_pred", output=True)
         need(noise is not None, final, "has no output 'noise_pred'")
-        if noise is not None and sample_shape is not None and _static(noise) is not None:
-            need(_static(noise) == sample_shape, final, f"noise_pred is {_fmt_shape(noise.shape)} but sample is "
-                                                        f"{_fmt_shape(sample_shape)}")
+        if noise is not None and sample_shape is not None and _static(noise) is not None and len(sample_shape) == 4:
+            expected = (sample_shape[0], 4, *sample_shape[2:])  # the latents only, for inpainting Unets too
+            need(_static(noise) == expected, final, f"noise_pred is {_fmt_shape(noise.shape)} but sample is "
+                                                    f"{_fmt_shape(sample_shape)}")
     if unet is None and c1 is not None and c2 is not None and c1.program is not None and c2.program is not None:
         produced = {p.name: p for p in c1.outputs()}
         accepted = {p.name: p for p in c1.inputs()}
@@ -557,6 +562,8 @@ def check_contract(bundle: Bundle) -> list[Problem]:
 
         problems.extend(check_refiner_contract(bundle))
 
+    problems.extend(check_controlnets(bundle, sdxl, image_hw))
+
     # attention: what the bundles say against what the variant declares
     found = attention_from_bundles(bundle)
     declared = bundle.attention
@@ -565,6 +572,61 @@ def check_contract(bundle: Bundle) -> list[Problem]:
             need(False, first_unet, f"the variant is {declared} but the Unet has no einsum op (original attention)")
         elif declared == "original" and found == "split_einsum":
             need(False, first_unet, "the variant is original but the Unet uses einsum (split_einsum attention)")
+    return problems
+
+
+def _io(components: list[Component]) -> Any:
+    """The ports of a (chunked) model as a controlnet_io.BundleIO: the first part's inputs, plus later parts'
+    that no earlier part makes, and the last part's outputs."""
+    from .controlnet_io import BundleIO
+
+    inputs: dict[str, tuple[int, ...]] = {}
+    produced: set[str] = set()
+    outputs: dict[str, tuple[int, ...]] = {}
+    for part in components:
+        for port in part.inputs():
+            if port.name not in produced:
+                inputs.setdefault(port.name, _static(port) or ())
+        produced |= {p.name for p in part.outputs()}
+        outputs = {p.name: _static(p) or () for p in part.outputs()}
+    return BundleIO(components[0].path, inputs, outputs)
+
+
+def check_controlnets(bundle: Bundle, sdxl: bool, image_hw: tuple[int, ...] | None) -> list[Problem]:
+    """The ControlNet contract: a controlled Unet takes residuals; each ControlNet takes the Unet's text width,
+    latent size and the VAE's image size, makes the residuals it takes, and uses the Unet's attention."""
+    from .controlnet_io import controlnet_mismatches
+
+    problems: list[Problem] = []
+    controlled = [c for c in (bundle.get("controlled_unet"),) if c is not None] or \
+        [c for c in (bundle.get("controlled_unet_chunk1"), bundle.get("controlled_unet_chunk2")) if c is not None]
+    nets = [c for c in bundle.components if c.name == "controlnet"]
+    if not controlled and not nets:
+        return problems
+    hint = "Pull ControlNets made for this model (same base, size and attention), or convert them with --controlnet."
+    if any(c.program is None for c in controlled + nets):
+        return problems  # a bundle that did not load was already reported
+    if controlled:
+        unet = _io(controlled)
+        if not unet.residual_inputs():
+            problems.append(Problem(ERROR, bundle.relative(controlled[0].path),
+                                    "takes no additional_residual_* inputs, so it is no Unet for ControlNets",
+                                    REPULL_HINT))
+            return problems
+    elif nets:
+        problems.append(Problem(WARNING, ".", f"{len(nets)} ControlNet(s) but no Unet that takes their residuals "
+                                              "(ControlledUnet): they cannot be used", hint))
+        return problems
+    image = (image_hw[1], image_hw[0]) if image_hw is not None and len(image_hw) == 2 else None
+    unet_attention = "split_einsum" if any(c.program.op_histogram().get("einsum") for c in controlled) else "original"
+    for net in nets:
+        where = bundle.relative(net.path)
+        for message in controlnet_mismatches(_io([net]), unet, image, net.path.stem):
+            problems.append(Problem(ERROR, where, message, hint))
+        attention = "split_einsum" if net.program.op_histogram().get("einsum") else "original"
+        if attention != unet_attention:
+            problems.append(Problem(WARNING, where, f"uses {attention} attention but the Unet {unet_attention}; it "
+                                                    "runs, but not on the same compute units", None))
     return problems
 
 

@@ -18,8 +18,11 @@ Rules (they are the documented behaviour of `show` and `pull`):
   `chunked`. A lone chunk is no form and is not fetched. A Controlled Unet or a
   refiner rides along with the matching form when it has both, else with either.
 - A variant holds its folder's bundles plus the tokenizer files directly in it
-  (`vocab.json`, `merges.txt`, ...) and its `controlnet/` subfolder; READMEs and
-  images are never part of a variant.
+  (`vocab.json`, `merges.txt`, ...); READMEs and images are never part of a variant.
+  ControlNets beside a pipeline (its `controlnet/` subfolder, `ControlNet_*.mlpackage`)
+  are not either: the variant names them (`controlnets`) and `pull --controlnet NAME`
+  fetches one. The component `controlnet` means the Unet takes their residuals
+  (a ControlledUnet); a folder of ControlNets alone is a `partial` variant.
 - A variant that lacks a text encoder, a Unet or a VAE decoder is `partial` and
   tagged `unet-only` (only a Unet) or `partial`, so it is never mistaken for a
   pipeline.
@@ -39,7 +42,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from coreml_hub.atomic import building_dir, check_empty_dest
-from coreml_hub.layouts import COMPILED_NAMES, RepoFile, Variant, in_variant, sort_components, variant_id
+from coreml_hub.layouts import (COMPILED_NAMES, CONTROLNET_PREFIX, ControlNetEntry, RepoFile, Variant, in_variant,
+                                sort_components, variant_id)
 
 log = logging.getLogger("coreml_hub.layouts")
 
@@ -208,8 +212,11 @@ def decode_model_version(slug: str) -> str | None:
 
 
 def bundle_role(bundle: Bundle) -> tuple[str | None, str | None]:
-    """(role, PyTorch model id) of a bundle from its name; (None, None) when unknown."""
+    """(role, PyTorch model id) of a bundle from its name; (None, None) when unknown. Every bundle in a
+    `controlnet/` folder is a ControlNet (Apple names them after the ControlNet, e.g. `LllyasvielSdControlnetCanny`)."""
     name = bundle.name
+    if basename(bundle.folder) == CONTROLNET_DIR:
+        return "controlnet", None
     if name in COMPILED_ROLES:
         return COMPILED_ROLES[name], None
     if name.startswith(PACKAGE_PREFIX):
@@ -380,6 +387,9 @@ def folder_variant(
     families = {fam: forms_of(fam) for fam in UNET_FAMILIES}
     main = "unet" if families["unet"] else ("controlled_unet" if families["controlled_unet"] else None)
 
+    controlnet_names: tuple[str, ...] = ()
+    if main is not None and roles.get("controlnet"):  # ControlNets beside a pipeline: fetched only when asked
+        controlnet_names = tuple(sorted(controlnet_name(b) for b in roles.pop("controlnet")))
     common: list[Bundle] = [b for role, bs in roles.items() if role in SIMPLE_COMPONENTS for b in bs]
     common += unknown
     components = {SIMPLE_COMPONENTS[r] for r in roles if r in SIMPLE_COMPONENTS}
@@ -440,6 +450,7 @@ def folder_variant(
         model_version=model_ids.most_common(1)[0][0] if model_ids and plan.fmt == "packages" else None,
         partial=ptag is not None,
         extra=info,
+        controlnets=controlnet_names,
     )
 
 
@@ -583,3 +594,28 @@ class LayoutBase:
 
     def materialize(self, downloaded_dir: Path, variant: Variant, dest: Path, **_: object) -> None:
         materialize_folder(downloaded_dir, variant, dest)
+
+
+# ---------------------------------------------------------------- ControlNets
+
+def controlnet_name(bundle: Bundle) -> str:
+    """What `--controlnet` names a bundle: `controlnet/<Name>.mlmodelc` -> `<Name>`;
+    `ControlNet_<org>_<name>.mlpackage` -> `<org>_<name>`."""
+    return bundle.name.removeprefix(CONTROLNET_PREFIX)
+
+
+def bundle_controlnets(files: list[RepoFile], layout: str) -> list[ControlNetEntry]:
+    """ControlNet bundles of a repo: in a `controlnet/` folder (Apple's compiled layout; it belongs to
+    the folder above it) or named `ControlNet_*` (packages; it belongs to its own folder)."""
+    bundles, _ = find_bundles(clean_files(files))
+    found = []
+    for bundle in bundles:
+        role, _model = bundle_role(bundle)
+        in_dir = basename(bundle.folder) == CONTROLNET_DIR
+        if role != "controlnet" and not in_dir:
+            continue
+        folder = parent(bundle.folder) if in_dir else bundle.folder
+        found.append(ControlNetEntry(
+            name=controlnet_name(bundle), root=bundle.path, format=bundle.kind, layout=layout, files=bundle.files,
+            folder=folder, attention=attention_in(bundle.path), resolution=resolution_in(bundle.path)))
+    return found

@@ -21,13 +21,15 @@ of bundles; the flat layout stays silent on such repos.
 from __future__ import annotations
 
 from coreml_hub.hookspecs import hookimpl
-from coreml_hub.layouts import RepoFile, Variant
+from coreml_hub.layouts import ControlNetEntry, RepoFile, Variant
 
 from ._common import (
     DEFAULT_ATTENTION,
     LayoutBase,
     attention_in,
     basename,
+    bundle_controlnets,
+    guarded,
     variants_by_folder,
 )
 
@@ -59,6 +61,10 @@ class AppleLayout(LayoutBase):
 
     name = "apple"
     find = staticmethod(find_apple_variants)
+
+    def controlnets(self, files: list[RepoFile]) -> list[ControlNetEntry]:
+        """ControlNet bundles: `controlnet/<Name>.mlmodelc` beside compiled bundles, `ControlNet_*.mlpackage`."""
+        return guarded(self.name, lambda f: bundle_controlnets(f, self.name), files)
 
 
 @hookimpl

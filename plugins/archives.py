@@ -23,7 +23,12 @@ text_encoder_t5 when the name says `t5`. What a zip really holds is known
 after extraction, when the store checks the bundle.
 
 An id that another variant of the repo already has gets `+zip`, then a tag
-from the archive's name. `materialize` extracts safely (coreml_hub.archive)
+from the archive's name.
+
+ControlNet archives: a zip in a folder named `CN`, `controlnet` or `controlnets` (any case;
+coreml-community's ControlNet collection keeps its zips under `CN/`) is a ControlNet, never a
+variant; it is named by its file name without `.zip`, with the attention and resolution its path
+names. `pull --controlnet NAME` fetches it and keeps the one bundle it holds. `materialize` extracts safely (coreml_hub.archive)
 and keeps the one folder of the archive that holds the variant's bundles,
 preferring the variant's format, then a folder named after the format, then
 one named after the attention: an archive that unpacks to `compiled/` and
@@ -41,7 +46,7 @@ from typing import Callable
 
 from coreml_hub.atomic import check_empty_dest, temp_dir_beside
 from coreml_hub.hookspecs import hookimpl
-from coreml_hub.layouts import RepoFile, Variant, sort_components, variant_id
+from coreml_hub.layouts import ControlNetEntry, RepoFile, Variant, sort_components, variant_id
 
 from ._common import (
     BUNDLE_SUFFIXES,
@@ -67,6 +72,7 @@ from ._common import (
 from .apple import find_apple_variants
 from .flat import find_flat_variants
 
+CONTROLNET_FOLDERS = frozenset({"cn", "controlnet", "controlnets"})
 _APPLE_ZIP = re.compile(r"^(?P<prefix>.+)_(?P<attention>original|split_einsum_v2|split_einsum)_(?P<fmt>compiled|packages)$")
 BASE_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 SD3_COMPONENTS = ("text_encoder", "text_encoder_2", "mmdit", "vae_decoder")
@@ -80,6 +86,22 @@ def _is_variant_zip(path: str) -> bool:
         return False
     stem = lower[:-4]
     return not any(stem.endswith(suffix) for suffix in BUNDLE_SUFFIXES)
+
+
+def is_controlnet_zip(path: str) -> bool:
+    """A zip kept in a ControlNet folder (`CN/...`, `controlnet/...`)."""
+    return path.lower().endswith(".zip") and any(p.lower() in CONTROLNET_FOLDERS for p in path.split("/")[:-1])
+
+
+def find_controlnet_archives(files: list[RepoFile]) -> list[ControlNetEntry]:
+    """One ControlNet per zip in a ControlNet folder."""
+    _, loose = find_bundles(clean_files(files))
+    found = []
+    for zf in sorted((f for f in loose if is_controlnet_zip(f.path)), key=lambda f: f.path):
+        found.append(ControlNetEntry(name=basename(zf.path)[:-4], root=zf.path, format="compiled",
+                                     layout=ArchiveLayout.name, files=(zf,), archive=True,
+                                     attention=attention_in(zf.path), resolution=resolution_in(zf.path)))
+    return found
 
 
 def _first(found_in: Callable[[str], str | None], stem: str, folders: list[str]) -> str | None:
@@ -164,7 +186,8 @@ def find_archive_variants(files: list[RepoFile]) -> list[Variant]:
     """One variant per zip archive that names an attention or a format."""
     files = clean_files(files)
     _, loose = find_bundles(files)  # a zip inside a bundle is part of that bundle
-    zips = sorted((f for f in loose if _is_variant_zip(f.path)), key=lambda f: f.path)
+    zips = sorted((f for f in loose if _is_variant_zip(f.path) and not is_controlnet_zip(f.path)),
+                  key=lambda f: f.path)
     if not zips:
         return []
     folder_variants = (guarded("apple", find_apple_variants, files)
@@ -265,6 +288,10 @@ class ArchiveLayout(LayoutBase):
 
     name = "archives"
     find = staticmethod(find_archive_variants)
+
+    def controlnets(self, files: list[RepoFile]) -> list[ControlNetEntry]:
+        """ControlNet archives (zips in a `CN/` or `controlnet/` folder)."""
+        return guarded(self.name, find_controlnet_archives, files)
 
     def materialize(
         self,

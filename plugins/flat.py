@@ -12,9 +12,9 @@ Folders whose bundles are no known Stable Diffusion component give nothing.
 from __future__ import annotations
 
 from coreml_hub.hookspecs import hookimpl
-from coreml_hub.layouts import RepoFile, Variant
+from coreml_hub.layouts import ControlNetEntry, RepoFile, Variant
 
-from ._common import DEFAULT_ATTENTION, LayoutBase, attention_in, variants_by_folder
+from ._common import DEFAULT_ATTENTION, LayoutBase, attention_in, bundle_controlnets, guarded, variants_by_folder
 from .apple import apple_roots
 
 
@@ -38,6 +38,10 @@ class FlatLayout(LayoutBase):
 
     name = "flat"
     find = staticmethod(find_flat_variants)
+
+    def controlnets(self, files: list[RepoFile]) -> list[ControlNetEntry]:
+        """ControlNet bundles: `controlnet/<Name>.mlmodelc` beside compiled bundles, `ControlNet_*.mlpackage`."""
+        return guarded(self.name, lambda f: bundle_controlnets(f, self.name), files)
 
 
 @hookimpl

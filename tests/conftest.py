@@ -21,6 +21,43 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="coreml-hub-test-hf-"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# --- Tiers ---------------------------------------------------------------------------------------
+# The default run is the quick tier (under 8 minutes on two busy cores). Tests marked `extended`
+# (the second and later cases of a heavy matrix, whole-visit and cluster tests) run with
+# `--all-tiers`, which `./scripts/test.sh --all` and CI pass. They are deselected, not skipped,
+# and the run ends by saying how many were left out and how to run them.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all-tiers", action="store_true", default=False,
+                     help="also run the tests marked `extended` (what CI runs)")
+
+
+def _all_tiers(config: pytest.Config) -> bool:
+    return bool(config.getoption("--all-tiers")) or os.environ.get("COREML_HUB_ALL_TIERS") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _all_tiers(config):
+        return
+    left_out = [item for item in items if item.get_closest_marker("extended")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("extended")]
+    config.stash[_LEFT_OUT] = len(left_out)
+
+
+_LEFT_OUT = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    left_out = config.stash.get(_LEFT_OUT, 0)
+    if left_out:
+        terminalreporter.write_line(
+            f"{left_out} test(s) of the extended tier were not run: `./scripts/test.sh --all` "
+            "(or pytest --all-tiers) runs them too.")
+
+
 @pytest.fixture
 def store_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty coreml-hub store for one test."""

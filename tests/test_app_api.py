@@ -194,6 +194,45 @@ def test_image_to_image_with_an_upload(app: AppServer) -> None:
     assert bad.status == 400 and bad.json()["error"]["param"] == "image"
 
 
+def test_inpainting_with_a_mask_gives_the_pixels_of_coreml_hub_run(app: AppServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from coreml_hub.cli import run_cli
+
+    rng = np.random.default_rng(3)
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
+    hole = np.zeros((64, 64), dtype=np.uint8)
+    hole[16:48, 16:48] = 255
+    Image.fromarray(hole).save(mask)
+    ids = []
+    for path in (init, mask):
+        reply = app.call("POST", "/api/uploads", data=path.read_bytes(), headers={"Content-Type": "image/png"})
+        assert reply.status == 201, reply.body
+        ids.append(reply.json()["id"])
+    final, _ = wait_job(app, submit(app, init_image=ids[0], mask=ids[1], steps=4, seed=5)["id"])
+    assert final["state"] == "done", final
+    image = final["result"]["images"][0]
+    assert image["parameters"]["strength"] == 1.0  # the inpainting default, as `run --mask`
+    assert image["parameters"]["mask_image"]
+    ours = pixels(app.outputs / image["name"])
+    monkeypatch.setenv("COREML_HUB_HOME", str(app.store))
+    monkeypatch.setenv("HF_ENDPOINT", app.hub_url)
+    out = tmp_path / "run"
+    code = run_cli(["run", MODEL, PROMPT, "--seed", "5", "--steps", "4", "--image", str(init), "--mask", str(mask),
+                    "--disable-safety", "--no-pull", "-o", str(out), "-q"])
+    assert code == 0
+    (reference,) = out.glob("*.png")
+    assert np.array_equal(ours, pixels(reference))
+    # a mask without an init image, and a ControlNet the model lacks, are refused naming the field
+    alone = app.call("POST", "/api/jobs", json_body={"model": MODEL, "prompt": PROMPT, "mask": ids[1]})
+    assert alone.status == 400 and alone.json()["error"]["param"] == "mask"
+    gone = app.call("POST", "/api/jobs", json_body={"model": MODEL, "prompt": PROMPT, "init_image": ids[0],
+                                                   "mask": "0" * 32})
+    assert gone.status == 404 and gone.json()["error"]["param"] == "mask"
+    no_net, _ = wait_job(app, submit(app, controlnets=[{"name": "Canny", "image": ids[0]}])["id"])
+    assert no_net["state"] == "failed" and "ControlNet" in json.dumps(no_net), no_net
+
+
 def test_a_crash_inside_a_job_fails_that_job_only(env: tuple[Any, AppServer, Any]) -> None:
     _hub, app, _ = env
     pull(app, DEMO, "split_einsum/compiled")

@@ -227,11 +227,14 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
     # -- Queue: two jobs in line, cancel the running one, the other finishes ------------------------------------
-    page.fill("#steps", "400")
+    # 8 images of 500 steps: long enough on a quiet machine too (the tiny model makes ~50 steps/s)
+    page.fill("#steps", "500")
+    page.fill("#num_images", "8")
     page.fill("#prompt", "a long one")
     page.click("#generate-button")
     page.wait(lambda: "Generating" in page.find("#current-phase").text, "the long job to run")
     page.fill("#steps", "3")
+    page.fill("#num_images", "1")
     page.fill("#prompt", "a short one")
     page.click("#generate-button")
     page.tab("queue")

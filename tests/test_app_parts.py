@@ -243,12 +243,22 @@ def test_generation_requests_are_checked_field_by_field() -> None:
                         ({"model": "org/m", "prompt": "p", "compute_unit": "GPU"}, "compute_unit"),
                         ({"model": "org/m", "prompt": "p", "size": "big"}, "size"),
                         ({"model": "org/m", "prompt": "p", "init_image": "../x"}, "init_image"),
+                        ({"model": "org/m", "prompt": "p", "mask": "0" * 32}, "mask"),  # no init image
+                        ({"model": "org/m", "prompt": "p", "controlnets": [{"name": "/x/C.mlmodelc",
+                                                                            "image": "0" * 32}]}, "controlnets"),
+                        ({"model": "org/m", "prompt": "p", "controlnets": [{"name": "C"}]}, "controlnets"),
+                        ({"model": "org/m", "prompt": "p", "controlnets": [{"name": "C", "image": "0" * 32,
+                                                                            "scale": "x"}]}, "controlnets"),
                         ({"model": "org/m", "prompt": "p", "n": 2}, "n")]:
         with pytest.raises(RequestError) as err:
             parse_generate(body)
         assert err.value.param == param, body
     with pytest.raises(RequestError, match="Unknown field"):
         parse_generate({"model": "org/m", "prompt": "p", "init_image": "0" * 32}, openai=True)  # no i2i in OpenAI's
+    inpaint = parse_generate({"model": "org/m", "prompt": "p", "init_image": "0" * 32, "mask": "1" * 32,
+                              "controlnets": [{"name": "org/cn:Inpaint", "scale": 0.5}]})
+    assert inpaint.strength is None  # `generate` decides: 1 with a mask, as `run --mask`
+    assert inpaint.controlnets == (("org/cn:Inpaint", None, 0.5),)
 
 
 # ---- the guards as ASGI middleware ------------------------------------------------------------------------

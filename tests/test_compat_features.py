@@ -211,6 +211,9 @@ class _Config:
         self.invocation_params = type("Params", (), {"args": tuple(args)})()
         self.option = type("Options", (), {"plugins": plugins})()
 
+    def getoption(self, name: str, default: Any = None) -> Any:
+        return default
+
 
 def test_pytest_plugin_installs_with_p_and_stays_inert_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
     from coreml_hub import pytest_plugin

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _cli_helpers import default_sigint
 from coreml_hub.errors import ConversionError, UnsupportedArchitecture, UsageError
 from coreml_hub.testing import factory, tiny
 
@@ -620,7 +621,8 @@ def _interrupt_when_a_package_appears(out: Path) -> tuple[int, str]:
     import time
 
     cmd, env = _convert_cli([str(factory.pipeline_folder("sd1")), "-o", str(out), "--attention", "original"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 600
         while not any(out.rglob("*.mlpackage")) and proc.poll() is None and time.monotonic() < deadline:

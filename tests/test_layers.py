@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "layouts": 2,
     "plugins": 2,
     "hookspecs": 2,
+    "tokenizer_source": 2,  # where a task's tokenizer files come from: a folder or a Hub repo
     # 3: the local store, pulls, and the checks a variant passes
     "store": 3,
     "pulling": 3,
@@ -40,6 +41,8 @@ LAYERS: dict[str, int] = {
     "validate": 3,
     "validate_sd3": 3,
     "validate_refiner": 3,
+    "controlnet_io": 3,  # ControlNet and controlled-Unet ports read from bundle descriptions (validate, pull, run)
+    "controlnets": 3,  # pulling one ControlNet into a pulled variant
     # 4: what is built on a variant: images, predictions, conversions, servers, batches, the test factory;
     # and the package facade, whose names load those modules on first use (and which arms the
     # coremltools drop-in when COREML_HUB_COREMLTOOLS is set)
@@ -51,6 +54,7 @@ LAYERS: dict[str, int] = {
     "server": 4,
     "app": 4,
     "batch": 4,
+    "tasks": 4,  # what `run` does with a model: the task core that task plugins build on
     "testing": 4,
     # 5: the command line
     "cli": 5,

@@ -112,6 +112,8 @@ EXPECTED_IDS = {
     "flat__root-compiled": {"original/compiled"},
     "flat__mlpackages-folder": {"original/compiled"},
     "flat__packages-folder": {"original/packages"},
+    "flat__torch2coreml-controlnet": {"original/compiled", "original/packages"},
+    "coreml-community__ControlNet-Models-For-Core-ML": set(),  # ControlNets only: no pipeline variant
     "runwayml__stable-diffusion-v1-5-diffusers": set(),
     "argmaxinc__coreml-stable-diffusion-3-medium": {"original/compiled", "original/compiled+partial"},
     "argmaxinc__coreml-stable-diffusion-3-medium-1024-t5": {"original/compiled"},
@@ -458,7 +460,9 @@ def test_controlled_unet_and_controlnet_folder() -> None:
     files.append(RepoFile("original/compiled/controlnet/LllyasvielSdControlnetCanny.mlmodelc/model.mil", 7))
     (v,) = find_apple_variants(files)
     assert v.components == ("text_encoder", "unet", "vae_decoder", "controlnet")
-    assert "original/compiled/controlnet/LllyasvielSdControlnetCanny.mlmodelc/model.mil" in v.files
+    # ControlNets are named by the variant but fetched only when asked (`pull --controlnet`)
+    assert v.controlnets == ("LllyasvielSdControlnetCanny",)
+    assert not any("/controlnet/" in path for path in v.files)
 
 
 def test_both_forms_checker_bites() -> None:

@@ -15,7 +15,8 @@ from coreml_hub.testing.hubserver import HubServer
 
 from _mil_fixtures import write_variant
 
-BUILT_IN = ["apple", "archives", "coreml", "flat", "plain", "torch"]
+BUILT_IN = ["apple", "archives", "coreml", "depth-estimation", "feature-extraction", "flat", "image-classification",
+            "image-segmentation", "plain", "text-generation", "text-to-image", "torch"]
 
 
 def lines(text: str) -> list[str]:
@@ -34,15 +35,27 @@ def fresh_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatc
 def test_a_backend_filtered_out_by_coreml_hub_plugins_is_not_called_missing(
         fresh_plugins: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     variant = write_variant(tmp_path / "variant")
+    # `run` needs the task's plugin as well: without it, the task is the one said to be left out
     fresh_plugins.setenv("COREML_HUB_PLUGINS", "apple")
     assert run_cli(["run", str(variant), "a cat", "--steps", "1", "-o", str(tmp_path / "out")]) == 1
     error, hint = lines(capsys.readouterr().err)
-    assert error == ("Error: No backend can run here (torch: not loaded (COREML_HUB_PLUGINS=apple leaves out "
-                     "archives, coreml, flat, plain, torch)).")
-    assert hint == "Hint: Add the plugin to COREML_HUB_PLUGINS=apple, or unset COREML_HUB_PLUGINS."
+    assert error == ("Error: No loaded task knows what to do with variant (COREML_HUB_PLUGINS=apple leaves out "
+                     "archives, coreml, depth-estimation, feature-extraction, flat, image-classification, "
+                     "image-segmentation, plain, text-generation, text-to-image, torch). It is a diffusion pipeline of "
+                     "text_encoder, unet, vae_decoder, vae_encoder.")
+    assert hint == "Hint: Add the task's plugin to COREML_HUB_PLUGINS=apple, or unset COREML_HUB_PLUGINS."
+    plugins._reset_for_tests()
+    fresh_plugins.setenv("COREML_HUB_PLUGINS", "apple,text-to-image")
+    assert run_cli(["run", str(variant), "a cat", "--steps", "1", "-o", str(tmp_path / "out")]) == 1
+    error, hint = lines(capsys.readouterr().err)
+    assert error == ("Error: No backend can run here (torch: not loaded (COREML_HUB_PLUGINS=apple,text-to-image "
+                     "leaves out archives, coreml, depth-estimation, feature-extraction, flat, image-classification, "
+                     "image-segmentation, plain, text-generation, torch)).")
+    assert hint == "Hint: Add the plugin to COREML_HUB_PLUGINS=apple,text-to-image, or unset COREML_HUB_PLUGINS."
     assert run_cli(["run", str(variant), "a cat", "--backend", "torch"]) == 1
     error, hint = lines(capsys.readouterr().err)
-    assert "No backend named 'torch' is loaded" in error and "COREML_HUB_PLUGINS=apple leaves out" in error
+    assert "No backend named 'torch' is loaded" in error
+    assert "COREML_HUB_PLUGINS=apple,text-to-image leaves out" in error
     assert "not installed" not in error and "COREML_HUB_PLUGINS" in hint
 
 

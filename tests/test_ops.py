@@ -54,6 +54,7 @@ def run_op(
     out_dtype: str = "fp32",
     floats: torch.dtype = torch.float32,
     typed: dict[str, str] | None = None,
+    opset: str = "ios18",
 ) -> Any:
     """Run one op: `inputs` are function inputs (numpy), `params` immediate values."""
     inputs = inputs or {}
@@ -87,7 +88,7 @@ def run_op(
             bindings[key] = immediate(value, typed.get(key))
     outs = tuple(Var(f"out{i}", TensorType(out_dtype, None)) for i in range(outputs))
     op = Operation(op_type, bindings, outs, {"name": immediate("op")})
-    fn = Function("main", "ios18", tuple(fn_inputs), Block([op], tuple(v.name for v in outs)))
+    fn = Function("main", opset, tuple(fn_inputs), Block([op], tuple(v.name for v in outs)))
     ctx = Context.create("cpu", {"fp16": floats, "fp32": floats, "fp64": floats, "bf16": floats})
     compiled = CompiledFunction(fn, ctx, fuse=False)
     tensors = [torch.from_numpy(a if a.flags.c_contiguous else a.copy()) for a in arrays]
@@ -575,6 +576,9 @@ def test_nearest_neighbor_resizing() -> None:
     hi = np.floor(np.arange(6) / 1.5).astype(int)
     wi = np.floor(np.arange(2) / 0.5).astype(int)
     close(frac, x[:, :, hi][:, :, :, wi])
+    # Core ML takes source pixel floor(i * in / out): 3 pixels at scale 1.12 -> 0, 1, 2 (floor(i / 1.12): 0, 0, 1)
+    odd = run_op("upsample_nearest_neighbor", {"x": x[..., :3]}, {"scale_factor_height": 1.0, "scale_factor_width": 1.12})
+    close(odd, x[..., :3])
     resized = run_op("resize_nearest_neighbor", {"x": x}, {"target_size_height": 8, "target_size_width": 10})
     close(resized, x.repeat(2, axis=2).repeat(2, axis=3))
 
@@ -637,6 +641,7 @@ def test_reshape_expand_squeeze_transpose() -> None:
     close(run_op("transpose", {"x": x}, {"perm": np.int32([0, -1, -2])}), x.transpose(0, 2, 1))
     close(run_op("flatten2d", {"x": x}, {"axis": -1}), x.reshape(6, 4))
     close(run_op("flatten2d", {"x": x}), x.reshape(2, 12))
+    close(run_op("flatten2d", {"x": x}, {"axis": 3}), x.reshape(24, 1))  # axis == rank
     close(run_op("shape", {"x": x}, out_dtype="int32"), np.int32([2, 3, 4]))
     close(run_op("reverse", {"x": x}, {"axes": np.int32([0, 2])}), x[::-1, :, ::-1])
     close(run_op("reverse", {"x": x}), x[::-1, ::-1, ::-1])
@@ -716,8 +721,15 @@ def test_gather_family() -> None:
 
 def test_gather_validate_indices() -> None:
     x = randn(3, 2)
-    with pytest.raises(Exception, match="out of range"):
+    with pytest.raises(IndexError, match="index 3 is out of bounds"):
         run_op("gather", {"x": x, "indices": np.int32([3])}, {"validate_indices": True})
+    # iOS16 counts negative indices from the end; from iOS17 on they are out of bounds
+    close(run_op("gather", {"x": x, "indices": np.int32([-1])}, {"validate_indices": True}, opset="ios16"), x[[-1]])
+    with pytest.raises(IndexError, match="index -1 is out of bounds"):
+        run_op("scatter", {"data": x, "indices": np.int32([-1]), "updates": x[:1]}, {"validate_indices": True},
+               opset="ios17")
+    # without validation an out-of-bound index is undefined but harmless: the update is dropped
+    close(run_op("scatter", {"data": x, "indices": np.int32([5]), "updates": x[:1]}, {"mode": "update"}), x)
 
 
 @pytest.mark.parametrize("mode", ["update", "add", "sub", "mul", "div", "max", "min"])
@@ -1160,6 +1172,8 @@ def test_lstm(direction: str, output_sequence: bool, peephole: bool) -> None:
     runs = [ref_lstm(x, h0[:, k * hsz:(k + 1) * hsz], c0[:, k * hsz:(k + 1) * hsz], w[k], r[k], bias[k], peep[k],
                      direction == "reverse" or k == 1) for k in range(d)]
     full = np.concatenate([run[0] for run in runs], -1)
+    if direction == "reverse":
+        full = full[::-1]  # a single reverse direction lists its steps in the order it ran them
     if output_sequence:
         close(seq, full, 1e-5)
     else:

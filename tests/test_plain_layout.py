@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from coreml_hub import pulling, store
-from coreml_hub.cli import run_cli
 from coreml_hub.layouts import RepoFile, Variant, find_variants
 from coreml_hub_plugins.plain import find_plain_variants, is_companion, name_tags
+
+from _cli_helpers import cli, fetched, repo_files
 
 DATA = Path(__file__).parent / "data" / "layouts"
 PLAIN_LISTS = ("apple__coreml-depth-anything-v2-small", "apple__coreml-depth-anything-small",
@@ -209,24 +210,6 @@ def mirror(tmp_path_factory: pytest.TempPathFactory):
             yield server
         finally:
             server.stop()
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = run_cli(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def fetched(server, repo: str) -> list[str]:
-    return sorted(r["file"] for r in server.requests()
-                  if r["method"] == "GET" and "/resolve/" in r["path"] and r["path"].strip("/").startswith(repo))
-
-
-def repo_files(server, repo: str, prefix: str) -> list[str]:
-    folder = Path(server.root) / repo
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.relative_to(folder).as_posix().startswith(prefix))
 
 
 @pytest.mark.slow

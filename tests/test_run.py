@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from _cli_helpers import default_sigint
 from coreml_hub.cli import run_cli
 from coreml_hub.pipeline.png import parse_parameters
 from coreml_hub.testing import factory
@@ -421,7 +422,7 @@ def test_interrupt_leaves_no_partial_file(sd1: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "coreml_hub", "run", str(sd1), PROMPT, "--steps", "400", "--seed", "1",
          "--backend", "torch", "--device", "cpu", "-o", str(out_dir), "--num-images", "3", "--disable-safety"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=default_sigint)
     deadline = time.time() + 120
     seen = b""
     assert proc.stderr is not None

@@ -179,11 +179,12 @@ def test_unsupported_ops_fail_at_load(tmp_path: Path) -> None:
     from coreml_hub.mil.program import Block as MilBlock
     from coreml_hub.mil.program import Function, Operation, Program, TensorType, Var
 
+    # every op of coremltools' MIL opsets runs; these stand for ops of a newer opset
     x = Var("x", TensorType("fp32", (2, 3)))
     ops = [
-        Operation("non_maximum_suppression", {"x": "x"}, (Var("a", TensorType("fp32", (2, 3))),)),
-        Operation("non_maximum_suppression", {"x": "a"}, (Var("b", TensorType("fp32", (2, 3))),)),
-        Operation("crop_resize", {"x": "b"}, (Var("c", TensorType("fp32", (2, 3))),)),
+        Operation("ios99_rotate", {"x": "x"}, (Var("a", TensorType("fp32", (2, 3))),)),
+        Operation("ios99_rotate", {"x": "a"}, (Var("b", TensorType("fp32", (2, 3))),)),
+        Operation("ios99_swirl", {"x": "b"}, (Var("c", TensorType("fp32", (2, 3))),)),
     ]
     program = Program("1.0", {"main": Function("main", "ios16", (x,), MilBlock(ops, ("c",)))})
     from coreml_hub.mil import text
@@ -195,7 +196,7 @@ def test_unsupported_ops_fail_at_load(tmp_path: Path) -> None:
         load_model(bundle)
     message = str(info.value)
     assert "Broken.mlmodelc" in message and "3 op(s) of 2 type(s)" in message
-    assert "non_maximum_suppression (2)" in message and "crop_resize (1)" in message
+    assert "ios99_rotate (2)" in message and "ios99_swirl (1)" in message
 
 
 def test_not_a_model(tmp_path: Path) -> None:

@@ -48,7 +48,10 @@ class GenerateRequest:
     prediction_type: str | None = None
     num_images: int = 1
     init_image: str | None = None  # an upload id (POST /api/uploads)
-    strength: float = 0.75
+    strength: float | None = None  # None: 0.75, or 1 with a mask (as `run`)
+    mask: str | None = None  # an upload id: inpainting (white or transparent = repaint)
+    # (name, control image upload id or None, scale) per ControlNet, in order
+    controlnets: tuple[tuple[str, str | None, float], ...] = ()
     backend: str = "auto"
     device: str = "auto"
     compute_unit: str = "ALL"
@@ -147,8 +150,42 @@ def _size(data: dict[str, Any]) -> str | None:
 
 
 RUN_FIELDS = ("model", "prompt", "negative_prompt", "steps", "guidance_scale", "seed", "scheduler",
-              "prediction_type", "num_images", "init_image", "strength", "backend", "device", "compute_unit",
-              "disable_safety", "save_every", "preview_every", "size")
+              "prediction_type", "num_images", "init_image", "strength", "mask", "controlnets", "backend", "device",
+              "compute_unit", "disable_safety", "save_every", "preview_every", "size")
+MAX_CONTROLNETS = 4
+
+
+def _upload_id(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{32}", value):
+        raise RequestError(f"`{name}` must be the id of an image uploaded to /api/uploads.", name)
+    return value
+
+
+def _controlnets(data: dict[str, Any]) -> tuple[tuple[str, str | None, float], ...]:
+    """`[{"name": "Canny", "image": UPLOAD_ID, "scale": 0.8}, ...]`, as `run --controlnet/--control-image/
+    --control-scale`; an entry without an image takes the masked init image (inpaint ControlNets)."""
+    value = data.get("controlnets")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_CONTROLNETS:
+        raise RequestError(f"`controlnets` must be a list of at most {MAX_CONTROLNETS} objects.", "controlnets")
+    units = []
+    for i, unit in enumerate(value):
+        where = f"controlnets[{i}]"
+        if not isinstance(unit, dict) or set(unit) - {"name", "image", "scale"}:
+            raise RequestError(f"`{where}` must be an object with `name`, `image` and `scale`.", "controlnets")
+        name = _text(unit, "name", required=True, limit=500).strip()
+        if name.startswith((".", "/", "~", "\\")) or name.endswith((".mlmodelc", ".mlpackage")) or "\\" in name:
+            raise RequestError(f"`{where}.name` must name a ControlNet of the model (NAME or REPO:NAME), "
+                               f"not a path: {name!r}.", "controlnets")
+        try:
+            scale = _float(unit, "scale", 1.0, 0.0, 10.0)
+        except RequestError as exc:
+            raise RequestError(f"`{where}.{exc.message[1:]}", "controlnets") from None
+        units.append((name, _upload_id(unit.get("image"), "controlnets"), scale))
+    return tuple(units)
 
 
 def parse_generate(data: Any, *, openai: bool = False) -> GenerateRequest:
@@ -158,16 +195,21 @@ def parse_generate(data: Any, *, openai: bool = False) -> GenerateRequest:
     allowed = set(RUN_FIELDS)
     if openai:
         allowed |= {"n", "response_format", "output_format", *OPENAI_IGNORED}
-        allowed -= {"num_images", "init_image", "strength"}
+        allowed -= {"num_images", "init_image", "strength", "mask", "controlnets"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise RequestError(f"Unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}.", unknown[0])
     if openai and data.get("output_format") not in (None, "png"):
         raise RequestError("Only `output_format` png is available.", "output_format")
     count_field = "n" if openai else "num_images"
-    init = data.get("init_image")
-    if init is not None and (not isinstance(init, str) or not re.fullmatch(r"[0-9a-f]{32}", init)):
-        raise RequestError("`init_image` must be the id of an image uploaded to /api/uploads.", "init_image")
+    init = _upload_id(data.get("init_image"), "init_image")
+    mask = _upload_id(data.get("mask"), "mask")
+    if mask is not None and init is None:
+        raise RequestError("`mask` needs `init_image`: the image whose masked part is repainted.", "mask")
+    controlnets = _controlnets(data)
+    if any(image is None for _, image, _ in controlnets) and mask is None:
+        raise RequestError("Each of `controlnets` needs an `image` (only an inpaint ControlNet with a `mask` "
+                           "goes without).", "controlnets")
     return GenerateRequest(
         model=_text(data, "model", required=True, limit=500),
         prompt=_text(data, "prompt", required=True),
@@ -179,7 +221,9 @@ def parse_generate(data: Any, *, openai: bool = False) -> GenerateRequest:
         prediction_type=_choice(data, "prediction_type", PREDICTION_TYPES, None),
         num_images=_int(data, count_field, 1, 1, MAX_IMAGES),  # type: ignore[arg-type]
         init_image=init,
-        strength=_float(data, "strength", 0.75, 0.0, 1.0, low_open=True),
+        strength=_float(data, "strength", None, 0.0, 1.0, low_open=True),  # type: ignore[arg-type]
+        mask=mask,
+        controlnets=controlnets,
         backend=_choice(data, "backend", BACKENDS, "auto"),  # type: ignore[arg-type]
         device=_choice(data, "device", DEVICES, "auto"),  # type: ignore[arg-type]
         compute_unit=_choice(data, "compute_unit", COMPUTE_UNITS, "ALL", upper=True),  # type: ignore[arg-type]

@@ -54,6 +54,7 @@ class LoadOptions:
     device: str | None = "auto"
     compute_unit: str | None = "ALL"
     prediction_type: str | None = None
+    controlnets: tuple[str, ...] = ()  # ControlNet bundles loaded with the Unet that takes their residuals
 
 
 @dataclass
@@ -113,7 +114,8 @@ class WarmPipelines:
         # without the safety checker) runs on the same warm pipeline.
         return load_pipeline(model, backend=options.backend, device=options.device,
                              compute_unit=options.compute_unit, img2img="vae_encoder" in found,
-                             safety="safety_checker" in found, prediction_type=options.prediction_type)
+                             safety="safety_checker" in found, prediction_type=options.prediction_type,
+                             controlnets=tuple(Path(p) for p in options.controlnets))
 
     def _make_room(self, size: int, on_message: Callable[[str], None] | None) -> None:
         need = int(size * MEMORY_FACTOR) + MEMORY_MARGIN

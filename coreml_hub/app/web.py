@@ -276,8 +276,11 @@ def _resolve_inputs(state: State, req: Any) -> None:
     from .work import pulled_model
 
     pulled_model(req.model)
-    if req.init_image:
-        state.uploads.path(req.init_image)
+    uploads = [(req.init_image, "init_image"), (req.mask, "mask"),
+               *((image, "controlnets") for _, image, _ in req.controlnets)]
+    for upload, param in uploads:
+        if upload:
+            state.uploads.path(upload, param)
 
 
 async def list_jobs(request: Request) -> Response:

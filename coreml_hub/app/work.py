@@ -81,10 +81,11 @@ class Uploads:
             (self.folder / f"{stale}.png").unlink(missing_ok=True)
         return {"id": upload_id, "width": width, "height": height}
 
-    def path(self, upload_id: str) -> Path:
+    def path(self, upload_id: str, param: str = "init_image") -> Path:
         path = self.folder / f"{upload_id}.png"
         if not path.is_file():
-            raise RequestError("The init image is no longer on the server; upload it again.", "init_image",
+            what = {"mask": "mask", "controlnets": "control image"}.get(param, "init image")
+            raise RequestError(f"The {what} is no longer on the server; upload it again.", param,
                                status=404, kind="not_found_error")
         return path
 
@@ -159,7 +160,17 @@ class Generator:
         req: GenerateRequest = job.payload
         model = pulled_model(req.model)
         init = self.uploads.path(req.init_image) if req.init_image else None
-        options = LoadOptions(req.backend, req.device, req.compute_unit, req.prediction_type)
+        mask = self.uploads.path(req.mask, "mask") if req.mask else None
+        names = [name for name, _, _ in req.controlnets]
+        images = [self.uploads.path(image, "controlnets") if image else None for _, image, _ in req.controlnets]
+        scales = [scale for _, _, scale in req.controlnets]
+        nets = ()
+        if names:  # found (pulled) before anything loads; the warm pipeline is the one with these ControlNets
+            from ..pipeline.controlnet import pair_requests
+            from ..pipeline.generate import resolve_controlnets
+
+            nets = tuple(str(p) for p in resolve_controlnets(model, pair_requests(names, (), ()), pull=True))
+        options = LoadOptions(req.backend, req.device, req.compute_unit, req.prediction_type, nets)
         warm = self.pool.is_warm(model.path)
         report.phase("Using the warm model" if warm else f"Loading {model.name}")
         loaded, warm = self.pool.get(model, options, on_message=lambda text: report.phase(text))
@@ -182,7 +193,8 @@ class Generator:
             guidance_scale=req.guidance_scale, seed=req.seed, scheduler=req.scheduler, image=init,
             strength=req.strength, num_images=req.num_images, output_dir=self.outputs,
             disable_safety=req.disable_safety, save_every=req.save_every, on_message=messages.append,
-            prediction_type=req.prediction_type, loaded=loaded, on_step=on_step)
+            prediction_type=req.prediction_type, loaded=loaded, on_step=on_step, mask=mask, controlnets=names,
+            control_images=images, control_scales=scales)
         images = []
         for saved in result.images:
             name = saved.path.name

@@ -57,7 +57,7 @@ SHORT_HELP: dict[str, str] = {
     "verify": "Check that a variant or bundle is complete and consistent.",
     "inspect": "Show a bundle's inputs, outputs, ops and weights.",
     "convert": "Convert a diffusers pipeline to Core ML packages.",
-    "run": "Generate images with a Core ML Stable Diffusion model.",
+    "run": "Run a model with its task: images from a prompt, labels, depth, segments, embeddings, text.",
     "batch": "Run a file of run/predict jobs, here or on a Ray cluster.",
     "predict": "Run any Core ML model (ML Program) on given inputs.",
     "serve": "Serve a folder of repos as a read-only Hub mirror.",
@@ -131,7 +131,8 @@ COREML_HUB_DEBUG=1 (full tracebacks).""",
 )
 @click.version_option(__version__, prog_name="coreml-hub")
 def cli() -> None:
-    """Find, pull, verify, convert and run Core ML Stable Diffusion models from the Hugging Face Hub."""
+    """Find, pull, verify, convert and run Core ML models (Stable Diffusion, classifiers, depth, segmentation,
+    CLIP encoders, LLMs) from the Hugging Face Hub."""
 
 
 def _fail(message: str, hint: str | None, code: int) -> int:

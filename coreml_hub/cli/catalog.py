@@ -159,6 +159,14 @@ SHOW_COLUMNS = [
     Column("unet", "UNET"),
     Column("components", "COMPONENTS", lambda v: ", ".join(v)),
 ]
+CONTROLNET_COLUMNS = [
+    Column("name", "CONTROLNET"),
+    Column("size_bytes", "SIZE", human_size),
+    Column("format", "FORMAT"),
+    Column("attention", "ATTENTION", lambda v: v or "-"),
+    Column("resolution", "RESOLUTION", lambda v: v or "-"),
+    Column("beside", "BESIDE"),
+]
 
 
 # Single-model variants (plain Core ML repos) have no attention, resolution or Unet: show the bundle instead.
@@ -183,6 +191,9 @@ Examples:
 \b
 SIZE is what a pull downloads. UNET lists the Unet forms a variant offers,
 the one pulled by default first (full Unet, or UnetChunk1 + UnetChunk2).
+A `controlnet` component means the variant's Unet takes ControlNet residuals.
+The repo's ControlNets (never part of a variant) are listed after the variants,
+each with the folder it sits beside; `pull --controlnet NAME` fetches one.
 In a plain Core ML repo every bundle is a variant: BUNDLE is its path in the repo,
 TAGS its precision and compression, WITH the companion files (tokenizer, config,
 labels) pulled with it.""",
@@ -194,8 +205,11 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
     """Show a repo's variants: size, components, attention, format, and the command that pulls each."""
     from ..hub import no_variants, repo_variants
 
+    from ..layouts import find_controlnets
+
     snapshot, variants = repo_variants(repo, revision)
-    if not variants:
+    controlnets = find_controlnets(list(snapshot.files))
+    if not variants and not controlnets:
         raise no_variants(snapshot)
     out = Output(json_mode=json_mode)
     records = []
@@ -212,17 +226,32 @@ def show_cmd(repo: str, revision: str | None, json_mode: bool) -> None:
         doc.pop("files")
         doc["file_count"] = len(snapshot.files)
         doc["variants"] = [{k: r[k] for k in r if k != "unet"} for r in records]
+        doc["controlnets"] = [c.to_dict() for c in controlnets]
         out.json(doc)
         return
     updated = relative_time(snapshot.last_modified) if snapshot.last_modified else "-"
+    counts = [plural(len(variants), "variant")] + ([plural(len(controlnets), "ControlNet")] if controlnets else [])
     click.echo(f"{snapshot.repo_id} @ {snapshot.revision} (commit {snapshot.sha[:7]}), updated {updated}, "
-               f"{plural(len(variants), 'variant')}")
-    click.echo()
-    single_models = all(v.kind == "model" for v in variants)
-    out.table(records, MODEL_SHOW_COLUMNS if single_models else SHOW_COLUMNS)
+               f"{', '.join(counts)}")
+    if records:
+        click.echo()
+        single_models = all(v.kind == "model" for v in variants)
+        out.table(records, MODEL_SHOW_COLUMNS if single_models else SHOW_COLUMNS)
+    if controlnets:
+        click.echo()
+        out.table([{**c.to_dict(), "beside": c.folder or ("-" if c.archive else "(root)")} for c in controlnets],
+                  CONTROLNET_COLUMNS)
     click.echo()
     click.echo("Pull with:")
     for record in records:
         click.echo(f"  {record['pull_command']}")
+    if controlnets:
+        name = controlnets[0].name
+        with_cn = next((v for v in variants if "controlnet" in v.components), None)
+        if with_cn is not None:
+            click.echo(f"  {pull_command(snapshot.repo_id, with_cn.id, revision)} --controlnet {shlex.quote(name)}")
+        else:
+            click.echo(f"  coreml-hub pull MODEL --controlnet {shlex.quote(f'{snapshot.repo_id}:{name}')}"
+                       "   # into a variant whose Unet takes ControlNet residuals")
     if snapshot.gated:
         out.info(f"Note: {snapshot.repo_id} is gated; pulling it needs HF_TOKEN for an account that was granted access.")

@@ -8,7 +8,7 @@ from .output import Column, Output, human_size, stderr_is_tty
 
 ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
 COMPONENT_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit", "vae_decoder", "vae_encoder",
-                   "safety_checker")
+                   "safety_checker", "controlnet")
 
 
 @click.command(
@@ -19,6 +19,10 @@ Examples:
   coreml-hub convert ./my-diffusers-pipeline -o ./out --attention original --precision fp32
   coreml-hub convert stabilityai/stable-diffusion-2-1-base -o ./sd21 --chunk-unet --quantize-nbits 6
   coreml-hub convert ./pipe -o ./out --components unet,vae_decoder --latent-size 96 64
+  coreml-hub convert runwayml/stable-diffusion-v1-5 -o ./sd15 --controlnet lllyasviel/sd-controlnet-canny
+  coreml-hub convert runwayml/stable-diffusion-v1-5 -o ./sd15 --components controlnet \\
+      --controlnet lllyasviel/sd-controlnet-depth            # one more ControlNet for ./sd15
+  coreml-hub convert runwayml/stable-diffusion-inpainting -o ./inpaint   # a 9-channel inpainting Unet
   coreml-hub convert stabilityai/stable-diffusion-3-medium-diffusers -o ./sd3 --latent-size 64 64
   coreml-hub convert stabilityai/stable-diffusion-xl-base-1.0 -o ./sdxl \\
       --refiner stabilityai/stable-diffusion-xl-refiner-1.0 --attention original
@@ -43,7 +47,15 @@ vae_decoder and vae_encoder; leave T5 out with --components.
 (with --chunk-unet also _refiner_chunk1/2); only the refiner's Unet is read, and
 --components refiner converts it alone.
 --format compiled also writes OUT/<attention>/compiled/*.mlmodelc with Apple's compiler
-(macOS with Xcode only).""",
+(macOS with Xcode only).
+
+\b
+--controlnet CN_SRC (repeatable; a diffusers ControlNet folder or a Hub repo id) writes
+the Unet that takes ControlNet residuals instead of the plain one, and each ControlNet:
+  OUT/<attention>/packages/..._control-unet.mlpackage     (compiled: ControlledUnet.mlmodelc)
+  OUT/<attention>/packages/ControlNet_<org>_<name>.mlpackage  (compiled: controlnet/<Name>.mlmodelc)
+as Apple's converter names them. A ControlNet made for another base model is refused
+before anything converts.""",
 )
 @click.argument("source")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
@@ -58,7 +70,11 @@ vae_decoder and vae_encoder; leave T5 out with --components.
 @click.option("--latent-size", nargs=2, type=int, metavar="H W", default=None,
               help="Latent height and width (pixels are 8x); default: the Unet's sample_size.")
 @click.option("--components", metavar="LIST", default=None,
-              help=f"Comma-separated subset of: {','.join(COMPONENT_NAMES)} (default: all the pipeline has).")
+              help=f"Comma-separated subset of: {','.join(COMPONENT_NAMES)} (default: all the pipeline has, "
+                   "and the --controlnet ones).")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="CN_SRC",
+              help="A ControlNet to convert (diffusers folder or Hub repo id); repeatable. The Unet then takes "
+                   "their residuals.")
 @click.option("--model-version", metavar="ORG/NAME", default=None,
               help="Model id that names the packages (default: the repo id, or the folder's name).")
 @click.option("--revision", metavar="REV", default=None, help="Branch, tag or commit of a Hub SOURCE.")
@@ -71,7 +87,7 @@ vae_decoder and vae_encoder; leave T5 out with --components.
 def convert_cmd(source: str, out_dir: str, attention: str | None, precision: str, chunk_unet: bool, unet_batch_one: bool,
                 quantize_nbits: str | None, latent_size: tuple[int, int] | None, components: str | None,
                 model_version: str | None, revision: str | None, refiner: str | None, fmt: str, json_mode: bool,
-                quiet: bool) -> None:
+                quiet: bool, controlnets: tuple[str, ...] = ()) -> None:
     """Convert a diffusers Stable Diffusion pipeline (SD 1.x/2.x, SDXL, SD3) to Core ML."""
     from ..convert import convert
 
@@ -90,9 +106,12 @@ def convert_cmd(source: str, out_dir: str, attention: str | None, precision: str
         progress=not (quiet or json_mode) and stderr_is_tty(),  # bars on a terminal; plain lines in logs
         format=fmt,
         revision=revision,
+        controlnets=controlnets,
         refiner=refiner,
         on_message=None if quiet or json_mode else out.info,
     )
+    for note in result.notes:
+        out.warn(note)
     if json_mode:
         out.json(result.to_dict())
         return

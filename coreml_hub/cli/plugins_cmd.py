@@ -19,7 +19,7 @@ Examples:
 
 \b
 Plugins are Python distributions that declare an entry point in the group
-`coreml_hub`; built-in layouts and backends register the same way. A plugin
+`coreml_hub`; built-in layouts, backends and tasks register the same way. A plugin
 that fails to import is reported and skipped.""",
 )
 @click.option("--json", "json_mode", is_flag=True, help="One record per plugin.")
@@ -40,7 +40,7 @@ def plugins_cmd(json_mode: bool, quiet: bool) -> None:
             for p in list_plugins()]
     rows += [
         {"name": f.name, "version": None, "hooks": [], "distribution": None, "module": None, "status": "failed",
-         "error": f.error, "layouts": [], "backends": []}
+         "error": f.error, "layouts": [], "backends": [], "tasks": []}
         for f in failures()
     ]
     out = Output(json_mode=json_mode, quiet=quiet)
@@ -58,8 +58,9 @@ def plugins_cmd(json_mode: bool, quiet: bool) -> None:
 
 
 def _provides(found: dict[str, list[Any]]) -> dict[str, Any]:
-    """Layouts and backends a plugin registers; a backend says whether it can run here and why."""
+    """Layouts, backends and tasks a plugin registers; a backend says whether it can run here and why."""
     layouts = [getattr(layout, "name", "?") for layout in found["layouts"]]
+    tasks = [getattr(task, "name", "?") for task in found.get("tasks", [])]
     backends = []
     for backend in found["backends"]:
         answer = backend.available()
@@ -70,4 +71,5 @@ def _provides(found: dict[str, list[Any]]) -> dict[str, Any]:
     parts = [f"layout {name}" for name in layouts]
     parts += [f"backend {b['name']} ({'available' if b['available'] else 'unavailable: ' + b['reason']})"
               for b in backends]
-    return {"layouts": layouts, "backends": backends, "provides": "; ".join(parts) or "-"}
+    parts += [f"task {name}" for name in tasks]
+    return {"layouts": layouts, "backends": backends, "tasks": tasks, "provides": "; ".join(parts) or "-"}

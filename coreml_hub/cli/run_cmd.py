@@ -1,19 +1,26 @@
-"""`coreml-hub run`: generate images with a Core ML Stable Diffusion model."""
+"""`coreml-hub run`: run a model with the task it is for (text-to-image, classification, depth, ...)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ..pipeline.images import FITS  # stdlib only (PIL loads in functions): fast --help
 from ..pipeline.refiner import DEFAULT_REFINER_START  # no torch: fast --help
 from ..pipeline.rng import DEFAULT_RNG, DEFAULT_SEED_MODE, RNGS, SEED_MODES  # numpy only: fast --help
 from ..pipeline.schedulers import (  # stdlib only: fast --help
     DEFAULT_FLOW_SCHEDULER, DEFAULT_SCHEDULER, PREDICTION_TYPES, SCHEDULERS)
-from .output import Output, stderr_is_tty
+from .output import Column, Output, format_table, stderr_is_tty
 
 COMPUTE_UNIT_CHOICES = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
+
+# Parameters `run` itself handles; every other one is an option of the task that runs.
+GENERIC = {"model", "inputs", "task", "images", "texts", "extra", "output_dir", "backend", "device", "no_pull",
+           "json_mode", "quiet"}
 
 
 @click.command(
@@ -26,6 +33,10 @@ Examples:
   coreml-hub run apple/coreml-stable-diffusion-v1-5 "oil painting of a cat" \\
       --image cat.png --strength 0.6
   coreml-hub run ./converted "a red fox" --num-images 4 --json   # the -o folder of `convert`
+  coreml-hub run coreml-community/coreml-stable-diffusion-v1-5_cn:split_einsum/compiled+cn \\
+      "a house by a lake" --controlnet coreml-community/ControlNet-Models-For-Core-ML:Canny \\
+      --control-image edges.png --control-scale 0.8
+  coreml-hub run ./sd15-inpainting "a red sofa" --image room.png --mask sofa-mask.png
   coreml-hub run argmaxinc/coreml-stable-diffusion-3-medium "a red fox" --guidance-scale 5 --steps 28
   coreml-hub run apple/coreml-stable-diffusion-xl-base-with-refiner "a red fox" --refiner-start 0.7
   coreml-hub run MODEL "a red fox" --seed 42 --rng numpy          # Mochi Diffusion's image for seed 42
@@ -33,21 +44,54 @@ Examples:
   coreml-hub run MODEL "a red fox" --dtype bf16                   # CPUs with bf16 instructions: ~2x
   coreml-hub run MODEL "a red fox" --seed 42 --rng numpy --num-images 4 --seed-mode stream
                                                                   # the Swift CLI's --image-count 4
+  coreml-hub run apple/coreml-FastViT-T8 photo.jpg --top-k 3
+  coreml-hub run apple/coreml-depth-anything-v2-small photo.jpg -o depth/
+  coreml-hub run apple/coreml-detr-semantic-segmentation street.jpg
+  coreml-hub run apple/coreml-mobileclip --image a.jpg --text "a dog" --text "a cat"
+  coreml-hub run apple/mistral-coreml "What is Core ML?" --max-new-tokens 64
+  coreml-hub run coreml-projects/Llama-2-7b-chat-coreml "Hello" --temperature 0.7 --top-p 0.9 --seed 1
 
 \b
 MODEL is a repo id (pulled first when missing, unless --no-pull), REPO:VARIANT,
-a pulled model, or a local folder holding one variant's bundles.
-Backends: `auto` is Core ML on macOS and the portable PyTorch runtime elsewhere.
---rng draws the initial noise as each tool does: torch (diffusers' CPU
-generator), numpy (Apple's Python pipeline, Swift NumPyRandomSource, Mochi
-Diffusion) or nvidia (torch.randn on a CUDA device, computed on the CPU).
-Image i of --num-images N uses seed SEED+i (--seed-mode increment), or the
-i-th draw of one stream seeded with SEED (--seed-mode stream); the PNGs record
-every setting (the `parameters` text chunk image tools read). Files are never
-overwritten.""",
+a pulled model, a local folder holding one variant's bundles, or one bundle.
+The task comes from the model (its inputs, outputs and metadata, and the repo's
+pipeline_tag); --task names one. `coreml-hub plugins` lists the installed tasks.
+  text-to-image         PROMPT; --image for image-to-image. PNGs recording every
+                        setting. --rng draws the initial noise as each tool does:
+                        torch (diffusers' CPU generator), numpy (Apple's Python
+                        pipeline, Swift NumPyRandomSource, Mochi Diffusion) or
+                        nvidia (torch.randn on a CUDA device, computed on the CPU).
+                        Image i of --num-images N uses seed SEED+i (--seed-mode
+                        increment), or the i-th draw of one stream seeded with
+                        SEED (--seed-mode stream).
+  image-classification  IMAGE...; the --top-k labels with their probabilities.
+  depth-estimation      IMAGE...; a 16-bit PNG depth map and a colorized PNG at
+                        each image's size.
+  image-segmentation    IMAGE...; a class map PNG and a colored overlay with a
+                        legend of the classes present.
+  feature-extraction    --image and --text (CLIP-style image and text encoders):
+                        cosine similarities; embeddings saved as .npy.
+  text-generation       PROMPT; streamed to stdout (greedy, or sampled with
+                        --temperature/--top-p/--seed); tokens/s on stderr.
+Backends: `auto` is Core ML on macOS and the portable PyTorch runtime elsewhere
+(tasks other than text-to-image run on the portable runtime). Files are never
+overwritten.
+
+\b
+text-to-image ControlNets: --controlnet NAME_OR_PATH, --control-image IMG and
+--control-scale S pair in order (repeat them for several ControlNets; their
+residuals add up). NAME is one of the variant's ControlNets, REPO:NAME one of
+another repo's (pulled into the variant when missing, as `pull --controlnet`
+does), or a bundle path. The variant needs a Unet that takes ControlNet
+residuals (ControlledUnet).
+Inpainting: --image IMG --mask MASK (white or transparent = repaint), with an
+inpainting model (9-channel Unet), any model, or an inpaint ControlNet (no
+--control-image: the init image with the masked pixels punched out). A refiner
+does not run with ControlNets or a mask.""",
 )
 @click.argument("model")
-@click.argument("prompt")
+@click.argument("inputs", nargs=-1, metavar="[PROMPT | IMAGE...]")
+@click.option("--task", default=None, metavar="NAME", help="Run this task instead of the one the model is for.")
 @click.option("--negative-prompt", default="", help="What the image should not show.")
 @click.option("--steps", type=int, default=25, show_default=True, help="Denoising steps.")
 @click.option("--guidance-scale", type=float, default=7.5, show_default=True,
@@ -72,16 +116,25 @@ overwritten.""",
 @click.option("--no-refiner", is_flag=True, help="SDXL: do not use the variant's refiner.")
 @click.option("--refiner-start", type=float, default=DEFAULT_REFINER_START, show_default=True,
               help="SDXL with a refiner: the fraction of the schedule the base Unet runs before the refiner.")
-@click.option("--image", "init_image", type=click.Path(path_type=Path), default=None,
-              help="Init image for image-to-image.")
-@click.option("--strength", type=float, default=0.75, show_default=True,
-              help="Image-to-image: how much of the init image is replaced (0-1].")
+@click.option("--image", "images", type=click.Path(path_type=Path), multiple=True,
+              help="An input image (repeatable); text-to-image: the init image for image-to-image.")
+@click.option("--strength", type=float, default=None,
+              help="Image-to-image: how much of the init image is replaced (0-1]; default 0.75, and 1 with --mask.")
 @click.option("--fit", type=click.Choice(FITS), default=None,
-              help="Image-to-image: an init image of another aspect ratio is cropped to its middle, padded "
-                   "with black bars, or stretched (default: refused).")
+              help="An image of another aspect ratio than the model's is cropped to its middle, padded with "
+                   "black bars, or stretched. Image-to-image: default refused (the mask is fitted alike); "
+                   "image-classification and feature-extraction: default crop.")
+@click.option("--mask", "mask", type=click.Path(path_type=Path), default=None,
+              help="text-to-image: inpainting mask for --image: white (or transparent) pixels are repainted.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="NAME_OR_PATH",
+              help="text-to-image: a ControlNet of the variant (or a bundle path); repeatable.")
+@click.option("--control-image", "control_images", multiple=True, type=click.Path(path_type=Path),
+              metavar="IMG", help="text-to-image: the image of the --controlnet at the same position.")
+@click.option("--control-scale", "control_scales", multiple=True, type=float, metavar="S",
+              help="text-to-image: the weight of the --controlnet at the same position (default 1).")
 @click.option("--num-images", type=int, default=1, show_default=True)
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=None,
-              help="Folder for the PNGs (default: ./coreml-hub-outputs or $COREML_HUB_OUTPUTS).")
+              help="Folder for the files a task writes (default: ./coreml-hub-outputs or $COREML_HUB_OUTPUTS).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "coreml"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
               help="torch backend: where to run (fp16 on GPUs).")
@@ -89,33 +142,50 @@ overwritten.""",
               help="coreml backend: which compute units Core ML may use (default: ALL); other backends ignore it.")
 @click.option("--disable-safety", is_flag=True, help="Skip the model's safety checker.")
 @click.option("--save-every", type=int, default=None, metavar="K", help="Also save a decode every K steps.")
+@click.option("--text", "texts", multiple=True, metavar="TEXT", help="feature-extraction: a text (repeatable).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="image-classification: labels shown [5].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="text-generation: most tokens to generate [128].")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="text-generation: 0 is greedy [0]; above 0 samples.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="text-generation: sample from the smallest set of tokens this probable [1].")
+@click.option("--system", default=None, metavar="TEXT", help="text-generation: a system message for the chat template.")
+@click.option("--no-chat", is_flag=True, help="text-generation: the prompt as is, no chat template.")
+@click.option("--tokenizer", default=None, metavar="REPO|PATH",
+              help="text-generation, feature-extraction: where the tokenizer comes from (default: the model's "
+                   "folder, else the repo its metadata names).")
+@click.option("--option", "extra", multiple=True, metavar="KEY=VALUE",
+              help="An option of a plugin's task (repeatable; VALUE is read as JSON when it parses).")
 @click.option("--no-pull", is_flag=True, help="Fail instead of pulling a model that is not pulled yet.")
 @click.option("--chunked/--no-chunked", default=None,
-              help="A pulled model's chunked / full Unet form (default: the full Unet when both are pulled).")
+              help="text-to-image: a pulled model's chunked / full Unet form (default: the full Unet when both are "
+                   "pulled).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="torch backend: the float type to compute in [default: fp32 on the CPU, the model's own on "
-                   "GPUs]. bf16 is about twice as fast on CPUs with bf16 instructions (AVX512-BF16, AMX).")
+              help="text-to-image, torch backend: the float type the Unet and VAE compute in [default: fp32 on the "
+                   "CPU, the model's own on GPUs]. bf16 is about twice as fast on CPUs with bf16 instructions.")
 @click.option("--reduce-memory", is_flag=True,
-              help="Load each model when it is needed and release it after (as the Swift CLI's flag): peak "
-                   "memory is the largest model's instead of the sum, each image takes longer.")
-@click.option("--json", "json_mode", is_flag=True, help="Print paths, parameters, timings and peak memory as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the image paths.")
-def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_scale: float, seed: int | None,
-            scheduler: str | None, prediction_type: str | None, rng: str, seed_mode: str, no_t5: bool,
-            shift: float | None, refiner_model: str | None, no_refiner: bool, refiner_start: float,
-            init_image: Path | None, strength: float, fit: str | None,
-            num_images: int, output_dir: Path | None, backend: str, device: str, compute_unit: str | None,
-            disable_safety: bool, save_every: int | None, no_pull: bool, chunked: bool | None, dtype: str | None,
-            reduce_memory: bool, json_mode: bool, quiet: bool) -> None:
-    """Generate images from PROMPT with MODEL (text-to-image, or image-to-image with --image)."""
-    from ..errors import UsageError
-    from ..pipeline.generate import generate
+              help="text-to-image: load each model when it is needed and release it after (as the Swift CLI's "
+                   "flag): peak memory is the largest model's instead of the sum; each image takes longer.")
+@click.option("--json", "json_mode", is_flag=True, help="Print the result (paths, values, timings) as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the essentials (file paths, top labels).")
+@click.pass_context
+def run_cmd(ctx: click.Context, **params: Any) -> None:
+    """Run MODEL with its task: make images from a PROMPT, label, measure or segment IMAGEs, compare
+    images with texts, or continue a PROMPT."""
+    from ..tasks import run
     from . import STARTED
 
-    if refiner_model and no_refiner:
-        raise UsageError("--refiner and --no-refiner contradict each other.", hint="Pass one of them.")
-
+    json_mode, quiet = params["json_mode"], params["quiet"]
     out = Output(json_mode=json_mode, quiet=quiet)
+    options = {k: v for k, v in params.items() if k not in GENERIC}
+    given = [k for k in options if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)]
+    for key, value in _parse_extra(params["extra"]).items():
+        options[key] = value
+        given.append(key)
+    flags = {p.name: next((o for o in p.opts if o.startswith("--")), p.opts[0])
+             for p in ctx.command.params if isinstance(p, click.Option) and p.name}
+    streamed: list[bool] = []
 
     def notify(message: str) -> None:
         if message.startswith("Warning: "):
@@ -123,20 +193,40 @@ def run_cmd(model: str, prompt: str, negative_prompt: str, steps: int, guidance_
         else:
             out.info(message)
 
-    result = generate(
-        model, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance_scale, seed=seed,
-        scheduler=scheduler, prediction_type=prediction_type, rng=rng, seed_mode=seed_mode, t5=not no_t5,
-        shift=shift, refiner=refiner_model if refiner_model else not no_refiner, refiner_start=refiner_start,
-        image=init_image, strength=strength, fit=fit,
-        num_images=num_images, output_dir=output_dir,
-        backend=backend, device=device, compute_unit=compute_unit.upper() if compute_unit else None,
-        disable_safety=disable_safety, save_every=save_every, pull=not no_pull, chunked=chunked,
-        progress=not quiet and not json_mode and stderr_is_tty(), on_message=notify, started=STARTED,
-        reduce_memory=reduce_memory, dtype=dtype)
+    def stream(text: str) -> None:
+        streamed.append(True)
+        click.echo(text, nl=False)
+
+    result = run(params["model"], params["inputs"], task=params["task"], images=params["images"],
+                 texts=params["texts"], options=options, given=given, flags=flags, output_dir=params["output_dir"],
+                 backend=params["backend"], device=params["device"], pull=not params["no_pull"],
+                 progress=not quiet and not json_mode and stderr_is_tty(), on_message=notify,
+                 on_text=None if json_mode else stream, started=STARTED)
+    if streamed:
+        click.echo("")
     if json_mode:
         out.json(result.to_dict())
         return
-    for saved in result.images:
-        for step_path in saved.intermediates:
-            click.echo(str(step_path))
-        click.echo(str(saved.path))
+    shown = result.render()
+    if quiet:
+        for line in shown.quiet:
+            click.echo(line)
+        return
+    if shown.rows:
+        click.echo(format_table(shown.rows, [Column(key, header) for key, header in shown.columns]))
+    for line in shown.lines:
+        click.echo(line)
+
+
+def _parse_extra(items: tuple[str, ...]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE.", param_hint="--option")
+        try:
+            parsed[key] = json.loads(value)
+        except ValueError:
+            parsed[key] = value
+    return parsed

@@ -24,6 +24,9 @@ Examples:
   coreml-hub pull apple/coreml-stable-diffusion-v1-5:original/packages --chunked
   coreml-hub pull coreml-community/coreml-anything-v3.0 --variant original/512x768/anything_original_512x768.zip
   coreml-hub pull apple/coreml-stable-diffusion-2-1-base --dry-run --json
+  coreml-hub pull ORG/SD15-WITH-CONTROLNETS --controlnet LllyasvielSdControlnetCanny
+  coreml-hub pull coreml-community/coreml-stable-diffusion-v1-5_cn --variant split_einsum/compiled+cn \\
+      --controlnet coreml-community/ControlNet-Models-For-Core-ML:Canny
   coreml-hub pull apple/coreml-depth-anything-v2-small --variant DepthAnythingV2SmallF16
 
 \b
@@ -42,6 +45,13 @@ Packages variants also get the tokenizer and scheduler config files (never weigh
 PyTorch model they were converted from, named by the files or by --model-version.
 
 \b
+ControlNets are never fetched with a variant. --controlnet NAME (repeatable) adds one to
+the variant's store entry, only its files: NAME as `coreml-hub show` lists it (case and
+separators do not matter; `Canny` picks the archive that fits the variant's attention
+and size), from the model's repo or from another one as REPO:NAME. The variant's Unet
+must take ControlNet residuals (a ControlledUnet).
+
+\b
 An interrupted pull resumes where it stopped. A pulled variant is fetched again only with
 --force. Environment: HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE (answer from the store),
 COREML_HUB_HOME, COREML_HUB_DOWNLOAD_WORKERS (files at once, 4), COREML_HUB_DOWNLOAD_SEGMENTS
@@ -56,24 +66,27 @@ COREML_HUB_HOME, COREML_HUB_DOWNLOAD_WORKERS (files at once, 4), COREML_HUB_DOWN
 @click.option("--chunked/--no-chunked", default=None, help="Take the two Unet chunks / the full Unet.")
 @click.option("--model-version", metavar="ORG/NAME", help="PyTorch model to take tokenizer files from (packages).")
 @click.option("--keep-archive", is_flag=True, help="Keep the zip of an archive variant next to its files.")
+@click.option("--controlnet", "controlnets", multiple=True, metavar="NAME",
+              help="Also fetch this ControlNet (NAME or REPO:NAME) into the variant; repeatable.")
 @click.option("--json", "json_mode", is_flag=True, help="Print one JSON record.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, print only the path.")
 def pull_cmd(model: str, variant: str | None, revision: str | None, force: bool, dry_run: bool,
              chunked: bool | None, model_version: str | None, keep_archive: bool, json_mode: bool,
-             quiet: bool) -> None:
+             quiet: bool, controlnets: tuple[str, ...] = ()) -> None:
     """Download one variant of MODEL (ORG/NAME[@REVISION][:VARIANT]) into the local store."""
-    from ..pulling import describe_choice, plan_pull
+    from ..pulling import describe_choice, plan_pull, plan_variant_controlnets
 
     out = Output(json_mode=json_mode, quiet=quiet)
     plan = plan_pull(model, variant=variant, revision=revision, force=force, chunked=chunked,
                      model_version=model_version, keep_archive=keep_archive)
+    cn_plans = plan_variant_controlnets(plan, controlnets) if controlnets else []
     choice = describe_choice(plan)
     if choice and not json_mode:
         out.info(choice)
     for warning in plan.warnings:
         out.warn(warning)
     if dry_run:
-        _print_plan(out, plan)
+        _print_plan(out, plan, cn_plans)
         return
     if plan.offline:
         out.info(f"HF_HUB_OFFLINE is set: using {plan.repo}:{plan.variant.id} from the store.")
@@ -85,14 +98,29 @@ def pull_cmd(model: str, variant: str | None, revision: str | None, force: bool,
         out.info(f"Waiting for another coreml-hub process pulling {plan.repo}:{plan.variant.id}...")
 
     result = plan.execute(progress=show, on_phase=(out.info if show else (lambda msg: None)), on_wait=on_wait)
+    pulled_cns = []
+    if controlnets:
+        from ..controlnets import pull_controlnets
+
+        pulled_cns = pull_controlnets(result.path, controlnets, progress=show, force=force, plans=cn_plans)
     if json_mode:
-        out.json(result.to_dict())
+        record = result.to_dict()
+        if controlnets:
+            record["controlnets"] = [c.to_dict() for c in pulled_cns]
+        out.json(record)
         return
     if result.already_present:
         out.info(f"{result.repo}:{result.variant} is already pulled ({human_size(result.size)}).")
     else:
         out.info(f"Pulled {result.repo}:{result.variant} ({result.files} files, {human_size(result.size)}; "
                  f"{human_size(result.bytes_downloaded)} downloaded in {result.seconds:.1f} s).")
+    for cn in pulled_cns:
+        where = cn.path.relative_to(result.path)
+        if cn.already_present:
+            out.info(f"ControlNet {cn.name} is already in the variant ({where}).")
+        else:
+            out.info(f"Pulled ControlNet {cn.name} from {cn.repo} into {where} ({human_size(cn.size)}; "
+                     f"{human_size(cn.bytes_downloaded)} downloaded).")
     click.echo(str(result.path))
 
 
@@ -102,11 +130,16 @@ def _file_state(plan: PullPlan, f: PlannedFile) -> str:
     return "partial" if 0 < f.present < f.size else "fetch"
 
 
-def _print_plan(out: Output, plan: PullPlan) -> None:
+def _print_plan(out: Output, plan: PullPlan, controlnets: list[Any] = ()) -> None:  # type: ignore[assignment]
     if out.json_mode:
-        out.json(plan.to_dict())
+        record = plan.to_dict()
+        if controlnets:
+            record["controlnets"] = [c.to_dict() for c in controlnets]
+        out.json(record)
         return
     rows = [{"path": f.path, "size": f.size, "repo": f.repo, "state": _file_state(plan, f)} for f in plan.all_files]
+    rows += [{"path": f.path, "size": f.size, "repo": c.repo, "state": "fetch"} for c in controlnets
+             for f in c.entry.files]
     if not out.quiet:
         click.echo(f"{plan.repo}:{plan.variant.id} @ {plan.commit[:12]}"
                    + (f" (Unet: {plan.variant.unet_form})" if plan.variant.unet_form else ""))
@@ -118,6 +151,9 @@ def _print_plan(out: Output, plan: PullPlan) -> None:
         else:
             click.echo(f"Would download {human_size(plan.download_bytes)} of {human_size(plan.total_bytes)} "
                        f"({len(plan.all_files)} files) into {plan.path}.")
+        for cn in controlnets:
+            click.echo(f"ControlNet {cn.entry.name} from {cn.repo}: {human_size(cn.entry.size_bytes)} "
+                       f"({len(cn.entry.files)} files) into {cn.dest} unless the variant already has it.")
 
 
 LS_COLUMNS = [

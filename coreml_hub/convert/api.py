@@ -15,16 +15,17 @@ from typing import Any, Callable, Iterable
 
 from ..errors import ConversionError, UsageError
 from .naming import ATTENTIONS as IMPLEMENTATIONS
-from .naming import COMPONENTS, DEFAULT_QUERY_CHUNK_SIZE, package_name
+from .naming import CONTROLNET, CONTROLNET_DIR, COMPONENTS, DEFAULT_QUERY_CHUNK_SIZE, controlnet_package_name, package_name
 from .refiner import BASE_TIME_IDS, REFINER, REFINER_TIME_IDS, refiner_source
 
 PRECISIONS = ("fp16", "fp32")
 QUANTIZE_NBITS = (2, 4, 6, 8)
 FORMATS = ("packages", "compiled")
 # Components whose weights `quantize_nbits` palettizes (as Apple's converter does).
-QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit", "refiner")
+QUANTIZED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5", "unet", "mmdit", "refiner",
+                        "controlled_unet", "controlnet")
 # Unets that --chunk-unet writes as two chunks as well (Apple chunks the refiner with the Unet).
-CHUNKED_COMPONENTS = ("unet", "refiner")
+CHUNKED_COMPONENTS = ("unet", "controlled_unet", "refiner")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class ConversionResult:
     components: tuple[ComponentResult, ...]
     extra_files: tuple[Path, ...] = field(default=())
     seconds: float = 0.0
+    notes: tuple[str, ...] = ()  # things the user should know (e.g. ControlNets without a controlled Unet)
     refiner_version: str | None = None  # the refiner pipeline converted beside the base, if any
 
     @property
@@ -80,6 +82,7 @@ class ConversionResult:
             "quantize_nbits": self.quantize_nbits,
             "refiner_version": self.refiner_version,
             "seconds": round(self.seconds, 2),
+            "notes": list(self.notes),
             "components": [
                 {"name": c.name, "path": str(c.path), "size_bytes": c.size_bytes, "seconds": round(c.seconds, 2)}
                 for c in self.components
@@ -99,7 +102,7 @@ def _parse_components(components: Iterable[str] | str | None, refiner: bool = Fa
     if isinstance(components, str):
         components = [c for c in components.split(",")]
     names = tuple(dict.fromkeys(c.strip() for c in components if c.strip()))
-    known = COMPONENTS + ((REFINER,) if refiner else ())
+    known = (*COMPONENTS, CONTROLNET) + ((REFINER,) if refiner else ())
     unknown = [c for c in names if c not in known]
     if unknown:
         hint = f"Choose from: {', '.join(known)}."
@@ -107,7 +110,7 @@ def _parse_components(components: Iterable[str] | str | None, refiner: bool = Fa
             hint = "The refiner is converted with --refiner REFINER_SOURCE; " + hint
         raise UsageError(f"Unknown component(s): {', '.join(unknown)}.", hint=hint)
     if not names:
-        raise UsageError("--components is empty.", hint=f"Choose from: {', '.join(COMPONENTS)}.")
+        raise UsageError("--components is empty.", hint=f"Choose from: {', '.join(known)}.")
     return names
 
 
@@ -216,6 +219,11 @@ def _install(stage: Path, out: Path) -> None:
             for fmt in sorted(item.iterdir()):
                 (dest / fmt.name).mkdir(parents=True, exist_ok=True)
                 for bundle in sorted(fmt.iterdir()):
+                    if bundle.name == CONTROLNET_DIR:  # compiled ControlNets: one by one, others stay
+                        (dest / fmt.name / bundle.name).mkdir(exist_ok=True)
+                        for net in sorted(bundle.iterdir()):
+                            put(net, dest / fmt.name / bundle.name / net.name)
+                        continue
                     put(bundle, dest / fmt.name / bundle.name)
         else:
             put(item, dest)
@@ -239,6 +247,7 @@ def convert(
     query_chunk_size: int = DEFAULT_QUERY_CHUNK_SIZE,
     refiner: str | Path | None = None,
     on_message: Callable[[str], None] | None = None,
+    controlnets: Iterable[str | Path] = (),
 ) -> ConversionResult:
     """Convert a diffusers pipeline (local folder or Hub repo id) to Core ML.
 
@@ -250,6 +259,10 @@ def convert(
     `precision` says (Apple's contract). `refiner` (an SDXL refiner's folder or repo id; only
     its Unet is read) adds `..._refiner.mlpackage` beside an SDXL base, as Apple's
     `--refiner-version` does; `components` may then name `refiner` alone.
+    `controlnets` (local ControlNet folders or Hub repo ids): the Unet is written as the one that
+    takes ControlNet residuals (`..._control-unet.mlpackage`) and each ControlNet as
+    `ControlNet_<org>_<name>.mlpackage`; `components=["controlnet"]` converts only the ControlNets,
+    for an existing conversion in `out`.
     Everything is written into a hidden folder inside `out` first and moved into place at the
     end, so an interrupted or failed conversion leaves nothing in `out` that looks like (part of)
     a conversion. `progress` shows bars (terminals); without it, `on_message` gets one plain line
@@ -262,8 +275,13 @@ def convert(
     _validate(attention, precision, quantize_nbits, latent_size, format)
     wanted = _parse_components(components, refiner=refiner is not None)
     with_refiner = refiner is not None and (wanted is None or REFINER in wanted)
+    controlnets = [str(c) for c in controlnets]
+    want_controlnets = bool(controlnets) and (wanted is None or CONTROLNET in wanted)
+    if wanted is not None and CONTROLNET in wanted and not controlnets:
+        raise UsageError("--components controlnet needs the ControlNets to convert.",
+                         hint="Name each with --controlnet CN_SRC (a diffusers ControlNet folder or a Hub repo id).")
     if wanted is not None:
-        wanted = tuple(c for c in wanted if c != REFINER)
+        wanted = tuple(c for c in wanted if c not in (REFINER, CONTROLNET))
     if format == "compiled":
         from .compile import ensure_compiler
 
@@ -289,9 +307,15 @@ def convert(
         )
     version = model_version or default_version
     attention = _attention_for(src.arch, attention, chunk_unet)
+    if controlnets and src.arch == "sd3":
+        raise UsageError("ControlNets are converted for Unet pipelines (SD 1.x/2.x, SDXL); SD3's transformer takes none.",
+                         hint="Convert SD3 without --controlnet.")
     refiner_src = refiner_source(refiner, src, revision) if refiner is not None else None
     batch = 1 if unet_batch_one else 2
+    if latent_size is None and not chosen and want_controlnets:
+        latent_size = _existing_latent_size(out / attention / "packages")  # ControlNets for an earlier conversion
     geometry, latent, scale = _geometry(src.folder, latent_size, batch)
+    cn_sources = _controlnet_sources(controlnets, src.folder) if want_controlnets else []
 
     import_coremltools()
     created = not out.exists()
@@ -300,7 +324,8 @@ def convert(
     try:
         results, extra_files, _order = _convert_into(
             stage, out, src, chosen, version, attention, precision, geometry, latent, scale, chunk_unet,
-            quantize_nbits, query_chunk_size, format, progress, on_message, refiner_src if with_refiner else None)
+            quantize_nbits, query_chunk_size, format, progress, on_message, refiner_src if with_refiner else None,
+            tuple(controlnets), cn_sources)
         _install(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -308,6 +333,11 @@ def convert(
             _remove_if_empty(out)
         raise
     shutil.rmtree(stage, ignore_errors=True)
+    notes = []
+    packages_dir = out / attention / "packages"
+    if cn_sources and not any(packages_dir.glob("*_control-unet*.mlpackage")):
+        notes.append(f"{packages_dir} has no Unet that takes ControlNet residuals (control-unet); convert it with "
+                     "`--components unet --controlnet ...` to run these ControlNets.")
 
     def moved(path: Path) -> Path:
         return out / path.relative_to(stage) if path.is_relative_to(stage) else path
@@ -327,6 +357,7 @@ def convert(
         extra_files=tuple(moved(p) for p in extra_files),
         seconds=time.time() - started,
         refiner_version=(refiner_src.repo_id or str(refiner_src.folder)) if with_refiner and refiner_src else None,
+        notes=tuple(notes),
     )
 
 
@@ -340,10 +371,11 @@ def _remove_if_empty(folder: Path) -> None:
 def _convert_into(stage: Path, out: Path, src: Any, chosen: tuple[str, ...], version: str, attention: str,
                   precision: str, geometry: Any, latent: tuple[int, int], scale: int, chunk_unet: bool,
                   quantize_nbits: int | None, query_chunk_size: int, format: str, progress: bool,
-                  on_message: Callable[[str], None] | None,
-                  refiner_src: Any = None) -> tuple[list[ComponentResult], list[Path], list[str]]:
-    """Every component (and the refiner's Unet when `refiner_src` is given), the repo files and
-    (macOS) the compiled bundles, written into `stage`."""
+                  on_message: Callable[[str], None] | None, refiner_src: Any = None, controlnets: tuple[str, ...] = (),
+                  cn_sources: list[Any] | None = None) -> tuple[list[ComponentResult], list[Path], list[str]]:
+    """Every component (and the refiner's Unet when `refiner_src` is given; the controlled Unet and
+    each ControlNet of `cn_sources` when `controlnets` are asked for), the repo files and (macOS)
+    the compiled bundles, written into `stage`."""
     from . import source as sources
     from .components import Job, convert_component
     from ..human import human_size
@@ -352,6 +384,8 @@ def _convert_into(stage: Path, out: Path, src: Any, chosen: tuple[str, ...], ver
     packages_dir.mkdir(parents=True, exist_ok=True)
     results: list[ComponentResult] = []
     order = [c for c in COMPONENTS if c in chosen] + ([REFINER] if refiner_src is not None else [])
+    if controlnets:  # the Unet of a ControlNet conversion takes their residuals (Apple's control-unet)
+        order = ["controlled_unet" if c == "unet" else c for c in order]
     for comp in order:
         stages = ["trace + convert", "save"]
         if quantize_nbits and comp in QUANTIZED_COMPONENTS:
@@ -407,6 +441,10 @@ def _convert_into(stage: Path, out: Path, src: Any, chosen: tuple[str, ...], ver
         for i, path in enumerate(extra, start=1):
             results.append(ComponentResult(f"{comp}_chunk{i}", path, _size(path), 0.0))
         gc.collect()
+    for cn in cn_sources or ():
+        results.append(_convert_controlnet(cn, src, packages_dir, attention, precision, geometry, version,
+                                           query_chunk_size, quantize_nbits, progress, on_message))
+        gc.collect()
 
     extra_files = _write_repo_files(src, stage, out, version, attention, precision, quantize_nbits, order, latent,
                                     scale)
@@ -445,3 +483,67 @@ def _write_repo_files(
     write_card(stage, meta, order, precision, latent, scale)
     written += [stage / "README.md", stage / ".hub.json"]
     return written
+
+
+def _controlnet_sources(controlnets: list[str], pipeline: Path) -> list[Any]:
+    """Every ControlNet's source, each checked against the base's Unet config before anything converts."""
+    from .controlnet import check_matches_base, controlnet_source
+
+    unet_config_path = pipeline / "unet" / "config.json"
+    unet_config = json.loads(unet_config_path.read_text()) if unet_config_path.is_file() else {}
+    sources = []
+    for cn in controlnets:
+        source = controlnet_source(cn)
+        check_matches_base(source.config, unet_config, f"The ControlNet {source.model_id}")
+        sources.append(source)
+    return sources
+
+
+def _existing_latent_size(packages: Path) -> tuple[int, int] | None:
+    """The latent size of a Unet already converted in `packages` (so ControlNets added later match it)."""
+    from ..mil.proto import load_spec
+
+    for pkg in sorted(packages.glob("*_unet.mlpackage")) + sorted(packages.glob("*_control-unet.mlpackage")):
+        try:
+            spec = load_spec(pkg)
+        except Exception:  # an unreadable package: fall back to the pipeline's default size
+            continue
+        for feature in spec.description.input:
+            if feature.name == "sample" and len(feature.type.multiArrayType.shape) == 4:
+                shape = feature.type.multiArrayType.shape
+                return int(shape[2]), int(shape[3])
+    return None
+
+
+def _convert_controlnet(cn: Any, src: Any, packages_dir: Path, attention: str, precision: str, geometry: Any,
+                        version: str, query_chunk_size: int, quantize_nbits: int | None,
+                        progress: bool, on_message: Callable[[str], None] | None) -> ComponentResult:
+    from ..human import human_size
+    from .components import Job
+    from .controlnet import convert_controlnet
+
+    stages = ["trace + convert", "save"] + ([f"palettize {quantize_nbits}-bit"] if quantize_nbits else [])
+    bar = _Progress(f"controlnet {cn.model_id.rsplit('/', 1)[-1]}"[:16], stages, progress, on_message)
+    t0 = time.time()
+    job = Job(component="controlnet", folder=cn.folder, variant=cn.variant, arch=src.arch, attention=attention,
+              precision=precision, geometry=geometry, model_version=version, query_chunk_size=query_chunk_size)
+    dest = packages_dir / controlnet_package_name(cn.model_id)
+    unet_config_path = src.folder / "unet" / "config.json"
+    unet_config = json.loads(unet_config_path.read_text()) if unet_config_path.is_file() else {}
+    try:
+        bar.start(stages[0])
+        convert_controlnet(job, cn, unet_config, dest)
+        bar.step()
+        bar.step()
+        if quantize_nbits:
+            from .quantize import palettize
+
+            bar.start(stages[2])
+            palettize(dest, quantize_nbits)
+            bar.step()
+    except BaseException:
+        bar.close("failed")
+        raise
+    seconds = time.time() - t0
+    bar.close(f"{human_size(_size(dest))} in {seconds:.1f}s")
+    return ComponentResult("controlnet", dest, _size(dest), seconds)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConversionError
-from .naming import compiled_name, copy_compiled_resources
+from .naming import compiled_path, copy_compiled_resources
 
 
 def compiler_command(package: Path, dest_dir: Path) -> list[str]:
@@ -62,7 +62,7 @@ def compile_outputs(results: list[Any], compiled_dir: Path, out: Path, progress:
     compiled = []
     for result in results:
         t0 = time.time()
-        dest = compile_package(result.path, compiled_dir / compiled_name(result.name))
+        dest = compile_package(result.path, compiled_dir / compiled_path(result.name, result.path))
         compiled.append(ComponentResult(result.name, dest, _size(dest), time.time() - t0))
     copy_compiled_resources(out, compiled_dir)
     return compiled

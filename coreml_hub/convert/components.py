@@ -323,11 +323,18 @@ def prepare_safety_checker(job: Job, rng: np.random.Generator) -> Prepared:
     return Prepared(traced, inputs, ("filtered_images", "has_nsfw_concepts", "concept_scores"), job.precision)
 
 
+def prepare_controlled_unet(job: Job, rng: np.random.Generator) -> Prepared:
+    from .controlnet import prepare_controlled_unet as prepare
+
+    return prepare(job, rng)
+
+
 PREPARERS: dict[str, Callable[[Job, np.random.Generator], Prepared]] = {
     "text_encoder": prepare_text_encoder,
     "text_encoder_2": prepare_text_encoder,
     "text_encoder_t5": prepare_text_encoder_t5,
     "unet": prepare_unet,
+    "controlled_unet": prepare_controlled_unet,
     "mmdit": prepare_mmdit,
     "refiner": prepare_unet,  # the refiner pipeline's Unet (Job.folder is the refiner's)
     "vae_decoder": prepare_vae_decoder,
@@ -356,26 +363,35 @@ def to_coreml(prepared: Prepared) -> Any:
         )
 
 
-def describe(mlmodel: Any, job: Job, extra: dict[str, str] | None = None) -> None:
+RESIDUAL_INPUT_DESCRIPTION = "ControlNet residual added to the corresponding resnet output (zeros: no control)"
+
+
+def describe(mlmodel: Any, job: Job, extra: dict[str, str] | None = None, *, author_id: str | None = None,
+             short_description: str | None = None, descriptions: dict[str, str] | None = None) -> None:
     """Author, license, version, descriptions and coreml-hub's own metadata, like Apple's packages carry."""
     from ..version import __version__
 
-    mlmodel.author = f"Please refer to the Model Card available at huggingface.co/{job.model_version}"
+    author_id = author_id or job.model_version
+    own = descriptions or {}
+    mlmodel.author = f"Please refer to the Model Card available at huggingface.co/{author_id}"
     mlmodel.license = LICENSES[job.arch]
-    mlmodel.version = job.model_version
-    mlmodel.short_description = SHORT_DESCRIPTION
+    mlmodel.version = author_id
+    mlmodel.short_description = short_description or SHORT_DESCRIPTION
     spec = mlmodel.get_spec()
-    for features, target in ((spec.description.input, mlmodel.input_description),
-                             (spec.description.output, mlmodel.output_description)):
+    for features, target, inputs in ((spec.description.input, mlmodel.input_description, True),
+                                     (spec.description.output, mlmodel.output_description, False)):
         for feature in features:
-            text = COMPONENT_DESCRIPTIONS.get((job.component, feature.name)) or DESCRIPTIONS.get(feature.name)
+            text = (own.get(feature.name) or COMPONENT_DESCRIPTIONS.get((job.component, feature.name))
+                    or DESCRIPTIONS.get(feature.name))
+            if not text and inputs and feature.name.startswith("additional_residual_"):
+                text = RESIDUAL_INPUT_DESCRIPTION
             if text:
                 target[feature.name] = text
     meta = mlmodel.user_defined_metadata
     meta["com.github.coreml-hub.version"] = __version__
     meta["com.github.coreml-hub.model_version"] = job.model_version
     meta["com.github.coreml-hub.component"] = job.component
-    if job.component in ("unet", "mmdit", "refiner"):
+    if job.component in ("unet", "mmdit", "refiner", "controlled_unet", "controlnet"):
         meta["com.github.coreml-hub.attention"] = job.attention
     for key, value in (extra or {}).items():
         meta[key] = value
@@ -383,8 +399,6 @@ def describe(mlmodel: Any, job: Job, extra: dict[str, str] | None = None) -> Non
 
 def convert_component(job: Job, dest: Path) -> Path:
     """Convert `job.component` and save it as `dest` (.mlpackage), atomically."""
-    import shutil
-
     rng = np.random.default_rng(0)
     try:
         prepared = PREPARERS[job.component](job, rng)
@@ -397,6 +411,15 @@ def convert_component(job: Job, dest: Path) -> Path:
             f"Tracing {job.component} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
             hint="Run again with COREML_HUB_DEBUG=1 for the traceback.",
         ) from exc
+    return finish_conversion(job, prepared, dest)
+
+
+def finish_conversion(job: Job, prepared: Prepared, dest: Path, *, extra: dict[str, str] | None = None,
+                      author_id: str | None = None, short_description: str | None = None,
+                      descriptions: dict[str, str] | None = None) -> Path:
+    """coremltools conversion of a traced component, its descriptions, then an atomic save as `dest`."""
+    import shutil
+
     gc.collect()
     try:
         mlmodel = to_coreml(prepared)
@@ -412,7 +435,11 @@ def convert_component(job: Job, dest: Path) -> Path:
     if job.component.startswith("text_encoder"):
         shape = mlmodel.get_spec().description.output[0].type.multiArrayType.shape
         hidden = str(shape[1] if job.component == "text_encoder_t5" else shape[-1])  # T5: [1, C, 1, L]
-    describe(mlmodel, job, {"hidden_size": hidden} if hidden else None)
+    meta = dict(extra or {})
+    if hidden:
+        meta["hidden_size"] = hidden
+    describe(mlmodel, job, meta or None, author_id=author_id, short_description=short_description,
+             descriptions=descriptions)
     tmp = dest.with_name(f".partial-{dest.name}")
     if tmp.exists():
         shutil.rmtree(tmp)

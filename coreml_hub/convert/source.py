@@ -19,8 +19,12 @@ from ..errors import ConversionError, UnsupportedArchitecture
 PIPELINES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionInpaintPipeline": "sd",  # a 9-channel Unet: latents, mask, masked-image latents
+    "StableDiffusionControlNetPipeline": "sd",  # the base pipeline; its ControlNet comes with --controlnet
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
 }

@@ -22,6 +22,10 @@ returns numpy arrays in the types the model declares, PIL images for image outpu
 label and a probability dictionary for a classifier, like coremltools' `MLModel.predict`;
 `predict_torch` takes and returns torch tensors and leaves outputs on the device in the type
 they were computed in, for callers that chain models.
+
+The function runs through an `executor.FunctionRunner`: compiled once, or, for inputs with
+flexible dimensions, once per distinct input shape (kept in a small cache). A stateful
+function's state inputs are the `State`'s own tensors, which its state ops update in place.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from ..errors import InvalidBundle, ModelInputError, UnsupportedOperation
 from .features import ClassifierHead, array_to_image, check_array, prepare_inputs, strip_classifiers
 from .program import FLOAT_DTYPES, Function, Program, TensorType
 from .spec import FeatureDescription, Metadata, ModelSpec, choose_function, describe_function, is_compiled, read_spec
-from .state import State, lower_states
+from .state import State
 
 __all__ = ["DEVICES", "FeatureDescription", "Model", "State", "load_model", "read_program"]
 
@@ -147,7 +151,7 @@ class Model:
     ) -> None:
         import torch
 
-        from .executor import CompiledFunction, unsupported_ops
+        from .executor import FunctionRunner, unsupported_ops
         from .ops import Context
 
         self.path = Path(path)
@@ -161,7 +165,6 @@ class Model:
         self._inputs = {d.name: d for d in self.input_description}
 
         runnable, self._classifiers = strip_classifiers(function)
-        runnable, self._state_plan = lower_states(runnable)
         missing = unsupported_ops([runnable])
         if missing:
             total = sum(missing.values())
@@ -178,8 +181,8 @@ class Model:
         if compile is None:
             compile = os.environ.get("COREML_HUB_COMPILE", "") not in ("", "0")
         with torch.inference_mode():
-            self._fn = CompiledFunction(runnable, self.ctx, fuse=fuse, torch_compile=compile, model_name=self.path.name)
-        self._state_shapes = {v.name: v.type.wrapped for v in function.inputs if v.name in self._state_plan.names}
+            # compiles once, or once per distinct input shape for flexible inputs
+            self._fn = FunctionRunner(runnable, self.ctx, fuse=fuse, torch_compile=compile, model_name=self.path.name)
         self._heads = {name: head for head in self._classifiers
                        for name in (head.label_output, head.probabilities_output)}
 
@@ -235,25 +238,16 @@ class Model:
 
     @property
     def is_stateful(self) -> bool:
-        return bool(self._state_plan.names)
+        return bool(self._fn.states)
 
     # -- state -----------------------------------------------------------------------
 
     def make_state(self) -> State:
         """A new state for a stateful model (zeros), to pass as `predict(..., state=)`."""
-        import torch
-
         if not self.is_stateful:
             raise ModelInputError(f"{self.path.name} declares no state, so it has none to make.",
                                   hint="make_state() is for stateful models (iOS 18 state inputs).")
-        tensors = {}
-        for name in self._state_plan.names:
-            wrapped = self._state_shapes[name]
-            shape = wrapped.static_shape if isinstance(wrapped, TensorType) else None
-            if shape is None:
-                raise UnsupportedOperation(f"{self.path.name}: state {name!r} has no fixed shape")
-            tensors[name] = torch.zeros(shape, dtype=self.ctx.dtype(wrapped.dtype), device=self.device)
-        return State(self, self.state_description, tensors)
+        return State(self, self.state_description, self._fn.new_states())
 
     # -- prediction ------------------------------------------------------------------
 
@@ -269,7 +263,6 @@ class Model:
         # np.ascontiguousarray would turn a 0-d input into shape (1,)
         tensors = {name: torch.from_numpy(a if a.flags.c_contiguous else a.copy()) for name, a in arrays.items()}
         values = self._run(tensors, state)
-        written = {id(values[v]) for v in self._state_plan.written.values()}
         result: dict[str, Any] = {}
         for desc in self.output_description:
             head = self._heads.get(desc.name)
@@ -279,7 +272,7 @@ class Model:
             t = values[desc.name].detach()
             if t.dtype == torch.bfloat16:
                 t = t.float()
-            array = t.cpu().numpy().astype(desc.numpy_dtype, copy=id(values[desc.name]) in written)
+            array = t.cpu().numpy().astype(desc.numpy_dtype, copy=False)
             if desc.kind == "image" and desc.image is not None:
                 result[desc.name] = array_to_image(array, desc.image, desc.name)
             else:
@@ -316,14 +309,14 @@ class Model:
             raise ModelInputError(f"{self.path.name} declares no state; call predict without state=.")
         args = []
         for name, dtype in zip(self._fn.input_names, self._fn.input_dtypes):
-            t = states[name] if name in states else inputs[name]
+            if name in states:  # the state's own tensor: the program updates it in place
+                args.append(states[name])
+                continue
+            t = inputs[name]
             if not isinstance(t, torch.Tensor):
                 t = torch.as_tensor(np.asarray(t))
             args.append(t.to(device=self.device, dtype=dtype, non_blocking=True))
-        values = dict(zip(self._fn.output_names, self._fn(*args)))
-        if state is not None and self._state_plan.written:
-            state.update({name: values[var] for name, var in self._state_plan.written.items()})
-        return values
+        return dict(zip(self._fn.output_names, self._fn(*args)))
 
     def _check_tensors(self, inputs: Mapping[str, Any]) -> None:
         given, expected = set(inputs), set(self._inputs)

@@ -12,7 +12,11 @@ a plain function `Graph -> None` and is verified by running models with and with
 - `fuse_group_norm`: the converter's decomposed group norm (reshape to groups, mean,
   variance, normalize, reshape back [, · gamma + beta]) becomes `F.group_norm`.
 - `drop_zero_bias`: all-zero constant biases of linear/conv (the converter adds them).
-- `eliminate_dead_code`: ops nothing reads.
+- `eliminate_dead_code`: ops nothing reads (state writes are always kept).
+
+Passes rewrite the function's top-level ops; an op with nested blocks (`cond`,
+`while_loop`) counts as reading every outer variable its blocks read, and renames
+reach into its blocks.
 """
 
 from __future__ import annotations
@@ -22,10 +26,39 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .program import FLOAT_DTYPES, Function, Operation, TensorType, TensorValue, Value, ValueType, Var
+from .program import FLOAT_DTYPES, Block, Function, Operation, TensorType, TensorValue, Value, ValueType, Var
 
 ATTENTION = "coreml_hub.attention"
 GROUP_NORM = "coreml_hub.group_norm"
+# Ops that write a state input, with the input naming the state: run for their effect,
+# so never removed as dead code.
+STATE_WRITES = {"write_state": "input", "coreml_update_state": "state"}
+SIDE_EFFECTS = frozenset(STATE_WRITES)
+
+
+def reads(op: Operation) -> set[str]:
+    """Variables `op` reads: its inputs and what its nested blocks read from outside them."""
+    names = set(op.input_names())
+    for block in op.blocks:
+        names |= block_reads(block)
+    return names
+
+
+def block_reads(block: Block) -> set[str]:
+    """Variables a block reads that are defined outside it."""
+    defined = {v.name for v in block.inputs}
+    found: set[str] = set()
+    for op in block.operations:
+        found |= reads(op) - defined
+        defined.update(out.name for out in op.outputs)
+    found |= set(block.outputs) - defined
+    return found
+
+
+def _copy_op(op: Operation) -> Operation:
+    """A copy passes may rewrite without touching the program the op came from."""
+    return Operation(op.type, dict(op.inputs), op.outputs, op.attributes,
+                     tuple(Block([_copy_op(o) for o in b.operations], b.outputs, b.inputs) for b in op.blocks))
 
 
 @dataclass
@@ -45,10 +78,10 @@ class Graph:
         for op in fn.block.operations:
             for out in op.outputs:
                 types[out.name] = out.type
-            if op.type == "const":
+            if op.type in ("const", "_const_symbolic"):
                 consts[op.outputs[0].name] = op.attributes["val"]
             else:
-                ops.append(op)
+                ops.append(_copy_op(op))
         outputs = list(fn.block.outputs)
         return cls(list(fn.inputs), ops, list(outputs), list(outputs), consts, types)
 
@@ -60,7 +93,7 @@ class Graph:
     def consumers(self) -> dict[str, list[Operation]]:
         users: dict[str, list[Operation]] = {}
         for op in self.ops:
-            for name in set(op.input_names()):
+            for name in reads(op):
                 users.setdefault(name, []).append(op)
         return users
 
@@ -98,8 +131,14 @@ class Graph:
                 return tuple(fix(b) for b in binding)
             return resolve(binding) if isinstance(binding, str) else binding
 
-        for op in self.ops:
-            op.inputs = {k: fix(v) for k, v in op.inputs.items()}
+        def fix_ops(ops: list[Operation]) -> None:
+            for op in ops:
+                op.inputs = {k: fix(v) for k, v in op.inputs.items()}
+                for block in op.blocks:
+                    fix_ops(block.operations)
+                    block.outputs = tuple(resolve(n) for n in block.outputs)
+
+        fix_ops(self.ops)
         self.outputs = [resolve(n) for n in self.outputs]
 
 
@@ -177,11 +216,15 @@ def eliminate_dead_code(graph: Graph) -> None:
     live = set(graph.outputs)
     kept: list[Operation] = []
     for op in reversed(graph.ops):
-        if any(out.name in live for out in op.outputs):
+        if op.type in SIDE_EFFECTS or any(out.name in live for out in op.outputs) or _writes_state(op):
             kept.append(op)
-            live.update(op.input_names())
+            live.update(reads(op))
     graph.ops = list(reversed(kept))
     graph.consts = {k: v for k, v in graph.consts.items() if k in live}
+
+
+def _writes_state(op: Operation) -> bool:
+    return any(inner.type in SIDE_EFFECTS for block in op.blocks for inner in block.walk())
 
 
 # -- attention -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ from .program import (
     ListType,
     ListValue,
     Operation,
+    StateType,
     Program,
     StateType,
     TensorType,

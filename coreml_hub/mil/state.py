@@ -6,80 +6,20 @@ what they write persists into the next prediction made with the same state objec
 coremltools' `model.make_state()`, `predict(inputs, state=state)` and `MLState.read_state` /
 `write_state`. A new state holds zeros, as Core ML's does.
 
-Here the state is threaded through the program as plain values (`lower_states`): each state
-input becomes an ordinary tensor input, each `read_state` reads the state's current value,
-each write makes the written value the current one, and the function additionally returns
-the final value of every state it wrote. The model keeps those tensors in the `State` for
-the next call. So no kernel writes in place, and the compiled function stays a pure
-function of its inputs (which also keeps it friendly to torch.compile).
+The state ops run in place (`mil/ops/state.py`, and `executor.FunctionRunner`): each state
+input is the `State`'s own tensor, `read_state` reads it (a copy only where a later write
+would change a value still in use), and `write_state` / `coreml_update_state` copy the new
+value into it. Outputs that would alias a state tensor are copies.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from ..errors import ModelInputError, UnsupportedOperation
-from .program import Block, Function, Operation, StateType, Var
+from ..errors import ModelInputError
 from .spec import FeatureDescription
-
-STATE_OPS = frozenset({"read_state", "write_state", "coreml_update_state"})
-
-
-@dataclass(frozen=True)
-class StatePlan:
-    """What `lower_states` did: the state inputs, and which program value holds each written state."""
-
-    names: tuple[str, ...]
-    written: dict[str, str]  # state name -> program value returned as its new value
-
-
-def lower_states(fn: Function) -> tuple[Function, StatePlan]:
-    """`fn` with its state inputs and state ops turned into plain values (see the module docstring)."""
-    states = {v.name for v in fn.inputs if isinstance(v.type, StateType)}
-    if not states:
-        return fn, StatePlan((), {})
-    for op in fn.block.operations:
-        if op.blocks and any(inner.type in STATE_OPS for block in op.blocks for inner in block.walk()):
-            raise UnsupportedOperation(f"function {fn.name}: state ops inside control flow ({op.type}) are not supported")
-    current = {name: name for name in states}
-    ops: list[Operation] = []
-    for op in fn.block.operations:
-        if op.type == "read_state":
-            state = _state_arg(fn, op, ("input",), current)
-            ops.append(Operation("identity", {"x": current[state]}, op.outputs, _name_only(op)))
-        elif op.type == "coreml_update_state":
-            state = _state_arg(fn, op, ("state",), current)
-            ops.append(Operation("identity", {"x": op.inputs["value"]}, op.outputs, _name_only(op)))
-            current[state] = op.outputs[0].name
-        elif op.type == "write_state":
-            state = _state_arg(fn, op, ("state", "input"), current)
-            value = op.inputs.get("value", op.inputs.get("data"))
-            if not isinstance(value, str):
-                raise UnsupportedOperation(f"function {fn.name}: write_state of an immediate value is not supported")
-            current[state] = value
-        else:
-            ops.append(op)
-    written = {name: value for name, value in current.items() if value != name}
-    outputs = list(fn.block.outputs)
-    outputs += [value for value in dict.fromkeys(written.values()) if value not in outputs]
-    inputs = tuple(Var(v.name, v.type.wrapped) if isinstance(v.type, StateType) else v for v in fn.inputs)
-    lowered = replace(fn, inputs=inputs, block=Block(ops, tuple(outputs), fn.block.inputs))
-    return lowered, StatePlan(tuple(v.name for v in fn.inputs if v.name in states), written)
-
-
-def _state_arg(fn: Function, op: Operation, keys: tuple[str, ...], current: Mapping[str, str]) -> str:
-    for key in keys:
-        arg = op.inputs.get(key)
-        if isinstance(arg, str) and arg in current:
-            return arg
-    raise UnsupportedOperation(f"function {fn.name}: {op.type} op {op.name!r} does not name a state input")
-
-
-def _name_only(op: Operation) -> dict[str, Any]:
-    return {k: v for k, v in op.attributes.items() if k == "name"}
 
 
 class State:
@@ -145,7 +85,3 @@ class State:
             raise ModelInputError("This state was made by another model; pass the state of the model that predicts.",
                                   hint="Use model.make_state() of the same model.")
         return self._tensors
-
-    def update(self, values: Mapping[str, Any]) -> None:
-        for name, tensor in values.items():
-            self._tensors[name] = tensor

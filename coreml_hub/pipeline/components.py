@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import BackendUnavailable, CoremlHubError, InvalidBundle
-from ..layouts import COMPILED_NAMES, COMPONENTS
+from ..layouts import COMPILED_NAMES, component_of_stem
 
 BACKEND_CHOICES = ("auto", "torch", "coreml")
 TOKEN_INPUT_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_t5")
@@ -195,19 +195,12 @@ def free_memory(device: str = "cpu") -> None:
 
 # ---- finding bundles in a folder ---------------------------------------------------------
 
-_PACKAGE_SUFFIXES = sorted(COMPONENTS, key=len, reverse=True)
-
-
 def component_of(bundle: Path) -> str | None:
     """`TextEncoder.mlmodelc` / `..._text_encoder.mlpackage` / `unet.mlpackage` -> component name."""
     if bundle.suffix == ".mlmodelc":
         return COMPILED_NAMES.get(bundle.stem)
     if bundle.suffix == ".mlpackage":
-        stem = bundle.stem
-        for comp in _PACKAGE_SUFFIXES:
-            if stem == comp or stem.endswith("_" + comp):
-                return comp
-        return COMPILED_NAMES.get(stem)
+        return component_of_stem(bundle.stem)
     return None
 
 

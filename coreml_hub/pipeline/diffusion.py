@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ..errors import InvalidBundle, UnsupportedSize, UsageError
 from . import images as imaging
 from .components import Component, unet_names
+from .controlnet import controlled_unet_names
 from .rng import DEFAULT_RNG, NoiseSource, check_latent_dtype, make_noise
 from .schedulers import DEFAULT_SCHEDULER, make_scheduler
 from .tokenizer import ClipTokenizer
@@ -31,7 +32,7 @@ class Geometry:
     """Sizes read from the components."""
 
     unet_batch: int
-    latent_channels: int
+    latent_channels: int  # the VAE's latent channels (what is denoised)
     latent_height: int
     latent_width: int
     text_length: int
@@ -39,11 +40,18 @@ class Geometry:
     image_height: int
     image_width: int
     sdxl: bool
+    unet_channels: int = 4  # the Unet's sample channels: latent_channels, or 2 * latent_channels + 1 for inpainting
+    residuals: int = 0  # ControlNet residual inputs the Unet takes (a controlled Unet)
     latent_dtype: str = "float32"  # the dtype the denoiser takes its latents in
 
     @property
     def size(self) -> str:
         return f"{self.image_width}x{self.image_height}"
+
+    @property
+    def inpainting(self) -> bool:
+        """A 9-channel inpainting Unet: latents, then the mask, then the masked image's latents."""
+        return self.unet_channels == 2 * self.latent_channels + 1
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,7 @@ class StableDiffusion:
         self.components = components
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
-        self.unet_parts = [components[n] for n in unet_names(components)]
+        self.unet_parts = [components[n] for n in unet_names(components) or controlled_unet_names(components)]
         if not self.unet_parts:
             raise InvalidBundle("The variant has no Unet (neither Unet nor UnetChunk1 + UnetChunk2).")
         for required in ("text_encoder", "vae_decoder"):
@@ -140,6 +148,10 @@ class StableDiffusion:
             raise UnsupportedSize(f"The Unet takes a batch of {batch}; only 1 or 2 are supported.")
         decoder = self.components["vae_decoder"]
         z = decoder.input_shape(next(iter(decoder.inputs)))
+        latent_channels = z[1] if len(z) == 4 and z[1] > 0 else channels
+        if channels not in (latent_channels, 2 * latent_channels + 1):
+            raise UnsupportedSize(f"The Unet takes {channels}-channel samples but the VAE makes {latent_channels}-channel "
+                                  "latents.", hint="The components come from different conversions; re-pull the variant.")
         if tuple(z[-2:]) != (lh, lw):
             raise UnsupportedSize(f"The VAE decoder takes {z[-2]}x{z[-1]} latents but the Unet makes {lh}x{lw}.",
                                   hint="The components come from different conversions; re-pull the variant.")
@@ -154,9 +166,11 @@ class StableDiffusion:
                                       hint="Run `coreml-hub verify` on the variant.")
         else:
             ih, iw = lh * 8, lw * 8
-        return Geometry(unet_batch=batch, latent_channels=channels, latent_height=lh, latent_width=lw,
+        return Geometry(unet_batch=batch, latent_channels=latent_channels, latent_height=lh, latent_width=lw,
                         text_length=hidden[3], hidden_size=hidden[1], image_height=ih, image_width=iw,
-                        sdxl="time_ids" in specs and "text_embeds" in specs, latent_dtype=specs["sample"].dtype)
+                        sdxl="time_ids" in specs and "text_embeds" in specs, unet_channels=channels,
+                        residuals=sum(1 for n in specs if n.startswith("additional_residual_")),
+                        latent_dtype=specs["sample"].dtype)
 
     # ---- text -------------------------------------------------------------------------
     def _encode_one(self, encoder: Component, tokenizer: ClipTokenizer, text: str) -> tuple[Any, Any]:
@@ -207,22 +221,33 @@ class StableDiffusion:
             values.update(out)
         return _first_output(out, (self.prediction_output,), rank=4)
 
-    def predict_noise(self, sample: Any, t: Any, cond: Conditioning, which: tuple[int, ...]) -> Any:
-        """Noise predictions for `sample` under each conditioning index in `which`, batched as the Unet takes."""
+    def predict_noise(self, sample: Any, t: Any, cond: Conditioning, which: tuple[int, ...], *,
+                      extra: Any = None, control: list[tuple[Any, Any, float]] | None = None) -> Any:
+        """Noise predictions for `sample` under each conditioning index in `which`, batched as the Unet takes.
+
+        `extra` ([1, C, h, w]) is concatenated to the sample on channels (an inpainting Unet's mask and
+        masked-image latents); `control` holds (ControlNet, control image, scale) for a controlled Unet.
+        """
         import torch
+
+        from .controlnet import residuals
 
         batch = self.geometry.unet_batch
         preds = []
         for start in range(0, len(which), batch):
             group = list(which[start:start + batch])
             padded = group + [group[-1]] * (batch - len(group))
+            latents = torch.cat([sample] * batch)
             feed: dict[str, Any] = {
-                self.sample_input: torch.cat([sample] * batch),
+                self.sample_input: latents if extra is None else torch.cat([latents, torch.cat([extra] * batch)], dim=1),
                 "timestep": torch.full((batch,), float(t), dtype=torch.float32, device=sample.device),
                 self.context_input: torch.cat([cond.hidden[i] for i in padded]),
             }
             for key in cond.extras[1]:
                 feed[key] = torch.cat([cond.extras[i][key] for i in padded])
+            if self.geometry.residuals:
+                feed.update(residuals(control or [], self.unet_inputs(), latents, feed["timestep"],
+                                      feed["encoder_hidden_states"], feed))
             preds.append(self._unet_call(feed)[: len(group)])
         return torch.cat(preds)
 
@@ -259,8 +284,12 @@ class StableDiffusion:
                  seed: int = 0, scheduler: str | None = None, init_image: Any = None, strength: float = 0.75,
                  conditioning: Conditioning | None = None, on_step: StepCallback | None = None,
                  progress: bool = False, desc: str = "Generating", check_safety: bool = True,
-                 latents: Any = None, rng: str = DEFAULT_RNG, noise: NoiseSource | None = None) -> Generated:
-        """Make one image. `init_image` (PIL, model size) switches to image-to-image.
+                 latents: Any = None, rng: str = DEFAULT_RNG, noise: NoiseSource | None = None, mask: Any = None,
+                 control: list[tuple[Any, Any, float]] | None = None) -> Generated:
+        """Make one image. `init_image` (PIL, model size) switches to image-to-image; with `mask` (float
+        [H, W], 1 = repaint) to inpainting, as diffusers' StableDiffusionInpaintPipeline does it: a 9-channel
+        Unet sees the mask and the masked image's latents, a 4-channel Unet's latents are pasted back
+        outside the mask after every step. `control`: (ControlNet, control image [1, 3, H, W], scale).
 
         The initial noise comes from `noise` when given (a source shared by several images),
         else from a fresh `rng` source seeded with `seed`; `latents` overrides the draw.
@@ -270,6 +299,17 @@ class StableDiffusion:
         if steps < 1:
             raise UsageError("--steps must be at least 1.")
         g = self.geometry
+        if g.inpainting and mask is None:
+            raise UsageError("This model's Unet is an inpainting Unet: it needs --image and --mask.",
+                             hint="Pass the image to repaint with --image and a mask (white = repaint) with --mask.")
+        if mask is not None and init_image is None:
+            raise UsageError("--mask needs --image: the image whose masked part is repainted.")
+        if control and not g.residuals:
+            raise InvalidBundle("This model's Unet takes no ControlNet residuals.",
+                                hint="Use a variant with a ControlledUnet (converted with --controlnet).")
+        if self.refiner is not None and (control or mask is not None):
+            raise UsageError("A refiner does not run with ControlNets or a mask.",
+                             hint="Load the pipeline without its refiner (--no-refiner).")
         cond = conditioning or self.condition(prompt, negative_prompt)
         scheduler = scheduler or self.default_scheduler
         sched = make_scheduler(scheduler, self.scheduler_config)
@@ -280,12 +320,10 @@ class StableDiffusion:
         generator = noise.step_generator
         shape = (1, g.latent_channels, g.latent_height, g.latent_width)
         timesteps = sched.timesteps
+        extra = blend = None
         if init_image is not None:
             if not 0.0 < strength <= 1.0:
                 raise UsageError(f"--strength must be in (0, 1], got {strength}.")
-            pixels = imaging.image_to_tensor(init_image)
-            first = noise.latents(shape) if noise.noise_first else None  # the Swift order: noise, then sample
-            init = self.encode_image(pixels, noise)
             t_start = self.img2img_start(steps, strength)
             timesteps = sched.timesteps[t_start * sched.order:]
             if len(timesteps) == 0:
@@ -293,8 +331,14 @@ class StableDiffusion:
                                  hint="Raise --strength or --steps.")
             if hasattr(sched, "set_begin_index"):
                 sched.set_begin_index(t_start * sched.order)
-            added = (first if first is not None else noise.latents(tuple(init.shape))).to(init.device)
-            current = self.noised(sched, init, added, timesteps[:1])
+            pixels = imaging.image_to_tensor(init_image)
+            if mask is None:
+                first = noise.latents(shape) if noise.noise_first else None  # the Swift order: noise, then sample
+                init = self.encode_image(pixels, noise)
+                added = (first if first is not None else noise.latents(tuple(init.shape))).to(init.device)
+                current = self.noised(sched, init, added, timesteps[:1])
+            else:
+                current, extra, blend = self._inpaint_start(pixels, mask, noise, sched, timesteps, strength)
         else:
             sigma = getattr(sched, "init_noise_sigma", 1.0)  # flow matching starts from plain noise
             if latents is not None:
@@ -308,7 +352,7 @@ class StableDiffusion:
                                           on_step=on_step, progress=progress, desc=desc)
         else:
             current = self.denoise(sched, timesteps, current, cond, guidance_scale, generator, on_step=on_step,
-                                   progress=progress, desc=desc)
+                                   progress=progress, desc=desc, extra=extra, control=control, blend=blend)
         image = self.decode(current)
         flagged = False
         if check_safety and "safety_checker" in self.components:
@@ -321,10 +365,13 @@ class StableDiffusion:
 
     def denoise(self, sched: Any, timesteps: Any, current: Any, cond: Conditioning, guidance_scale: float,
                 generator: Any, *, on_step: StepCallback | None = None, progress: bool = False,
-                desc: str = "Generating", done: int = 0, total: int | None = None) -> Any:
+                desc: str = "Generating", done: int = 0, total: int | None = None, extra: Any = None,
+                control: list[tuple[Any, Any, float]] | None = None, blend: tuple[Any, Any, Any] | None = None) -> Any:
         """Step `current` through `timesteps` with this pipeline's denoiser; returns the last latents.
 
         `done` steps of `total` were run before (by another denoiser), for the progress callback.
+        `extra`, `control`: see `predict_noise`; `blend` (init latents, noise, latent mask): a 4-channel
+        Unet inpaints by keeping the init image's latents, noised to the next step, outside the mask.
         """
         from tqdm import tqdm
 
@@ -340,17 +387,57 @@ class StableDiffusion:
                    dynamic_ncols=True, leave=False)
         scale_input = getattr(sched, "scale_model_input", None)  # flow matching has none
         try:
-            for i, t in enumerate(timesteps, start=done):
+            for j, t in enumerate(timesteps):
+                i = done + j
                 model_in = scale_input(current, t) if scale_input is not None else current
                 if guided:
-                    uncond, text = self.predict_noise(model_in, t, cond, (0, 1)).chunk(2)
+                    uncond, text = self.predict_noise(model_in, t, cond, (0, 1), extra=extra,
+                                                      control=control).chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
                 else:
-                    noise_pred = self.predict_noise(model_in, t, cond, (1,))
+                    noise_pred = self.predict_noise(model_in, t, cond, (1,), extra=extra, control=control)
                 current = sched.step(noise_pred, t, current, **step_kwargs).prev_sample
+                if blend is not None:  # a 4-channel Unet inpaints by keeping the unmasked latents
+                    image_latents, noise, mask_latent = blend
+                    proper = image_latents
+                    if j < len(timesteps) - 1:
+                        proper = self.noised(sched, image_latents, noise, timesteps[j + 1:j + 2])
+                    current = (1 - mask_latent) * proper + mask_latent * current
                 bar.update(1)
                 if on_step is not None:
                     on_step(i + 1, total, current)
         finally:
             bar.close()
         return current
+
+    def _inpaint_start(self, image: Any, mask: Any, noise_source: NoiseSource, sched: Any, timesteps: Any,
+                       strength: float) -> tuple[Any, Any, Any]:
+        """Initial latents, the 9-channel Unet's extra inputs, and what a 4-channel Unet blends with.
+
+        The random draws come in diffusers' order: the init image's latents (when they are needed),
+        the noise, then the masked image's latents (whose draw a 4-channel Unet takes without using it).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        g = self.geometry
+        mask_t = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+        strength_max = strength == 1.0
+        image_latents = None
+        if not g.inpainting or not strength_max:
+            image_latents = self.encode_image(image, noise_source)
+        shape = (1, g.latent_channels, g.latent_height, g.latent_width)
+        noise = noise_source.latents(shape)
+        device = self.unet_parts[0].device
+        noise = noise.to(image_latents.device if image_latents is not None else device)
+        if strength_max:
+            current = noise * sched.init_noise_sigma
+        else:
+            current = self.noised(sched, image_latents, noise, timesteps[:1])
+        mask_latent = F.interpolate(mask_t, size=(g.latent_height, g.latent_width)).to(current.device)
+        if g.inpainting:
+            masked = image * (mask_t < 0.5)
+            masked_latents = self.encode_image(masked, noise_source).to(current.device)
+            return current, torch.cat([mask_latent, masked_latents], dim=1), None
+        noise_source.latents(shape)  # the masked image's draw
+        return current, None, (image_latents.to(current.device), noise.to(current.device), mask_latent)

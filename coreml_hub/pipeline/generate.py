@@ -102,6 +102,8 @@ class LoadedPipeline:
     backend: str
     device: str | None
     load_seconds: float
+    controlnets: tuple[Any, ...] = ()  # loaded ControlNet components, in the order asked
+    controlnet_paths: tuple[Path, ...] = ()  # their bundles
 
 
 def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | None = "auto",
@@ -109,7 +111,8 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
                   progress: bool = False, prediction_type: str | None = None, t5: bool = True,
                   shift: float | None = None, refiner: bool = True, refiner_model: ResolvedModel | None = None,
                   refiner_start: float = DEFAULT_REFINER_START, on_message: Notify | None = None,
-                  reduce_memory: bool = False, dtype: str | None = None) -> LoadedPipeline:
+                  controlnets: tuple[Path, ...] = (), reduce_memory: bool = False,
+                  dtype: str | None = None) -> LoadedPipeline:
     """Load the components a run needs (the VAE encoder only for image-to-image).
 
     `reduce_memory` (the Swift CLI's --reduce-memory) loads each component when the run needs it
@@ -123,8 +126,11 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     SD3 variants (a MultiModalDiffusionTransformer): `t5=False` leaves TextEncoderT5 out (zeros in
     its place), `shift` overrides the flow-matching shift. SDXL: the variant's refiner (or
     `refiner_model`'s) takes over at `refiner_start` of the schedule unless `refiner=False`.
+    `controlnets` (bundle paths) are loaded after the Unet that takes their residuals; without them the
+    plain Unet is used, or the controlled one with zero residuals when the variant has no other.
     """
     from ..errors import InvalidBundle
+    from .controlnet import controlled_unet_names
 
     chosen = select_backend(backend)
     if compute_unit is not None and not getattr(chosen, "compute_units", None) and on_message is not None:
@@ -151,8 +157,12 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     if shift is not None:
         raise UsageError("--shift sets SD3's flow-matching schedule; this model is not SD3.", hint="Drop --shift.")
     unet = unet_names(found)
+    if controlnets or not unet:
+        unet = controlled_unet_names(found) or (() if controlnets else unet)
     if not unet:
-        raise InvalidBundle(f"{model.path} has no Unet (neither Unet nor both UnetChunk1 and UnetChunk2).",
+        what = "a Unet that takes ControlNet residuals (ControlledUnet)" if controlnets else \
+            "a Unet (neither Unet nor both UnetChunk1 and UnetChunk2)"
+        raise InvalidBundle(f"{model.path} has no {what}.",
                             hint="Re-pull the variant, or run `coreml-hub verify` on the folder.")
     names = ["text_encoder", *unet, "vae_decoder"]
     if "text_encoder_2" in found:
@@ -169,10 +179,16 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
     tokenizers = [load_tokenizer(model.path, 1, also=beside)]
     if "text_encoder_2" in names:
         tokenizers.append(load_tokenizer(model.path, 2, default_pad="!", also=beside))
+    paths = dict(found)
+    for i, path in enumerate(controlnets):
+        paths[f"controlnet:{i}"] = Path(path)
+        names.append(f"controlnet:{i}")
     with _mend_hint(model):
-        loaded = load_components(found, names, chosen, device=device, compute_unit=compute_unit, progress=progress,
-                                 reduce_memory=reduce_memory, dtype=dtype)
+        # ControlNets run beside the Unet at every step: on demand they would reload each step
+        loaded = load_components(paths, names, chosen, device=device, compute_unit=compute_unit, progress=progress,
+                                 reduce_memory=reduce_memory and not controlnets, dtype=dtype)
     config = scheduler_config(model.path, prediction_type=prediction_type, also=beside)
+    nets = tuple(loaded.components.pop(f"controlnet:{i}") for i in range(len(controlnets)))
     pipe = StableDiffusion(loaded.components, tokenizers, config)
     seconds = loaded.seconds
     if refiner:
@@ -180,7 +196,7 @@ def load_pipeline(model: ResolvedModel, *, backend: str = "auto", device: str | 
 
         seconds += attach_refiner(pipe, found, chosen, refiner_model=refiner_model, start=refiner_start,
                                   device=device, compute_unit=compute_unit, progress=progress)
-    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, seconds)
+    return LoadedPipeline(pipe, model, loaded.backend, loaded.device, seconds, nets, tuple(Path(p) for p in controlnets))
 
 
 @contextlib.contextmanager
@@ -229,7 +245,7 @@ def _validate(steps: int, guidance_scale: float, num_images: int, strength: floa
 
 def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps: int = 25,
              guidance_scale: float = 7.5, seed: int | None = None, scheduler: str | None = None,
-             image: str | Path | None = None, strength: float = 0.75, num_images: int = 1,
+             image: str | Path | None = None, strength: float | None = None, num_images: int = 1,
              output_dir: str | Path | None = None, backend: str = "auto", device: str | None = "auto",
              compute_unit: str | None = None, disable_safety: bool = False, save_every: int | None = None,
              pull: bool = True, progress: bool = False, on_message: Notify | None = None,
@@ -237,7 +253,9 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
              seed_mode: str = DEFAULT_SEED_MODE, t5: bool = True, shift: float | None = None,
              refiner: str | Path | bool = True, refiner_start: float = DEFAULT_REFINER_START,
              loaded: LoadedPipeline | None = None, on_step: StepHook | None = None, chunked: bool | None = None,
-             fit: str | None = None, started: float | None = None, reduce_memory: bool = False,
+             fit: str | None = None, started: float | None = None, mask: str | Path | None = None,
+             controlnets: tuple[str, ...] | list[str] = (), control_images: tuple[str | Path, ...] | list[Any] = (),
+             control_scales: tuple[float, ...] | list[float] = (), reduce_memory: bool = False,
              dtype: str | None = None) -> RunResult:
     """Generate `num_images` images from `prompt` with `model` and save them as PNGs.
 
@@ -251,10 +269,17 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     variant's refiner when it has one), False (none), or a MODEL[:VARIANT]/folder holding one;
     it takes over at `refiner_start` of the schedule.
     `chunked` picks a pulled model's Unet form (the two chunks, or the full Unet) when both are pulled.
-    `fit` (crop, pad, stretch) makes an init image of another aspect ratio fit; without it such an
-    image is refused before any model loads.
+    `fit` (crop, pad, stretch) makes an init image of another aspect ratio fit (and its mask alike);
+    without it such an image is refused before any model loads.
+    `mask` (with `image`; white = repaint) inpaints; `strength` defaults to 0.75 for image-to-image and
+    1.0 for inpainting, as in diffusers. `controlnets` (names of the variant's ControlNets, or bundle
+    paths) pair in order with `control_images` and `control_scales` (default 1); with a mask, a
+    ControlNet without an image gets the init image with the masked pixels punched out (-1), the
+    input of inpaint ControlNets. Every input is checked before a model loads. Neither runs with a
+    refiner: a variant's own refiner is left out, and one named with `refiner` is refused.
     `loaded` is a pipeline already in memory (from `load_pipeline`): `model` and the load options
-    are then not used. `on_step` is called after every denoising step; an exception it raises
+    are then not used, and the ControlNets asked for must be those it was loaded with. `on_step` is
+    called after every denoising step; an exception it raises
     stops the run there and propagates (how a caller cancels; no file of that image is written).
     `started` (a `time.perf_counter()` value) is when the caller began, for `wall_seconds`; by
     default, this call. `reduce_memory` loads each component when needed and releases it after
@@ -262,14 +287,32 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     result reports the process's peak memory.
     """
     from .. import paths
+    from . import controlnet as cn
+    from .inpaint import check_same_aspect, mask_array, open_mask
     from .sd3 import StableDiffusion3, check_scheduler
 
     started = time.perf_counter() if started is None else started
+    if strength is None:
+        strength = 1.0 if mask is not None else 0.75
     _validate(steps, guidance_scale, num_images, strength, save_every, scheduler, backend, prediction_type,
               rng, seed_mode, seed)
     check_refiner_start(refiner_start)
+    requests = cn.pair_requests(controlnets, control_images, control_scales)
+    if mask is not None and image is None:
+        raise UsageError("--mask needs --image: the image whose masked part is repainted.")
+    for request in requests:
+        if request.image is None and mask is None:
+            raise UsageError(f"--controlnet {request.controlnet} has no --control-image.",
+                             hint="Give one --control-image per --controlnet, in the same order.")
+    if (requests or mask is not None) and not isinstance(refiner, bool):
+        raise UsageError("A refiner does not run with ControlNets or a mask.",
+                         hint="Drop --refiner, or the ControlNets and the mask.")
     say = on_message or (lambda _msg: None)
     init = imaging.open_init_image(image) if image is not None else None
+    mask_image = open_mask(mask) if mask is not None else None
+    if init is not None and mask_image is not None:
+        check_same_aspect(init, mask_image)
+    pictures = [cn.open_control_image(r.image) if r.image is not None else None for r in requests]
     warm = loaded is not None
     if loaded is None:
         resolved = model if isinstance(model, ResolvedModel) else resolve_model(
@@ -278,15 +321,22 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
             size = _image_size(resolved.path)
             if size is not None:
                 imaging.check_aspect(init.size, *size, fit)
+        cn_paths = resolve_controlnets(resolved, requests, pull=pull, progress=progress, on_message=say)
         refiner_model = None
         if not isinstance(refiner, bool):
             refiner_model = refiner if isinstance(refiner, ResolvedModel) else resolve_model(
                 str(refiner), pull=pull, progress=progress, on_message=say)
         loaded = load_pipeline(resolved, backend=backend, device=device, compute_unit=compute_unit,
                                img2img=init is not None, safety=not disable_safety, progress=progress,
-                               prediction_type=prediction_type, t5=t5, shift=shift, refiner=refiner is not False,
+                               prediction_type=prediction_type, t5=t5, shift=shift,
+                               refiner=refiner is not False and not requests and mask is None,
                                refiner_model=refiner_model, refiner_start=refiner_start, on_message=say,
-                               reduce_memory=reduce_memory, dtype=dtype)
+                               controlnets=tuple(cn_paths), reduce_memory=reduce_memory, dtype=dtype)
+    else:
+        cn_paths = resolve_controlnets(loaded.model, requests, pull=False)
+        if tuple(cn_paths) != loaded.controlnet_paths:
+            raise UsageError("The pipeline in memory was loaded with other ControlNets than the ones asked for.",
+                             hint="Load it with `load_pipeline(..., controlnets=...)` for these ControlNets.")
     resolved = loaded.model
     load_seconds = 0.0 if warm else loaded.load_seconds
     pipe = loaded.pipeline
@@ -311,6 +361,21 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
         if resized:
             how = {"crop": "Cropped", "pad": "Padded", "stretch": "Stretched"}.get(fit or "", "Resized")
             say(f"{how} the init image from {before} to {g.size}, the model's size.")
+    if mask_image is not None and fit is not None:  # the mask frames the init image: fit it alike
+        mask_image = imaging.fit_init_image(mask_image.convert("RGB"), g.image_width, g.image_height, fit)[0]
+        mask_image = mask_image.convert("L")
+    mask_arr = mask_array(mask_image, g.image_width, g.image_height) if mask_image is not None else None
+    controls, control_records = [], []
+    for request, picture, component, path in zip(requests, pictures, loaded.controlnets, cn_paths):
+        if picture is None:
+            tensor = cn.inpaint_control_tensor(init, mask_arr)
+            source, digest = "init image, masked pixels -1", ""
+        else:
+            tensor = cn.control_tensor(picture, g.image_width, g.image_height)
+            source, digest = str(request.image), cn.sha256_file(request.image)
+        controls.append((component, tensor, request.scale))
+        control_records.append({"controlnet": path.stem.removeprefix("ControlNet_"), "image": source,
+                                "image_sha256": digest, "scale": request.scale})
     folder = Path(output_dir) if output_dir is not None else paths.outputs_dir()
     base_seed = secrets.randbelow(2**32 - num_images) if seed is None else int(seed)  # every source takes it
     if seed is None:
@@ -331,11 +396,13 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
             backend=loaded.backend, prediction_type=None if sd3 else pipe.scheduler_config.get("prediction_type"),
             strength=strength if init is not None else None, init_image=str(image) if image is not None else None,
             rng=rng, seed_mode=seed_mode if stream is not None else None,
-            image_index=index if stream is not None else None, extra=dict(extra))
+            image_index=index if stream is not None else None, extra=dict(extra),
+            mask_image=str(mask) if mask is not None else None, controlnets=tuple(control_records))
         report = None if on_step is None else functools.partial(_report_step, on_step, pipe, index, num_images,
                                                                 meta.seed)
         saved.append(_make_image(pipe, meta, cond, init, folder, save_every, progress,
-                                 f"Image {index + 1}/{num_images}", not disable_safety, say, stream, report))
+                                 f"Image {index + 1}/{num_images}", not disable_safety, say, stream, report,
+                                 mask=mask_arr, control=controls))
     elapsed = time.perf_counter() - start
     wall = time.perf_counter() - started
     from .memory import peak_memory
@@ -363,6 +430,64 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
+def resolve_controlnets(model: ResolvedModel, requests: list[Any], *, pull: bool = True, progress: bool = False,
+                        on_message: Notify | None = None) -> list[Path]:
+    """The bundle of each requested ControlNet, checked against the variant's Unet from the bundles'
+    descriptions (nothing is loaded): a Unet with residual inputs, the same base, sizes and residuals.
+    A name the variant lacks is pulled into its store entry when the model came from the store."""
+    from ..errors import InvalidBundle
+    from . import controlnet as cn
+
+    if not requests:
+        return []
+    found = find_components(model.path)
+    controlled = cn.controlled_unet_names(found)
+    if not controlled:
+        raise InvalidBundle(f"{model.name}{f':{model.variant}' if model.variant else ''} has no Unet that takes "
+                            "ControlNet residuals (no ControlledUnet), so it cannot run a ControlNet.",
+                            hint=_controlled_variant_hint(model))
+    from ..controlnets import pull_controlnets, split_request
+
+    paths: list[Path] = []
+    for request in requests:
+        _, name = split_request(request.controlnet, model.repo or "")  # REPO:NAME is NAME once pulled
+        path = cn.resolve_controlnet(model.path, request.controlnet) or cn.resolve_controlnet(model.path, name)
+        if path is None and pull and model.repo:
+            if on_message:
+                on_message(f"ControlNet {request.controlnet} is not pulled yet; pulling it.")
+            path = pull_controlnets(model.path, [request.controlnet], progress=progress)[0].path
+        if path is None:
+            have = ", ".join(sorted(cn.find_controlnets(model.path))) or "none"
+            raise InvalidBundle(f"No ControlNet {request.controlnet!r} in {model.path} (it has: {have}).",
+                                hint=f"Pull one with `coreml-hub pull {model.repo or 'MODEL'} --controlnet NAME`, or "
+                                     "pass the path of a ControlNet bundle.")
+        paths.append(path)
+    unet = cn.unet_io([found[n] for n in controlled])
+    decoder = cn.bundle_io(found["vae_decoder"]) if "vae_decoder" in found else None
+    image = decoder.outputs.get("image") if decoder else None
+    sample = unet.inputs.get("sample", (0, 0, 0, 0))
+    height, width = (image[2], image[3]) if image and len(image) == 4 else (sample[2] * 8, sample[3] * 8)
+    for request, path in zip(requests, paths):
+        cn.check_controlnet(cn.bundle_io(path), unet, (width, height), request.controlnet)
+    return paths
+
+
+def _controlled_variant_hint(model: ResolvedModel) -> str:
+    """Name a variant of the same repo whose Unet takes ControlNet residuals, when one is known."""
+    if model.repo:
+        try:
+            from ..hub import repo_variants
+
+            _, variants = repo_variants(model.repo, model.revision)
+            with_cn = [v.id for v in variants if "controlnet" in v.components and v.id != model.variant]
+            if with_cn:
+                return f"Use a variant that has one: `coreml-hub run {model.repo}:{with_cn[0]} ...`."
+        except Exception:  # offline or unreachable: the generic hint below
+            pass
+    return ("Use a variant converted for ControlNets (a ControlledUnet; `+cn` in its id), or convert one with "
+            "`coreml-hub convert SRC -o OUT --controlnet CN_SRC`.")
+
+
 def _report_step(hook: StepHook, pipe: StableDiffusion, index: int, count: int, seed: int, step: int, total: int,
                  latents: Any) -> None:
     hook(StepProgress(index, count, seed, step, total, lambda: imaging.unit_to_pil(pipe.decode(latents))))
@@ -379,8 +504,8 @@ def _image_size(variant: Path) -> tuple[int, int] | None:
 
 def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any, folder: Path,
                 save_every: int | None, progress: bool, desc: str, check_safety: bool, say: Notify,
-                stream: NoiseSource | None = None,
-                report: Callable[[int, int, Any], None] | None = None) -> SavedImage:
+                stream: NoiseSource | None = None, report: Callable[[int, int, Any], None] | None = None,
+                mask: Any = None, control: list[Any] | None = None) -> SavedImage:
     """Denoise one image (saving intermediate decodes when asked), then write its PNG."""
     stem = f"{slug(meta.prompt)}-{meta.seed}" + (f"-{meta.image_index}" if meta.image_index else "")
     intermediates: list[Path] = []
@@ -397,7 +522,7 @@ def _make_image(pipe: StableDiffusion, meta: ImageMetadata, cond: Any, init: Any
                            guidance_scale=meta.guidance_scale, seed=meta.seed, scheduler=meta.scheduler,
                            init_image=init, strength=meta.strength or 0.0, conditioning=cond, on_step=on_step,
                            progress=progress, desc=desc, check_safety=check_safety, rng=meta.rng or DEFAULT_RNG,
-                           noise=stream)
+                           noise=stream, mask=mask, control=control)
     if result.flagged:
         say(f"Warning: the safety checker flagged the image with seed {meta.seed}; it was replaced by a black "
             "image. Use --disable-safety to keep such images.")

@@ -7,12 +7,13 @@ Metadata follows the `parameters` text chunk that image tools read (prompt, then
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Mapping
 
 from .schedulers import SAMPLER_NAMES
 
@@ -39,6 +40,9 @@ class ImageMetadata:
     init_image: str | None = None
     step: int | None = None  # intermediate decodes only
     prediction_type: str | None = None  # from the model's scheduler config or --prediction-type
+    mask_image: str | None = None  # inpainting only
+    # one per ControlNet, in order: {"controlnet", "image", "image_sha256", "scale"}
+    controlnets: tuple[dict[str, Any], ...] = ()
     rng: str | None = None  # the noise source (torch, numpy, nvidia)
     seed_mode: str | None = None  # "stream": image `image_index` of one stream seeded with `seed`
     image_index: int | None = None
@@ -67,6 +71,12 @@ class ImageMetadata:
             pairs.append(("Model hash", self.revision[:10]))
         if self.strength is not None:
             pairs.append(("Denoising strength", _num(self.strength)))
+        if self.mask_image is not None:
+            pairs.append(("Inpaint", "mask"))
+        for i, unit in enumerate(self.controlnets):
+            digest = unit.get("image_sha256") or ""
+            pairs.append((f"ControlNet {i}", f"Model: {unit['controlnet']}, Weight: {_num(unit['scale'])}"
+                                             + (f", Image hash: {digest[:10]}" if digest else ", Image: inpaint mask")))
         if self.backend:
             pairs.append(("Backend", self.backend))
         if self.step is not None:
@@ -97,6 +107,10 @@ class ImageMetadata:
             data["step"] = self.step
         if self.prediction_type is not None:
             data["prediction_type"] = self.prediction_type
+        if self.mask_image is not None:
+            data["mask_image"] = self.mask_image
+        if self.controlnets:
+            data["controlnets"] = [dict(unit) for unit in self.controlnets]
         if self.rng is not None:
             data["rng"] = self.rng
         if self.seed_mode is not None:
@@ -110,7 +124,7 @@ class ImageMetadata:
         chunks = {"parameters": self.parameters_text(), "Software": SOFTWARE}
         for key, value in self.to_dict().items():
             if value is not None:
-                chunks[key] = str(value)
+                chunks[key] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         return chunks
 
 
@@ -201,35 +215,44 @@ def slug(text: str, limit: int = 40) -> str:
     return (words[:limit].rstrip("-")) or "image"
 
 
-def save_png(image: Any, folder: Path, stem: str, metadata: ImageMetadata) -> Path:
+def save_png(image: Any, folder: Path, stem: str, metadata: ImageMetadata | Mapping[str, str] | None = None) -> Path:
     """Write `image` (PIL) as `folder/stem.png`, or `stem-1.png`, ...: never overwrites.
 
-    The data goes to a hidden temp file first; the final name appears only when the file
-    is complete (hard link, which fails if the name exists), so an interruption never
-    leaves a partial PNG under a real name.
+    `metadata`: the settings an image was made with, or plain text chunks.
     """
     from PIL.PngImagePlugin import PngInfo
 
-    folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
-    for key, value in metadata.text_chunks().items():
+    chunks = metadata.text_chunks() if isinstance(metadata, ImageMetadata) else dict(metadata or {})
+    for key, value in chunks.items():
         info.add_text(key, value)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=".png.part", dir=folder)
+    return save_file(folder, stem, ".png", lambda fh: image.save(fh, format="PNG", pnginfo=info))
+
+
+def save_file(folder: Path, stem: str, suffix: str, write: Callable[[BinaryIO], None]) -> Path:
+    """Write `folder/<stem><suffix>` (or `<stem>-1<suffix>`, ...) with `write(fh)`: never overwrites.
+
+    The data goes to a hidden temp file first; the final name appears only when the file
+    is complete (hard link, which fails if the name exists), so an interruption never
+    leaves a partial file under a real name.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{suffix}.part", dir=folder)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format="PNG", pnginfo=info)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would carry over to the published name
-        return _publish(tmp, folder, stem)
+        return _publish(tmp, folder, stem, suffix)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _publish(tmp: Path, folder: Path, stem: str) -> Path:
+def _publish(tmp: Path, folder: Path, stem: str, suffix: str = ".png") -> Path:
     for n in range(0, 100_000):
-        target = folder / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
+        target = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
         try:
             os.link(tmp, target)
             return target
@@ -249,4 +272,4 @@ def _publish(tmp: Path, folder: Path, stem: str) -> Path:
                 target.unlink(missing_ok=True)
                 raise
             return target
-    raise FileExistsError(f"Could not find a free file name for {stem} in {folder}")
+    raise FileExistsError(f"Could not find a free file name for {stem}{suffix} in {folder}")

@@ -60,18 +60,25 @@ def find_tokenizer_files(variant_dir: Path, which: int = 1, *, default_pad: str 
     roots = [r for base in (*also, variant_dir) for r in model_roots(base)]
     candidates = [root / sub if sub else root for root in dict.fromkeys(roots) for sub in TOKENIZER_DIRS[which]]
     for folder in candidates:
-        vocab, merges, tok_json = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
-        has_bpe = vocab.is_file() and merges.is_file()
-        if not has_bpe and not tok_json.is_file():
-            continue
-        pad, max_len = _read_config(folder / "tokenizer_config.json", default_pad)
-        return TokenizerFiles(folder, vocab if has_bpe else None, merges if has_bpe else None,
-                              tok_json if tok_json.is_file() else None, pad, max_len)
+        files = tokenizer_files_in(folder, default_pad=default_pad)
+        if files is not None:
+            return files
     raise InvalidBundle(
         f"No tokenizer files (vocab.json + merges.txt) found in {variant_dir}.",
         hint="Compiled variants ship them beside the bundles; for packages, re-pull so the "
              "PyTorch model's tokenizer files are fetched, or copy them into the folder.",
     )
+
+
+def tokenizer_files_in(folder: Path, *, default_pad: str = EOS) -> TokenizerFiles | None:
+    """The CLIP BPE files in `folder` itself (`vocab.json` + `merges.txt`, or `tokenizer.json`), or None."""
+    vocab, merges, tok_json = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
+    has_bpe = vocab.is_file() and merges.is_file()
+    if not has_bpe and not tok_json.is_file():
+        return None
+    pad, max_len = _read_config(folder / "tokenizer_config.json", default_pad)
+    return TokenizerFiles(folder, vocab if has_bpe else None, merges if has_bpe else None,
+                          tok_json if tok_json.is_file() else None, pad, max_len)
 
 
 def _read_config(path: Path, default_pad: str) -> tuple[str, int]:

@@ -41,10 +41,22 @@ STANDARD: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("sd1", "split_einsum_v2", "fp16", {"compiled": True}),
     ("sd1", "original", "fp16", {"latent_size": (24, 16), "compiled": True}),
     ("sd1", "split_einsum", "fp16", {"latent_size": (24, 16), "compiled": True}),
+    # ControlNets and inpainting: parity (fp32), the Hub layouts (fp16 compiled)
+    ("sd1", "original", "fp32", {"controlnets": ("sd1", "sd1-b", "sd1-inpaint")}),
+    ("sdxl", "original", "fp32", {"controlnets": ("sdxl",)}),
+    ("sd1-inpaint", "original", "fp32", {}),
+    ("sd1", "original", "fp16", {"controlnets": ("sd1", "sd1-b"), "compiled": True}),
     ("sd3", "original", "fp32", {}),
     ("sd3", "original", "fp16", {"compiled": True}),
     ("sdxl", "original", "fp32", {"refiner": True}),
     ("sdxl", "original", "fp16", {"chunk": True, "compiled": True, "refiner": True}),
+)
+# (tiny ControlNet, attention, precision): ControlNets converted on their own (`controlnet_package`)
+CONTROLNET_PACKAGES: tuple[tuple[str, str, str], ...] = (
+    ("sd1", "original", "fp16"),
+    ("sd2", "original", "fp16"),
+    ("sd2", "original", "fp32"),
+    ("sd1-b", "split_einsum", "fp32"),
 )
 
 
@@ -71,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         out = factory.converted(style, attention, precision, **options)
         print(f"{time.perf_counter() - t0:7.1f} s  {label}  {out}", file=sys.stderr, flush=True)
+    for name, attention, precision in CONTROLNET_PACKAGES:
+        label = f"controlnet {name} {attention} {precision}"
+        if args.list:
+            print(label)
+            continue
+        t0 = time.perf_counter()
+        out = factory.controlnet_package(name, attention, precision)
+        print(f"{time.perf_counter() - t0:7.1f} s  {label}  {out}", file=sys.stderr, flush=True)
     from . import feature_models
 
     for name in feature_models.NAMES:  # one small model per model-level feature, both forms
@@ -82,6 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         if out.suffix == ".mlpackage":
             feature_models.compiled(name)
         print(f"{time.perf_counter() - t0:7.1f} s  feature {name}  {out}", file=sys.stderr, flush=True)
+    from . import lm_models, models, task_models
+
+    for label, build in (("depth fp16", lambda: models.depth("fp16")), ("depth fp32", lambda: models.depth("fp32")),
+                         *((f"task {name}", getattr(task_models, name)) for name in task_models.BUILDERS),
+                         ("task segmenter fp16", lambda: task_models.segmenter("fp16")),
+                         ("lm tokenizer", lm_models.tokenizer_folder),
+                         ("lm stateful int4", lambda: lm_models.stateful_lm("int4")),
+                         ("lm stateful fp16", lambda: lm_models.stateful_lm("fp16")),
+                         ("lm exporters", lm_models.exporters_lm)):
+        if args.list:
+            print(label)
+            continue
+        t0 = time.perf_counter()
+        out = build()
+        print(f"{time.perf_counter() - t0:7.1f} s  {label}  {out}", file=sys.stderr, flush=True)
     if not args.list:
         print(f"{time.perf_counter() - total:7.1f} s  total ({factory.cache_dir()})", file=sys.stderr)
     return 0

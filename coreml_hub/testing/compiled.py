@@ -283,18 +283,19 @@ def is_fixture(bundle: Path) -> bool:
 
 def compile_folder(out: Path, attention: str) -> Path:
     """`out/<attention>/compiled/`: every package of `out/<attention>/packages/` as Apple names it
-    (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ...) plus vocab.json and merges.txt
-    (and SD3's T5 tokenizer.json + tokenizer_config.json)."""
-    from coreml_hub.convert.naming import compiled_name, copy_compiled_resources
-    from coreml_hub.layouts import COMPILED_FILE_OF
+    (TextEncoder.mlmodelc, Unet.mlmodelc, UnetChunk1.mlmodelc, ControlledUnet.mlmodelc,
+    controlnet/<Name>.mlmodelc, ...) plus vocab.json and merges.txt (and SD3's T5 tokenizer.json +
+    tokenizer_config.json)."""
+    from coreml_hub.convert.naming import compiled_path, copy_compiled_resources
+    from coreml_hub.layouts import COMPILED_FILE_OF, component_of_stem
 
     packages = out / attention / "packages"
     compiled = out / attention / "compiled"
     compiled.mkdir(parents=True, exist_ok=True)
     for pkg in sorted(packages.glob("*.mlpackage")):
-        component = next((c for c in sorted(COMPILED_FILE_OF, key=len, reverse=True) if pkg.stem.endswith("_" + c)), None)
-        if component is None:
+        component = component_of_stem(pkg.stem)
+        if component is None or (component not in COMPILED_FILE_OF and component != "controlnet"):
             continue
-        build_mlmodelc(pkg, compiled / compiled_name(component))
+        build_mlmodelc(pkg, compiled / compiled_path(component, pkg))
     copy_compiled_resources(out, compiled)
     return compiled

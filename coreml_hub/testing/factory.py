@@ -132,6 +132,31 @@ def model_version(style: str) -> str:
     return tiny.MODEL_VERSIONS[style]
 
 
+def controlnet_folder(name: str = "sd1") -> Path:
+    """A tiny ControlNet saved as diffusers does (config.json + safetensors), in a folder named
+    `tiny-controlnet-<name>` (the name its conversions carry: `ControlNet_tiny-controlnet-<name>`)."""
+
+    def build(tmp: Path) -> None:
+        with _quiet_loading():
+            tiny.build_controlnet(name).save_pretrained(tmp / controlnet_id(name), safe_serialization=True)
+
+    return cached("controlnet", build, code=CODE_PIPELINE, config=tiny.controlnet_config(name)) / controlnet_id(name)
+
+
+def controlnet_id(name: str) -> str:
+    return f"tiny-controlnet-{name}"
+
+
+def tiny_controlnet(name: str = "sd1") -> tuple[Any, Path]:
+    """(diffusers ControlNetModel, its saved folder), with exactly the saved weights."""
+    import diffusers
+
+    folder = controlnet_folder(name)
+    with _quiet_loading():
+        model = diffusers.ControlNetModel.from_pretrained(str(folder))
+    return model.eval(), folder
+
+
 def components_of(style: str) -> tuple[str, ...]:
     """Components a full conversion of `style` produces (Unet chunks not included)."""
     if style == "sd3":
@@ -165,6 +190,7 @@ def converted(
     batch_one: bool = False,
     latent_size: tuple[int, int] | None = None,
     compiled: bool = False,
+    controlnets: tuple[str, ...] = (),
     refiner: bool = False,
 ) -> Path:
     """A full conversion output folder of a tiny style, as `coreml-hub convert` writes it.
@@ -173,18 +199,25 @@ def converted(
     (+ `unet_chunk1`/`unet_chunk2` with `chunk=True`), `OUT/tokenizer[_2]/`, `OUT/scheduler/`,
     `README.md`, `.hub.json`. With `compiled=True` also `OUT/<attention>/compiled/` with
     Apple's bundle names (test fixtures from `coreml_hub.testing.compiled`) and the tokenizer files.
+    With `controlnets` (names of tiny ControlNets, see `tiny.CONTROLNETS`) the Unet is the one that
+    takes their residuals (`..._control-unet.mlpackage`) and each ControlNet is there as
+    `ControlNet_tiny-controlnet-<name>.mlpackage` (compiled: `controlnet/TinyControlnet<Name>.mlmodelc`).
     `refiner=True` (sdxl) adds the tiny refiner's Unet as `..._refiner.mlpackage` (and its chunks).
     """
     comps = components_of(style) + (("refiner",) if refiner else ())
     if refiner and style != "sdxl":
         raise ValueError("the tiny refiner goes with the sdxl style")
     latent = tuple(latent_size) if latent_size else None
+    controlnets = tuple(controlnets)
     if style == "sd3" and attention != "original":
         raise ValueError("SD3 converts with original attention only")
 
     def build(tmp: Path) -> None:
-        parts = [(_component_part(style, comp, attention, precision, chunk, quantize, batch_one, latent), comp)
+        parts = [(_component_part(style, comp, attention, precision, chunk, quantize, batch_one, latent,
+                                  controlled=comp == "unet" and bool(controlnets)), comp)
                  for comp in comps]
+        parts += [(_controlnet_part(style, name, attention, precision, quantize, batch_one, latent), "unet")
+                  for name in controlnets]
         _assemble(tmp, style, attention, precision, quantize, latent or (tiny.LATENT, tiny.LATENT),
                   [(part, attention if comp in ("unet", "refiner") else "original") for part, comp in parts],
                   comps)
@@ -205,6 +238,7 @@ def converted(
         batch_one=batch_one,
         latent=latent,
         compiled=compiled,
+        controlnets=controlnets,
         refiner=refiner,
     )
 
@@ -214,12 +248,14 @@ TINY_QUERY_CHUNK = 16
 
 
 def _component_part(style: str, comp: str, attention: str, precision: str, chunk: bool, quantize: int | None,
-                    batch_one: bool, latent: tuple[int, ...] | None) -> Path:
+                    batch_one: bool, latent: tuple[int, ...] | None, controlled: bool = False) -> Path:
     """One component converted on its own, keyed only by the options that change it, so that
     conversions share what they have in common (the text encoders across sizes, the VAE
     across attentions and quantizations, ...)."""
     from ..convert.api import QUANTIZED_COMPONENTS
 
+    if style == tiny.INPAINT_STYLE and comp != "unet":
+        style = "sd1"  # the same text encoder and VAE (same configs and seeds): one conversion serves both
     options: dict[str, Any] = {"precision": precision, "attention": "original"}
     if comp in QUANTIZED_COMPONENTS and quantize:
         options["quantize_nbits"] = quantize
@@ -228,9 +264,34 @@ def _component_part(style: str, comp: str, attention: str, precision: str, chunk
     if comp in ("unet", "refiner"):
         options.update(attention=attention, chunk_unet=chunk, unet_batch_one=batch_one,
                        query_chunk_size=TINY_QUERY_CHUNK)
+    if controlled:  # any ControlNet of the style makes convert write the controlled Unet; none is converted
+        options["controlnets"] = (str(controlnet_folder(_style_controlnet(style))),)
     if comp == "refiner":
         options["refiner"] = str(pipeline_folder("sdxl-refiner"))
     return _convert_part(style, (comp,), **options)
+
+
+def controlnet_package(name: str = "sd1", attention: str = "original", precision: str = "fp16") -> Path:
+    """The `ControlNet_tiny-controlnet-<name>.mlpackage` of one tiny ControlNet, converted for its base style."""
+    style = tiny.CONTROLNETS[name][0]
+    part = _controlnet_part(style, name, attention, precision, None, False, None)
+    return next((part / attention / "packages").glob("ControlNet_*.mlpackage"))
+
+
+def _style_controlnet(style: str) -> str:
+    return next(name for name, (base, _) in tiny.CONTROLNETS.items() if base == style)
+
+
+def _controlnet_part(style: str, name: str, attention: str, precision: str, quantize: int | None, batch_one: bool,
+                     latent: tuple[int, ...] | None) -> Path:
+    """One tiny ControlNet converted for `style` (`--components controlnet`)."""
+    options: dict[str, Any] = {"precision": precision, "attention": attention, "unet_batch_one": batch_one,
+                               "query_chunk_size": TINY_QUERY_CHUNK, "controlnets": (str(controlnet_folder(name)),)}
+    if quantize:
+        options["quantize_nbits"] = quantize
+    if latent:
+        options["latent_size"] = latent
+    return _convert_part(style, ("controlnet",), **options)
 
 
 def _link_tree(src: Path, dest: Path) -> None:

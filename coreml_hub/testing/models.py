@@ -8,11 +8,11 @@ random-weight stand-ins with the same input and output names and types:
   model) and a `depth` output (grayscale float16 image), normalized to [0, 1] by its maximum.
 - `text_lm()`: the `exporters` text-generation export (coreml-projects/Llama-2-7b-chat-coreml):
   `input_ids` and `attention_mask` (int32, [1, SEQ]) in, `logits` ([1, SEQ, VOCAB]) out, with
-  the `co.huggingface.exporters.*` metadata.
+  the `co.huggingface.exporters.*` metadata (`lm_models.exporters_lm`).
 
 `bundle_files(bundle, name)` lists a bundle's files as repo paths for
-`coreml_hub.testing.hubrepo.make_repo`. The torch modules are returned by `depth_module()` and
-`text_lm_module()` so outputs can be compared with the converted models.
+`coreml_hub.testing.hubrepo.make_repo`. The torch module is returned by `depth_module()` so
+outputs can be compared with the converted model.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ from . import factory
 
 CODE = ("testing/models.py",)
 DEPTH_SIZE = (42, 28)  # (width, height): multiples of 14, like Apple's 518 x 392
-SEQ = 8
-VOCAB = 32
-LM_SOURCE = "coreml-projects/tiny-llama-coreml-source"  # what co.huggingface.exporters.name names
+SEQ = 32  # lm_models.SEQ
+VOCAB = 192  # lm_models.VOCAB
 
 
 def depth_module() -> Any:
@@ -80,62 +79,12 @@ def depth(precision: str = "fp16") -> Path:
     return factory.cached("depth", build, CODE, precision=precision) / "model.mlpackage"
 
 
-def text_lm_module() -> Any:
-    """The tiny causal LM: embedding, one causal self-attention mixing step, and a vocabulary head."""
-    import torch
-
-    class TinyLM(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = torch.nn.Embedding(VOCAB, 16)
-            self.mix = torch.nn.Linear(16, 16)
-            self.head = torch.nn.Linear(16, VOCAB)
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            h = self.embed(input_ids)
-            causal = torch.tril(torch.ones(input_ids.shape[-1], input_ids.shape[-1]))
-            weights = causal * attention_mask.unsqueeze(1).to(h.dtype)
-            weights = weights / weights.sum(-1, keepdim=True).clamp(min=1.0)
-            h = h + torch.tanh(self.mix(weights @ h))
-            return self.head(h)
-
-    torch.manual_seed(7)
-    return TinyLM().eval()
-
-
 def text_lm() -> Path:
-    """`llama-2-7b-chat.mlpackage`-shaped package (cached): exporters' text-generation I/O and metadata."""
+    """`llama-2-7b-chat.mlpackage`-shaped package (cached): exporters' text-generation I/O and metadata
+    (a tiny LlamaForCausalLM; see `coreml_hub.testing.lm_models.exporters_lm`)."""
+    from .lm_models import exporters_lm
 
-    def build(tmp: Path) -> None:
-        import coremltools as ct
-        import numpy as np
-        import torch
-
-        module = text_lm_module()
-        ids = torch.zeros((1, SEQ), dtype=torch.int32)
-        mask = torch.ones((1, SEQ), dtype=torch.int32)
-        traced = torch.jit.trace(module, (ids, mask))
-        with factory._quiet_loading():
-            model = ct.convert(
-                traced,
-                inputs=[ct.TensorType(name="input_ids", shape=(1, SEQ), dtype=np.int32),
-                        ct.TensorType(name="attention_mask", shape=(1, SEQ), dtype=np.int32)],
-                outputs=[ct.TensorType(name="logits")],
-                minimum_deployment_target=ct.target.macOS13,
-                compute_precision=ct.precision.FLOAT16,
-                convert_to="mlprogram",
-                skip_model_load=True,
-            )
-        model.user_defined_metadata.update({
-            "co.huggingface.exporters.name": LM_SOURCE,
-            "co.huggingface.exporters.task": "text-generation",
-            "co.huggingface.exporters.architecture": "LlamaForCausalLM",
-            "co.huggingface.exporters.framework": "pytorch",
-            "co.huggingface.exporters.precision": "float16",
-        })
-        model.save(str(tmp / "model.mlpackage"))
-
-    return factory.cached("text-lm", build, CODE, seq=SEQ, vocab=VOCAB) / "model.mlpackage"
+    return exporters_lm()
 
 
 def bundle_files(bundle: Path, name: str) -> dict[str, bytes]:
@@ -145,5 +94,4 @@ def bundle_files(bundle: Path, name: str) -> dict[str, bytes]:
             for p in sorted(bundle.rglob("*")) if p.is_file()}
 
 
-__all__ = ["DEPTH_SIZE", "LM_SOURCE", "SEQ", "VOCAB", "bundle_files", "depth", "depth_module", "text_lm",
-           "text_lm_module"]
+__all__ = ["DEPTH_SIZE", "SEQ", "VOCAB", "bundle_files", "depth", "depth_module", "text_lm"]

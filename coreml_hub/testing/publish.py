@@ -19,6 +19,11 @@ names imitate the repos on the Hub (see ARCHITECTURE.md "Hub layouts"):
   (`t5="zip"`, like `coreml-stable-diffusion-3-medium-1024-t5`) or `TextEncoderT5.mlmodelc/`
   beside it at the repo root (`t5="root"`, like `coreml-stable-diffusion-3-medium`).
 
+ControlNets (`publish_controlnets`, `publish_controlnet_collection`): Apple's compiled layout with
+`ControlledUnet.mlmodelc` and `controlnet/<Name>.mlmodelc` beside the pipeline's bundles, packages
+with `..._control-unet.mlpackage` and `ControlNet_*.mlpackage`, and coreml-community's collection
+of zipped compiled ControlNets under `CN/<attention>/`.
+
 Files are copied, never linked, so tests may damage what they publish. Zips are written
 with fixed timestamps, so a layout has the same bytes (and hashes) every time.
 """
@@ -295,3 +300,99 @@ def describe(root: Path) -> str:
         folder = hub.parent
         repos[f"{folder.parent.name}/{folder.name}"] = sorted(repo_manifest(folder))
     return json.dumps(repos, indent=2)
+
+
+def _stage_controlled(style: str, attention: str, controlnets: tuple[str, ...], dest: Path, fmt: str,
+                      with_controlnets: bool = True) -> None:
+    """The controlled Unet (and the ControlNets) of a conversion with `controlnets`, copied into `dest`."""
+    out = factory.converted(style, attention, "fp16", controlnets=controlnets, compiled=fmt == "compiled")
+    if fmt == "compiled":
+        src = out / attention / "compiled"
+        _copy(src / "ControlledUnet.mlmodelc", dest / "ControlledUnet.mlmodelc")
+        if with_controlnets:
+            _copy(src / "controlnet", dest / "controlnet")
+    else:
+        for pkg in sorted((out / attention / "packages").glob("*.mlpackage")):
+            if pkg.stem.endswith("_control-unet") or (with_controlnets and pkg.name.startswith("ControlNet_")):
+                _copy(pkg, dest / pkg.name)
+
+
+def publish_controlnets(root: Path | str, repo_id: str, *, style: str = "sd1",
+                        controlnets: tuple[str, ...] = ("sd1", "sd1-b"),
+                        plain_attentions: tuple[str, ...] = ("split_einsum",)) -> Path:
+    """Apple's layout with ControlNets: `original/compiled/` and `original/packages/` hold the pipeline,
+    its controlled Unet and the tiny `controlnets` (`controlnet/TinyControlnetSd1.mlmodelc`,
+    `ControlNet_tiny-controlnet-sd1.mlpackage`); each of `plain_attentions` is a variant without them
+    (a Unet that takes no residuals). The packages' source repo is published too."""
+    root = Path(root)
+    repo = _repo_folder(root, repo_id, style, ["controlnet"], f"{repo_id}: tiny Core ML Stable Diffusion with ControlNets",
+                        ["Random weights; ControlledUnet and ControlNets beside the pipeline, as Apple's converter "
+                         "lays them out."])
+    out = _converted(style, "original", "fp16", False, None)
+    for fmt in ("compiled", "packages"):
+        dest = repo / "original" / fmt
+        if fmt == "compiled":
+            _stage_compiled(out, "original", dest)
+        else:
+            _stage_packages(out, "original", dest, chunks=False)
+        _stage_controlled(style, "original", controlnets, dest, fmt)
+    for attention in plain_attentions:
+        _stage_compiled(_converted(style, attention, "fp16", False, None), attention, repo / attention / "compiled")
+    publish_source(root, style)
+    return repo
+
+
+def publish_controlnet_collection(root: Path | str, repo_id: str,
+                                  controlnets: tuple[tuple[str, str], ...] = (("sd1", "original"),)) -> Path:
+    """coreml-community's ControlNet collection: `CN/<attention>/Tiny<Name>_<attention>.zip`, each zip holding
+    one compiled ControlNet (`Tiny<Name>_<attention>/TinyControlnet<Name>.mlmodelc`). `controlnets`: (tiny
+    ControlNet name, attention) pairs; each is converted (fp16) for its own base style."""
+    from ..layouts import controlnet_bundle_name
+    from .compiled import build_mlmodelc
+
+    root = Path(root)
+    meta = _meta("sd1", ["controlnet"])
+    repo = make_repo_folder(root, repo_id, meta, f"{repo_id}: tiny compiled ControlNets, zipped (tests)")
+    for name, attention in controlnets:
+        package = factory.controlnet_package(name, attention, "fp16")
+        words = "".join(w.title() for w in name.split("-"))
+        hyphen = attention.replace("_", "-")
+        stem = f"Tiny{words}_{hyphen}"
+        staging = root / f".staging-{stem}"
+        build_mlmodelc(package, staging / f"{controlnet_bundle_name(factory.controlnet_id(name))}.mlmodelc")
+        _zip_folder(staging, repo / "CN" / hyphen / f"{stem}.zip", stem)
+        shutil.rmtree(staging)
+    return repo
+
+
+def make_repo_folder(root: Path, repo_id: str, meta: dict[str, Any], title: str) -> Path:
+    from .hubrepo import make_repo
+
+    return make_repo(root, repo_id, {".gitattributes": GITATTRIBUTES, "README.md": _card(title, meta)}, meta=meta)
+
+
+def publish_plain(root: Path | str, repo_id: str, listing: Iterable[tuple[str, int]], bundles: dict[str, Path], *,
+                  meta: dict[str, Any] | None = None, files: dict[str, bytes | str] | None = None) -> Path:
+    """A plain Core ML repo in the layout of a real one: `listing` is its (path, size) file list
+    (as in tests/data/layouts); each bundle named in `bundles` (`X.mlpackage` -> a converted
+    tiny bundle) takes the place of the listed one, `files` give other files' contents, and the
+    remaining files outside any bundle get generated bytes of their listed size. Listed bundles
+    not in `bundles` are left out. Returns the repo folder."""
+    from .hubrepo import make_repo
+
+    rows = list(listing)
+    listed_bundles = {path.split("/")[0] for path, _size in rows if ".mlpackage/" in path or ".mlmodelc/" in path}
+    unknown = set(bundles) - listed_bundles
+    if unknown:
+        raise ValueError(f"{', '.join(sorted(unknown))} not in the listing of {repo_id}")
+    content: dict[str, bytes | str | int] = {}
+    for path, size in rows:
+        if path.split("/")[0] in listed_bundles:
+            continue
+        content[path] = (files or {}).get(path, size)
+    content.update({path: data for path, data in (files or {}).items() if path not in content})
+    for name, bundle in bundles.items():
+        for item in sorted(Path(bundle).rglob("*")):
+            if item.is_file():
+                content[f"{name}/{item.relative_to(bundle).as_posix()}"] = item.read_bytes()
+    return make_repo(root, repo_id, content, meta={"library_name": "coreml", **(meta or {})})

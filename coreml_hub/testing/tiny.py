@@ -1,6 +1,6 @@
 """Tiny random-weight Stable Diffusion pipelines, built from configs (nothing is downloaded).
 
-Three styles, structurally like the real models but a few hundred kilobytes each:
+Styles structurally like the real models but a few hundred kilobytes each:
 
 - ``sd1``: SD 1.x. CLIP text encoder (quick_gelu), conv proj_in/proj_out, epsilon
   prediction, PNDM scheduler, the safety checker.
@@ -16,6 +16,14 @@ Three styles, structurally like the real models but a few hundred kilobytes each
   GELU, relative position buckets) and its SentencePiece-style tokenizer, the MMDiT
   transformer (2x2 patches, joint attention), a 16-channel VAE without quant convs
   (scale 1.5305, shift 0.0609), the flow-matching Euler scheduler with shift 3.
+- ``sd1-inpaint``: ``sd1`` with a 9-channel inpainting Unet (latents, mask, masked-image
+  latents), as a StableDiffusionInpaintPipeline without a safety checker. Its text encoder
+  and VAE are ``sd1``'s (same configs and seeds), so conversions share them (its packages
+  folder then names those two after ``sd1``).
+
+Tiny ControlNets (``controlnet(name)``, see CONTROLNETS) are built for a style's Unet with
+random weights everywhere, the zero-initialized output convolutions included, so their
+residuals visibly steer the image.
 
 Every model is built under a fixed seed, so a style always has the same weights.
 Latents are 8x8 (64x64 pixels): small enough that converting every component takes
@@ -33,6 +41,7 @@ from .tokenizer import (EOS, build_t5_vocab, load_clip_tokenizer, load_t5_tokeni
 
 STYLES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3")
 UNET_STYLES = ("sd1", "sd2", "sdxl")  # whole pipelines around a Unet (the refiner converts beside sdxl)
+INPAINT_STYLE = "sd1-inpaint"
 VOCAB_SIZE = 1000
 LATENT = 8  # latent height and width; pixels are 8x this
 SEED = 20240229
@@ -44,7 +53,20 @@ MODEL_VERSIONS = {
     "sdxl": "coreml-hub-test/tiny-sdxl",
     "sdxl-refiner": "coreml-hub-test/tiny-sdxl-refiner",
     "sd3": "coreml-hub-test/tiny-sd3",
+    INPAINT_STYLE: "coreml-hub-test/tiny-sd1-inpaint",
 }
+
+# name -> (base style, seed offset): the tiny ControlNets. `sd1-inpaint` is the inpaint ControlNet (for a
+# 4-channel sd1 Unet, like control_v11p_sd15_inpaint); `sd2` exists to be refused by sd1 conversions.
+CONTROLNETS = {
+    "sd1": ("sd1", 11),
+    "sd1-b": ("sd1", 12),
+    "sd1-inpaint": ("sd1", 13),
+    "sd2": ("sd2", 14),
+    "sdxl": ("sdxl", 15),
+}
+CONTROLNET_CONDITIONING_CHANNELS = (8, 8, 16, 16)  # three stride-2 convolutions: image size -> latent size
+CONTROLNET_OUTPUT_STD = 0.5  # the zero-initialized convolutions get this much noise
 
 _TEXT_ENCODER = {
     "vocab_size": VOCAB_SIZE,
@@ -270,7 +292,12 @@ def style_config(style: str) -> dict[str, Any]:
                           "shift": 3.0},
             "safety_checker": None,
         }
-    raise ValueError(f"unknown tiny style {style!r}; expected one of {', '.join(STYLES)}")
+    if style == INPAINT_STYLE:
+        cfg = style_config("sd1")
+        cfg.update(style=INPAINT_STYLE, model_version=MODEL_VERSIONS[INPAINT_STYLE], safety_checker=None)
+        cfg["unet"] = _merged(cfg["unet"], in_channels=9)
+        return cfg
+    raise ValueError(f"unknown tiny style {style!r}; expected one of {', '.join((*STYLES, INPAINT_STYLE))}")
 
 
 def _seeded(offset: int) -> None:
@@ -360,6 +387,17 @@ def build_pipeline(style: str = "sd1", tokenizer_dir: Path | None = None):  # ty
             unet=unet,
             scheduler=scheduler,
             add_watermarker=False,
+        )
+    if style == INPAINT_STYLE:
+        return diffusers.StableDiffusionInpaintPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     if cfg["safety_checker"] is not None:
         safety_checker, feature_extractor = _safety_checker(cfg["safety_checker"])
@@ -452,3 +490,29 @@ def save_pipeline(pipe: Any, folder: Path, style: str) -> None:
         write_tokenizer_config(folder / name, pad_token=pad)
     if style == "sd3":
         write_t5_tokenizer(folder / "tokenizer_3")
+
+
+def controlnet_config(name: str) -> dict[str, Any]:
+    """The plain-data description of a tiny ControlNet (it also keys the caches)."""
+    style, offset = CONTROLNETS[name]
+    return {"name": name, "style": style, "seed_offset": offset, "unet": style_config(style)["unet"],
+            "conditioning_channels": list(CONTROLNET_CONDITIONING_CHANNELS), "output_std": CONTROLNET_OUTPUT_STD}
+
+
+def build_controlnet(name: str):  # type: ignore[no-untyped-def]
+    """A diffusers ControlNetModel for the tiny `name` (see CONTROLNETS), deterministic random weights."""
+    import diffusers
+    import torch
+
+    cfg = controlnet_config(name)
+    unet = diffusers.UNet2DConditionModel(**cfg["unet"])
+    _seeded(cfg["seed_offset"])
+    controlnet = diffusers.ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=tuple(cfg["conditioning_channels"]), load_weights_from_unet=False)
+    zero_initialized = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                        controlnet.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for module in zero_initialized:
+            for param in module.parameters():
+                param.copy_(cfg["output_std"] * torch.randn_like(param))
+    return controlnet.eval()

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, models: [], jobs: new Map(), current: null, upload: null, gallery: [] };
+const state = { info: null, models: [], jobs: new Map(), current: null, upload: null, mask: null, control: null, gallery: [] };
 
 // ---- helpers --------------------------------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -128,13 +128,20 @@ function formRequest() {
   }
   if (!state.upload) delete data.strength;
   else data.init_image = state.upload.id;
+  if (state.upload && state.mask) data.mask = state.mask.id;
+  const controlnet = form.elements.controlnet.value.trim();
+  if (controlnet) {
+    const scale = form.elements.control_scale.value.trim();
+    data.controlnets = [{ name: controlnet, image: state.control ? state.control.id : null, scale: scale === "" ? 1 : Number(scale) }];
+  }
   data.disable_safety = form.elements.disable_safety.checked;
   return data;
 }
 
 function markInvalid(param) {
   for (const node of document.querySelectorAll("#generate-form [aria-invalid]")) node.removeAttribute("aria-invalid");
-  const field = param && ($(param) || (param === "init_image" ? $("init_image_file") : null));
+  const files = { init_image: "init_image_file", mask: "mask_file", controlnets: "controlnet" };
+  const field = param && ($(param) || (files[param] ? $(files[param]) : null));
   if (field) { field.setAttribute("aria-invalid", "true"); field.focus(); }
 }
 
@@ -182,6 +189,21 @@ function clearInit() {
   state.upload = null;
   $("init_image_file").value = "";
   $("init-preview").hidden = true;
+}
+
+// The inpainting mask and the control image: uploaded when chosen, sent with the request by id.
+async function chooseUpload(event, key, param) {
+  const file = event.target.files[0];
+  showError($("form-error"), null);
+  state[key] = null;
+  if (!file) return;
+  try {
+    state[key] = await api("/api/uploads", { method: "POST", body: file, headers: { "Content-Type": file.type || "application/octet-stream" } });
+  } catch (error) {
+    event.target.value = "";
+    showError($("form-error"), error);
+    markInvalid(param);
+  }
 }
 
 // ---- the job being watched on the Generate page -------------------------------------------------
@@ -241,24 +263,49 @@ async function cancelJob(id) {
 }
 
 // ---- the queue ----------------------------------------------------------------------------------
-function renderQueue() {
-  const jobs = [...state.jobs.values()].sort((a, b) => b.created - a.created);
-  const rows = jobs.map((job) => {
-    const [done, total, label] = progressOf(job);
-    const active = job.state === "queued" || job.state === "running";
-    return el("tr", { dataset: { job: job.id, state: job.state } },
+// Rows are kept per job and rebuilt only when what they show besides progress changes (state,
+// message, results): a running job sends an event every step, and a row replaced that often would
+// swallow a click on its Cancel button (the press and the release would land on different buttons).
+const queueRows = new Map();
+
+function queueRow(job) {
+  const [done, total, label] = progressOf(job);
+  const active = job.state === "queued" || job.state === "running";
+  const key = JSON.stringify([job.state, job.title, job.message, job.hint, stateText(job),
+    job.result && job.result.images ? job.result.images.map((image) => image.url) : null]);
+  let row = queueRows.get(job.id);
+  if (!row || row.key !== key) {
+    const bar = active || job.state === "done" ? el("progress", {}) : null;
+    const phase = el("div", { class: "why" });
+    const tr = el("tr", { dataset: { job: job.id, state: job.state } },
       el("td", {}, el("div", {}, job.kind === "pull" ? "⬇ " : "", job.title),
         job.message ? el("div", { class: "why" }, job.message, job.hint ? ` ${job.hint}` : "") : null),
       el("td", {}, el("span", { class: `state ${job.state}` }, stateText(job))),
-      el("td", {}, active || job.state === "done" ? el("progress", { max: total || 1, value: job.state === "done" ? total || 1 : done }) : null,
-        el("div", { class: "why" }, job.state === "running" ? `${job.phase}${label ? ` · ${label}` : ""}` : "")),
+      el("td", {}, bar, phase),
       el("td", { class: "num" },
         active ? el("button", { class: "small danger cancel", type: "button", onclick: () => cancelJob(job.id) }, "Cancel") : null,
         job.state === "done" && job.result && job.result.images
           ? job.result.images.map((image) => el("a", { href: image.url, target: "_blank" }, el("img", { class: "thumb", src: image.url, alt: "" })))
           : null));
-  });
-  $("queue-list").replaceChildren(...rows);
+    row = { key, tr, bar, phase };
+    queueRows.set(job.id, row);
+  }
+  if (row.bar) {
+    row.bar.max = total || 1;
+    row.bar.value = job.state === "done" ? total || 1 : done;
+  }
+  row.phase.textContent = job.state === "running" ? `${job.phase}${label ? ` · ${label}` : ""}` : "";
+  return row.tr;
+}
+
+function renderQueue() {
+  const jobs = [...state.jobs.values()].sort((a, b) => b.created - a.created);
+  const rows = jobs.map(queueRow);
+  for (const id of queueRows.keys()) if (!state.jobs.has(id)) queueRows.delete(id);
+  const list = $("queue-list");
+  // move rows into order without detaching the ones already in place
+  rows.forEach((tr, i) => { if (list.children[i] !== tr) list.insertBefore(tr, list.children[i] || null); });
+  while (list.children.length > rows.length) list.lastChild.remove();
   $("queue-empty").hidden = rows.length > 0;
   const waiting = jobs.filter((j) => j.state === "queued" || j.state === "running").length;
   $("queue-count").textContent = waiting ? `(${waiting})` : "";
@@ -407,6 +454,8 @@ async function start() {
   $("seed-random").addEventListener("click", () => { $("seed").value = ""; });
   $("init_image_file").addEventListener("change", chooseInit);
   $("init-clear").addEventListener("click", clearInit);
+  $("mask_file").addEventListener("change", (event) => chooseUpload(event, "mask", "mask"));
+  $("control_image_file").addEventListener("change", (event) => chooseUpload(event, "control", "controlnets"));
   $("current-cancel").addEventListener("click", () => state.current && cancelJob(state.current));
   $("search-form").addEventListener("submit", search);
   $("pull-form").addEventListener("submit", (event) => {

@@ -7,9 +7,14 @@ inputs); every other input is a *parameter* and arrives as a plain Python value
 input is constant. An absent optional input takes the kernel's Python default, which
 is the default the MIL op definition gives.
 
-Two extra parameter names are bound by the executor, never by the program:
-`ctx` (the `Context`: device and float type) and `out_dtype` (the torch dtype of the
-op's first declared output).
+Four extra parameter names are bound by the executor, never by the program:
+`ctx` (the `Context`: device and float type), `out_dtype` (the torch dtype of the
+op's first declared output, or of its elements for a list), `out_shape` (that
+output's declared shape, symbols included) and `opset` (the function's opset as a
+number, 15 for iOS15 ... 18 for iOS18) for ops whose meaning changed between opsets.
+
+A kernel registered with `foldable=False` runs at every prediction even when all its
+inputs are constant: random ops, list construction, state reads and writes.
 
 Weight-decompression ops (`constexpr_*`) are `CONSTEXPR` functions over numpy arrays,
 evaluated once at load time.
@@ -79,18 +84,29 @@ class Kernel:
     params: frozenset[str]  # every keyword the function accepts from the program
     wants_ctx: bool
     wants_out_dtype: bool
+    wants_out_shape: bool = False
+    wants_opset: bool = False
+    foldable: bool = True
 
 
 KERNELS: dict[str, Kernel] = {}
 CONSTEXPR: dict[str, Callable[..., Any]] = {}
 
 
-def kernel(*names: str, tensors: tuple[str, ...] = ("x",)) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `fn` as the kernel of the op types `names`."""
+_BOUND = ("ctx", "out_dtype", "out_shape", "opset")
+
+
+def kernel(
+    *names: str, tensors: tuple[str, ...] = ("x",), foldable: bool = True, internal: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `fn` as the kernel of the op types `names`.
+
+    `internal`: keyword parameters the executor binds itself (never taken from the program).
+    """
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn).parameters
-        accepted = frozenset(p for p in sig if p not in ("ctx", "out_dtype"))
+        accepted = frozenset(p for p in sig if p not in _BOUND and p not in internal)
         for name in names:
             KERNELS[name] = Kernel(
                 name=name,
@@ -99,6 +115,9 @@ def kernel(*names: str, tensors: tuple[str, ...] = ("x",)) -> Callable[[Callable
                 params=accepted,
                 wants_ctx="ctx" in sig,
                 wants_out_dtype="out_dtype" in sig,
+                wants_out_shape="out_shape" in sig,
+                wants_opset="opset" in sig,
+                foldable=foldable,
             )
         return fn
 
@@ -116,9 +135,13 @@ def constexpr(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
     return register
 
 
+# Ops the executor handles itself: constants, and control flow (emitted as Python control flow).
+EXECUTOR_OPS = frozenset({"const", "_const_symbolic", "cond", "while_loop"})
+
+
 def supported_ops() -> frozenset[str]:
-    """Every op type the runtime can run (`const` included)."""
-    return frozenset(KERNELS) | frozenset(CONSTEXPR) | {"const"}
+    """Every op type the runtime can run (`const` and control flow included)."""
+    return frozenset(KERNELS) | frozenset(CONSTEXPR) | EXECUTOR_OPS
 
 
 def to_python(value: Any) -> Any:
@@ -154,7 +177,11 @@ def torch_pad(pairs: Sequence[tuple[int, int]]) -> list[int]:
 
 
 # Registration happens on import of the kernel modules.
+from . import control as _control  # noqa: E402,F401
 from . import decompress as _decompress  # noqa: E402,F401
 from . import elementwise as _elementwise  # noqa: E402,F401
+from . import image as _image  # noqa: E402,F401
 from . import nn as _nn  # noqa: E402,F401
+from . import random as _random  # noqa: E402,F401
+from . import state as _state  # noqa: E402,F401
 from . import tensor as _tensor  # noqa: E402,F401

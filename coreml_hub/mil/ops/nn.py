@@ -73,6 +73,36 @@ def conv(
     return _CONV[nd](x, weight, bias, strides, padding, dilations, groups)
 
 
+@kernel("conv_quantized", tensors=("x", "weight", "bias", "quant_scale", "quant_bias"))
+def conv_quantized(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quantization_type: str,
+    quant_scale: torch.Tensor,
+    quant_bias: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    nbits: int = 8,
+    strides: list[int] | None = None,
+    pad_type: str = "valid",
+    pad: list[int] | None = None,
+    dilations: list[int] | None = None,
+    groups: int = 1,
+) -> torch.Tensor:
+    """conv with uint8 weights: linear (W * scale + bias, per output channel or scalar) or a LUT."""
+    if quantization_type == "linear":
+        rank = weight.dim()
+        scale = along_axis(quant_scale.reshape(-1) if quant_scale.numel() > 1 else quant_scale.reshape(()), 0, rank)
+        shift = along_axis(quant_bias.reshape(-1) if quant_bias.numel() > 1 else quant_bias.reshape(()), 0, rank)
+        w = weight.to(x.dtype) * scale.to(x.dtype) + shift.to(x.dtype)
+    elif quantization_type == "lut":
+        w = quant_scale.reshape(-1).to(x.dtype)[weight.to(torch.int64)]
+    else:
+        raise ValueError(f"conv_quantized: unknown quantization_type {quantization_type!r}")
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    return conv(x, w, bias, strides, pad_type, pad, dilations, groups)
+
+
 @kernel("conv_transpose", tensors=("x", "weight", "bias"))
 def conv_transpose(
     x: torch.Tensor,
@@ -377,7 +407,9 @@ def upsample_nearest_neighbor(
 ) -> torch.Tensor:
     h = int(math.floor(x.shape[-2] * scale_factor_height))
     w = int(math.floor(x.shape[-1] * scale_factor_width))
-    return _nearest(x, h, w, float(scale_factor_height), float(scale_factor_width))
+    # the source pixel is floor(i * in / out), not floor(i / scale): with a fractional scale
+    # the two differ (3 pixels at scale 1.12 map to 0, 1, 2), and Core ML uses the sizes
+    return _nearest(x, h, w)
 
 
 @kernel("resize_nearest_neighbor")
@@ -566,17 +598,22 @@ def quantize(
 
 # -- recurrent -----------------------------------------------------------------------
 
+# Recurrent-layer activations, with their default parameters (the ops give no alpha or beta):
+# scaled_tanh is alpha * tanh(beta * x) with alpha = beta = 1, hard sigmoid clamps 0.2 x + 0.5.
 _GATE_ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
     "relu": torch.relu,
     "linear": lambda t: t,
+    "scaled_tanh": torch.tanh,
+    "hard_sigmoid": lambda t: torch.clamp(0.2 * t + 0.5, 0.0, 1.0),
+    "sigmoid_hard": lambda t: torch.clamp(0.2 * t + 0.5, 0.0, 1.0),
 }
 
 
 def _gate(name: str) -> Any:
     if name not in _GATE_ACTIVATIONS:
-        raise ValueError(f"lstm: activation {name!r} is not supported")
+        raise ValueError(f"recurrent activation {name!r} is not supported")
     return _GATE_ACTIVATIONS[name]
 
 
@@ -653,5 +690,77 @@ def lstm(
     else:
         seq, h, c = _lstm_direction(x, initial_h, initial_c, weight_ih, weight_hh, bias, peephole, acts, clip,
                                     direction == "reverse")
+        if direction == "reverse":
+            seq = seq.flip(0)  # a single reverse direction returns its steps in the order it ran them
         last = h.unsqueeze(0)
     return (seq if output_sequence else last), h, c
+
+
+def _steps(x: torch.Tensor, direction: str) -> range:
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction {direction!r} is not supported (forward or reverse)")
+    return range(x.shape[0] - 1, -1, -1) if direction == "reverse" else range(x.shape[0])
+
+
+def _sequence(outputs: list[torch.Tensor], h: torch.Tensor, output_sequence: bool) -> torch.Tensor:
+    """Every step's hidden state in the order the steps ran, or the last one only."""
+    return torch.stack(outputs, 0) if output_sequence else h.unsqueeze(0)
+
+
+@kernel("rnn", tensors=("x", "initial_h", "weight_ih", "weight_hh", "bias"))
+def rnn(
+    x: torch.Tensor,
+    initial_h: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    direction: str = "forward",
+    output_sequence: bool = False,
+    activation: str = "tanh",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = activation(W_ih x_t + W_hh h_{t-1} + b) over [seq, batch, input]."""
+    act = _gate(activation)
+    projected = F.linear(x, weight_ih, bias)
+    h, outputs = initial_h, []
+    for t in _steps(x, direction):
+        h = act(projected[t] + F.linear(h, weight_hh))
+        outputs.append(h)
+    return _sequence(outputs, h, output_sequence), h
+
+
+@kernel("gru", tensors=("x", "initial_h", "weight_ih", "weight_hh", "bias", "input_bias"))
+def gru(
+    x: torch.Tensor,
+    initial_h: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    direction: str = "forward",
+    output_sequence: bool = False,
+    recurrent_activation: str = "sigmoid",
+    activation: str = "tanh",
+    reset_after: bool = False,
+    input_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRU with gates in r, o, z order; `bias` is the recurrent side's bias when `input_bias` is given.
+
+    r and z = recurrent_activation(W x + b_i + R h + b_h); o = activation(W_o x + b_io + R_o (r * h) + b_ho),
+    or with `reset_after`, activation(W_o x + b_io + r * (R_o h + b_ho)); h = (1 - z) * o + z * h.
+    """
+    inner, outer = _gate(recurrent_activation), _gate(activation)
+    hidden = weight_hh.shape[1]
+    projected = F.linear(x, weight_ih, input_bias)  # [s, b, 3H]
+    w_r, w_o, w_z = weight_hh.split(hidden, 0)
+    b_r, b_o, b_z = bias.split(hidden, 0) if bias is not None else (None, None, None)
+    h, outputs = initial_h, []
+    for t in _steps(x, direction):
+        x_r, x_o, x_z = projected[t].split(hidden, -1)
+        r = inner(x_r + F.linear(h, w_r, b_r))
+        z = inner(x_z + F.linear(h, w_z, b_z))
+        if reset_after:
+            o = outer(x_o + r * F.linear(h, w_o, b_o))
+        else:
+            o = outer(x_o + F.linear(r * h, w_o, b_o))
+        h = (1 - z) * o + z * h
+        outputs.append(h)
+    return _sequence(outputs, h, output_sequence), h

@@ -59,7 +59,9 @@ def transpose(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
 
 @kernel("flatten2d")
 def flatten2d(x: torch.Tensor, axis: int = 1) -> torch.Tensor:
-    return x.reshape(math.prod(x.shape[:axis % x.dim()]), -1)
+    # axis lies in [-rank, rank]: axis == rank flattens everything into the first dimension
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 @kernel("shape")
@@ -101,6 +103,28 @@ def space_to_depth(x: torch.Tensor, block_size: int) -> torch.Tensor:
     n, c, h, w = x.shape
     b = block_size
     return x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4).reshape(n, c * b * b, h // b, w // b)
+
+
+@kernel("space_to_batch")
+def space_to_batch(x: torch.Tensor, block_shape: list[int], paddings: list[list[int]]) -> torch.Tensor:
+    """Pad H and W, then move each (block row, block column) offset into its own batch group."""
+    (top, bottom), (left, right) = paddings
+    b0, b1 = block_shape
+    x = F.pad(x, [left, right, top, bottom])
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // b0, b0, w // b1, b1).permute(3, 5, 0, 1, 2, 4)
+    return x.reshape(b0 * b1 * n, c, h // b0, w // b1)
+
+
+@kernel("batch_to_space")
+def batch_to_space(x: torch.Tensor, block_shape: list[int], crops: list[list[int]]) -> torch.Tensor:
+    """The inverse of space_to_batch: batch groups back into H and W, then crop."""
+    (top, bottom), (left, right) = crops
+    b0, b1 = block_shape
+    nb, c, h, w = x.shape
+    n = nb // (b0 * b1)
+    x = x.reshape(b0, b1, n, c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(n, c, h * b0, w * b1)
+    return x[:, :, top : h * b0 - bottom, left : w * b1 - right]
 
 
 @kernel("pixel_shuffle")
@@ -182,7 +206,8 @@ def slice_update(
 ) -> torch.Tensor:
     out = x.clone()
     view = slice_by_index(out, begin, end, stride, begin_mask, end_mask, squeeze_mask)
-    if view.data_ptr() == out.data_ptr() or view._base is out or view._base is out._base:
+    # a view into `out` (not into a flipped copy); compared by storage, as inference mode keeps no `_base`
+    if view.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
         view.copy_(update.reshape(view.shape))
         return out
     # negative strides slice a flipped copy; write through explicit indices instead
@@ -239,14 +264,37 @@ def _positive(indices: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(indices < 0, indices + size, indices)
 
 
+def _indices(op: str, indices: torch.Tensor, size: int, validate: bool, opset: int) -> torch.Tensor:
+    """Indices along an axis of `size`, negative ones counted from the end where that is defined.
+
+    Before iOS17 an index may count from the end (-size <= i < size); from iOS17 on only
+    0 <= i < size is in bounds. With `validate_indices` an out-of-bound index is an error;
+    without it the op definitions leave the result undefined: gathers still count negative
+    indices from the end (as coremltools' constant folding does), and from iOS17 on a scatter
+    drops the updates of negative indices (Core ML does not apply them at the end either).
+    """
+    idx = indices.to(torch.int64)
+    low = 0 if opset >= 17 else -size
+    if validate and idx.numel() and bool(((idx < low) | (idx >= size)).any()):
+        bad = idx[(idx < low) | (idx >= size)].reshape(-1)[0].item()
+        raise IndexError(f"{op}: index {bad} is out of bounds for an axis of size {size}")
+    if opset >= 17 and op.startswith("scatter"):
+        return idx
+    return torch.where(idx < 0, idx + size, idx)
+
+
+def _in_bounds(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Unvalidated indices kept inside the axis: the result is undefined, reading memory is not."""
+    return idx.clamp(0, max(size - 1, 0))
+
+
 @kernel("gather", tensors=("x", "indices"))
 def gather(
-    x: torch.Tensor, indices: torch.Tensor, axis: int = 0, batch_dims: int = 0, validate_indices: bool = False
+    opset: int, x: torch.Tensor, indices: torch.Tensor, axis: int = 0, batch_dims: int = 0,
+    validate_indices: bool = False,
 ) -> torch.Tensor:
     axis = axis % x.dim()
-    idx = _positive(indices, x.shape[axis])
-    if validate_indices and idx.numel() and (bool((idx < 0).any()) or bool((idx >= x.shape[axis]).any())):
-        raise IndexError(f"gather: index out of range for axis {axis} of size {x.shape[axis]}")
+    idx = _in_bounds(_indices("gather", indices, x.shape[axis], validate_indices, opset), x.shape[axis])
     if batch_dims == 0:
         out = x.index_select(axis, idx.reshape(-1))
         return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1 :])
@@ -267,18 +315,27 @@ def gather(
 
 @kernel("gather_along_axis", tensors=("x", "indices"))
 def gather_along_axis(
-    x: torch.Tensor, indices: torch.Tensor, axis: int = 0, validate_indices: bool = False
+    opset: int, x: torch.Tensor, indices: torch.Tensor, axis: int = 0, validate_indices: bool = False
 ) -> torch.Tensor:
     axis = axis % x.dim()
-    return torch.gather(x, axis, _positive(indices, x.shape[axis]))
+    idx = _indices("gather_along_axis", indices, x.shape[axis], validate_indices, opset)
+    return torch.gather(x, axis, _in_bounds(idx, x.shape[axis]))
+
+
+def _nd_indices(op: str, indices: torch.Tensor, shape: tuple[int, ...], validate: bool, opset: int) -> torch.Tensor:
+    """gather_nd / scatter_nd index tuples [..., k], each coordinate resolved by `_indices`."""
+    coords = [_indices(op, indices[..., i], shape[i], validate, opset) for i in range(indices.shape[-1])]
+    return torch.stack(coords, -1) if coords else indices.to(torch.int64)
 
 
 @kernel("gather_nd", tensors=("x", "indices"))
 def gather_nd(
-    x: torch.Tensor, indices: torch.Tensor, batch_dims: int = 0, validate_indices: bool = False
+    opset: int, x: torch.Tensor, indices: torch.Tensor, batch_dims: int = 0, validate_indices: bool = False
 ) -> torch.Tensor:
-    idx = indices.to(torch.int64)
+    shape = tuple(x.shape[batch_dims:])
+    idx = _nd_indices("gather_nd", indices, shape, validate_indices, opset)
     k = idx.shape[-1]
+    idx = torch.stack([_in_bounds(idx[..., i], shape[i]) for i in range(k)], -1) if k else idx
     if batch_dims == 0:
         return x[tuple(idx[..., i] for i in range(k))]
     batch = x.shape[:batch_dims]
@@ -300,19 +357,11 @@ def _updates_for(mode: str, updates: torch.Tensor) -> torch.Tensor:
     return updates
 
 
-@kernel("scatter", tensors=("data", "indices", "updates"))
-def scatter(
-    data: torch.Tensor,
-    indices: torch.Tensor,
-    updates: torch.Tensor,
-    axis: int = 0,
-    mode: str = "add",
-    validate_indices: bool = False,
-) -> torch.Tensor:
-    axis = axis % data.dim()
-    idx = _positive(indices, data.shape[axis]).reshape(-1)
-    out = data.movedim(axis, 0).clone()
-    upd = updates.movedim(axis, 0).to(out.dtype)
+def _scatter_rows(out: torch.Tensor, idx: torch.Tensor, upd: torch.Tensor, mode: str) -> torch.Tensor:
+    """Scatter rows of `upd` into rows `idx` of `out` (in place); out-of-range rows are dropped."""
+    keep = (idx >= 0) & (idx < out.shape[0])
+    if not bool(keep.all()):  # undefined without validation; memory stays safe
+        idx, upd = idx[keep], upd[keep]
     if mode == "update":
         out[idx] = upd
     elif mode in ("add", "sub"):
@@ -320,11 +369,12 @@ def scatter(
     else:
         index = idx.reshape((-1,) + (1,) * (upd.dim() - 1)).expand(upd.shape)
         out.scatter_reduce_(0, index, _updates_for(mode, upd), _REDUCE[mode], include_self=True)
-    return out.movedim(0, axis)
+    return out
 
 
-@kernel("scatter_along_axis", tensors=("data", "indices", "updates"))
-def scatter_along_axis(
+@kernel("scatter", tensors=("data", "indices", "updates"))
+def scatter(
+    opset: int,
     data: torch.Tensor,
     indices: torch.Tensor,
     updates: torch.Tensor,
@@ -333,7 +383,25 @@ def scatter_along_axis(
     validate_indices: bool = False,
 ) -> torch.Tensor:
     axis = axis % data.dim()
-    idx = _positive(indices, data.shape[axis])
+    idx = _indices("scatter", indices, data.shape[axis], validate_indices, opset).reshape(-1)
+    out = data.movedim(axis, 0).clone()
+    _scatter_rows(out, idx, updates.movedim(axis, 0).to(out.dtype), mode)
+    return out.movedim(0, axis)
+
+
+@kernel("scatter_along_axis", tensors=("data", "indices", "updates"))
+def scatter_along_axis(
+    opset: int,
+    data: torch.Tensor,
+    indices: torch.Tensor,
+    updates: torch.Tensor,
+    axis: int = 0,
+    mode: str = "add",
+    validate_indices: bool = False,
+) -> torch.Tensor:
+    axis = axis % data.dim()
+    idx = _in_bounds(_indices("scatter_along_axis", indices, data.shape[axis], validate_indices, opset),
+                     data.shape[axis])
     upd = updates.to(data.dtype)
     if mode == "update":
         return data.scatter(axis, idx, upd)
@@ -342,17 +410,21 @@ def scatter_along_axis(
 
 @kernel("scatter_nd", tensors=("data", "indices", "updates"))
 def scatter_nd(
-    data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, mode: str = "add", validate_indices: bool = False
+    opset: int, data: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor, mode: str = "add",
+    validate_indices: bool = False,
 ) -> torch.Tensor:
     k = indices.shape[-1]
     lead = data.shape[:k]
-    idx = indices.to(torch.int64).reshape(-1, k)
+    idx = _nd_indices("scatter_nd", indices, tuple(lead), validate_indices, opset).reshape(-1, k)
     linear = torch.zeros(idx.shape[0], dtype=torch.int64, device=data.device)
+    outside = torch.zeros(idx.shape[0], dtype=torch.bool, device=data.device)
     for i in range(k):
-        linear = linear * lead[i] + torch.where(idx[:, i] < 0, idx[:, i] + lead[i], idx[:, i])
-    flat = data.reshape((-1,) + data.shape[k:])
-    upd = updates.reshape((-1,) + data.shape[k:])
-    return scatter(flat, linear, upd, 0, mode).reshape(data.shape)
+        linear = linear * lead[i] + idx[:, i]
+        outside |= (idx[:, i] < 0) | (idx[:, i] >= lead[i])
+    linear = torch.where(outside, -1, linear)  # dropped by _scatter_rows
+    out = data.reshape((-1,) + data.shape[k:]).clone()
+    _scatter_rows(out, linear, updates.reshape((-1,) + data.shape[k:]).to(out.dtype), mode)
+    return out.reshape(data.shape)
 
 
 # -- construction --------------------------------------------------------------------
@@ -431,12 +503,84 @@ def topk(
     ascending: bool = False,
     sort: bool = True,
     return_indices: bool = True,
+    output_indices_dtype: str = "int32",  # iOS17: int32 or uint16; both run as int32
 ) -> Any:
     order = torch.argsort(x, dim=axis, descending=not ascending, stable=True).narrow(axis % x.dim(), 0, k)
     values = torch.gather(x, axis, order)
     if not return_indices:
         return values
     return values, order.to(torch.int32)
+
+
+@kernel("non_maximum_suppression", tensors=("boxes", "scores"))
+def non_maximum_suppression(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float,
+    max_boxes: int,
+    score_threshold: float | None = None,
+    per_class_suppression: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Greedy NMS per batch over (x, y, w, h) center boxes, a box's score being its best class score.
+
+    iOS15 form (with `score_threshold`): boxes [n, B, 4], scores [n, B, K] -> boxes [n, M, 4],
+    scores [n, M, K], indices [n, M], counts [n]. iOS17 form: boxes [n, 4, B], scores [n, K, B]
+    -> [n, 4, M], [n, K, M], [n, M]. Unused rows are zeros with index -1; at least one box is
+    kept (the best) when every box falls below the score threshold.
+    """
+    ios15 = score_threshold is not None
+    if not ios15:
+        boxes, scores = boxes.transpose(1, 2), scores.transpose(1, 2)
+    n, count, classes = scores.shape
+    m = int(max_boxes)
+    out_boxes = boxes.new_zeros((n, m, 4))
+    out_scores = scores.new_zeros((n, m, classes))
+    out_index = torch.full((n, m), -1, dtype=torch.int32, device=boxes.device)
+    out_count = torch.zeros(n, dtype=torch.int32, device=boxes.device)
+    threshold = float("-inf") if score_threshold is None else float(score_threshold)
+    for b in range(n):
+        best, label = scores[b].max(-1)
+        keep = _nms_keep(boxes[b].double(), best.double(), label if per_class_suppression else None,
+                         float(iou_threshold), threshold)
+        if not keep:
+            keep = [int(best.argmax())]
+        keep = keep[:m]
+        index = torch.tensor(keep, dtype=torch.int64, device=boxes.device)
+        out_boxes[b, : len(keep)] = boxes[b].index_select(0, index)
+        out_scores[b, : len(keep)] = scores[b].index_select(0, index)
+        out_index[b, : len(keep)] = index.to(torch.int32)
+        out_count[b] = len(keep)
+    if ios15:
+        return out_boxes, out_scores, out_index, out_count
+    return out_boxes.transpose(1, 2), out_scores.transpose(1, 2), out_index
+
+
+def _nms_keep(boxes: torch.Tensor, score: torch.Tensor, label: torch.Tensor | None, iou_threshold: float,
+              score_threshold: float) -> list[int]:
+    """Indices kept, best score first; a box is dropped when its IoU with a kept box exceeds the threshold
+    (only boxes of the same class compete when `label` is given)."""
+    cx, cy, w, h = boxes.unbind(-1)
+    x0, x1, y0, y1 = cx - w / 2, cx + w / 2, cy - h / 2, cy + h / 2
+    area = (x1 - x0).clamp(min=0) * (y1 - y0).clamp(min=0)
+    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
+    kept: list[int] = []
+    for i in order:
+        if not float(score[i]) > score_threshold:
+            continue
+        suppressed = False
+        for j in kept:
+            if label is not None and int(label[i]) != int(label[j]):
+                continue
+            iw = (torch.minimum(x1[i], x1[j]) - torch.maximum(x0[i], x0[j])).clamp(min=0)
+            ih = (torch.minimum(y1[i], y1[j]) - torch.maximum(y0[i], y0[j])).clamp(min=0)
+            inter = float(iw * ih)
+            union = float(area[i] + area[j]) - inter
+            if union > 0 and inter / union > iou_threshold:
+                suppressed = True
+                break
+        if not suppressed:
+            kept.append(i)
+    return kept
 
 
 # -- reductions ----------------------------------------------------------------------

@@ -43,13 +43,13 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "numpy", numpy.__v
 print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA DEVICE")
 EOF
 
-if ! $PY -c "import diffusers, transformers" 2>/dev/null; then
+if ! $PY -c "import diffusers, transformers, pluggy, platformdirs, filelock, tqdm, PIL, pytest" 2>/dev/null; then
   if [ -d "$CARRY/wheels" ]; then
     log "installing carried wheels (offline)"
     $PY -m pip install --no-index --find-links "$CARRY/wheels" diffusers transformers safetensors huggingface_hub \
-      >"$OUT/pip.log" 2>&1 || log "pip install failed (see pip.log)"
+      pluggy platformdirs filelock tqdm pillow pytest >"$OUT/pip.log" 2>&1 || log "pip install failed (see pip.log)"
   else
-    log "diffusers/transformers are not installed and no wheels were carried: the anchors cannot run"
+    log "diffusers/transformers (or another import) are missing and no wheels were carried: the anchors cannot run"
   fi
 fi
 

@@ -10,7 +10,9 @@ Writes into OUT (default bench-carry/), small enough to travel with the checkout
 - `sdxl-1024-original.carry.tar.gz` with `--sdxl`: needs a machine that can convert SDXL's Unet
   (about 28 GB of memory for the conversion; the 24 GB box here cannot)
 
-    python bench/real_size_cuda_prepare.py [OUT] [--split-einsum] [--sdxl] [--tiny]
+- `wheels/` with `--wheels`: what the benchmark imports besides torch, for a machine without it
+
+    python bench/real_size_cuda_prepare.py [OUT] [--split-einsum] [--sdxl] [--tiny] [--wheels]
 """
 
 from __future__ import annotations
@@ -32,6 +34,36 @@ def carry(out: Path, model: str, attention: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+# What the benchmark imports besides torch and numpy, for a GPU machine that lacks them (installed
+# from the carry, offline, only when an import fails). Compiled ones for CPython 3.10-3.12.
+WHEELS = ("diffusers", "transformers", "tokenizers", "safetensors", "huggingface_hub", "hf_xet", "pluggy",
+          "platformdirs", "filelock", "tqdm", "click", "packaging", "pytest", "iniconfig", "httpx", "httpcore",
+          "h11", "anyio", "sniffio", "idna", "certifi", "typing_extensions", "fsspec", "pillow", "regex",
+          "pyyaml", "requests", "urllib3", "charset_normalizer", "importlib_metadata", "zipp", "jinja2",
+          "markupsafe", "sympy", "mpmath", "networkx", "typer", "shellingham", "rich", "markdown_it_py", "mdurl",
+          "pygments", "annotated_doc", "safetensors", "exceptiongroup", "tomli")
+BINARY = ("tokenizers", "safetensors", "hf_xet", "pillow", "regex", "pyyaml", "charset_normalizer", "markupsafe")
+
+
+def wheels(dest: Path) -> None:
+    """The installed versions of WHEELS as wheels (pip's cache answers most; PyPI the rest)."""
+    from importlib import metadata
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in sorted(set(WHEELS)):
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        pythons = ("3.10", "3.11", "3.12") if name in BINARY else ("3.11",)
+        for py in pythons:
+            cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                   "--python-version", py, "--platform", "manylinux2014_x86_64", "--platform",
+                   "manylinux_2_28_x86_64", "-d", str(dest), f"{name}=={version}"]
+            if subprocess.run(cmd, capture_output=True, check=False).returncode != 0:
+                print(f"  no wheel of {name}=={version} for Python {py}", file=sys.stderr)
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     out = Path(args[0] if args else ROOT / "bench-carry")
@@ -42,6 +74,9 @@ def main() -> None:
 
         print("tiny CUDA fixtures ...", file=sys.stderr, flush=True)
         runtime_cuda_prepare.tiny_fixtures(fixtures)
+    if "--wheels" in sys.argv:
+        print("wheels ...", file=sys.stderr, flush=True)
+        wheels(out / "wheels")
     if "--tiny" in sys.argv:  # SD 1.5's structure at toy widths, for dry runs (DEVICE=cpu)
         carry(out, "tiny", "original")
     if "--tiny-only" in sys.argv:

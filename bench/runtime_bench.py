@@ -34,7 +34,6 @@ import argparse
 import gc
 import hashlib
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -277,16 +276,9 @@ def call_anchor(unet: Any, inputs: dict[str, Any]) -> Any:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory. VmHWM where Linux has it: ru_maxrss keeps the
-    high-water mark of the image before exec, i.e. of the forking parent."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    from coreml_hub.pipeline.memory import peak_rss_bytes as peak
+
+    return peak() or 0
 
 
 def measure_one(side: str, bundle: Path, widths: tuple[int, ...], device: str, calls: int) -> dict[str, Any]:

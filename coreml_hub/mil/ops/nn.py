@@ -514,14 +514,18 @@ def fused_attention(
         m = m.permute(mask_perm)
     if m is not None and m.dtype != torch.bool and m.dtype != q.dtype:
         m = m.to(q.dtype)  # a mask constant of another float type (SDPA wants the query's)
+    q, k, v, _ = _common_batch(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+    return _permuted(out, out_perm)
+
+
+def _common_batch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Size]:
+    """K and V in the query's type, all three expanded to their common batch dimensions."""
     if k.dtype != q.dtype or v.dtype != q.dtype:
         k, v = k.to(q.dtype), v.to(q.dtype)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    q = q.expand(batch + q.shape[-2:])
-    k = k.expand(batch + k.shape[-2:])
-    v = v.expand(batch + v.shape[-2:])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
-    return _permuted(out, out_perm)
+    return q.expand(batch + q.shape[-2:]), k.expand(batch + k.shape[-2:]), v.expand(batch + v.shape[-2:]), batch
 
 
 def _split_axis(t: torch.Tensor, axis: int, heads: int) -> torch.Tensor:
@@ -545,12 +549,7 @@ def _attention_heads(
     q = _split_axis(query, q_axis, count).permute(_head_perm(query_perm, rank, q_axis))
     k = _split_axis(key, k_axis, count).permute(_head_perm(key_perm, rank, k_axis))
     v = _split_axis(value, v_axis, count).permute(_head_perm(value_perm, rank, v_axis))
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        k, v = k.to(q.dtype), v.to(q.dtype)
-    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    q = q.expand(batch + q.shape[-2:])
-    k = k.expand(batch + k.shape[-2:])
-    v = v.expand(batch + v.shape[-2:])
+    q, k, v, batch = _common_batch(q, k, v)
     # [1, heads x batch, sequence, channels]: the 4-D form the fused SDPA kernels take
     out = F.scaled_dot_product_attention(q.flatten(0, -3).unsqueeze(0), k.flatten(0, -3).unsqueeze(0),
                                          v.flatten(0, -3).unsqueeze(0), scale=scale)

@@ -507,3 +507,20 @@ def test_dtype_bf16_makes_nearly_the_fp32_image(sd1: Path, tmp_path: Path, capsy
     a, b = pixels(fp32["images"][0]["path"]), pixels(bf16["images"][0]["path"])
     difference = np.abs(a - b)
     assert 0 < difference.mean() < 2 and difference.max() < 32, (difference.mean(), difference.max())
+
+
+def test_reduce_memory_keeps_one_model_loaded_at_a_time(sd1: Path, tmp_path: Path) -> None:
+    from coreml_hub.pipeline.generate import generate, load_pipeline
+    from coreml_hub.pipeline.resolve import resolve_model
+
+    loaded = load_pipeline(resolve_model(str(sd1), pull=False), backend="torch", device="cpu", safety=False,
+                           reduce_memory=True)
+    parts = loaded.pipeline.components
+    assert [n for n, c in parts.items() if c.resident] == ["text_encoder"]  # the first one needed stays
+    during: list[list[str]] = []
+    generate(sd1, PROMPT, seed=3, steps=2, num_images=2, output_dir=tmp_path, disable_safety=True, loaded=loaded,
+             on_step=lambda _: during.append([n for n, c in parts.items() if c.resident]))
+    assert len(during) >= 4 and all(resident == ["unet"] for resident in during)  # every denoising step
+    assert [n for n, c in parts.items() if c.resident] == ["vae_decoder"]
+    # loaded once to check it, then once per image; the text encoder, left loaded, serves both prompts
+    assert {n: c.loads for n, c in parts.items()} == {"text_encoder": 1, "unet": 3, "vae_decoder": 3}

@@ -157,7 +157,7 @@ async function submitGenerate(event) {
   button.disabled = true;
   try {
     const job = await api("/api/jobs", { method: "POST", json: formRequest() });
-    state.jobs.set(job.id, job);
+    keepJob(job);
     follow(job.id);
     renderQueue();
   } catch (error) {
@@ -256,8 +256,18 @@ function showPreview(event) {
   $("preview-box").hidden = false;
 }
 
+// A job that has finished stays finished: the answer to a cancel request can arrive after the
+// event saying the job was cancelled, and must not bring back its "Cancelling" state.
+const FINISHED = new Set(["done", "failed", "cancelled"]);
+
+function keepJob(job) {
+  const known = state.jobs.get(job.id);
+  if (known && FINISHED.has(known.state) && !FINISHED.has(job.state)) return;
+  state.jobs.set(job.id, job);
+}
+
 async function cancelJob(id) {
-  try { const job = await api(`/api/jobs/${id}/cancel`, { method: "POST" }); state.jobs.set(job.id, job); }
+  try { keepJob(await api(`/api/jobs/${id}/cancel`, { method: "POST" })); }
   catch (error) { alert(error.message); }
   renderQueue(); renderCurrent();
 }
@@ -303,9 +313,10 @@ function renderQueue() {
   const rows = jobs.map(queueRow);
   for (const id of queueRows.keys()) if (!state.jobs.has(id)) queueRows.delete(id);
   const list = $("queue-list");
+  const keep = new Set(rows);
+  for (const tr of [...list.children]) if (!keep.has(tr)) tr.remove();  // rebuilt or forgotten rows
   // move rows into order without detaching the ones already in place
   rows.forEach((tr, i) => { if (list.children[i] !== tr) list.insertBefore(tr, list.children[i] || null); });
-  while (list.children.length > rows.length) list.lastChild.remove();
   $("queue-empty").hidden = rows.length > 0;
   const waiting = jobs.filter((j) => j.state === "queued" || j.state === "running").length;
   $("queue-count").textContent = waiting ? `(${waiting})` : "";
@@ -401,7 +412,7 @@ async function startPull(model, variant) {
   showError($("pull-error"), null);
   try {
     const job = await api("/api/pulls", { method: "POST", json: { model, variant: variant || null } });
-    state.jobs.set(job.id, job);
+    keepJob(job);
     renderPulls(); renderQueue();
   } catch (error) {
     showError($("pull-error"), error);
@@ -429,7 +440,7 @@ function onEvent(message) {
     state.jobs = new Map(event.jobs.map((j) => [j.id, j]));
   } else if (event.type === "job") {
     const before = state.jobs.get(event.job.id);
-    state.jobs.set(event.job.id, event.job);
+    keepJob(event.job);
     const finished = event.job.state === "done" && (!before || before.state !== "done");
     if (finished && event.job.kind === "generate" && !$("tab-gallery").hidden) loadGallery();
     if (finished && event.job.kind === "pull") loadModels();

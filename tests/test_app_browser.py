@@ -18,7 +18,7 @@ import pytest
 from _app_fixtures import DEMO, MODEL, running_app
 from coreml_hub.testing.appserver import AppServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.runtime]
+pytestmark = [pytest.mark.slow, pytest.mark.runtime, pytest.mark.extended]  # extended tier: the whole visit in Chromium
 
 CHROMIUM = os.environ.get("COREML_HUB_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("COREML_HUB_CHROMEDRIVER", "/usr/bin/chromedriver")

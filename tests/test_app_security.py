@@ -288,6 +288,7 @@ def test_bodies_over_the_limit_malformed_or_chunked(app: AppServer) -> None:
     assert app.call("GET", "/api/info").status == 200
 
 
+@pytest.mark.extended  # extended tier: 20 generations
 def test_twenty_concurrent_api_requests_are_all_answered(app: AppServer) -> None:
     answers: dict[int, Any] = {}
 

@@ -23,7 +23,7 @@ from coreml_hub.testing.publish import publish
 
 ray = pytest.importorskip("ray", reason="Ray is part of the test extra: pip install -e '.[test]'")
 
-pytestmark = [pytest.mark.slow, pytest.mark.runtime]
+pytestmark = [pytest.mark.slow, pytest.mark.runtime, pytest.mark.extended]  # extended tier: starts a Ray cluster (about a minute)
 
 REPO = "demo/coreml-tiny-sd"
 

@@ -193,6 +193,7 @@ def _run(args: list[str], cwd: Path, env_extra: dict[str, str]) -> subprocess.Co
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.extended  # extended tier: a pytest run in a subprocess
 def test_environment_variable_switches_it_on_for_a_user_suite(tmp_path: Path) -> None:
     """A user's suite, untouched: the plugin pytest loads from the entry point arms the drop-in,
     and it installs when the test imports coremltools."""

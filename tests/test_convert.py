@@ -579,6 +579,7 @@ def test_convert_from_missing_hub_repo(tmp_path: Path, hub_server) -> None:  # t
     assert run_cli(["convert", "nobody/nothing", "-o", str(tmp_path / "out")]) == 1
 
 
+@pytest.mark.extended  # extended tier: a whole conversion in a subprocess
 def test_cli_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "COREML_HUB_TEST_CACHE": str(factory.cache_dir())}
@@ -601,6 +602,7 @@ def _convert_cli(args: list[str]) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "coreml_hub", "convert", *args], env
 
 
+@pytest.mark.extended  # extended tier: a whole conversion in a subprocess
 def test_cli_quiet_prints_only_out_even_while_downloading(tmp_path: Path, hub_server) -> None:  # type: ignore[no-untyped-def]
     from coreml_hub.testing.publish import publish_source
 
@@ -637,6 +639,7 @@ def _interrupt_when_a_package_appears(out: Path) -> tuple[int, str]:
     return proc.returncode, err
 
 
+@pytest.mark.extended  # extended tier: conversions in a subprocess
 def test_ctrl_c_leaves_nothing_that_looks_like_a_conversion(tmp_path: Path) -> None:
     import signal
 

@@ -43,6 +43,8 @@ from coreml_hub.mil.text import MILSyntaxError, dumps, loads
 
 from _mil_fixtures import SAMPLES, sd_specs, write_compiled
 
+pytestmark = pytest.mark.extended  # extended tier: property tests of the MIL readers
+
 EXAMPLES = int(os.environ.get("COREML_HUB_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

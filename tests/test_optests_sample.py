@@ -18,6 +18,8 @@ from types import ModuleType
 
 import pytest
 
+pytestmark = pytest.mark.extended  # extended tier: a sample of coremltools' op tests in a subprocess
+
 pytest.importorskip("coremltools", reason="the op tests ship in the coremltools wheel")
 pytest.importorskip("scipy", reason="coremltools' op tests import scipy (pip install -e '.[test]')")
 

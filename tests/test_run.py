@@ -368,6 +368,7 @@ def test_fit_makes_another_aspect_ratio_fit(sd1: Path, tmp_path: Path, capsys: p
     assert "crop" in err and "pad" in err and "stretch" in err
 
 
+@pytest.mark.extended  # extended tier: import timing of a fresh process
 def test_random_seed_wall_time_and_what_run_imports(sd1: Path, tmp_path: Path) -> None:
     import re
 
@@ -416,6 +417,7 @@ def test_coreml_backend_unavailable_off_macos(sd1: Path, capsys: pytest.CaptureF
 
 # ---- Ctrl-C ----------------------------------------------------------------------------------
 
+@pytest.mark.extended  # extended tier: a run in a subprocess
 def test_interrupt_leaves_no_partial_file(sd1: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "80"}

@@ -11,6 +11,8 @@ import pytest
 
 from test_plugins import cli, write_distribution
 
+pytestmark = pytest.mark.extended  # extended tier: builds and installs a plugin distribution
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 

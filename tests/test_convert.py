@@ -680,3 +680,24 @@ def test_cli_progress_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "Error:" in capsys.readouterr().err
     assert run_cli(["convert", str(factory.pipeline_folder("sd2")), "-o", str(tmp_path / "o"),
                     "--quantize-nbits", "3"]) == 2
+
+
+def test_a_later_conversion_removes_what_a_killed_one_left(tmp_path: Path) -> None:
+    """A conversion killed outright (SIGKILL: no chance to clean up) leaves its hidden staging folder;
+    the next conversion into OUT removes it, and leaves those of live conversions and other hosts."""
+    import socket
+
+    from coreml_hub.convert.api import PARTIAL_PREFIX, _partial_name, remove_stale_partials
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid whose process has ended
+    host = socket.gethostname()
+    out = tmp_path / "out"
+    dead = out / f"{PARTIAL_PREFIX}{host}-{gone.pid}-0123456789ab"
+    live = out / _partial_name()  # this process: still converting
+    other_host = out / f"{PARTIAL_PREFIX}another-host-{gone.pid}-0123456789ab"
+    for folder in (dead, live, other_host):
+        (folder / "original" / "packages").mkdir(parents=True)
+    assert remove_stale_partials(out) == [dead]
+    assert not dead.exists() and live.is_dir() and other_host.is_dir()
+    assert remove_stale_partials(tmp_path / "missing") == []

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -197,6 +198,36 @@ class _Progress:
 PARTIAL_PREFIX = ".coreml-hub-partial-"  # inside OUT while converting: hidden, so nothing takes it for a variant
 
 
+def _partial_name() -> str:
+    """The staging folder's name: it names this host and process, so a later conversion can tell a
+    folder left by a killed one (SIGKILL, power loss: no chance to clean up) from one in progress."""
+    return f"{PARTIAL_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the staging folders in `out` left by conversions on this host whose process is gone."""
+    removed = []
+    host = socket.gethostname()
+    for folder in out.glob(f"{PARTIAL_PREFIX}*") if out.is_dir() else ():
+        owner = folder.name[len(PARTIAL_PREFIX):].rpartition("-")[0]
+        owner_host, _, pid = owner.rpartition("-")
+        if owner_host != host or not pid.isascii() or not pid.isdigit() or _alive(int(pid)):
+            continue  # another host's, an older name, or still converting
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _install(stage: Path, out: Path) -> None:
     """Move a finished conversion from `stage` into `out`, one rename per bundle or file.
 
@@ -319,7 +350,8 @@ def convert(
 
     import_coremltools()
     created = not out.exists()
-    stage = out / f"{PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}"
+    remove_stale_partials(out)
+    stage = out / _partial_name()
     stage.mkdir(parents=True)
     try:
         results, extra_files, _order = _convert_into(

@@ -366,6 +366,8 @@ def test_fit_makes_another_aspect_ratio_fit(sd1: Path, tmp_path: Path, capsys: p
     assert pixels(out.strip()).shape == (64, 64, 3)
     _, err = run([str(sd1), PROMPT, "--image", str(wide), "--fit", "squash"], capsys, expect=2)
     assert "crop" in err and "pad" in err and "stretch" in err
+    _, err = run([str(sd1), PROMPT, "--fit", "crop"], capsys, expect=2)  # nothing to fit
+    assert "--fit crop needs --image" in err and "Loaded" not in err
 
 
 @pytest.mark.extended  # extended tier: import timing of a fresh process

@@ -300,6 +300,9 @@ def generate(model: str | Path, prompt: str, *, negative_prompt: str = "", steps
     requests = cn.pair_requests(controlnets, control_images, control_scales)
     if mask is not None and image is None:
         raise UsageError("--mask needs --image: the image whose masked part is repainted.")
+    if fit is not None and image is None:
+        raise UsageError(f"--fit {fit} needs --image: it fits an init image (and its mask) to the model's size.",
+                         hint="Drop --fit, or give the init image with --image.")
     for request in requests:
         if request.image is None and mask is None:
             raise UsageError(f"--controlnet {request.controlnet} has no --control-image.",

@@ -312,7 +312,7 @@ def test_flexible_input_shapes_compile_once_per_shape(net: torch.nn.Module, kind
         with torch.no_grad():
             expected = net(x).numpy()
         np.testing.assert_allclose(next(iter(model.predict({"x": x.numpy()}).values())), expected, rtol=1e-4, atol=1e-4)
-        for _ in range(2):  # the first call with a shape specializes, the second runs the specialization
+        for _ in range(3):  # the first call with a shape runs generically, the second specializes, the third runs it
             got = next(iter(runner.run({"x": x}).values()))
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
     assert len(runner._cache) == len(set(shapes))
@@ -328,7 +328,17 @@ def test_flexible_shape_cache_is_bounded(tmp_path: Path) -> None:
 
     runner = runner_for(convert(prog, tmp_path / "flex.mlpackage"))
     runner.cache_size = 3
-    for n in range(1, 7):
+    for n in range(1, 7):  # each shape once, as a decoder's growing mask: nothing is worth compiling
+        out = runner.run({"x": torch.ones((1, n))})
+        np.testing.assert_allclose(next(iter(out.values())).numpy(), np.full((1, n), 2.0))
+    assert not runner._cache
+    for n in range(1, 7):  # each shape a second time: specialized, the last three kept
         out = runner.run({"x": torch.ones((1, n))})
         np.testing.assert_allclose(next(iter(out.values())).numpy(), np.full((1, n), 2.0))
     assert [key[0][1] for key in runner._cache] == [4, 5, 6]
+    kept = dict(runner._cache)
+    for n in range(1, 7):  # again: the three let go run generically, never compiled a second time
+        out = runner.run({"x": torch.ones((1, n))})
+        np.testing.assert_allclose(next(iter(out.values())).numpy(), np.full((1, n), 2.0))
+    assert list(runner._let_go) == [((1, 1),), ((1, 2),), ((1, 3),)]
+    assert list(runner._cache) == list(kept) and all(runner._cache[k] is v for k, v in kept.items())

@@ -216,8 +216,12 @@ def test_a_visit_pull_generate_gallery_reuse_queue_cancel_and_errors(browser: An
     page.shot("reuse-settings")
     # the same settings make the same image
     page.click("#generate-button")
-    again_name = page.wait(lambda: page.find("#current-results img").get_attribute("src").rsplit("/", 1)[1],
-                           "the image made again")
+
+    def new_result() -> str | None:  # the first image stays shown until the new job's page state arrives
+        name = page.find("#current-results img").get_attribute("src").rsplit("/", 1)[1]
+        return name if name != "a-lighthouse-on-a-cliff-at-dusk-42.png" else None
+
+    again_name = page.wait(new_result, "the image made again")
     assert again_name == "a-lighthouse-on-a-cliff-at-dusk-42-1.png"
     assert (app.outputs / again_name).read_bytes() != b""
     from PIL import Image

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..safeserve import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS  # stdlib only
+from .limits import connection_limits
 
 AUTO_TOKEN = "\0make-one"
 
@@ -49,14 +49,8 @@ or log in at /login).""",
 @click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Another name this machine is reached by (an /etc/hosts alias, a local proxy); without a "
                    "token only requests addressed to this machine are answered. Repeatable.")
-@click.option("--header-timeout", default=DEFAULT_HEADER_TIMEOUT, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Time a client has to send a request's line and headers.")
-@click.option("--idle-timeout", default=DEFAULT_IDLE_TIMEOUT, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Time a connection may wait for its next request, or stall while sending a body.")
-@click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, show_default=True,
-              type=click.IntRange(min=1), help="Open connections at most; more are answered 503.")
+@connection_limits(idle_help="Time a connection may wait for its next request, or stall while sending a body.",
+                   max_help="Open connections at most; more are answered 503.")
 def app_cmd(host: str, port: int, token: str | None, output_dir: Path | None, open_browser: bool, max_models: int,
             preview_every: int, max_queue: int, allowed_hosts: tuple[str, ...], header_timeout: float,
             idle_timeout: float, max_connections: int) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..safeserve import DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from .limits import connection_limits
 
 if TYPE_CHECKING:
     from ..server import MirrorServer
@@ -80,14 +80,8 @@ Pull-through (--upstream URL: the Hub, or another mirror):
 @click.option("--no-warm", is_flag=True, help="Hash files on first request instead of at startup.")
 @click.option("--no-digest-cache", is_flag=True,
               help="Do not keep file hashes in ROOT/.coreml-hub-digests.json across restarts.")
-@click.option("--header-timeout", default=DEFAULT_HEADER_TIMEOUT, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Time a client has to send a request's line and headers.")
-@click.option("--idle-timeout", default=DEFAULT_IDLE_TIMEOUT, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Time a connection may wait for its next request, or stall while sending or receiving.")
-@click.option("--max-connections", default=DEFAULT_MAX_CONNECTIONS, show_default=True,
-              type=click.IntRange(min=1), help="Open connections at most (one thread each).")
+@connection_limits(idle_help="Time a connection may wait for its next request, or stall while sending or receiving.",
+                   max_help="Open connections at most (one thread each).")
 def serve_cmd(root: Path, upstream: str | None, upstream_token: str | None, offline: bool, refresh: float,
               show_stats: bool, json_mode: bool, host: str, port: int, log_requests: Path | None, page_size: int,
               no_warm: bool, no_digest_cache: bool, header_timeout: float, idle_timeout: float,

@@ -388,39 +388,13 @@ def build_pipeline(style: str = "sd1", tokenizer_dir: Path | None = None):  # ty
             scheduler=scheduler,
             add_watermarker=False,
         )
-    if style == INPAINT_STYLE:
-        return diffusers.StableDiffusionInpaintPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    if cfg["safety_checker"] is not None:
-        safety_checker, feature_extractor = _safety_checker(cfg["safety_checker"])
-        return diffusers.StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=safety_checker,
-            feature_extractor=feature_extractor,
-            requires_safety_checker=True,
-        )
-    return diffusers.StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    safety: dict[str, Any] = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if style != INPAINT_STYLE and cfg["safety_checker"] is not None:
+        checker, extractor = _safety_checker(cfg["safety_checker"])
+        safety = {"safety_checker": checker, "feature_extractor": extractor, "requires_safety_checker": True}
+    pipeline_class = diffusers.StableDiffusionInpaintPipeline if style == INPAINT_STYLE else diffusers.StableDiffusionPipeline
+    return pipeline_class(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                          **safety)
 
 
 def _build_refiner(cfg: dict[str, Any], tokenizer_2: Any):  # type: ignore[no-untyped-def]
